@@ -1,0 +1,33 @@
+# The README's two set-up commands: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench ui clean
+
+install: $(STAMP)
+
+# Re-install when the pins change. torch==2.13.0 comes from the local CPU wheel where there is one.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+# The whole learning cycle on embedded defaults (tiny profile, synthetic bars, sqlite MLflow store).
+demo: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pipelines.orchestrate --mode all --config conf/smoke.yaml
+
+test: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/env_throughput.py
+
+# MLflow UI on the embedded store (the sqlite file the demo writes).
+ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf $(VENV) mlflow.db mlartifacts data deploy
