@@ -1,0 +1,354 @@
+"""Typed, validated run configuration.
+
+One :class:`Config` per run, loaded from ``conf/*.yaml`` with command-line overrides on top
+(``--set env.instrument=NQ``). The model defaults *are* the embedded defaults
+(``conf/default.yaml`` repeats them for reading; a test keeps the two equal). An unknown key or
+a wrong type raises :class:`ConfigError` naming the key, the file and, where it can, the line.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key and the source."""
+
+
+class _Strict(BaseModel):
+    # strict: "5" is not an int and "yes" is not a bool; extra="forbid": a misspelt key is an error.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+class InstrumentConfig(_Strict):
+    """A futures contract: a preset name (``ES``) or explicit fields, optionally starting from a preset."""
+
+    preset: str | None = None
+    """Name of a preset in ``envs.instruments.PRESETS`` whose values the fields below override."""
+    symbol: str | None = None
+    """Display symbol; defaults to the preset name."""
+    tick_size: float | None = Field(default=None, gt=0)
+    """Minimum price increment."""
+    point_value: float | None = Field(default=None, gt=0)
+    """Money per 1.0 price point per contract."""
+    commission_per_side: float | None = Field(default=None, ge=0)
+    """Commission and fees per contract per side, in money."""
+    slippage_ticks: float | None = Field(default=None, ge=0)
+    """Slippage assumed on every fill, in ticks against the trader."""
+    max_contracts: int | None = Field(default=None, ge=1)
+    """Largest absolute position; the action space is {-max..+max} contracts."""
+
+    @model_validator(mode="after")
+    def _resolvable(self) -> InstrumentConfig:
+        from mlproject.instruments import resolve_instrument
+
+        resolve_instrument(self)  # unknown preset / missing custom fields -> error naming them
+        return self
+
+
+class EnvConfig(_Strict):
+    """Settings of ``envs.FuturesTradingEnv`` (RLlib passes them, plus ``bars``, as ``env_config``)."""
+
+    instrument: InstrumentConfig = Field(default_factory=lambda: InstrumentConfig(preset="ES"))
+    """Preset name (ES, MES, NQ, MNQ, CL, MCL, GC) or a mapping of instrument fields."""
+    window: int = Field(default=32, ge=1)
+    """Bars of features in one observation."""
+    vol_window: int = Field(default=20, ge=2)
+    """Trailing bars for the volume z-score."""
+    norm_window: int = Field(default=100, ge=2)
+    """Trailing bars of returns used to normalise return and range features."""
+    episode_bars: int | None = Field(default=None, ge=1)
+    """Bars per episode; None means from the start bar to the end of the data."""
+    random_start: bool = True
+    """Draw the episode start from the env's seeded generator; False starts at the first usable bar."""
+    max_episode_steps: int | None = Field(default=None, ge=1)
+    """Truncate the episode after this many steps."""
+    initial_equity: float = Field(default=100_000.0, gt=0)
+    """Account equity at reset, in money."""
+    equity_floor_fraction: float = Field(default=0.5, ge=0, lt=1)
+    """Terminate when equity falls below this fraction of the initial equity."""
+    reward_scale: float = Field(default=1.0, gt=0)
+    """Reward = reward_scale * (equity change - risk penalty)."""
+    risk_penalty: float = Field(default=0.0, ge=0)
+    """Extra weight on every increase of the drawdown from the equity peak (0 = pure PnL)."""
+
+    @field_validator("instrument", mode="before")
+    @classmethod
+    def _preset_name(cls, value: Any) -> Any:
+        return {"preset": value} if isinstance(value, str) else value
+
+
+class SyntheticConfig(_Strict):
+    """Seeded synthetic futures bars (``mlproject.data.synthetic_bars``)."""
+
+    n_bars: int = Field(default=20_000, ge=10)
+    """Number of bars."""
+    seed: int = 0
+    """Generator seed."""
+    bar_minutes: int = Field(default=1, ge=1)
+    """Bar period in minutes."""
+    tick_size: float = Field(default=0.25, gt=0)
+    """Prices are rounded to this tick."""
+    start_price: float = Field(default=4500.0, gt=0)
+    """First price."""
+    start: str = "2024-01-02"
+    """First session date."""
+    annual_vol: float = Field(default=0.18, gt=0)
+    """Average annualised volatility."""
+
+
+class SplitConfig(_Strict):
+    """Time-ordered train / validation / test fractions."""
+
+    train: float = Field(default=0.7, ge=0, le=1)
+    validation: float = Field(default=0.15, ge=0, le=1)
+    test: float = Field(default=0.15, ge=0, le=1)
+    gap: int = Field(default=0, ge=0)
+    """Bars dropped between consecutive splits (embargo)."""
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitConfig:
+        total = self.train + self.validation + self.test
+        if abs(total - 1.0) > 1e-9:
+            raise ValueError(f"train + validation + test must be 1, got {total:g}")
+        return self
+
+
+class DataConfig(_Strict):
+    """Where the bars come from and how they are read."""
+
+    source: str = "synthetic"
+    """A bar file (NT8 export, CSV, Parquet) or 'synthetic'."""
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    """Used when source is 'synthetic'."""
+    tick_period: str = "1min"
+    """Bar period for NT8 tick files (a pandas offset alias)."""
+    drop_duplicates: bool = False
+    """Explicit repair: drop exact duplicate lines (logged) instead of failing."""
+    tz: str | None = None
+    """Time zone of the timestamps in the file; None keeps them naive."""
+    splits: SplitConfig = Field(default_factory=SplitConfig)
+    """Train / validation / test split."""
+    output_dir: str = "data/bars"
+    """Where ingest writes normalised Parquet."""
+
+
+class MlflowConfig(_Strict):
+    """Tracking settings; MLFLOW_TRACKING_URI in the environment wins over tracking_uri."""
+
+    tracking_uri: str | None = None
+    """None: MLflow's default, sqlite:///mlflow.db in the working directory."""
+    experiment: str = "nt8-rl"
+    """Experiment that pipeline runs go to."""
+
+
+class ContinuousLearningConfig(_Strict):
+    """The seed's continuous-learning thresholds (names kept from the seed)."""
+
+    retrain_frequency: int = Field(default=1000, ge=1)
+    """New experiences between retraining checks."""
+    min_experiences: int = Field(default=500, ge=1)
+    """Experiences needed before any retraining."""
+    evaluation_episodes: int = Field(default=10, ge=1)
+    """Backtest windows per evaluation."""
+    min_annotated_for_finetune: int = Field(default=100, ge=1)
+    """Annotated experiences needed before LLM fine-tuning."""
+    experience_buffer_size: int = Field(default=10_000, ge=1)
+    """Experiences kept in the buffer."""
+    experience_storage: str = "data/experience_buffer"
+    """Directory of the Parquet experience buffer."""
+
+
+class Config(_Strict):
+    """Everything one run needs."""
+
+    seed: int = 0
+    """Global seed."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    env: EnvConfig = Field(default_factory=EnvConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    continuous_learning: ContinuousLearningConfig = Field(default_factory=ContinuousLearningConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (what ``config.yaml`` holds)."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, for MLflow params."""
+        return flatten(self.to_dict())
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Load ``path`` (None: embedded defaults) and apply ``key.sub=value`` overrides.
+
+    Override values are parsed as YAML scalars/flow collections, so ``env.window=16`` is an int
+    and ``env.instrument={preset: ES, max_contracts: 2}`` a mapping.
+    """
+    source = str(path) if path is not None else "<defaults>"
+    text = ""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        text = _read(Path(path))
+        loaded = _parse_yaml(text, source)
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(loaded).__name__}")
+        raw = loaded or {}
+    # Overrides refine what the file (or the defaults) set: --set env.instrument.max_contracts=2
+    # keeps the preset. Validation of the merged tree still reports the file's unknown keys.
+    raw = _merge(Config().to_dict(), raw)
+    override_keys = set()
+    for item in overrides:
+        key = _apply_override(raw, item)
+        override_keys.add(key)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source, text, override_keys)) from None
+
+
+def config_from_dict(raw: Mapping[str, Any], source: str = "<dict>") -> Config:
+    """Validate an already-parsed mapping (e.g. a logged ``config.yaml``)."""
+    try:
+        return Config.model_validate(dict(raw))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source, "", set())) from None
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        # An instrument mapping is a whole contract: it replaces the default (ES) rather than
+        # inheriting its preset, so {tick_size: ..., ...} really is a custom contract.
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict) and key != "instrument":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{source}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> str:
+    key, sep, value_text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. env.instrument=NQ")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value {value_text!r} is not valid YAML ({exc})") from None
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if isinstance(child, str) and part == "instrument":
+            child = {"preset": child}  # lets --set env.instrument.max_contracts=2 refine a preset
+        if not isinstance(child, dict):
+            child = {}
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
+    return key
+
+
+def _describe(exc: ValidationError, source: str, text: str, override_keys: set[str]) -> str:
+    lines: dict[str, list[str]] = {}
+    for err in exc.errors():
+        key = _clean_loc(err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif "input" in err and err["type"] not in ("missing",):
+            msg = f"{msg} (got {err['input']!r})"
+        lines.setdefault(key, [])
+        if msg not in lines[key]:
+            lines[key].append(msg)
+    parts = []
+    for key, msgs in lines.items():
+        where = _where(key, source, text, override_keys)
+        parts.append(f"{where}: key '{key}': {'; or '.join(msgs)}")
+    return "invalid configuration:\n  " + "\n  ".join(parts)
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> str:
+    """Drop pydantic's union-member tags ('str', 'function-after[...]') from an error location."""
+    model: type[BaseModel] | None = Config
+    keep: list[str] = []
+    for part in loc:
+        if model is None:
+            keep.append(str(part))
+            continue
+        if isinstance(part, str) and part in model.model_fields:
+            keep.append(part)
+            annotation = model.model_fields[part].annotation
+            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        elif isinstance(part, str) and part not in ("str", "int", "float", "bool", "none") and not part.startswith(
+            ("function-", "constrained-")
+        ) and not (part[:1].isupper()):
+            keep.append(part)  # an unknown key: report it as written
+            model = None
+    return ".".join(keep) or "<root>"
+
+
+def _where(key: str, source: str, text: str, override_keys: set[str]) -> str:
+    if any(key == k or key.startswith(k + ".") for k in override_keys):
+        return f"--set {key}"
+    line = _line_of(text, key.split(".")) if text else None
+    return f"{source} line {line}" if line else source
+
+
+def _line_of(text: str, parts: list[str]) -> int | None:
+    """1-based line of a dotted key in YAML text (the deepest part found), or None."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in parts:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        for key_node, value_node in node.value:
+            if key_node.value == part:
+                line = key_node.start_mark.line + 1
+                node = value_node
+                break
+        else:
+            break
+    return line
