@@ -1,0 +1,267 @@
+"""Single-instrument futures trading environment."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pandas as pd
+
+from envs.market import OPEN_PNL_CLIP, Market
+
+TRADE_COLUMNS: tuple[str, ...] = (
+    "entry_time", "exit_time", "side", "size", "entry_price", "exit_price",
+    "pnl", "commission", "slippage", "bars_held",
+)
+"""Columns of :meth:`FuturesTradingEnv.trades_frame`."""
+
+
+class FuturesTradingEnv(gym.Env):
+    """Trade one futures contract bar by bar: the action is the target position.
+
+    ## Description
+    At the close of bar ``t`` the agent picks a target position in contracts. The order fills at
+    the open of bar ``t+1`` plus slippage against the trader, and pays commission per contract
+    per side. Equity is marked to market at every close; the reward is its change in money.
+
+    ## Action Space
+    ``Discrete(2 * max_contracts + 1)``: action ``a`` targets ``a - max_contracts`` contracts
+    (0 = fully short, ``max_contracts`` = flat, ``2 * max_contracts`` = fully long).
+
+    ## Observation Space
+    ``Box(float32, shape=(window * 5 + 2,))``; bars ``t-window+1 .. t``, oldest first, then the
+    account. Every entry uses bars up to ``t`` only.
+
+    | index                  | entry          | meaning                                                  | range  |
+    |------------------------|----------------|----------------------------------------------------------|--------|
+    | ``5k``                 | ``ret_z``      | log return / trailing std of log returns (norm_window)   | +-10   |
+    | ``5k+1``               | ``range_z``    | log(high/low) / the same std                             | +-10   |
+    | ``5k+2``               | ``volume_z``   | volume z-score over vol_window bars                      | +-10   |
+    | ``5k+3``, ``5k+4``     | ``tod_sin/cos``| time of day of the bar stamp on the unit circle          | +-1    |
+    | ``5*window``           | ``position``   | current position / max_contracts                         | +-1    |
+    | ``5*window+1``         | ``open_pnl``   | open trade's move from its average entry, % of entry     | +-10   |
+
+    ## Rewards
+    ``reward_scale * (equity change - risk_penalty * drawdown increase)``. The equity change over
+    a step from ``p`` to ``q`` contracts is
+    ``p*(open[t+1]-close[t])*pv + q*(close[t+1]-open[t+1])*pv - |q-p|*(slippage_ticks*tick*pv + commission)``.
+
+    ## Starting State
+    Flat, equity ``initial_equity``, at a start bar drawn from ``self.np_random`` (``random_start``)
+    or the first bar with a full window of history; ``reset(options={"start": i})`` fixes it.
+
+    ## Episode End
+    Terminated at the last bar of the data, or when equity falls below
+    ``equity_floor_fraction * initial_equity``. Truncated after ``max_episode_steps`` steps or at
+    the end of an ``episode_bars`` window that stops before the data does (the market goes on).
+    An open position stays open at the end; :meth:`trades_frame` lists closed trades.
+
+    ## Arguments
+    One mapping (RLlib passes ``env_config``): ``bars`` (a DataFrame from
+    ``mlproject.data.load_bars`` or a path to a bar file) plus the keys of
+    ``mlproject.config.EnvConfig``. An unknown key or a wrong type raises ``ConfigError``.
+
+    ``info``: ``equity``, ``position``, ``trades`` (closed trades so far), ``realised_pnl`` (net of
+    commission), ``bar`` (index of the current bar).
+
+    ## Version History
+    * v0: initial version.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, config: Mapping[str, Any] | None = None, render_mode: str | None = None) -> None:
+        self.market = Market.from_config(config or {})
+        self.observation_space = self.market.observation_space()
+        self.action_space = self.market.action_space()
+        self.render_mode = render_mode
+        m, cfg, spec = self.market, self.market.cfg, self.market.spec
+        # Python lists: scalar indexing of a list of floats is several times faster than numpy's.
+        self._open = m.open_.tolist()
+        self._close = m.close.tolist()
+        self._windows = m.windows
+        self._lag = cfg.window - 1
+        self._max = spec.max_contracts
+        self._pv = spec.point_value
+        self._slip_px = spec.slippage_ticks * spec.tick_size
+        self._slip_cost = self._slip_px * spec.point_value
+        self._commission = spec.commission_per_side
+        self._floor = cfg.equity_floor_fraction * cfg.initial_equity
+        self._scale = cfg.reward_scale
+        self._risk = cfg.risk_penalty
+        self._last_bar = m.n_bars - 1
+        self._index = m.bars.index
+        self._t = self._stop = m.t_min
+        self._reset_account()
+
+    # -- gymnasium API -------------------------------------------------------------------------
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        self._t, end = self.market.episode_bounds(self.np_random, options)
+        max_steps = self.market.cfg.max_episode_steps
+        # One bound for both truncations: the window end and the step limit.
+        self._stop = end if max_steps is None else min(end, self._t + max_steps)
+        self._reset_account()
+        return self._observe(), self._info()
+
+    def step(self, action):
+        # Hot path: plain Python floats from lists, no numpy scalars, no helper calls unless a
+        # fill happens (benchmarks/env_throughput.py measures it).
+        q = int(action) - self._max
+        p = self._pos
+        t = self._t + 1
+        self._t = t
+        o1 = self._open[t]
+        c1 = self._close[t]
+        pv = self._pv
+        delta = p * (o1 - self._close[t - 1]) * pv + q * (c1 - o1) * pv
+        if q != p:
+            # The fill, inlined (a method call costs a fifth of a step); _fill documents it.
+            d = q - p
+            if d > 0:
+                fill, size = o1 + self._slip_px, d
+            else:
+                fill, size = o1 - self._slip_px, -d
+            commission = size * self._commission
+            self._fills.append((t, q, fill))
+            if p == 0:
+                self._avg = fill
+                self._realised = self._realised - commission
+            else:
+                self._book(p, q, fill, size, commission)
+            delta = -(size * self._slip_cost + commission) + delta
+            self._pos = q
+        eq_old = self._equity
+        eq = self._equity = eq_old + delta
+        reward = delta
+        if self._risk:
+            reward = delta - self._risk_penalty(eq_old, eq)
+        terminated = t >= self._last_bar or eq < self._floor
+        truncated = not terminated and t >= self._stop
+        obs = self._windows[t - self._lag].copy()
+        obs[-2] = q / self._max
+        obs[-1] = self._open_pnl(c1) if q else 0.0
+        info = {"equity": eq, "position": q, "trades": self._n_closed, "realised_pnl": self._realised, "bar": t}
+        return obs, self._scale * reward, terminated, truncated, info
+
+    def _risk_penalty(self, eq_old: float, eq: float) -> float:
+        """risk_penalty * (increase of the drawdown from the equity peak), 0 if it shrank."""
+        peak = self._peak
+        new_peak = eq if eq > peak else peak
+        self._peak = new_peak
+        grow = (new_peak - eq) - (peak - eq_old)
+        return self._risk * grow if grow > 0.0 else 0.0
+
+    def _open_pnl(self, close: float) -> float:
+        """Open trade's move from its average entry in % of the entry, signed by side, clipped."""
+        pnl = (close - self._avg) / self._avg * 100.0 * (1.0 if self._pos > 0 else -1.0)
+        return OPEN_PNL_CLIP if pnl > OPEN_PNL_CLIP else (-OPEN_PNL_CLIP if pnl < -OPEN_PNL_CLIP else pnl)
+
+    # -- accounting ----------------------------------------------------------------------------
+
+    def _reset_account(self) -> None:
+        cfg = self.market.cfg
+        self._pos = 0
+        self._avg = 0.0
+        self._equity = self._peak = cfg.initial_equity
+        self._realised = 0.0
+        self._n_closed = 0
+        self._fills: list[tuple[int, int, float]] = []
+
+    def _book(self, p: int, q: int, fill: float, size: int, commission: float) -> None:
+        """Book a change from a non-flat position p to q at ``fill`` (step() handles p == 0).
+
+        Average-price accounting: adding moves the average entry, reducing realises
+        ``(fill - avg) * side * qty * point_value``, a flip closes the whole position and opens
+        the rest at the fill. Commission is realised on every fill. The arithmetic mirrors
+        ``FuturesTradingVectorEnv._fill`` operation for operation, so the two agree bit for bit.
+        """
+        realised = self._realised
+        if q != 0 and (p > 0) == (q > 0):
+            if abs(q) > abs(p):
+                self._avg = (self._avg * abs(p) + fill * size) / abs(q)
+            else:
+                realised = realised + (fill - self._avg) * (1 if p > 0 else -1) * size * self._pv
+        else:
+            realised = realised + (fill - self._avg) * (1 if p > 0 else -1) * abs(p) * self._pv
+            self._avg = fill if q else 0.0
+            self._n_closed += 1
+        self._realised = realised - commission
+
+    # -- observation and info ------------------------------------------------------------------
+
+    def _observe(self) -> np.ndarray:
+        obs = self._windows[self._t - self._lag].copy()  # the two spare slots are overwritten below
+        obs[-2] = self._pos / self._max
+        obs[-1] = self._open_pnl(self._close[self._t]) if self._pos else 0.0
+        return obs
+
+    def _info(self) -> dict[str, Any]:
+        return {"equity": self._equity, "position": self._pos, "trades": self._n_closed,
+                "realised_pnl": self._realised, "bar": self._t}
+
+    # -- for metrics ---------------------------------------------------------------------------
+
+    def trades_frame(self) -> pd.DataFrame:
+        """Closed trades of the current episode, one row per trade, columns TRADE_COLUMNS.
+
+        A trade runs from leaving flat (or a flip) to the next flat (or flip); partial exits
+        accumulate into it. ``pnl`` is net of the commissions of its entries and exits;
+        ``slippage`` (already inside the fill prices) is reported as money for cost analysis.
+        """
+        spec = self.market.spec
+        rows = trades_from_fills(self._fills, spec.point_value, spec.commission_per_side,
+                                 spec.slippage_ticks * spec.tick_size * spec.point_value)
+        frame = pd.DataFrame(rows, columns=list(TRADE_COLUMNS))
+        for col in ("entry_time", "exit_time"):
+            frame[col] = self._index[frame[col].to_numpy(np.int64)] if len(frame) else pd.Series(dtype="datetime64[ns]")
+        return frame
+
+    @property
+    def fills(self) -> list[tuple[int, int, float]]:
+        """(bar index, new position, fill price) of every position change this episode."""
+        return list(self._fills)
+
+    @property
+    def timestamp(self) -> pd.Timestamp:
+        """Timestamp of the current bar."""
+        return self._index[self._t]
+
+
+def trades_from_fills(fills: list[tuple[int, int, float]], point_value: float, commission_per_side: float,
+                      slippage_per_contract: float) -> list[tuple]:
+    """Replay fills (bar, new position, price) from flat into closed trades (TRADE_COLUMNS order,
+    times as bar indices). Uses the same average-price accounting as the env."""
+    trades: list[tuple] = []
+    pos, avg, cur = 0, 0.0, None
+    for bar, q, price in fills:
+        if pos != 0:
+            side = 1 if pos > 0 else -1
+            same = q != 0 and (q > 0) == (pos > 0)
+            qty = 0 if same and abs(q) > abs(pos) else (abs(q - pos) if same else abs(pos))
+            if qty:
+                cur["exit_qty"] += qty
+                cur["exit_value"] += price * qty
+                cur["gross"] += (price - avg) * side * qty * point_value
+                cur["costs"] += qty
+            if not same:
+                trades.append((cur["bar"], bar, side, cur["size"], avg, cur["exit_value"] / cur["exit_qty"],
+                               cur["gross"] - cur["costs"] * commission_per_side,
+                               cur["costs"] * commission_per_side, cur["costs"] * slippage_per_contract,
+                               bar - cur["bar"]))
+                cur = None
+        if q != 0:
+            added = abs(q) if cur is None else abs(q) - abs(pos)
+            if cur is None:
+                cur = {"bar": bar, "size": 0, "exit_qty": 0, "exit_value": 0.0, "gross": 0.0, "costs": 0}
+                avg = price
+            elif added > 0:
+                avg = (avg * abs(pos) + price * added) / abs(q)
+            if added > 0:
+                cur["size"] = max(cur["size"], abs(q))
+                cur["costs"] += added
+        pos = q
+    return trades

@@ -1,0 +1,162 @@
+"""Numpy vector twin of :class:`envs.futures_env.FuturesTradingEnv`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from gymnasium.utils import seeding
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from envs.market import OPEN_PNL_CLIP, Market
+
+
+class FuturesTradingVectorEnv(VectorEnv):
+    """``num_envs`` copies of ``FuturesTradingEnv`` stepped together with numpy.
+
+    It gives exactly what ``gymnasium.vector.SyncVectorEnv`` over ``num_envs`` single envs gives,
+    step for step and bit for bit: observations, rewards, terminations, truncations and the
+    info arrays (``equity``, ``position``, ``trades``, ``realised_pnl``, ``bar``, each with its
+    ``_key`` mask). Sub-env ``i`` is seeded with ``seed + i`` and autoresets on the step after
+    it ends (``AutoresetMode.NEXT_STEP``, gymnasium's default), with reward 0 on that step.
+    The per-trade log exists only in the single env.
+    """
+
+    metadata = {"render_modes": [], "autoreset_mode": AutoresetMode.NEXT_STEP}
+
+    def __init__(self, num_envs: int, config: Mapping[str, Any] | None = None) -> None:
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        self.market = m = Market.from_config(config or {})
+        self.num_envs = num_envs
+        self.single_observation_space = m.observation_space()
+        self.single_action_space = m.action_space()
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        cfg, spec = m.cfg, m.spec
+        self._max = spec.max_contracts
+        self._pv = spec.point_value
+        self._slip_px = spec.slippage_ticks * spec.tick_size
+        self._slip_cost = self._slip_px * spec.point_value
+        self._commission = spec.commission_per_side
+        self._floor = cfg.equity_floor_fraction * cfg.initial_equity
+        self._lag = cfg.window - 1
+        self._rngs: list[np.random.Generator] = [seeding.np_random(None)[0] for _ in range(num_envs)]
+        n = num_envs
+        self._t = np.full(n, m.t_min, np.int64)
+        self._end = np.full(n, m.t_min, np.int64)
+        self._pos = np.zeros(n, np.int64)
+        self._avg = np.zeros(n)
+        self._equity = np.zeros(n)
+        self._peak = np.zeros(n)
+        self._realised = np.zeros(n)
+        self._n_closed = np.zeros(n, np.int64)
+        self._steps = np.zeros(n, np.int64)
+        self._needs_reset = np.zeros(n, bool)
+
+    def reset(self, *, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        seeds = seed if isinstance(seed, list) else [None if seed is None else seed + i for i in range(self.num_envs)]
+        for i, s in enumerate(seeds):
+            if s is not None:
+                self._rngs[i] = seeding.np_random(s)[0]
+        self._reset_envs(np.arange(self.num_envs), options)
+        return self._observe(), self._info()
+
+    def _reset_envs(self, idx: np.ndarray, options: Mapping[str, Any] | None) -> None:
+        for i in idx.tolist():
+            self._t[i], self._end[i] = self.market.episode_bounds(self._rngs[i], options)
+        initial = self.market.cfg.initial_equity
+        self._pos[idx] = 0
+        self._avg[idx] = 0.0
+        self._equity[idx] = initial
+        self._peak[idx] = initial
+        self._realised[idx] = 0.0
+        self._n_closed[idx] = 0
+        self._steps[idx] = 0
+        self._needs_reset[idx] = False
+
+    def step(self, actions):
+        m, cfg = self.market, self.market.cfg
+        q = np.asarray(actions, dtype=np.int64) - self._max
+        p, t = self._pos, self._t
+        resetting = self._needs_reset
+        nxt = np.minimum(t + 1, m.n_bars - 1)  # ended envs may sit on the last bar; they reset below
+        q = np.where(resetting, p, q)
+        o1, c1 = m.open_[nxt], m.close[nxt]
+        pv = self._pv
+        delta = p * (o1 - m.close[t]) * pv + q * (c1 - o1) * pv
+        changed = q != p
+        if changed.any():
+            delta = np.where(changed, self._fill(p, q, o1) + delta, delta)
+        eq_old = self._equity
+        eq = eq_old + delta
+        penalty = 0.0
+        if cfg.risk_penalty:
+            new_peak = np.maximum(self._peak, eq)
+            grow = (new_peak - eq) - (self._peak - eq_old)
+            penalty = np.where(grow > 0.0, cfg.risk_penalty * grow, 0.0)
+            self._peak = new_peak
+        else:
+            self._peak = np.maximum(self._peak, eq)
+        reward = cfg.reward_scale * (delta - penalty)
+        self._t, self._pos, self._equity = nxt, q, eq
+        self._steps = self._steps + 1
+        terminated = (nxt >= m.n_bars - 1) | (eq < self._floor)
+        truncated = ~terminated & (nxt >= self._end)
+        if cfg.max_episode_steps is not None:
+            truncated |= ~terminated & (self._steps >= cfg.max_episode_steps)
+        if resetting.any():
+            idx = np.flatnonzero(resetting)
+            self._reset_envs(idx, None)
+            reward[idx] = 0.0
+            terminated[idx] = False
+            truncated[idx] = False
+        self._needs_reset = terminated | truncated
+        return self._observe(), reward, terminated, truncated, self._info()
+
+    def _fill(self, p: np.ndarray, q: np.ndarray, o1: np.ndarray) -> np.ndarray:
+        """Book every position change; returns minus the costs (0 where nothing changed).
+
+        Mirrors ``FuturesTradingEnv._fill`` operation for operation.
+        """
+        d = q - p
+        size = np.abs(d)
+        fill = o1 + np.where(d > 0, 1.0, -1.0) * self._slip_px
+        commission = size * self._commission
+        cost = size * self._slip_cost + commission
+        sgn_p, abs_p, abs_q = np.sign(p), np.abs(p), np.abs(q)
+        same_side = (sgn_p != 0) & (sgn_p == np.sign(q))
+        adding = same_side & (abs_q > abs_p)
+        closed = np.where(sgn_p == 0, 0, np.where(adding, 0, np.where(same_side, size, abs_p)))
+        has_closed = closed > 0
+        realised = np.where(has_closed, self._realised + (fill - self._avg) * sgn_p * closed * self._pv, self._realised)
+        self._realised = np.where(d != 0, realised - commission, realised)
+        self._n_closed = self._n_closed + ((sgn_p != 0) & ~same_side & (d != 0))
+        safe_q = np.where(abs_q == 0, 1, abs_q)
+        avg = np.where(adding, (self._avg * abs_p + fill * size) / safe_q, self._avg)
+        avg = np.where(q == 0, 0.0, np.where(~same_side, fill, avg))
+        self._avg = np.where(d != 0, avg, self._avg)
+        return -cost
+
+    def _observe(self) -> np.ndarray:
+        m = self.market
+        obs = m.windows[self._t - self._lag]  # fancy indexing copies; the spare slots are overwritten
+        p = self._pos
+        obs[:, -2] = p / self._max
+        close = m.close[self._t]
+        safe_avg = np.where(p != 0, self._avg, 1.0)
+        pnl = (close - safe_avg) / safe_avg * 100.0 * np.where(p > 0, 1.0, -1.0)
+        obs[:, -1] = np.where(p != 0, np.clip(pnl, -OPEN_PNL_CLIP, OPEN_PNL_CLIP), 0.0)
+        return obs
+
+    def _info(self) -> dict[str, Any]:
+        mask = np.ones(self.num_envs, bool)
+        info: dict[str, Any] = {}
+        for key, value in (("equity", self._equity), ("position", self._pos), ("trades", self._n_closed),
+                           ("realised_pnl", self._realised), ("bar", self._t)):
+            info[key] = value.copy()
+            info[f"_{key}"] = mask.copy()
+        return info

@@ -1,0 +1,131 @@
+"""What the single env and its vector twin share: config parsing, prepared bar arrays, spaces.
+
+Both envs read the same :class:`Market`, draw episode starts the same way and so give the same
+episodes for the same seeds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pandas as pd
+from pydantic import ValidationError
+
+from mlproject.config import ConfigError, EnvConfig, _describe
+from mlproject.features import FEATURE_CLIP, FEATURE_NAMES, bar_features
+from mlproject.instruments import InstrumentSpec, resolve_instrument
+
+OPEN_PNL_CLIP = 10.0
+"""The open-PnL observation (percent of the entry price) is clipped to +-OPEN_PNL_CLIP."""
+
+
+def parse_env_config(config: Mapping[str, Any]) -> tuple[EnvConfig, Any]:
+    """Split an RLlib-style ``env_config`` dict into (validated EnvConfig, bars).
+
+    ``bars`` is a DataFrame (``mlproject.data.load_bars`` shape) or a path to a bar file.
+    """
+    raw = dict(config)
+    if "bars" not in raw:
+        raise ConfigError("env_config: key 'bars' is required (a bar DataFrame or a path to a bar file)")
+    bars = raw.pop("bars")
+    try:
+        cfg = EnvConfig.model_validate(raw)
+    except ValidationError as exc:
+        # Name keys as they appear in the env_config dict (no "env." prefix).
+        message = _describe(exc, "env_config", "", set()).replace("key 'env.", "key '")
+        raise ConfigError(message) from None
+    return cfg, bars
+
+
+def _as_bars(bars: Any) -> pd.DataFrame:
+    from mlproject.data import load_bars, validate_bars
+
+    if isinstance(bars, (str, Path)):
+        return load_bars(bars)
+    if isinstance(bars, pd.DataFrame):
+        return validate_bars(bars, bars.attrs.get("source", "env_config['bars']"))
+    raise ConfigError(f"env_config: key 'bars' must be a DataFrame or a file path, got {type(bars).__name__}")
+
+
+@dataclass
+class Market:
+    """Bars, features and settings prepared once per env."""
+
+    cfg: EnvConfig
+    spec: InstrumentSpec
+    bars: pd.DataFrame
+    open_: np.ndarray
+    close: np.ndarray
+    windows: np.ndarray
+    """Read-only strided view (n_bars - window + 1, window * n_features + 2) over the feature rows:
+    row ``t - window + 1`` holds the window of bar t followed by two spare slots."""
+    n_features: int
+    t_min: int
+    """First bar an episode may start at (a full window of history behind it)."""
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Market:
+        cfg, raw_bars = parse_env_config(config)
+        spec = resolve_instrument(cfg.instrument)
+        bars = _as_bars(raw_bars)
+        feats = bar_features(bars, vol_window=cfg.vol_window, norm_window=cfg.norm_window)
+        t_min = max(cfg.window, cfg.vol_window)
+        if len(bars) < t_min + 2:
+            raise ConfigError(
+                f"env_config: {len(bars)} bars are too few for window={cfg.window}, vol_window={cfg.vol_window}: "
+                f"need at least {t_min + 2}"
+            )
+        # Each observation is one row of a strided view: window * n_features features plus two
+        # spare slots (the next bar's first features, or the padding) that the env overwrites
+        # with position and open PnL. Copying a row is the cheapest way to a fresh observation.
+        flat = np.concatenate([feats.ravel(), np.zeros(2, np.float32)])
+        n_feat, width = feats.shape[1], cfg.window * feats.shape[1] + 2
+        windows = np.lib.stride_tricks.as_strided(
+            flat, shape=(len(feats) - cfg.window + 1, width), strides=(n_feat * flat.itemsize, flat.itemsize),
+            writeable=False)
+        return cls(cfg, spec, bars, bars["open"].to_numpy(np.float64), bars["close"].to_numpy(np.float64),
+                   windows, n_feat, t_min)
+
+    @property
+    def n_bars(self) -> int:
+        return len(self.close)
+
+    @property
+    def obs_size(self) -> int:
+        return self.cfg.window * self.n_features + 2
+
+    def observation_space(self) -> gym.spaces.Box:
+        low = np.full(self.obs_size, -FEATURE_CLIP, np.float32)
+        high = np.full(self.obs_size, FEATURE_CLIP, np.float32)
+        low[-2:], high[-2:] = (-1.0, -OPEN_PNL_CLIP), (1.0, OPEN_PNL_CLIP)
+        return gym.spaces.Box(low, high, dtype=np.float32)
+
+    def action_space(self) -> gym.spaces.Discrete:
+        return gym.spaces.Discrete(2 * self.spec.max_contracts + 1)
+
+    def episode_bounds(self, rng: np.random.Generator, options: Mapping[str, Any] | None) -> tuple[int, int]:
+        """(start bar, last bar) of a new episode; the same draws for the single and vector env."""
+        last = self.n_bars - 1
+        length = self.cfg.episode_bars
+        latest_start = last - length if length is not None else last - 1
+        latest_start = max(self.t_min, latest_start)
+        if options and "start" in options:
+            start = int(options["start"])
+            if not self.t_min <= start <= last - 1:
+                raise ValueError(f"reset option start={start} outside [{self.t_min}, {last - 1}]")
+        elif self.cfg.random_start:
+            start = int(rng.integers(self.t_min, latest_start + 1))
+        else:
+            start = self.t_min
+        end = min(start + length, last) if length is not None else last
+        return start, end
+
+    def feature_names(self) -> list[str]:
+        """Names of the observation entries, oldest bar first."""
+        names = [f"{f}[t-{lag}]" for lag in range(self.cfg.window - 1, -1, -1) for f in FEATURE_NAMES]
+        return names + ["position", "open_pnl_pct"]
