@@ -80,28 +80,25 @@ class FuturesTradingVectorEnv(VectorEnv):
 
     def step(self, actions):
         m, cfg = self.market, self.market.cfg
-        q = np.asarray(actions, dtype=np.int64) - self._max
         p, t = self._pos, self._t
         resetting = self._needs_reset
+        q = np.asarray(actions, dtype=np.int64) - self._max
+        if resetting.any():
+            q = np.where(resetting, p, q)  # envs that reset this step do not trade
         nxt = np.minimum(t + 1, m.n_bars - 1)  # ended envs may sit on the last bar; they reset below
-        q = np.where(resetting, p, q)
-        o1, c1 = m.open_[nxt], m.close[nxt]
+        o1 = m.open_[nxt]
         pv = self._pv
-        delta = p * (o1 - m.close[t]) * pv + q * (c1 - o1) * pv
-        changed = q != p
-        if changed.any():
-            delta = np.where(changed, self._fill(p, q, o1) + delta, delta)
+        delta = p * (o1 - m.close[t]) * pv + q * (m.close[nxt] - o1) * pv
+        delta = self._fill(p, q, o1) + delta
         eq_old = self._equity
         eq = eq_old + delta
-        penalty = 0.0
+        reward = delta
         if cfg.risk_penalty:
             new_peak = np.maximum(self._peak, eq)
             grow = (new_peak - eq) - (self._peak - eq_old)
-            penalty = np.where(grow > 0.0, cfg.risk_penalty * grow, 0.0)
+            reward = delta - np.where(grow > 0.0, cfg.risk_penalty * grow, 0.0)
             self._peak = new_peak
-        else:
-            self._peak = np.maximum(self._peak, eq)
-        reward = cfg.reward_scale * (delta - penalty)
+        reward = cfg.reward_scale * reward
         self._t, self._pos, self._equity = nxt, q, eq
         self._steps = self._steps + 1
         terminated = (nxt >= m.n_bars - 1) | (eq < self._floor)
@@ -118,38 +115,35 @@ class FuturesTradingVectorEnv(VectorEnv):
         return self._observe(), reward, terminated, truncated, self._info()
 
     def _fill(self, p: np.ndarray, q: np.ndarray, o1: np.ndarray) -> np.ndarray:
-        """Book every position change; returns minus the costs (0 where nothing changed).
+        """Book every position change; returns minus the costs.
 
-        Mirrors ``FuturesTradingEnv._fill`` operation for operation.
+        Mirrors ``FuturesTradingEnv.step`` and ``_book`` operation for operation. Where nothing
+        changed (or nothing closed) the terms below are exact zeros, and x + 0.0 == x, so no
+        masking is needed to leave those envs' accounts bit-for-bit untouched.
         """
         d = q - p
         size = np.abs(d)
-        fill = o1 + np.where(d > 0, 1.0, -1.0) * self._slip_px
+        fill = o1 + np.sign(d) * self._slip_px
         commission = size * self._commission
-        cost = size * self._slip_cost + commission
         sgn_p, abs_p, abs_q = np.sign(p), np.abs(p), np.abs(q)
-        same_side = (sgn_p != 0) & (sgn_p == np.sign(q))
+        same_side = sgn_p == np.sign(q)
         adding = same_side & (abs_q > abs_p)
-        closed = np.where(sgn_p == 0, 0, np.where(adding, 0, np.where(same_side, size, abs_p)))
-        has_closed = closed > 0
-        realised = np.where(has_closed, self._realised + (fill - self._avg) * sgn_p * closed * self._pv, self._realised)
-        self._realised = np.where(d != 0, realised - commission, realised)
-        self._n_closed = self._n_closed + ((sgn_p != 0) & ~same_side & (d != 0))
-        safe_q = np.where(abs_q == 0, 1, abs_q)
-        avg = np.where(adding, (self._avg * abs_p + fill * size) / safe_q, self._avg)
-        avg = np.where(q == 0, 0.0, np.where(~same_side, fill, avg))
-        self._avg = np.where(d != 0, avg, self._avg)
-        return -cost
+        closed = np.where(same_side, np.where(adding, 0, size), abs_p)  # 0 when p == 0
+        self._realised = self._realised + (fill - self._avg) * sgn_p * closed * self._pv - commission
+        self._n_closed = self._n_closed + (~same_side & (sgn_p != 0))
+        added = (self._avg * abs_p + fill * size) / np.maximum(abs_q, 1)
+        self._avg = np.where(same_side, np.where(adding, added, self._avg), np.where(q == 0, 0.0, fill))
+        return -(size * self._slip_cost + commission)
 
     def _observe(self) -> np.ndarray:
         m = self.market
-        obs = m.windows[self._t - self._lag]  # fancy indexing copies; the spare slots are overwritten
+        # Gather whole rows as opaque records (one memcpy each), then view them as float32.
+        obs = m.window_records[self._t - self._lag].view(np.float32).reshape(self.num_envs, -1)
         p = self._pos
         obs[:, -2] = p / self._max
-        close = m.close[self._t]
         safe_avg = np.where(p != 0, self._avg, 1.0)
-        pnl = (close - safe_avg) / safe_avg * 100.0 * np.where(p > 0, 1.0, -1.0)
-        obs[:, -1] = np.where(p != 0, np.clip(pnl, -OPEN_PNL_CLIP, OPEN_PNL_CLIP), 0.0)
+        pnl = (m.close[self._t] - safe_avg) / safe_avg * 100.0 * np.sign(p)  # 0 where flat
+        obs[:, -1] = np.clip(pnl, -OPEN_PNL_CLIP, OPEN_PNL_CLIP)
         return obs
 
     def _info(self) -> dict[str, Any]:

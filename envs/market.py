@@ -64,6 +64,9 @@ class Market:
     windows: np.ndarray
     """Read-only strided view (n_bars - window + 1, window * n_features + 2) over the feature rows:
     row ``t - window + 1`` holds the window of bar t followed by two spare slots."""
+    window_records: np.ndarray
+    """``windows`` with each row as one opaque record: fancy-indexing it copies a row with one
+    memcpy, about twice as fast as gathering float32 rows (the vector env's hot path)."""
     n_features: int
     t_min: int
     """First bar an episode may start at (a full window of history behind it)."""
@@ -88,8 +91,11 @@ class Market:
         windows = np.lib.stride_tricks.as_strided(
             flat, shape=(len(feats) - cfg.window + 1, width), strides=(n_feat * flat.itemsize, flat.itemsize),
             writeable=False)
+        records = np.ndarray(shape=(windows.shape[0],), dtype=np.dtype((np.void, width * flat.itemsize)),
+                             buffer=flat, strides=(windows.strides[0],))
+        records.flags.writeable = False
         return cls(cfg, spec, bars, bars["open"].to_numpy(np.float64), bars["close"].to_numpy(np.float64),
-                   windows, n_feat, t_min)
+                   windows, records, n_feat, t_min)
 
     @property
     def n_bars(self) -> int:
