@@ -1,0 +1,78 @@
+"""MLflow tracking helpers shared by the pipelines (no MLflow import at module level)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from mlproject.config import Config
+
+log = logging.getLogger(__name__)
+
+MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+
+
+def setup_tracking(cfg: Config) -> str:
+    """Point MLflow at the configured store and experiment; returns the tracking URI.
+
+    ``MLFLOW_TRACKING_URI`` in the environment (set by ``mlflow run`` or by the user) wins over
+    ``mlflow.tracking_uri``; with neither, MLflow's default sqlite:///mlflow.db is used.
+    Under ``mlflow run`` the experiment is already chosen (``MLFLOW_EXPERIMENT_ID``).
+    """
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    if cfg.mlflow.tracking_uri and "MLFLOW_TRACKING_URI" not in os.environ:
+        mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    if "MLFLOW_EXPERIMENT_ID" not in os.environ and "MLFLOW_RUN_ID" not in os.environ:
+        mlflow.set_experiment(cfg.mlflow.experiment)
+    return mlflow.get_tracking_uri()
+
+
+def git_commit() -> str | None:
+    """Commit of the working tree this code runs from, or None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def log_config(cfg: Config) -> None:
+    """The resolved config as ``config.yaml`` and as flattened params."""
+    import mlflow
+
+    mlflow.log_text(cfg.to_yaml(), "config.yaml")
+    params = {k: _param_value(v) for k, v in cfg.flat().items()}
+    mlflow.log_params(params)
+
+
+def _param_value(value: Any) -> str:
+    text = "null" if value is None else str(value)
+    return text if len(text) <= MAX_PARAM_LEN else text[: MAX_PARAM_LEN - 3] + "..."
+
+
+@contextlib.contextmanager
+def pipeline_run(cfg: Config, step: str, *, nested: bool = False) -> Iterator[Any]:
+    """An MLflow run for one pipeline step, with config, git commit and step tags logged.
+
+    Under ``mlflow run`` it resumes the run that ``mlflow run`` created; called inside another
+    run it makes a child run when ``nested`` is true. A failure tags the run with the error
+    message (``error``); leaving the ``with`` block by an exception marks it FAILED.
+    """
+    import mlflow
+
+    with mlflow.start_run(run_name=step, nested=nested) as run:
+        mlflow.set_tags({"pipeline.step": step, "mlflow.source.git.commit": git_commit() or "unknown"})
+        log_config(cfg)
+        try:
+            yield run
+        except BaseException as exc:
+            mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
+            raise

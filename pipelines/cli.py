@@ -1,0 +1,43 @@
+"""Command-line pieces every pipeline shares: --config / --set and error reporting."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from mlproject.config import Config, ConfigError, load_config
+
+log = logging.getLogger("pipelines")
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default="", help="YAML settings file (default: the embedded defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting, e.g. --set env.instrument=NQ (repeatable; one argument may "
+                             "hold several, space-separated, as MLproject passes them)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides = [item for chunk in args.overrides for item in shlex.split(chunk)]
+    return load_config(args.config or None, overrides)
+
+
+def run_cli(parser: argparse.ArgumentParser, main: Callable[[Config, argparse.Namespace], Any]) -> None:
+    """Parse, load the config, call ``main``; a bad input exits with code 2 and one clear message."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    from mlproject.data import DataError
+
+    args = parser.parse_args()
+    try:
+        main(config_from_args(args), args)
+    except (ConfigError, DataError, FileNotFoundError) as exc:
+        # Bad input, not a bug: one message that names the file/line or key, no traceback.
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

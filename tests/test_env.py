@@ -1,0 +1,235 @@
+from __future__ import annotations
+
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pandas as pd
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+import envs
+from envs.futures_env import FuturesTradingEnv
+from envs.futures_vector_env import FuturesTradingVectorEnv
+from mlproject.config import ConfigError
+from mlproject.data import DataError
+
+CUSTOM = {"symbol": "T", "tick_size": 0.25, "point_value": 50.0, "commission_per_side": 2.0,
+          "slippage_ticks": 1.0, "max_contracts": 1}
+
+
+def scripted_bars() -> pd.DataFrame:
+    opens = [100, 100, 101, 103, 104, 102, 100, 99]
+    closes = [100, 101, 102, 104, 103, 101, 99, 98]
+    index = pd.date_range("2024-01-02 09:31", periods=len(opens), freq="1min", name="timestamp")
+    frame = pd.DataFrame({"open": opens, "close": closes}, index=index, dtype=float)
+    frame["high"] = frame[["open", "close"]].max(axis=1) + 0.5
+    frame["low"] = frame[["open", "close"]].min(axis=1) - 0.5
+    frame["volume"] = 100.0
+    return frame[["open", "high", "low", "close", "volume"]]
+
+
+def test_check_env_passes_without_warnings(small_bars):
+    env = FuturesTradingEnv({"bars": small_bars, "instrument": "MES", "window": 8, "episode_bars": 200})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_env(env, skip_render_check=True)
+        made = gym.make(envs.ENV_ID, config={"bars": small_bars, "window": 8})
+        made.reset(seed=1)
+        made.step(made.action_space.sample())
+
+
+def test_hand_computed_equity_long_flip_short_flat():
+    """Long 1 at the open of bar 3, hold, flip to short at bar 5, flat at bar 6 (ES-like contract:
+    tick 0.25, $50/point, $2/side, 1 tick slippage). Every number below is worked by hand."""
+    env = FuturesTradingEnv({"bars": scripted_bars(), "instrument": CUSTOM, "window": 2, "vol_window": 2,
+                             "random_start": False, "initial_equity": 10_000.0})
+    obs, info = env.reset()
+    assert info["bar"] == 2 and info["position"] == 0 and obs[-2] == 0.0
+    expected = [  # (action, reward, equity, realised, trades)
+        (2, 35.5, 10_035.5, -2.0, 0),   # buy 1 @ 103 + 0.25; close 104: +0.75*50 - 2 commission
+        (2, -50.0, 9_985.5, -2.0, 0),   # hold: close 104 -> 103
+        (0, -29.0, 9_956.5, -81.0, 1),  # sell 2 @ 102 - 0.25: gap -50, short leg +50, costs 2*(12.5+2)
+        (1, 35.5, 9_992.0, -8.0, 2),    # buy 1 @ 100 + 0.25: short gap +50, costs 14.5
+    ]
+    for action, reward, equity, realised, trades in expected:
+        obs, r, terminated, truncated, info = env.step(action)
+        assert r == pytest.approx(reward, abs=1e-9)
+        assert info["equity"] == pytest.approx(equity, abs=1e-9)
+        assert info["realised_pnl"] == pytest.approx(realised, abs=1e-9)
+        assert info["trades"] == trades
+        assert not terminated and not truncated
+    trades_frame = env.trades_frame()
+    assert trades_frame["side"].tolist() == [1, -1]
+    assert trades_frame["entry_price"].tolist() == [103.25, 101.75]
+    assert trades_frame["exit_price"].tolist() == [101.75, 100.25]
+    assert trades_frame["pnl"].tolist() == pytest.approx([-79.0, 71.0])
+    assert trades_frame["commission"].tolist() == [4.0, 4.0]
+    assert trades_frame["slippage"].tolist() == [25.0, 25.0]
+    assert trades_frame["bars_held"].tolist() == [2, 1]
+    assert trades_frame["entry_time"].iloc[0] == scripted_bars().index[3]
+    _, _, terminated, truncated, info = env.step(1)
+    assert terminated and not truncated and info["bar"] == 7  # last bar of the data
+
+
+def test_open_pnl_and_position_in_observation():
+    env = FuturesTradingEnv({"bars": scripted_bars(), "instrument": {**CUSTOM, "max_contracts": 2},
+                             "window": 2, "vol_window": 2, "random_start": False})
+    env.reset()
+    obs, *_ = env.step(4)  # long 2 @ 103.25, close 104
+    assert obs[-2] == 1.0
+    assert obs[-1] == pytest.approx((104 - 103.25) / 103.25 * 100, rel=1e-6)
+    obs, *_ = env.step(3)  # reduce to 1
+    assert obs[-2] == 0.5
+    assert env.observation_space.contains(obs)
+
+
+def _rollout_pair(config, n_envs, n_steps, seed):
+    vec = FuturesTradingVectorEnv(n_envs, config)
+    ref = gym.vector.SyncVectorEnv([lambda: FuturesTradingEnv(config) for _ in range(n_envs)])
+    rng = np.random.default_rng(seed)
+    out_v, out_r = vec.reset(seed=seed), ref.reset(seed=seed)
+    resets = 0
+    for step in range(n_steps):
+        for a, b in zip(out_v[:-1], out_r[:-1]):
+            np.testing.assert_array_equal(a, b, err_msg=f"step {step}")
+        assert set(out_v[-1]) == set(out_r[-1])
+        for key in out_r[-1]:
+            np.testing.assert_array_equal(out_v[-1][key], out_r[-1][key], err_msg=f"step {step} info {key}")
+        if len(out_v) == 5:
+            resets += int(np.sum(out_v[2] | out_v[3]))
+        actions = rng.integers(0, vec.single_action_space.n, n_envs)
+        out_v, out_r = vec.step(actions), ref.step(actions)
+    return resets
+
+
+@pytest.mark.parametrize("extra", [
+    {},
+    {"instrument": {"preset": "ES", "max_contracts": 3}, "risk_penalty": 0.5, "reward_scale": 0.01},
+    {"max_episode_steps": 37},
+    {"initial_equity": 3_000.0, "equity_floor_fraction": 0.9, "instrument": {"preset": "ES", "max_contracts": 2}},
+])
+def test_vector_env_equals_sync_vector_of_single_envs(small_bars, extra):
+    config = {"bars": small_bars, "window": 8, "episode_bars": 120, **extra}
+    resets = _rollout_pair(config, n_envs=5, n_steps=400, seed=11)
+    assert resets > 5  # the comparison covered autoresets
+
+
+def test_no_look_ahead(small_bars):
+    """Change every bar after t: the observations up to t do not change."""
+    t_cut = 400
+    later = small_bars.copy()
+    later.iloc[t_cut + 1:, :4] *= 1.1
+    later.iloc[t_cut + 1:, 4] *= 3.0
+    actions = np.random.default_rng(0).integers(0, 3, t_cut - 100).tolist()
+
+    def observations(bars):
+        env = FuturesTradingEnv({"bars": bars, "window": 16})
+        obs, _ = env.reset(options={"start": 100})
+        seen = [obs]
+        for action in actions:
+            seen.append(env.step(action)[0])
+        return np.array(seen), env
+
+    before, env_a = observations(small_bars)
+    after, env_b = observations(later)
+    assert env_a.timestamp == small_bars.index[t_cut]
+    np.testing.assert_array_equal(before, after)
+    assert not np.array_equal(env_a.step(2)[0], env_b.step(2)[0])  # the change is visible from t+1 on
+
+
+def test_same_seed_same_episode(small_bars):
+    config = {"bars": small_bars, "window": 8, "episode_bars": 300}
+
+    def rollout(seed):
+        env = FuturesTradingEnv(config)
+        obs, info = env.reset(seed=seed)
+        rng = np.random.default_rng(0)
+        rewards = [env.step(int(a))[1] for a in rng.integers(0, 3, 50)]
+        return info["bar"], obs, rewards
+
+    a, b, c = rollout(5), rollout(5), rollout(6)
+    assert a[0] == b[0] and np.array_equal(a[1], b[1]) and a[2] == b[2]
+    assert a[0] != c[0]
+
+
+def test_episode_ends(small_bars):
+    env = FuturesTradingEnv({"bars": small_bars, "window": 8, "max_episode_steps": 10})
+    env.reset(options={"start": 50})
+    flags = [env.step(1)[2:4] for _ in range(10)]
+    assert flags[-1] == (False, True) and all(f == (False, False) for f in flags[:-1])
+    env = FuturesTradingEnv({"bars": small_bars, "window": 8, "episode_bars": 5})
+    env.reset(options={"start": 50})
+    assert [env.step(1)[3] for _ in range(5)] == [False] * 4 + [True]
+    env = FuturesTradingEnv({"bars": small_bars, "window": 8})
+    env.reset(options={"start": len(small_bars) - 3})
+    assert [env.step(1)[2] for _ in range(2)] == [False, True]
+    env = FuturesTradingEnv({"bars": small_bars, "window": 8, "initial_equity": 1_000.0,
+                             "equity_floor_fraction": 0.99, "instrument": {"preset": "ES", "max_contracts": 5}})
+    env.reset(options={"start": 50})
+    _, _, terminated, _, info = env.step(10)  # 5 contracts: costs alone break the floor
+    assert terminated and info["equity"] < 990.0
+
+
+def test_trade_log_agrees_with_the_account(small_bars):
+    env = FuturesTradingEnv({"bars": small_bars, "window": 8, "instrument": {"preset": "MES", "max_contracts": 3}})
+    env.reset(options={"start": 20})
+    rng = np.random.default_rng(4)
+    for action in rng.integers(0, 7, 2000):
+        env.step(int(action))
+    _, _, _, _, info = env.step(3)  # go flat: every trade is closed
+    trades = env.trades_frame()
+    assert len(trades) == info["trades"] > 100
+    assert trades["pnl"].sum() == pytest.approx(info["realised_pnl"], abs=1e-6)
+    assert info["equity"] == pytest.approx(100_000.0 + info["realised_pnl"], abs=1e-6)
+    assert (trades["exit_time"] > trades["entry_time"]).all()
+    assert (trades["bars_held"] >= 1).all()
+
+
+def test_bad_config_errors(small_bars):
+    with pytest.raises(ConfigError, match="key 'bars' is required"):
+        FuturesTradingEnv({"window": 8})
+    with pytest.raises(ConfigError, match="key 'windw': unknown key"):
+        FuturesTradingEnv({"bars": small_bars, "windw": 8})
+    with pytest.raises(ConfigError, match="key 'window'.*integer"):
+        FuturesTradingEnv({"bars": small_bars, "window": "8"})
+    with pytest.raises(ConfigError, match="unknown instrument preset 'XYZ'"):
+        FuturesTradingEnv({"bars": small_bars, "instrument": "XYZ"})
+    with pytest.raises(ConfigError, match="too few"):
+        FuturesTradingEnv({"bars": small_bars.iloc[:20], "window": 32})
+    with pytest.raises(ConfigError, match="must be a DataFrame or a file path"):
+        FuturesTradingEnv({"bars": [1, 2, 3]})
+    env = FuturesTradingEnv({"bars": small_bars, "window": 8})
+    with pytest.raises(ValueError, match="start=5 outside"):
+        env.reset(options={"start": 5})
+
+
+def test_bad_data_errors(small_bars, tmp_path):
+    bad = small_bars.copy()
+    bad.iloc[10, bad.columns.get_loc("high")] = bad.iloc[10]["low"] - 1
+    with pytest.raises(DataError, match="row 10"):
+        FuturesTradingEnv({"bars": bad})
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        FuturesTradingEnv({"bars": tmp_path / "nope.txt"})
+
+
+def test_env_reads_a_bar_file(small_bars, tmp_path):
+    path = tmp_path / "bars.parquet"
+    small_bars.to_parquet(path)
+    env = FuturesTradingEnv({"bars": str(path), "window": 8})
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == env.observation_space.shape == (8 * 5 + 2,)
+    assert len(env.market.feature_names()) == obs.shape[0]
+
+
+def test_registered_with_gymnasium_and_rllib(small_bars):
+    assert envs.ENV_ID in gym.registry
+    vec = gym.make_vec(envs.ENV_ID, num_envs=3, vectorization_mode="vector_entry_point",
+                       config={"bars": small_bars, "window": 8})
+    assert isinstance(vec, FuturesTradingVectorEnv) and vec.reset(seed=0)[0].shape == (3, 42)
+    from ray.tune.registry import ENV_CREATOR, _global_registry
+
+    envs.register_rllib()
+    assert _global_registry.contains(ENV_CREATOR, envs.ENV_ID)
+    env = _global_registry.get(ENV_CREATOR, envs.ENV_ID)({"bars": small_bars, "window": 8})
+    assert isinstance(env, FuturesTradingEnv)
