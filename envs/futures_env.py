@@ -82,7 +82,9 @@ class FuturesTradingEnv(gym.Env):
         self._open = m.open_.tolist()
         self._close = m.close.tolist()
         self._windows = m.windows
-        self._lag = cfg.window - 1
+        # q / max_contracts for q in -max..max, read as _pos_frac[q] (negative q counts from the end).
+        self._pos_frac = [q / spec.max_contracts for q in range(spec.max_contracts + 1)] + [
+            q / spec.max_contracts for q in range(-spec.max_contracts, 0)]
         self._max = spec.max_contracts
         self._pv = spec.point_value
         self._slip_px = spec.slippage_ticks * spec.tick_size
@@ -119,7 +121,7 @@ class FuturesTradingEnv(gym.Env):
         pv = self._pv
         delta = p * (o1 - self._close[t - 1]) * pv + q * (c1 - o1) * pv
         if q != p:
-            # The fill, inlined (a method call costs a fifth of a step); _fill documents it.
+            # The fill, inlined (a method call costs a fifth of a step); _resize documents the accounting.
             d = q - p
             if d > 0:
                 fill, size = o1 + self._slip_px, d
@@ -127,11 +129,16 @@ class FuturesTradingEnv(gym.Env):
                 fill, size = o1 - self._slip_px, -d
             commission = size * self._commission
             self._fills.append((t, q, fill))
-            if p == 0:
+            if p == 0:  # open from flat
                 self._avg = fill
                 self._realised = self._realised - commission
+            elif q == 0 or (p > 0) != (q > 0):  # close, or flip: close all and open the rest
+                side_p = 1 if p > 0 else -1
+                self._realised = self._realised + (fill - self._avg) * side_p * (p * side_p) * pv - commission
+                self._avg = fill if q else 0.0
+                self._n_closed += 1
             else:
-                self._book(p, q, fill, size, commission)
+                self._resize(p, q, fill, size, commission)
             delta = -(size * self._slip_cost + commission) + delta
             self._pos = q
         eq_old = self._equity
@@ -139,11 +146,19 @@ class FuturesTradingEnv(gym.Env):
         reward = delta
         if self._risk:
             reward = delta - self._risk_penalty(eq_old, eq)
-        terminated = t >= self._last_bar or eq < self._floor
-        truncated = not terminated and t >= self._stop
-        obs = self._windows[t - self._lag].copy()
-        obs[-2] = q / self._max
-        obs[-1] = self._open_pnl(c1) if q else 0.0
+        if t < self._stop and eq >= self._floor:  # the common case: one test (stop <= last bar)
+            terminated = truncated = False
+        else:
+            terminated = t >= self._last_bar or eq < self._floor
+            truncated = not terminated and t >= self._stop
+        obs = self._windows[t].copy()  # the two spare slots are overwritten below
+        obs[-2] = self._pos_frac[q]
+        if q:
+            avg = self._avg
+            pnl = (c1 - avg) / avg * 100.0 * (1.0 if q > 0 else -1.0)  # = _open_pnl, inlined
+            obs[-1] = OPEN_PNL_CLIP if pnl > OPEN_PNL_CLIP else (-OPEN_PNL_CLIP if pnl < -OPEN_PNL_CLIP else pnl)
+        else:
+            obs[-1] = 0.0
         info = {"equity": eq, "position": q, "trades": self._n_closed, "realised_pnl": self._realised, "bar": t}
         return obs, self._scale * reward, terminated, truncated, info
 
@@ -171,30 +186,25 @@ class FuturesTradingEnv(gym.Env):
         self._n_closed = 0
         self._fills: list[tuple[int, int, float]] = []
 
-    def _book(self, p: int, q: int, fill: float, size: int, commission: float) -> None:
-        """Book a change from a non-flat position p to q at ``fill`` (step() handles p == 0).
+    def _resize(self, p: int, q: int, fill: float, size: int, commission: float) -> None:
+        """Add to or reduce a position without changing side (step() handles open, close, flip).
 
-        Average-price accounting: adding moves the average entry, reducing realises
-        ``(fill - avg) * side * qty * point_value``, a flip closes the whole position and opens
-        the rest at the fill. Commission is realised on every fill. The arithmetic mirrors
-        ``FuturesTradingVectorEnv._fill`` operation for operation, so the two agree bit for bit.
+        Average-price accounting: adding moves the average entry; reducing realises
+        ``(fill - avg) * side * qty * point_value``; a close or flip (in step) realises the whole
+        position and opens the rest at the fill. Commission is realised on every fill. The
+        arithmetic mirrors ``FuturesTradingVectorEnv._fill`` operation for operation, so the two
+        agree bit for bit.
         """
-        realised = self._realised
-        if q != 0 and (p > 0) == (q > 0):
-            if abs(q) > abs(p):
-                self._avg = (self._avg * abs(p) + fill * size) / abs(q)
-            else:
-                realised = realised + (fill - self._avg) * (1 if p > 0 else -1) * size * self._pv
+        if abs(q) > abs(p):
+            self._avg = (self._avg * abs(p) + fill * size) / abs(q)
+            self._realised = self._realised - commission
         else:
-            realised = realised + (fill - self._avg) * (1 if p > 0 else -1) * abs(p) * self._pv
-            self._avg = fill if q else 0.0
-            self._n_closed += 1
-        self._realised = realised - commission
+            self._realised = self._realised + (fill - self._avg) * (1 if p > 0 else -1) * size * self._pv - commission
 
     # -- observation and info ------------------------------------------------------------------
 
     def _observe(self) -> np.ndarray:
-        obs = self._windows[self._t - self._lag].copy()  # the two spare slots are overwritten below
+        obs = self._windows[self._t].copy()  # the two spare slots are overwritten below
         obs[-2] = self._pos / self._max
         obs[-1] = self._open_pnl(self._close[self._t]) if self._pos else 0.0
         return obs

@@ -42,7 +42,6 @@ class FuturesTradingVectorEnv(VectorEnv):
         self._slip_cost = self._slip_px * spec.point_value
         self._commission = spec.commission_per_side
         self._floor = cfg.equity_floor_fraction * cfg.initial_equity
-        self._lag = cfg.window - 1
         self._rngs: list[np.random.Generator] = [seeding.np_random(None)[0] for _ in range(num_envs)]
         n = num_envs
         self._t = np.full(n, m.t_min, np.int64)
@@ -117,7 +116,7 @@ class FuturesTradingVectorEnv(VectorEnv):
     def _fill(self, p: np.ndarray, q: np.ndarray, o1: np.ndarray) -> np.ndarray:
         """Book every position change; returns minus the costs.
 
-        Mirrors ``FuturesTradingEnv.step`` and ``_book`` operation for operation. Where nothing
+        Mirrors ``FuturesTradingEnv.step`` and ``_resize`` operation for operation. Where nothing
         changed (or nothing closed) the terms below are exact zeros, and x + 0.0 == x, so no
         masking is needed to leave those envs' accounts bit-for-bit untouched.
         """
@@ -138,7 +137,7 @@ class FuturesTradingVectorEnv(VectorEnv):
     def _observe(self) -> np.ndarray:
         m = self.market
         # Gather whole rows as opaque records (one memcpy each), then view them as float32.
-        obs = m.window_records[self._t - self._lag].view(np.float32).reshape(self.num_envs, -1)
+        obs = m.window_records[self._t].view(np.float32).reshape(self.num_envs, -1)
         p = self._pos
         obs[:, -2] = p / self._max
         safe_avg = np.where(p != 0, self._avg, 1.0)

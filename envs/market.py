@@ -62,8 +62,8 @@ class Market:
     open_: np.ndarray
     close: np.ndarray
     windows: np.ndarray
-    """Read-only strided view (n_bars - window + 1, window * n_features + 2) over the feature rows:
-    row ``t - window + 1`` holds the window of bar t followed by two spare slots."""
+    """Read-only strided view (n_bars, window * n_features + 2) over the feature rows: row t
+    holds the features of bars t-window+1 .. t, oldest first, then two spare slots."""
     window_records: np.ndarray
     """``windows`` with each row as one opaque record: fancy-indexing it copies a row with one
     memcpy, about twice as fast as gathering float32 rows (the vector env's hot path)."""
@@ -83,14 +83,15 @@ class Market:
                 f"env_config: {len(bars)} bars are too few for window={cfg.window}, vol_window={cfg.vol_window}: "
                 f"need at least {t_min + 2}"
             )
-        # Each observation is one row of a strided view: window * n_features features plus two
-        # spare slots (the next bar's first features, or the padding) that the env overwrites
-        # with position and open PnL. Copying a row is the cheapest way to a fresh observation.
-        flat = np.concatenate([feats.ravel(), np.zeros(2, np.float32)])
+        # Each observation is one row of a strided view, indexed by bar: window * n_features
+        # features plus two spare slots (the next bar's first features, or padding) that the env
+        # overwrites with position and open PnL. Copying a row is the cheapest way to a fresh
+        # observation. The zero padding in front lets row t exist for every bar t.
         n_feat, width = feats.shape[1], cfg.window * feats.shape[1] + 2
+        flat = np.concatenate([np.zeros((cfg.window - 1) * n_feat, np.float32), feats.ravel(),
+                               np.zeros(2, np.float32)])
         windows = np.lib.stride_tricks.as_strided(
-            flat, shape=(len(feats) - cfg.window + 1, width), strides=(n_feat * flat.itemsize, flat.itemsize),
-            writeable=False)
+            flat, shape=(len(feats), width), strides=(n_feat * flat.itemsize, flat.itemsize), writeable=False)
         records = np.ndarray(shape=(windows.shape[0],), dtype=np.dtype((np.void, width * flat.itemsize)),
                              buffer=flat, strides=(windows.strides[0],))
         records.flags.writeable = False

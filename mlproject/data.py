@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import logging
 import math
 import re
@@ -345,7 +346,7 @@ def _parse_nt8_timestamps(raw: pd.Series, layout: _Nt8Layout) -> np.ndarray:
         date, hms = np.divmod(digits, 10**6)
         hours, ms = np.divmod(hms, 10**4)
         minutes, secs = np.divmod(ms, 100)
-        ok &= (hours < 24) & (minutes < 60) & (secs < 60)
+        ok = ok & (hours < 24) & (minutes < 60) & (secs < 60)
         seconds = (hours * 60 + minutes) * 60 + secs
     nanos = seconds * 10**9
     if layout.example.count(" ") == 2:
@@ -478,13 +479,12 @@ def _lines_are_blank(path: Path, line_indexes: np.ndarray) -> np.ndarray:
 
 def _read_nt8_checked(path: Path, layout: _Nt8Layout, names: tuple[str, ...]) -> _Table:
     """Line-by-line read that records every problem with its physical line number."""
-    lines = pd.Series(_physical_lines(path), dtype="str")
-    nonblank = (lines.str.strip() != "").to_numpy()
-    labels = np.flatnonzero(nonblank) + 1
-    lines = lines[nonblank].reset_index(drop=True)
-    n_fields = lines.str.count(";").to_numpy() + 1
+    lines = _physical_lines(path)
+    labels = np.array([number for number, line in enumerate(lines, start=1) if line.strip()], dtype=np.int64)
+    kept = [line for line in lines if line.strip()]
+    n_fields = np.fromiter((line.count(";") + 1 for line in kept), dtype=np.int64, count=len(kept))
     ok = n_fields == len(names)
-    fields = _split_fields(lines, ok, names)
+    fields = _split_fields(kept, ok, names)
     table = _Table(str(path), labels, "line", _parse_nt8_timestamps(fields["timestamp"], layout), {})
     expected = len(names)
     table.add(~ok, lambda i: f"expected {expected} ';'-separated fields, got {n_fields[i]}")
@@ -492,31 +492,30 @@ def _read_nt8_checked(path: Path, layout: _Nt8Layout, names: tuple[str, ...]) ->
     return table
 
 
-def _split_fields(lines: pd.Series, ok: np.ndarray, names: tuple[str, ...]) -> pd.DataFrame:
+def _split_fields(lines: list[str], ok: np.ndarray, names: tuple[str, ...]) -> pd.DataFrame:
     """String fields of the lines with the right field count ('' for the others)."""
-    columns = {name: np.full(len(lines), "", dtype=object) for name in names}
-    if ok.any():
-        options = {**_nt8_read_options(names), "encoding": None}
-        parsed = pd.read_csv(io.StringIO("\n".join(lines[ok])), dtype=str, na_filter=False, **options)
-        for name in names:
-            columns[name][ok] = parsed[name].to_numpy(dtype=object)
-    return pd.DataFrame(columns, dtype="str")
+    if not ok.any():
+        return pd.DataFrame("", index=np.arange(len(lines)), columns=list(names), dtype="str")
+    options = {**_nt8_read_options(names), "encoding": None}
+    text = "\n".join(itertools.compress(lines, ok))
+    parsed = pd.read_csv(io.StringIO(text), dtype=str, na_filter=False, **options)
+    if ok.all():
+        return parsed
+    parsed.index = np.flatnonzero(ok)
+    return parsed.reindex(np.arange(len(lines)), fill_value="")
 
 
 def _add_field_checks(table: _Table, fields: pd.DataFrame, hint: str) -> None:
     """Parse the value fields into `table` and record missing, unparsable and non-numeric fields."""
-    stamps = fields["timestamp"].to_numpy(dtype=object)
-    blank_stamp = (fields["timestamp"].str.strip() == "").to_numpy()
-    table.add(blank_stamp, lambda i: "missing timestamp")
-    table.add(np.isnat(table.timestamps), lambda i: f"bad timestamp {stamps[i]!r} (expected {hint})")
+    stamps = fields["timestamp"]
+    table.add((stamps.str.strip() == "").to_numpy(), lambda i: "missing timestamp")
+    table.add(np.isnat(table.timestamps), lambda i: f"bad timestamp {stamps.iloc[i]!r} (expected {hint})")
     for name in fields.columns.drop("timestamp"):
         raw = fields[name]
-        blank = (raw.str.strip() == "").to_numpy()
         values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-        text = raw.to_numpy(dtype=object)
         table.values[name] = values
-        table.add(blank, lambda i, name=name: f"missing {name}")
-        table.add(np.isnan(values), lambda i, name=name, text=text: f"{name} {text[i]!r} is not a number")
+        table.add((raw.str.strip() == "").to_numpy(), lambda i, name=name: f"missing {name}")
+        table.add(np.isnan(values), lambda i, name=name, raw=raw: f"{name} {raw.iloc[i]!r} is not a number")
 
 
 # --------------------------------------------------------------------------------------------
@@ -665,8 +664,7 @@ def _time_from_columns(table: _Table, frame: pd.DataFrame, times: list[str]) -> 
         return
     text = _combined_time_text(frame, times)
     table.timestamps, table.tz = _parse_free_timestamps(text)
-    stamps = text.to_numpy(dtype=object)
-    table.add((text != "").to_numpy() & np.isnat(table.timestamps), lambda i: f"bad timestamp {stamps[i]!r}")
+    table.add((text != "").to_numpy() & np.isnat(table.timestamps), lambda i: f"bad timestamp {text.iloc[i]!r}")
 
 
 def _frame_values(table: _Table, name: str, col: pd.Series) -> None:
@@ -676,9 +674,8 @@ def _frame_values(table: _Table, name: str, col: pd.Series) -> None:
         return
     values = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
     given = (col.astype("str").fillna("").str.strip() != "").to_numpy()
-    shown = col.to_numpy(dtype=object)
     table.values[name] = values
-    table.add(given & np.isnan(values), lambda i: f"{name} {shown[i]!r} is not a number")
+    table.add(given & np.isnan(values), lambda i: f"{name} {col.iloc[i]!r} is not a number")
 
 
 # --------------------------------------------------------------------------------------------
@@ -774,7 +771,7 @@ def _aggregate(ticks: pd.DataFrame, period: str) -> pd.DataFrame:
     bars = price.ohlc()
     bars["volume"] = ticks["volume"].resample(period, closed="right", label="right").sum()
     bars = bars[price.count() > 0]
-    bars.index.name = "timestamp"
+    bars.index = pd.DatetimeIndex(bars.index, name="timestamp", freq=None).as_unit("ns")
     return bars.astype(np.float64)
 
 
@@ -787,7 +784,7 @@ def infer_bar_period(df: pd.DataFrame) -> pd.Timedelta:
         raise DataError(f"<frame>: the index must be a DatetimeIndex (got {type(df.index).__name__})")
     if len(df) < 2:
         raise DataError(f"<frame>: need at least 2 bars to infer the bar period, got {len(df)}")
-    spacing = np.sort(np.diff(df.index.asi8))
+    spacing = np.sort(np.diff(df.index.as_unit("ns").asi8))
     median = int(spacing[(len(spacing) - 1) // 2])
     if median <= 0:
         raise DataError("<frame>: timestamps are not increasing; cannot infer the bar period")

@@ -87,9 +87,14 @@ def write_parquet(bars: pd.DataFrame, path: Path) -> None:
 
 def log_dataset(bars: pd.DataFrame, name: str, source: str, context: str) -> Any:
     """Log ``bars`` as an MLflow run input (digest, schema, profile) and return the dataset."""
+    import warnings
+
     import mlflow
 
-    dataset = mlflow.data.from_pandas(bars.reset_index(), source=source, name=name)
+    with warnings.catch_warnings():
+        # MLflow registers the local-file source twice and warns that a path is ambiguous.
+        warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
+        dataset = mlflow.data.from_pandas(bars.reset_index(), source=source, name=name)
     mlflow.log_input(dataset, context=context)
     return dataset
 
@@ -114,7 +119,9 @@ def main(cfg: Config, output: str | None = None) -> IngestResult:
         for part, frame in zip(("train", "validation", "test"), splits):
             stats[f"{part}_start"], stats[f"{part}_end"] = (str(frame.index[0]), str(frame.index[-1])) if len(
                 frame) else ("", "")
-        dataset = log_dataset(bars, name, str(cfg.data.source), "ingest")
+        source = str(Path(cfg.data.source).resolve()) if cfg.data.source != "synthetic" else str(path.resolve())
+        bars.attrs["path"] = str(path.resolve())
+        dataset = log_dataset(bars, name, source, "ingest")
         mlflow.log_metrics({f"data/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
         mlflow.set_tags({"data.name": name, "data.digest": dataset.digest, "data.format": bars.attrs.get("format", ""),
                          "data.path": str(path.resolve())})

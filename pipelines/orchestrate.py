@@ -90,7 +90,7 @@ def random_policy_step(cfg: Config, bars: pd.DataFrame) -> EpisodeResult:
     test = split_bars(bars, sp.train, sp.validation, sp.test, gap=sp.gap).test
     with pipeline_run(cfg, "random-policy-episode", nested=True):
         mlflow.set_tag("policy", "random")
-        log_dataset(test, "test-split", str(bars.attrs.get("source", "")), "test")
+        log_dataset(test, "test-split", bars.attrs.get("path", str(bars.attrs.get("source", ""))), "test")
         result = play_random_episode(test, cfg, cfg.seed)
         mlflow.log_metrics({f"eval/{k}": v for k, v in result.metrics.items() if np.isfinite(v)})
         frame = pd.DataFrame({"equity": result.equity, "position": result.positions})

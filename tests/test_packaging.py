@@ -1,0 +1,69 @@
+"""The project's shape: pins agree, the layout exists, every MLproject entry point names a module."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+
+import yaml
+
+from conftest import ROOT
+
+PINNED = {"mlflow", "ray", "torch", "gymnasium", "numpy", "pandas", "pyarrow", "transformers", "peft",
+          "bitsandbytes", "trl", "datasets"}
+
+
+def _pins(requirements: list[str]) -> dict[str, str]:
+    out = {}
+    for req in requirements:
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)(\[[^\]]*\])?==([^\s;]+)", req.strip())
+        if match:
+            out[match.group(1).lower()] = match.group(3)
+    return out
+
+
+def test_pyproject_and_conda_pins_agree():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    conda = yaml.safe_load((ROOT / "conda.yaml").read_text())
+    conda_pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict) and "pip" in d)
+    py_pins, conda_pins = _pins(project["dependencies"]), _pins(conda_pip)
+    assert PINNED <= set(py_pins), f"not pinned exactly in pyproject.toml: {PINNED - set(py_pins)}"
+    assert len(py_pins) == len(project["dependencies"]), "every runtime dependency is pinned with =="
+    assert py_pins == conda_pins
+    assert py_pins["torch"] == "2.13.0"
+
+
+def test_installed_versions_match_pins():
+    from importlib.metadata import version
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for name, pin in _pins(project["dependencies"]).items():
+        assert version(name).split("+")[0] == pin, name
+
+
+def test_layout():
+    for folder in ("mlproject", "pipelines", "envs", "registry_hooks", "notebooks", "conf", "tests", "benchmarks"):
+        assert (ROOT / folder).is_dir(), folder
+    for name in ("MLproject", "conda.yaml", "pyproject.toml", "Makefile", "README.md", ".ci/run"):
+        assert (ROOT / name).is_file(), name
+
+
+def test_mlproject_entry_points_name_existing_modules():
+    spec = yaml.safe_load((ROOT / "MLproject").read_text())
+    assert spec["conda_env"] == "conda.yaml"
+    for name, entry in spec["entry_points"].items():
+        module = re.search(r"python -m ([\w.]+)", entry["command"]).group(1)
+        assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), name
+        for param in re.findall(r"\{(\w+)\}", entry["command"]):
+            assert param in entry["parameters"], f"{name}: {param}"
+
+
+def test_importing_the_library_is_cheap():
+    """mlproject does nothing heavy on import (no MLflow, Ray, torch)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mlproject, mlproject.config, mlproject.metrics, mlproject.tracking; "
+            "heavy = {'mlflow', 'ray', 'torch', 'transformers'} & set(sys.modules); print(sorted(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,80 @@
+"""Entry points end to end: python -m and mlflow run, against a real sqlite MLflow store."""
+
+from __future__ import annotations
+
+import mlflow
+import pandas as pd
+import pytest
+
+from conftest import ROOT, run_module
+from mlproject.config import load_config
+
+
+def _nt8_minute_file(path, n=400):
+    from mlproject.data import synthetic_bars
+
+    bars = synthetic_bars(n, seed=1)
+    lines = [f"{ts:%Y%m%d %H%M%S};{r.open};{r.high};{r.low};{r.close};{int(r.volume)}"
+             for ts, r in zip(bars.index, bars.itertuples())]
+    path.write_text("\n".join(lines) + "\n")
+    return bars
+
+
+def test_ingest_main_logs_dataset_and_writes_parquet(tmp_path, mlflow_store):
+    from pipelines import ingest
+
+    src = tmp_path / "ES 03-24.Last.txt"
+    bars = _nt8_minute_file(src)
+    cfg = load_config(None, [f"data.source={src}", f"data.output_dir={tmp_path / 'out'}"])
+    result = ingest.main(cfg)
+    written = pd.read_parquet(result.path)
+    pd.testing.assert_frame_equal(written, bars, check_freq=False, check_names=False)
+    run = mlflow.get_run(result.run_id)
+    assert run.data.metrics["data/n_bars"] == 400
+    assert run.data.tags["data.format"] == "nt8_minute"
+    inputs = run.inputs.dataset_inputs
+    assert len(inputs) == 1 and inputs[0].dataset.name == "ES 03-24.Last"
+    assert inputs[0].dataset.digest == run.data.tags["data.digest"]
+    assert run.data.params["env.instrument.preset"] == "ES"
+
+
+def test_ingest_cli_bad_file_exits_nonzero_with_line(tmp_path, mlflow_store):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("20240102 093100;4750.25;4751;4749.5;4750.75;10\n"
+                   "20240102 093200;4750.25;4749;4749.5;4750.75;10\n")
+    out = run_module(["python", "-m", "pipelines.ingest", "--source", str(bad)], cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert "bad.txt" in out.stderr and "line 2" in out.stderr
+    assert "Traceback" not in out.stderr
+    run = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
+    assert run.info.status == "FAILED" and "line 2" in run.data.tags["error"]
+
+
+def test_orchestrate_all_runs_the_existing_cycle(tmp_path, mlflow_store, monkeypatch):
+    from pipelines import orchestrate
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(ROOT / "conf" / "smoke.yaml")
+    result = orchestrate.main(cfg, "all")
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    names = {r.info.run_name: r for r in runs}
+    assert {"cycle-all", "ingest", "random-policy-episode"} <= set(names)
+    child = names["random-policy-episode"]
+    assert child.data.tags["mlflow.parentRunId"] == result["run_id"]
+    assert child.data.metrics["eval/n_trades"] == len(result["random_policy"].trades) > 0
+    equity = result["random_policy"].equity
+    assert child.data.metrics["eval/total_return"] == pytest.approx(equity.iloc[-1] / equity.iloc[0] - 1)
+
+
+@pytest.mark.parametrize("entry, params", [
+    ("ingest", ["-P", "source=synthetic", "-P", "overrides=data.synthetic.n_bars=500 env.window=8"]),
+    ("main", ["-P", "overrides=data.synthetic.n_bars=800"]),
+])
+def test_mlflow_run_entry_points(tmp_path, mlflow_store, entry, params):
+    out = run_module(["mlflow", "run", str(ROOT), "-e", entry, "--env-manager", "local", *params], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert runs and all(r.info.status == "FINISHED" for r in runs)
+    if entry == "ingest":
+        assert runs[0].data.metrics["data/n_bars"] == 500
+        assert runs[0].data.params["env.window"] == "8"
