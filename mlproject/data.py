@@ -251,7 +251,8 @@ def _add_order_checks(table: _Table, active: np.ndarray, allow_equal: bool) -> N
         table.add(equal, lambda i: _describe_duplicate(table, i, prev[i]))
     table.add(
         backwards,
-        lambda i: f"timestamp {table.stamp(i)} is before {table.stamp(prev[i])} on {table.where(prev[i])} (out of order)",
+        lambda i: f"timestamp {table.stamp(i)} is before {table.stamp(prev[i])} on {table.where(prev[i])}"
+        " (out of order)",
     )
 
 
@@ -410,12 +411,18 @@ def _naive_utc(index: pd.DatetimeIndex) -> tuple[np.ndarray, Any]:
 
 def _read_nt8(path: Path, fmt: str) -> _Table:
     layout = _NT8_LAYOUTS[fmt]
-    names = layout.fields
-    first = _leading_lines(path, 1)
-    if fmt == "nt8_tick" and first and first[0][1].count(";") == len(_TICK_FIELDS_WITH_QUOTES) - 1:
-        names = _TICK_FIELDS_WITH_QUOTES
+    names = _tick_fields(path) if fmt == "nt8_tick" else layout.fields
     table = _read_nt8_fast(path, layout, names)
     return table if table is not None else _read_nt8_checked(path, layout, names)
+
+
+def _tick_fields(path: Path) -> tuple[str, ...]:
+    """Field names of a tick file: with bid/ask if its first tick line has five fields."""
+    for _, text in _leading_lines(path, 20):
+        if _nt8_format_of(text) == "nt8_tick":
+            with_quotes = text.count(";") == len(_TICK_FIELDS_WITH_QUOTES) - 1
+            return _TICK_FIELDS_WITH_QUOTES if with_quotes else _NT8_LAYOUTS["nt8_tick"].fields
+    return _NT8_LAYOUTS["nt8_tick"].fields
 
 
 def _read_nt8_fast(path: Path, layout: _Nt8Layout, names: tuple[str, ...]) -> _Table | None:
@@ -524,6 +531,7 @@ def _add_field_checks(table: _Table, fields: pd.DataFrame, hint: str) -> None:
 
 
 def _read_csv(path: Path) -> _Table:
+    """A headed CSV (',', ';' or tab, sniffed from the header); row i is on line header + 1 + i."""
     header = _leading_lines(path, 1)
     if not header:
         raise DataError(f"{path}: empty file (no data lines)")
@@ -830,7 +838,8 @@ def synthetic_bars(
     # Overnight news moves the open: a gap of ~0.4 daily standard deviations at every session open.
     gaps = np.where(day_open, rng.normal(0.0, 0.4 * annual_vol / math.sqrt(252), n_bars), 0.0)
     gaps[0] = 0.0
-    log_close = _simulate_log_closes(np.log(start_price), rng.standard_normal(n_bars) * sigmas, sigmas, trend_state, gaps)
+    shocks = rng.standard_normal(n_bars) * sigmas
+    log_close = _simulate_log_closes(np.log(start_price), shocks, sigmas, trend_state, gaps)
     log_open = np.concatenate([[np.log(start_price)], log_close[:-1]]) + gaps
     bars = _ohlc_on_ticks(rng, np.exp(log_open), np.exp(log_close), sigmas, tick_size)
     bars["volume"] = _intraday_volume(rng, position, vol_state, bar_minutes)
@@ -862,7 +871,9 @@ def _session_bar_ends(
     opens, closes = (_minutes_of_day(text) for text in session)
     per_day = (closes - opens) // bar_minutes
     if per_day < 1:
-        raise ValueError(f"session {session} must run forward within one day and hold at least one {bar_minutes}-minute bar")
+        raise ValueError(
+            f"session {session} must run forward within one day and hold at least one {bar_minutes}-minute bar"
+        )
     n_days = -(-n_bars // per_day)
     days = pd.bdate_range(pd.Timestamp(start).normalize(), periods=n_days)  # Monday..Friday
     ends = opens + bar_minutes * np.arange(1, per_day + 1)
@@ -919,7 +930,9 @@ def _ohlc_on_ticks(
     return {name: np.maximum(x, 1.0) * tick for name, x in (("open", o), ("high", h), ("low", low), ("close", c))}
 
 
-def _intraday_volume(rng: np.random.Generator, position: np.ndarray, vol_state: np.ndarray, bar_minutes: int) -> np.ndarray:
+def _intraday_volume(
+    rng: np.random.Generator, position: np.ndarray, vol_state: np.ndarray, bar_minutes: int
+) -> np.ndarray:
     """Lognormal volume with the intraday U shape (3x at the open and close) and more in high volatility."""
     u_shape = 1.0 + 2.0 * (2.0 * position - 1.0) ** 2
     regime = np.array([1.0, 1.5])[vol_state]
@@ -1013,7 +1026,9 @@ def walk_forward(
             raise ValueError(f"{name} must be >= {least}, got {value}")
     window = train_bars + gap + (validation_bars + gap if validation_bars else 0) + test_bars
     if window > len(df):
-        raise ValueError(f"walk_forward needs {window} bars for one window (train, gaps, validation, test), got {len(df)}")
+        raise ValueError(
+            f"walk_forward needs {window} bars for one window (train, gaps, validation, test), got {len(df)}"
+        )
     return [
         _window(df, start, train_bars, validation_bars, test_bars, gap)
         for start in range(0, len(df) - window + 1, step)

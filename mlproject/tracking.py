@@ -29,7 +29,9 @@ def setup_tracking(cfg: Config) -> str:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     if cfg.mlflow.tracking_uri and "MLFLOW_TRACKING_URI" not in os.environ:
         mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
-    if "MLFLOW_EXPERIMENT_ID" not in os.environ and "MLFLOW_RUN_ID" not in os.environ:
+    # Under `mlflow run` (MLFLOW_RUN_ID set) the run and its experiment already exist. Not
+    # MLFLOW_EXPERIMENT_ID: mlflow.set_experiment itself exports it, so it proves nothing.
+    if "MLFLOW_RUN_ID" not in os.environ:
         mlflow.set_experiment(cfg.mlflow.experiment)
     return mlflow.get_tracking_uri()
 

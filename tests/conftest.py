@@ -18,8 +18,13 @@ def mlflow_store(tmp_path, monkeypatch):
     """A fresh sqlite tracking/registry store under tmp_path; fails the test if it leaves a run open."""
     import mlflow
 
+    from mlflow.tracking import fluent
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID; an id from another test's store must not leak.
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.setattr(fluent, "_active_experiment_id", None)
     mlflow.set_tracking_uri(uri)
     yield uri
     active = mlflow.active_run()

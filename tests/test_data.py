@@ -85,7 +85,8 @@ def test_minute_file_with_crlf_bom_and_csv_extension_is_still_nt8_minute(tmp_pat
 
 
 def test_nt8_daily_parses(tmp_path):
-    path = write(tmp_path, "ES.Day.txt", ["20240102;4750;4790.5;4700.25;4760;1500000", "20240103;4760;4770;4720;4725.5;1400000"])
+    lines = ["20240102;4750;4790.5;4700.25;4760;1500000", "20240103;4760;4770;4720;4725.5;1400000"]
+    path = write(tmp_path, "ES.Day.txt", lines)
     assert detect_format(path) == "nt8_daily"
     expected = bars_frame(
         [("2024-01-02", 4750, 4790.5, 4700.25, 4760, 1500000), ("2024-01-03", 4760, 4770, 4720, 4725.5, 1400000)]
@@ -170,14 +171,16 @@ def test_csv_comma_with_extra_columns(tmp_path):
 
 def test_csv_semicolon_upper_case_separate_date_time_and_vol(tmp_path):
     lines = ["DATE;TIME;OPEN;HIGH;LOW;CLOSE;VOL"]
-    lines += [f"{ts:%Y-%m-%d};{ts:%H:%M:%S};{o};{h};{lo};{c};{v:.0f}" for ts, (o, h, lo, c, v) in EXPECTED_MINUTE.iterrows()]
+    rows = EXPECTED_MINUTE.iterrows()
+    lines += [f"{ts:%Y-%m-%d};{ts:%H:%M:%S};{o};{h};{lo};{c};{v:.0f}" for ts, (o, h, lo, c, v) in rows]
     path = write(tmp_path, "bars.data", lines, newline="\r\n", bom=True)
     pd.testing.assert_frame_equal(load_bars(path), EXPECTED_MINUTE)
 
 
 def test_csv_tab_separated(tmp_path):
     lines = ["Datetime\tOpen\tHigh\tLow\tClose\tVolume"]
-    lines += [f"{ts:%Y-%m-%dT%H:%M:%S}\t{o}\t{h}\t{lo}\t{c}\t{v}" for ts, (o, h, lo, c, v) in EXPECTED_MINUTE.iterrows()]
+    rows = EXPECTED_MINUTE.iterrows()
+    lines += [f"{ts:%Y-%m-%dT%H:%M:%S}\t{o}\t{h}\t{lo}\t{c}\t{v}" for ts, (o, h, lo, c, v) in rows]
     pd.testing.assert_frame_equal(load_bars(write(tmp_path, "bars.tsv", lines)), EXPECTED_MINUTE)
 
 
@@ -200,6 +203,26 @@ def test_tz_localizes_the_index(tmp_path):
     assert bars.index[0] == pd.Timestamp("2024-01-02 09:31", tz="America/New_York")
 
 
+def test_tz_aware_source_is_converted(tmp_path):
+    path = write(tmp_path, "utc.csv", ["time,open,high,low,close,volume", "2024-01-02T14:31:00Z,1,2,1,2,3"])
+    assert load_bars(path).index[0] == pd.Timestamp("2024-01-02 14:31")  # naive UTC
+    assert load_bars(path, tz="America/New_York").index[0] == pd.Timestamp("2024-01-02 09:31", tz="America/New_York")
+
+
+def test_wall_time_missing_in_tz_names_the_line(tmp_path):
+    lines = ["20240310 013000;1;2;1;2;3", "20240310 023000;1;2;1;2;3", "20240310 033000;1;2;1;2;3"]
+    path = write(tmp_path, "dst.txt", lines)
+    with pytest.raises(DataError, match=error_at(path, "line 2") + " .* does not exist or is ambiguous"):
+        load_bars(path, tz="America/New_York")
+
+
+def test_garbled_first_line_is_reported_with_its_line_not_as_unknown_format(tmp_path):
+    path = write(tmp_path, "bars.txt", ["#export", *MINUTE_LINES])
+    assert detect_format(path) == "nt8_minute"
+    with pytest.raises(DataError, match=error_at(path, "line 1") + " expected 6 ';'-separated fields, got 1$"):
+        load_bars(path)
+
+
 # ----------------------------------------------------------------------------------------------
 # Validation errors: file name, line number, what is wrong
 # ----------------------------------------------------------------------------------------------
@@ -214,7 +237,10 @@ BAD_THIRD_LINES = {
     "non-finite": ("20240102 093300;4751.5;inf;4748;4748.25;950", r"high inf is not finite"),
     "non-positive": ("20240102 093300;4751.5;4751.75;-1;4748.25;950", r"low -1\.0 is not positive"),
     "high < low": ("20240102 093300;4751.5;4749;4750;4750;950", r"high 4749\.0 < low 4750\.0"),
-    "open outside": ("20240102 093300;4760;4751.75;4748;4748.25;950", r"open 4760\.0 outside \[low 4748\.0, high 4751\.75\]"),
+    "open outside": (
+        "20240102 093300;4760;4751.75;4748;4748.25;950",
+        r"open 4760\.0 outside \[low 4748\.0, high 4751\.75\]",
+    ),
     "close outside": ("20240102 093300;4751.5;4751.75;4748;4747;950", r"close 4747\.0 outside"),
     "negative volume": ("20240102 093300;4751.5;4751.75;4748;4748.25;-5", r"volume -5\.0 is negative"),
     "duplicate timestamp": (
@@ -242,7 +268,8 @@ def test_first_bad_line_is_reported_and_the_rest_counted(tmp_path):
     lines[1] = "20240102 093200;4750.75;4752;4750.5;4751.5;-1"  # value problem, line 2
     lines[2] = "20240102 093300;4751.5;4751.75;4748"  # wrong field count, line 3
     path = write(tmp_path, "bars.txt", lines)
-    with pytest.raises(DataError, match=error_at(path, "line 2") + r" volume -1\.0 is negative \(and 2 more bad lines\)$"):
+    message = r" volume -1\.0 is negative \(and 2 more bad lines\)$"
+    with pytest.raises(DataError, match=error_at(path, "line 2") + message):
         load_bars(path)
 
 
@@ -264,7 +291,8 @@ def test_line_of_bare_separators_is_not_a_blank_line(tmp_path):
 def test_drop_duplicates_repairs_exact_duplicates_and_logs(tmp_path, caplog):
     lines = [MINUTE_LINES[0], MINUTE_LINES[1], MINUTE_LINES[1], MINUTE_LINES[1], *MINUTE_LINES[2:]]
     path = write(tmp_path, "dups.txt", lines)
-    with pytest.raises(DataError, match=error_at(path, "line 3") + r" duplicate timestamp .* exact duplicate .*\(and 1 more bad line\)"):
+    message = r" duplicate timestamp .* exact duplicate .*\(and 1 more bad line\)"
+    with pytest.raises(DataError, match=error_at(path, "line 3") + message):
         load_bars(path)
     with caplog.at_level(logging.WARNING, logger="mlproject.data"):
         bars = load_bars(path, drop_duplicates=True)
@@ -282,14 +310,21 @@ def test_drop_duplicates_does_not_hide_conflicting_duplicates(tmp_path):
 @pytest.mark.parametrize(
     ("bad_line", "message"),
     [
-        ("20240102 093029 0000000;100;1", r"timestamp 2024-01-02 09:30:29 is before 2024-01-02 09:30:30\.500000 on line 2 \(out of order\)"),
+        (
+            "20240102 093029 0000000;100;1",
+            r"timestamp 2024-01-02 09:30:29 is before 2024-01-02 09:30:30\.500000 on line 2 \(out of order\)",
+        ),
         ("20240102 093031 0000000;0;1", r"price 0\.0 is not positive"),
         ("20240102 093031 0000000;100;-1", r"volume -1\.0 is negative"),
-        ("20240102 093031 000000;100;1", r"bad timestamp '20240102 093031 000000' \(expected yyyyMMdd HHmmss fffffff\)"),
+        (
+            "20240102 093031 000000;100;1",
+            r"bad timestamp '20240102 093031 000000' \(expected yyyyMMdd HHmmss fffffff\)",
+        ),
     ],
 )
 def test_tick_problems_name_file_and_line(tmp_path, bad_line, message):
-    lines = ["20240102 093030 0000000;100;1", "20240102 093030 5000000;100.25;2", bad_line, "20240102 093100 0000000;100;1"]
+    lines = ["20240102 093030 0000000;100;1", "20240102 093030 5000000;100.25;2", bad_line]
+    lines.append("20240102 093100 0000000;100;1")
     path = write(tmp_path, "ticks.txt", lines)
     with pytest.raises(DataError, match=error_at(path, "line 3") + " " + message):
         load_bars(path)
@@ -323,7 +358,8 @@ def test_parquet_errors_name_the_row(tmp_path):
 
 
 def test_validate_bars_normalises_and_reports_rows_or_lines():
-    frame = EXPECTED_MINUTE.rename(columns=str.title).assign(Extra=1)[["Close", "Open", "Low", "High", "Volume", "Extra"]]
+    frame = EXPECTED_MINUTE.rename(columns=str.title).assign(Extra=1)
+    frame = frame[["Close", "Open", "Low", "High", "Volume", "Extra"]]
     frame.index = frame.index.as_unit("us")
     pd.testing.assert_frame_equal(validate_bars(frame), EXPECTED_MINUTE)
     broken = EXPECTED_MINUTE.copy()
