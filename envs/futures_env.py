@@ -85,12 +85,10 @@ class FuturesTradingEnv(gym.Env):
         # q / max_contracts for q in -max..max, read as _pos_frac[q] (negative q counts from the end).
         self._pos_frac = [q / spec.max_contracts for q in range(spec.max_contracts + 1)] + [
             q / spec.max_contracts for q in range(-spec.max_contracts, 0)]
-        self._max = spec.max_contracts
-        self._pv = spec.point_value
-        self._slip_px = spec.slippage_ticks * spec.tick_size
-        self._slip_cost = self._slip_px * spec.point_value
-        self._commission = spec.commission_per_side
-        self._floor = cfg.equity_floor_fraction * cfg.initial_equity
+        # _max, _pv, _slip_px, _slip_cost, _commission, _floor. setattr, not vars(self).update:
+        # the latter turns the instance dict into a plain dict and slows every attribute read.
+        for name, value in m.step_constants().items():
+            setattr(self, name, value)
         self._scale = cfg.reward_scale
         self._risk = cfg.risk_penalty
         self._last_bar = m.n_bars - 1

@@ -35,13 +35,10 @@ class FuturesTradingVectorEnv(VectorEnv):
         self.single_action_space = m.action_space()
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
-        cfg, spec = m.cfg, m.spec
-        self._max = spec.max_contracts
-        self._pv = spec.point_value
-        self._slip_px = spec.slippage_ticks * spec.tick_size
-        self._slip_cost = self._slip_px * spec.point_value
-        self._commission = spec.commission_per_side
-        self._floor = cfg.equity_floor_fraction * cfg.initial_equity
+        # _max, _pv, _slip_px, _slip_cost, _commission, _floor. setattr, not vars(self).update:
+        # the latter turns the instance dict into a plain dict and slows every attribute read.
+        for name, value in m.step_constants().items():
+            setattr(self, name, value)
         self._rngs: list[np.random.Generator] = [seeding.np_random(None)[0] for _ in range(num_envs)]
         n = num_envs
         self._t = np.full(n, m.t_min, np.int64)

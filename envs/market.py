@@ -98,6 +98,15 @@ class Market:
         return cls(cfg, spec, bars, bars["open"].to_numpy(np.float64), bars["close"].to_numpy(np.float64),
                    windows, records, n_feat, t_min)
 
+    def step_constants(self) -> dict[str, Any]:
+        """Per-step constants both envs copy onto themselves as private attributes (an instance
+        attribute is the fastest read in the single env's hot path); one place for the formulas."""
+        spec, cfg = self.spec, self.cfg
+        slip_px = spec.slippage_ticks * spec.tick_size
+        return {"_max": spec.max_contracts, "_pv": spec.point_value, "_slip_px": slip_px,
+                "_slip_cost": slip_px * spec.point_value, "_commission": spec.commission_per_side,
+                "_floor": cfg.equity_floor_fraction * cfg.initial_equity}
+
     @property
     def n_bars(self) -> int:
         return len(self.close)
