@@ -33,9 +33,18 @@ def register_rllib() -> None:
     """Register ``FuturesTrading-v0`` with RLlib (``PPOConfig().environment("FuturesTrading-v0", env_config=...)``)."""
     from ray.tune.registry import register_env
 
-    from envs.futures_env import FuturesTradingEnv
+    register_env(ENV_ID, make_rllib_env)
 
-    register_env(ENV_ID, lambda env_config: FuturesTradingEnv(env_config))
+
+def make_rllib_env(env_config):
+    """RLlib's env creator. With ``gym_env_vectorize_mode="vector_entry_point"`` RLlib passes
+    ``num_envs`` in the config and gets the numpy vector twin instead of N single envs."""
+    from envs.futures_env import FuturesTradingEnv
+    from envs.futures_vector_env import FuturesTradingVectorEnv
+
+    config = dict(env_config)
+    num_envs = config.pop("num_envs", None)
+    return FuturesTradingEnv(config) if num_envs is None else FuturesTradingVectorEnv(num_envs, config)
 
 
 register_gymnasium()

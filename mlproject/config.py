@@ -141,6 +141,82 @@ class DataConfig(_Strict):
     """Where ingest writes normalised Parquet."""
 
 
+class TrainConfig(_Strict):
+    """RLlib training (``pipelines.train``): algorithm, hyper-parameters, resources, selection."""
+
+    algorithm: str = "PPO"
+    """RLlib algorithm; PPO is the one supported and tested."""
+    iterations: int = Field(default=200, ge=1)
+    """Training iterations (each samples train_batch_size env steps)."""
+    hiddens: list[int] = Field(default_factory=lambda: [64, 64])
+    """Hidden layer sizes of the policy and value networks."""
+    activation: str = "tanh"
+    """Hidden activation: tanh, relu, silu."""
+    train_batch_size: int = Field(default=4000, ge=1)
+    """Env steps per training iteration (per learner)."""
+    minibatch_size: int = Field(default=128, ge=1)
+    """SGD minibatch size."""
+    num_epochs: int = Field(default=4, ge=1)
+    """SGD passes over each train batch."""
+    lr: float = Field(default=3e-4, gt=0)
+    """Adam learning rate."""
+    gamma: float = Field(default=0.99, ge=0, le=1)
+    """Discount factor."""
+    gae_lambda: float = Field(default=0.95, ge=0, le=1)
+    """GAE lambda."""
+    entropy_coeff: float = Field(default=0.0, ge=0)
+    """Entropy bonus."""
+    clip_param: float = Field(default=0.2, gt=0)
+    """PPO ratio clip."""
+    vf_clip_param: float = Field(default=10.0, gt=0)
+    """Clip of the value-function loss (in scaled-reward units)."""
+    reward_scale: float = Field(default=0.01, gt=0)
+    """Extra reward multiplier while training only (PPO's value function learns best on rewards
+    of order 1; a 1-lot ES bar moves tens of dollars). Backtests report money."""
+    train_episode_bars: int | None = Field(default=1000, ge=2)
+    """Bars per training episode (random windows of the train split); null = to the end."""
+    num_env_runners: int = Field(default=0, ge=0)
+    """Remote env-runner actors; 0 samples in the driver (best on 2 cores)."""
+    num_envs_per_env_runner: int = Field(default=8, ge=1)
+    """Envs per runner, stepped as one numpy vector env."""
+    use_gpu: bool | None = None
+    """GPU learner: None = when torch sees a GPU, true = require one, false = CPU."""
+    ray_address: str | None = None
+    """Join this Ray cluster (RAY_ADDRESS in the environment also works); null = start a local Ray."""
+    num_cpus: int | None = Field(default=None, ge=1)
+    """CPUs for a local Ray; null = all."""
+    eval_every: int = Field(default=5, ge=1)
+    """Run the validation backtest every K iterations."""
+    val_metric: str = "sharpe"
+    """Validation metric that picks the best checkpoint: sharpe, total_return, profit_factor, calmar."""
+    patience: int = Field(default=50, ge=1)
+    """Stop after this many iterations without a better validation metric."""
+    register_model: str = "nt8-agent"
+    """Registered model that gets a new version per training run ('' = do not register)."""
+
+    @field_validator("algorithm")
+    @classmethod
+    def _known_algorithm(cls, value: str) -> str:
+        if value.upper() != "PPO":
+            raise ValueError(f"algorithm {value!r} is not supported; supported: PPO")
+        return value.upper()
+
+    @field_validator("val_metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        allowed = ("sharpe", "total_return", "profit_factor", "calmar")
+        if value not in allowed:
+            raise ValueError(f"val_metric {value!r} is not one of {', '.join(allowed)}")
+        return value
+
+    @field_validator("activation")
+    @classmethod
+    def _known_activation(cls, value: str) -> str:
+        if value not in ("tanh", "relu", "silu"):
+            raise ValueError(f"activation {value!r} is not one of tanh, relu, silu")
+        return value
+
+
 class MlflowConfig(_Strict):
     """Tracking settings; MLFLOW_TRACKING_URI in the environment wins over tracking_uri."""
 
@@ -174,6 +250,7 @@ class Config(_Strict):
     """Global seed."""
     data: DataConfig = Field(default_factory=DataConfig)
     env: EnvConfig = Field(default_factory=EnvConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     continuous_learning: ContinuousLearningConfig = Field(default_factory=ContinuousLearningConfig)
 

@@ -73,3 +73,21 @@ def periods_per_year(index) -> float:
         return 252.0 / max(1.0, step / pd.Timedelta(days=1))
     per_day = pd.Series(1, index=index).groupby(index.normalize()).size().median()
     return float(252.0 * per_day)
+
+
+def annualized_return(equity: np.ndarray, periods_per_year: float) -> float:
+    """Compound growth per year: (1 + total_return) ** (periods_per_year / periods) - 1; 0.0 for
+    fewer than two points."""
+    equity = np.asarray(equity, dtype=np.float64)
+    if equity.size < 2:
+        return 0.0
+    growth = equity[-1] / equity[0]
+    if growth <= 0:
+        return -1.0
+    return float(growth ** (periods_per_year / (equity.size - 1)) - 1.0)
+
+
+def calmar_ratio(equity: np.ndarray, periods_per_year: float) -> float:
+    """Annualised return / maximum drawdown; nan when there is no drawdown (undefined)."""
+    mdd = max_drawdown(equity)
+    return float(annualized_return(equity, periods_per_year) / mdd) if mdd > 0 else float("nan")

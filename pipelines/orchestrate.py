@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from mlproject.backtest import EpisodeResult, play_episode, random_policy
 from mlproject.config import Config
 from pipelines.cli import base_parser, run_cli
 
@@ -29,60 +29,12 @@ MODES = ("all",)
 PENDING_STEPS = ("train", "evaluate", "promote", "collect", "annotate", "finetune")
 
 
-@dataclass
-class EpisodeResult:
-    """One played episode: per-bar equity and positions, closed trades, metrics."""
-
-    equity: pd.Series
-    positions: pd.Series
-    trades: pd.DataFrame
-    metrics: dict[str, float]
-
-
-def play_random_episode(bars: pd.DataFrame, cfg: Config, seed: int) -> EpisodeResult:
-    """Play the whole of ``bars`` with uniformly random target positions (a sanity baseline)."""
-    from envs.futures_env import FuturesTradingEnv
-
-    env_cfg = {**cfg.env.model_dump(), "bars": bars, "random_start": False, "episode_bars": None,
-               "max_episode_steps": None}
-    env = FuturesTradingEnv(env_cfg)
-    rng = np.random.default_rng(seed)
-    _, info = env.reset(seed=seed)
-    stamps, equity, positions = [env.timestamp], [info["equity"]], [info["position"]]
-    done = False
-    while not done:
-        _, _, terminated, truncated, info = env.step(int(rng.integers(env.action_space.n)))
-        stamps.append(env.timestamp)
-        equity.append(info["equity"])
-        positions.append(info["position"])
-        done = terminated or truncated
-    trades = env.trades_frame()
-    equity_s = pd.Series(equity, index=pd.DatetimeIndex(stamps, name="timestamp"), name="equity")
-    return EpisodeResult(equity_s, pd.Series(positions, index=equity_s.index, name="position"), trades,
-                         episode_metrics(equity_s, trades))
-
-
-def episode_metrics(equity: pd.Series, trades: pd.DataFrame) -> dict[str, float]:
-    from mlproject import metrics as m
-
-    returns = m.equity_returns(equity.to_numpy())
-    pnls = trades["pnl"].to_numpy() if len(trades) else np.zeros(0)
-    return {
-        "total_return": m.total_return(equity.to_numpy()),
-        "max_drawdown": m.max_drawdown(equity.to_numpy()),
-        "sharpe": m.sharpe_ratio(returns, m.periods_per_year(equity.index)),
-        "n_trades": float(len(trades)),
-        "win_rate": m.win_rate(pnls),
-        "profit_factor": m.profit_factor(pnls),
-        "commission_paid": float(trades["commission"].sum()) if len(trades) else 0.0,
-    }
-
-
 def random_policy_step(cfg: Config, bars: pd.DataFrame) -> EpisodeResult:
     """Child run: a random-policy episode on the test split, metrics under ``eval/``."""
     import mlflow
 
     from mlproject.data import split_bars
+    from mlproject.instruments import resolve_instrument
     from mlproject.tracking import pipeline_run
     from pipelines.ingest import log_dataset
 
@@ -91,7 +43,8 @@ def random_policy_step(cfg: Config, bars: pd.DataFrame) -> EpisodeResult:
     with pipeline_run(cfg, "random-policy-episode", nested=True):
         mlflow.set_tag("policy", "random")
         log_dataset(test, "test-split", bars.attrs.get("path", str(bars.attrs.get("source", ""))), "test")
-        result = play_random_episode(test, cfg, cfg.seed)
+        n_actions = 2 * resolve_instrument(cfg.env.instrument).max_contracts + 1
+        result = play_episode(random_policy(n_actions, cfg.seed), test, cfg.env.model_dump(), cfg.seed)
         mlflow.log_metrics({f"eval/{k}": v for k, v in result.metrics.items() if np.isfinite(v)})
         frame = pd.DataFrame({"equity": result.equity, "position": result.positions})
         mlflow.log_text(frame.to_csv(), "eval/equity_positions.csv")

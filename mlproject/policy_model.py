@@ -1,0 +1,33 @@
+"""MLflow "model from code" for the RL policy: this file is logged with the model and run by
+MLflow when the model loads; it is not imported by the library.
+
+Input: a float32 batch of FuturesTradingEnv observations (n, obs_dim). Output: int64 actions
+(target position + max_contracts). The RLlib RLModule checkpoint travels as the artifact
+``rl_module``; loading it needs no running Ray. Self-contained on purpose (only mlflow, numpy,
+torch and ray[rllib]): a serving environment has the pinned packages, not this project.
+Mirrors ``mlproject.policy.load_module`` / ``greedy_actions``.
+"""
+
+import mlflow
+import numpy as np
+
+
+class RLlibPolicy(mlflow.pyfunc.PythonModel):
+    """Greedy policy of an RLlib RLModule."""
+
+    def load_context(self, context):
+        from ray.rllib.core.rl_module.rl_module import RLModule
+
+        self.module = RLModule.from_checkpoint(context.artifacts["rl_module"])
+
+    def predict(self, context, model_input, params=None):
+        import torch
+        from ray.rllib.core.columns import Columns
+
+        obs = torch.from_numpy(np.ascontiguousarray(np.asarray(model_input), dtype=np.float32))
+        with torch.no_grad():
+            out = self.module.forward_inference({Columns.OBS: obs.reshape(len(obs), -1)})
+        return torch.argmax(out[Columns.ACTION_DIST_INPUTS], dim=-1).numpy().astype(np.int64)
+
+
+mlflow.models.set_model(RLlibPolicy())

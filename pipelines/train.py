@@ -1,0 +1,351 @@
+"""Train the agent with Ray RLlib (PPO, new API stack) and track it in MLflow.
+
+    python -m pipelines.train [--config conf/default.yaml] [--data bars.parquet] [--iterations 50]
+                              [--init-from models:/nt8-agent/Production] [--seed 1]
+    mlflow run . -e train -P data=bars.parquet -P iterations=50 --env-manager local
+
+Trains on the training split, runs a deterministic validation backtest every
+``train.eval_every`` iterations, keeps the best checkpoint by ``train.val_metric`` and stops
+early after ``train.patience`` iterations without improvement. The best policy is logged as an
+MLflow pyfunc model (no Ray needed to load it) and registered as a new version of
+``train.register_model`` (``nt8-agent``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mlproject.config import Config
+from pipelines.cli import base_parser, run_cli
+
+log = logging.getLogger(__name__)
+
+RUNTIME_PACKAGES = ("mlflow", "ray", "torch", "numpy", "gymnasium", "pandas", "pyarrow")
+"""Pinned in the logged model's pip requirements (versions as installed here)."""
+POLICY_MODEL_FILE = Path(__file__).resolve().parents[1] / "mlproject" / "policy_model.py"
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    run_id: str
+    model_uri: str
+    registered_version: str | None
+    best_metric: float
+    best_iteration: int
+    iterations_run: int
+    checkpoint_uri: str
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+# -- pieces ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def ray_session(cfg: Config) -> Iterator[None]:
+    """Use a running Ray, join the cluster named by config or RAY_ADDRESS, or start a local
+    one; shut down only what was started here."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    address = cfg.train.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=cfg.train.num_cpus, include_dashboard=False, configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def gpus_per_learner(cfg: Config) -> int:
+    """1 when a GPU learner is wanted and torch sees one, else 0; an explicit request for a GPU
+    on a machine without one is an error, not a silent CPU run."""
+    import torch
+
+    available = torch.cuda.is_available()
+    if cfg.train.use_gpu and not available:
+        raise ValueError("train.use_gpu is true but torch sees no GPU")
+    return 1 if available and cfg.train.use_gpu is not False else 0
+
+
+def training_env_config(cfg: Config, bars: pd.DataFrame) -> dict[str, Any]:
+    """The env_config RLlib trains on: random windows of the training bars, scaled rewards."""
+    env = cfg.env.model_dump()
+    env.update(bars=bars, random_start=True, episode_bars=cfg.train.train_episode_bars,
+               reward_scale=cfg.env.reward_scale * cfg.train.reward_scale)
+    return env
+
+
+def algorithm_config(cfg: Config, env_config: dict[str, Any], seed: int) -> Any:
+    """RLlib PPOConfig from ``cfg.train``; sampling goes through the numpy vector env."""
+    import envs
+    from ray.rllib.algorithms.ppo import PPOConfig
+    from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
+
+    envs.register_rllib()
+    t = cfg.train
+    return (
+        PPOConfig()
+        .environment(envs.ENV_ID, env_config=env_config)
+        .env_runners(num_env_runners=t.num_env_runners, num_envs_per_env_runner=t.num_envs_per_env_runner,
+                     gym_env_vectorize_mode="vector_entry_point")
+        .learners(num_learners=0, num_gpus_per_learner=gpus_per_learner(cfg))
+        .training(train_batch_size_per_learner=t.train_batch_size, minibatch_size=t.minibatch_size,
+                  num_epochs=t.num_epochs, lr=t.lr, gamma=t.gamma, lambda_=t.gae_lambda,
+                  entropy_coeff=t.entropy_coeff, clip_param=t.clip_param, vf_clip_param=t.vf_clip_param)
+        .rl_module(model_config=DefaultModelConfig(fcnet_hiddens=list(t.hiddens), fcnet_activation=t.activation))
+        .debugging(seed=seed)
+    )
+
+
+def iteration_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The ``train/...`` metrics of one RLlib result (keys absent this iteration are left out)."""
+    runners, learner = result.get("env_runners", {}), result.get("learners", {}).get("default_policy", {})
+    seconds = result.get("time_this_iter_s") or float("nan")
+    picks = {
+        "train/episode_return_mean": runners.get("episode_return_mean"),
+        "train/episode_len_mean": runners.get("episode_len_mean"),
+        "train/policy_loss": learner.get("policy_loss"),
+        "train/vf_loss": learner.get("vf_loss"),
+        "train/entropy": learner.get("entropy"),
+        "train/kl": learner.get("mean_kl_loss"),
+        "train/env_steps": result.get("num_env_steps_sampled_lifetime"),
+        "train/steps_per_s": runners.get("num_env_steps_sampled", 0) / seconds,
+    }
+    return {k: float(v) for k, v in picks.items() if v is not None and math.isfinite(float(v))}
+
+
+def validate(algo: Any, bars: pd.DataFrame, cfg: Config) -> dict[str, float]:
+    """Deterministic backtest of the current policy over the whole validation split (money)."""
+    from mlproject.backtest import play_episode
+    from mlproject.policy import module_policy
+
+    return play_episode(module_policy(algo.get_module()), bars, cfg.env.model_dump(), cfg.seed).metrics
+
+
+def _score(metrics: dict[str, float], name: str) -> float:
+    value = metrics.get(name, float("nan"))
+    return value if math.isfinite(value) else -math.inf  # undefined (e.g. no trades) never wins
+
+
+def find_module_dir(path: Path) -> Path:
+    """The RLModule checkpoint inside a logged pyfunc model, an algorithm checkpoint, or itself."""
+    import yaml
+
+    from mlproject.policy import MODULE_SUBDIR
+
+    candidates = [path / MODULE_SUBDIR, path]
+    if (path / "MLmodel").is_file():  # a logged pyfunc: its MLmodel says where rl_module went
+        flavor = yaml.safe_load((path / "MLmodel").read_text()).get("flavors", {}).get("python_function", {})
+        relative = (flavor.get("artifacts") or {}).get("rl_module", {}).get("path")
+        candidates = [path / relative] if relative else []
+    for candidate in candidates:
+        if (candidate / "module_state.pkl").exists() and (candidate / "class_and_ctor_args.pkl").exists():
+            return candidate
+    raise ValueError(f"{path}: no RLlib policy checkpoint found (expected a pyfunc policy model with an "
+                     "rl_module artifact, an algorithm checkpoint or an RLModule checkpoint)")
+
+
+def resolve_init_from(uri: str) -> tuple[Path, dict[str, str]]:
+    """Local RLModule dir and parent tags for ``--init-from`` (models:/..., runs:/..., a path)."""
+    import mlflow
+
+    from mlproject.registry import resolve_version
+
+    parent: dict[str, str] = {"parent_uri": uri}
+    if Path(uri).exists():
+        return find_module_dir(Path(uri)), parent
+    mv = resolve_version(uri)
+    if mv is not None:
+        parent.update(parent_version=str(mv.version), parent_run_id=mv.run_id or "")
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    return find_module_dir(local), parent
+
+
+def warm_start(algo: Any, module_dir: Path, obs_shape: tuple[int, ...]) -> None:
+    """Load a parent policy's weights into the learner and the env runners."""
+    from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_LEARNER_GROUP, COMPONENT_RL_MODULE
+
+    from mlproject.policy import load_module
+
+    parent = load_module(module_dir)
+    if tuple(parent.observation_space.shape) != tuple(obs_shape):
+        raise ValueError(f"--init-from policy expects observations of shape {parent.observation_space.shape}, this "
+                         f"config makes {obs_shape} (env.window or features differ)")
+    component = f"{COMPONENT_LEARNER_GROUP}/{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}/default_policy"
+    algo.restore_from_path(str(module_dir), component=component)
+
+
+def pip_requirements() -> list[str]:
+    reqs = []
+    for name in RUNTIME_PACKAGES:
+        pinned = version(name).split("+")[0]
+        reqs.append(f"ray[rllib]=={pinned}" if name == "ray" else f"{name}=={pinned}")
+    return reqs
+
+
+def log_policy_model(module_dir: Path, example_obs: np.ndarray) -> Any:
+    """Log the policy as a models-from-code pyfunc carrying the RLModule checkpoint."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from mlproject.policy import greedy_actions, load_module
+
+    example = np.ascontiguousarray(example_obs, dtype=np.float32)
+    actions = greedy_actions(load_module(module_dir), example)
+    return mlflow.pyfunc.log_model(
+        name="policy", python_model=str(POLICY_MODEL_FILE), artifacts={"rl_module": str(module_dir)},
+        signature=infer_signature(example, actions), input_example=example, pip_requirements=pip_requirements())
+
+
+def config_digest(cfg: Config) -> str:
+    return hashlib.sha256(cfg.to_yaml().encode()).hexdigest()[:16]
+
+
+def _observations(bars: pd.DataFrame, cfg: Config, n: int) -> np.ndarray:
+    """A few real observations (for the model's signature and input example)."""
+    from envs.futures_env import FuturesTradingEnv
+
+    env = FuturesTradingEnv({**cfg.env.model_dump(), "bars": bars, "random_start": False})
+    obs, _ = env.reset()
+    rows = [obs]
+    for action in range(n - 1):
+        rows.append(env.step(action % env.action_space.n)[0])
+    return np.stack(rows)
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+
+def train_loop(algo: Any, cfg: Config, iterations: int, val_bars: pd.DataFrame, ckpt_root: Path) -> dict[str, Any]:
+    """Train, validate every K iterations, keep the best checkpoint, stop early; logs as it goes."""
+    import mlflow
+
+    t = cfg.train
+    best = {"score": -math.inf, "metrics": {}, "iteration": 0, "dir": ckpt_root / "best"}
+    history: list[dict[str, float]] = []
+    started = time.perf_counter()
+    for it in range(1, iterations + 1):
+        metrics = iteration_metrics(algo.train())
+        if it % t.eval_every == 0 or it == iterations:
+            val = validate(algo, val_bars, cfg)
+            metrics.update({f"val/{k}": v for k, v in val.items() if math.isfinite(v)})
+            if _score(val, t.val_metric) > best["score"] or best["iteration"] == 0:
+                best.update(score=_score(val, t.val_metric), metrics=val, iteration=it)
+                shutil.rmtree(best["dir"], ignore_errors=True)
+                algo.save_to_path(str(best["dir"]))
+        mlflow.log_metrics(metrics, step=it)
+        history.append(metrics)
+        elapsed = time.perf_counter() - started
+        log.info("iter %d/%d env_steps=%d return_mean=%.4g val_%s=%.4g (best %.4g @%d) steps/s=%.0f eta=%.0fs",
+                 it, iterations, metrics.get("train/env_steps", 0), metrics.get("train/episode_return_mean", math.nan),
+                 t.val_metric, metrics.get(f"val/{t.val_metric}", math.nan), best["score"], best["iteration"],
+                 metrics.get("train/steps_per_s", math.nan), elapsed / it * (iterations - it))
+        if it - best["iteration"] >= t.patience:
+            log.info("early stop: no better val_%s for %d iterations", t.val_metric, t.patience)
+            break
+    best["iterations_run"] = it
+    best["history"] = history
+    return best
+
+
+def main(cfg: Config, data: str | None = None, iterations: int | None = None, init_from: str | None = None,
+         seed: int | None = None) -> TrainResult:
+    """Train on ``data`` (default ``cfg.data.source``) and register the best policy."""
+    import mlflow
+    import ray
+    import torch
+
+    from mlproject.data import split_bars
+    from mlproject.registry import register_version
+    from mlproject.tracking import git_commit, pipeline_run, setup_tracking
+    from pipelines.ingest import load_source, log_dataset
+
+    if data:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": data})})
+    if seed is not None:
+        cfg = cfg.model_copy(update={"seed": seed})
+    iterations = iterations or cfg.train.iterations
+    setup_tracking(cfg)
+    bars = load_source(cfg)
+    sp = cfg.data.splits
+    splits = split_bars(bars, sp.train, sp.validation, sp.test, gap=sp.gap)
+    if len(splits.validation) == 0:
+        raise ValueError("data.splits.validation is 0: training needs a validation split to select the best policy")
+    with pipeline_run(cfg, "train", nested=mlflow.active_run() is not None) as run, ray_session(cfg), \
+            tempfile.TemporaryDirectory(prefix="nt8-train-") as tmp:
+        source = bars.attrs.get("path") or str(bars.attrs.get("source", cfg.data.source))
+        log_dataset(splits.train, "train-split", source, "training")
+        log_dataset(splits.validation, "validation-split", source, "validation")
+        env_config = training_env_config(cfg, splits.train)
+        algo = algorithm_config(cfg, env_config, cfg.seed).build_algo()
+        device = "cuda" if gpus_per_learner(cfg) else "cpu"
+        tags = {"ray_version": ray.__version__, "torch_version": torch.__version__, "device": device,
+                "algorithm": cfg.train.algorithm, "config_digest": config_digest(cfg),
+                "data.train_window": f"{splits.train.index[0]} .. {splits.train.index[-1]}"}
+        parent: dict[str, str] = {}
+        if init_from:
+            module_dir, parent = resolve_init_from(init_from)
+            warm_start(algo, module_dir, algo.get_module().observation_space.shape)
+            tags.update(parent)
+        mlflow.set_tags(tags)
+        log.info("training %s on %d bars (%s), validating on %d, device=%s%s", cfg.train.algorithm,
+                 len(splits.train), tags["data.train_window"], len(splits.validation), device,
+                 f", warm start from {init_from}" if init_from else "")
+        try:
+            best = train_loop(algo, cfg, iterations, splits.validation, Path(tmp))
+        finally:
+            algo.stop()
+        mlflow.log_metrics({f"best/{k}": v for k, v in best["metrics"].items() if math.isfinite(v)})
+        mlflow.log_metric("best/iteration", best["iteration"])
+        mlflow.log_artifacts(str(best["dir"]), "checkpoint")
+        from mlproject.policy import MODULE_SUBDIR
+
+        info = log_policy_model(best["dir"] / MODULE_SUBDIR, _observations(splits.validation, cfg, 8))
+        registered = None
+        if cfg.train.register_model:
+            version_tags = {**tags, "git_commit": git_commit() or "unknown", "run_id": run.info.run_id,
+                            f"val_{cfg.train.val_metric}": best["score"]}
+            registered = register_version(info.model_uri, cfg.train.register_model, version_tags,
+                                          description=f"PPO trained on {tags['data.train_window']}").version
+        log.info("best val_%s=%.4g at iteration %d; model %s%s", cfg.train.val_metric, best["score"],
+                 best["iteration"], info.model_uri, f", registered version {registered}" if registered else "")
+        return TrainResult(run.info.run_id, info.model_uri, registered, best["score"], best["iteration"],
+                           best["iterations_run"], f"runs:/{run.info.run_id}/checkpoint", best["history"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--data", default="", help="bar file or 'synthetic' (default: data.source)")
+    parser.add_argument("--iterations", type=int, default=0, help="training iterations (default: train.iterations)")
+    parser.add_argument("--init-from", default="", help="warm start: models:/nt8-agent/Production, a version, "
+                        "models:/nt8-agent@alias, runs:/<id>/policy or a checkpoint directory")
+    parser.add_argument("--seed", type=int, default=None, help="seed (default: seed from the config)")
+    return parser
+
+
+if __name__ == "__main__":
+    run_cli(build_parser(), lambda cfg, a: main(cfg, a.data or None, a.iterations or None, a.init_from or None,
+                                                 a.seed))
