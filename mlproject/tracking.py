@@ -52,7 +52,11 @@ def log_config(cfg: Config) -> None:
 
     mlflow.log_text(cfg.to_yaml(), "config.yaml")
     params = {k: _param_value(v) for k, v in cfg.flat().items()}
-    mlflow.log_params(params)
+    # `mlflow run` logs the entry point's parameters first (e.g. seed=''); MLflow forbids
+    # changing a param, so a resolved value that differs goes in as "resolved.<key>".
+    existing = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    mlflow.log_params({(f"resolved.{k}" if k in existing and existing[k] != v else k): v
+                       for k, v in params.items() if existing.get(k) != v})
 
 
 def _param_value(value: Any) -> str:

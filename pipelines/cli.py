@@ -23,6 +23,17 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def optional_int(text: str) -> int | None:
+    """argparse type for an int that may be left empty (MLproject passes '' for 'not given')."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return int(float(text)) if float(text).is_integer() else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     overrides = [item for chunk in args.overrides for item in shlex.split(chunk)]
     return load_config(args.config or None, overrides)

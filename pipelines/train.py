@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from mlproject.config import Config
-from pipelines.cli import base_parser, run_cli
+from pipelines.cli import base_parser, optional_int, run_cli
 
 log = logging.getLogger(__name__)
 
@@ -330,6 +330,7 @@ def main(cfg: Config, data: str | None = None, iterations: int | None = None, in
                             f"val_{cfg.train.val_metric}": best["score"]}
             registered = register_version(info.model_uri, cfg.train.register_model, version_tags,
                                           description=f"PPO trained on {tags['data.train_window']}").version
+            registered = str(registered)
         log.info("best val_%s=%.4g at iteration %d; model %s%s", cfg.train.val_metric, best["score"],
                  best["iteration"], info.model_uri, f", registered version {registered}" if registered else "")
         return TrainResult(run.info.run_id, info.model_uri, registered, best["score"], best["iteration"],
@@ -339,13 +340,13 @@ def main(cfg: Config, data: str | None = None, iterations: int | None = None, in
 def build_parser() -> argparse.ArgumentParser:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--data", default="", help="bar file or 'synthetic' (default: data.source)")
-    parser.add_argument("--iterations", type=int, default=0, help="training iterations (default: train.iterations)")
+    parser.add_argument("--iterations", type=optional_int, default=None,
+                        help="training iterations (default: train.iterations)")
     parser.add_argument("--init-from", default="", help="warm start: models:/nt8-agent/Production, a version, "
                         "models:/nt8-agent@alias, runs:/<id>/policy or a checkpoint directory")
-    parser.add_argument("--seed", type=int, default=None, help="seed (default: seed from the config)")
+    parser.add_argument("--seed", type=optional_int, default=None, help="seed (default: seed from the config)")
     return parser
 
 
 if __name__ == "__main__":
-    run_cli(build_parser(), lambda cfg, a: main(cfg, a.data or None, a.iterations or None, a.init_from or None,
-                                                 a.seed))
+    run_cli(build_parser(), lambda cfg, a: main(cfg, a.data or None, a.iterations, a.init_from or None, a.seed))

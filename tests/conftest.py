@@ -50,3 +50,29 @@ def run_module(args: list[str], cwd: Path, env: dict | None = None, timeout: int
     full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
     full_env["PYTHONPATH"] = str(ROOT)
     return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (ray.init takes 6-12 s here)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def momentum_bars(n: int, seed: int, persist: float = 0.85):
+    """Bars with a planted, learnable signal: each bar moves in the direction of the previous
+    one with probability ``persist`` (1-minute bars, no gaps: the next open is this close)."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    flips = rng.random(n) > persist
+    sign = np.cumprod(np.where(flips, -1.0, 1.0))
+    close = 4000.0 + np.cumsum(sign * (1 + rng.poisson(1.5, n))) * 0.25
+    open_ = np.r_[4000.0, close[:-1]]
+    index = pd.date_range("2024-01-02 09:31", periods=n, freq="1min", name="timestamp")
+    return pd.DataFrame({"open": open_, "high": np.maximum(open_, close) + 0.25,
+                         "low": np.minimum(open_, close) - 0.25, "close": close, "volume": 100.0}, index=index)

@@ -1,0 +1,166 @@
+"""Training with a real Ray session and a real sqlite MLflow store."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import mlflow
+import numpy as np
+import pytest
+
+from conftest import ROOT, momentum_bars, run_module
+from mlproject.backtest import constant_policy, play_episode
+from mlproject.config import load_config
+from mlproject.data import split_bars
+from mlproject.policy import load_module, module_policy, module_weights
+from pipelines import train
+
+LEARNABLE = [
+    "env.window=2", "env.episode_bars=null",
+    "env.instrument={symbol: T, tick_size: 0.25, point_value: 50, commission_per_side: 0.5, "
+    "slippage_ticks: 0, max_contracts: 1}",
+    "train.train_batch_size=1000", "train.minibatch_size=100", "train.num_epochs=4", "train.lr=0.001",
+    "train.gamma=0.9", "train.train_episode_bars=200",
+]
+
+
+def test_learns_a_planted_signal_out_of_sample(ray_session):
+    """Each bar follows the previous bar's direction 85% of the time: the trained policy must beat
+    flat and buy-and-hold on the unseen test split (fixed seeded budget: 10 iterations)."""
+    cfg = load_config(ROOT / "conf" / "smoke.yaml", LEARNABLE)
+    splits = split_bars(momentum_bars(6000, seed=0))
+    algo = train.algorithm_config(cfg, train.training_env_config(cfg, splits.train), seed=0).build_algo()
+    try:
+        for _ in range(10):
+            algo.train()
+        env = cfg.env.model_dump()
+        trained = play_episode(module_policy(algo.get_module()), splits.test, env).metrics["total_return"]
+    finally:
+        algo.stop()
+    flat = play_episode(constant_policy(1), splits.test, env).metrics["total_return"]
+    buy_hold = play_episode(constant_policy(2), splits.test, env).metrics["total_return"]
+    assert flat == 0.0
+    assert trained > max(flat, buy_hold) + 0.05, (trained, flat, buy_hold)
+
+
+def test_same_seed_same_first_iteration(ray_session, small_bars):
+    cfg = load_config(ROOT / "conf" / "smoke.yaml")
+    env_config = train.training_env_config(cfg, small_bars)
+
+    def first_iteration(seed):
+        algo = train.algorithm_config(cfg, env_config, seed).build_algo()
+        try:
+            return train.iteration_metrics(algo.train())
+        finally:
+            algo.stop()
+
+    a, b, c = first_iteration(3), first_iteration(3), first_iteration(4)
+    keys = ["train/policy_loss", "train/vf_loss", "train/entropy", "train/kl", "train/env_steps"]
+    assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+    assert a["train/vf_loss"] != c["train/vf_loss"]
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session, tmp_path_factory):
+    """One tiny training run registered in a module-wide sqlite store: (store uri, result, cfg)."""
+    from mlflow.tracking import fluent
+
+    tmp = tmp_path_factory.mktemp("train")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    mp.setattr(fluent, "_active_experiment_id", None)
+    mp.chdir(tmp)
+    mlflow.set_tracking_uri(uri)
+    cfg = load_config(ROOT / "conf" / "smoke.yaml", ["train.iterations=2"])
+    result = train.main(cfg)
+    yield uri, result, cfg, tmp
+    mlflow.set_tracking_uri(None)
+    mp.undo()
+
+
+def test_run_logs_metrics_params_data_checkpoint_and_version(trained):
+    uri, result, cfg, _ = trained
+    run = mlflow.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    history = mlflow.MlflowClient().get_metric_history(result.run_id, "train/env_steps")
+    assert [m.step for m in history] == [1, 2] and history[-1].value == 2 * cfg.train.train_batch_size
+    for key in ("train/policy_loss", "train/vf_loss", "train/entropy", "train/kl", "train/steps_per_s",
+                "val/sharpe", "val/total_return", "val/max_drawdown"):
+        assert key in run.data.metrics, key
+    assert run.data.params["train.lr"] == str(cfg.train.lr)
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"train-split", "validation-split"}
+    assert run.data.tags["device"] == "cpu" and run.data.tags["ray_version"]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id)}
+    assert {"checkpoint", "config.yaml"} <= artifacts
+    version = mlflow.MlflowClient().get_model_version("nt8-agent", result.registered_version)
+    for tag in ("config_digest", "git_commit", "data.train_window", "run_id"):
+        assert version.tags[tag], tag
+    assert version.tags["run_id"] == result.run_id and "parent_version" not in version.tags
+
+
+def test_pyfunc_loads_in_a_fresh_process_without_ray(trained, tmp_path):
+    uri, result, cfg, _ = trained
+    obs = train._observations(momentum_bars(400, seed=5), cfg, 6)
+    np.save(tmp_path / "obs.npy", obs)
+    script = textwrap.dedent(f"""
+        import json, sys, numpy as np, mlflow
+        model = mlflow.pyfunc.load_model("models:/nt8-agent/{result.registered_version}")
+        actions = model.predict(np.load("{tmp_path / 'obs.npy'}"))
+        import ray
+        print(json.dumps({{"actions": np.asarray(actions).tolist(), "ray_running": ray.is_initialized()}}))
+    """)
+    out = run_module(["python", "-c", script], cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})
+    assert out.returncode == 0, out.stderr[-2000:]
+    answer = json.loads(out.stdout.strip().splitlines()[-1])
+    n_actions = 2 * 2 + 1  # smoke profile: MES, max_contracts 2
+    assert len(answer["actions"]) == 6 and all(0 <= a < n_actions for a in answer["actions"])
+    assert answer["ray_running"] is False
+
+
+def test_warm_start_records_parent_and_starts_from_its_weights(trained):
+    uri, result, cfg, _ = trained
+    parent_uri = f"models:/nt8-agent/{result.registered_version}"
+    module_dir, parent = train.resolve_init_from(parent_uri)
+    assert parent["parent_version"] == result.registered_version
+    parent_weights = module_weights(load_module(module_dir))
+    env_config = train.training_env_config(cfg, momentum_bars(1000, seed=1))
+    algo = train.algorithm_config(cfg, env_config, seed=123).build_algo()
+    try:
+        fresh = module_weights(algo.get_module())
+        shared = sorted(set(fresh) & set(parent_weights))
+        assert shared and any(not np.array_equal(fresh[k], parent_weights[k]) for k in shared)
+        train.warm_start(algo, module_dir, algo.get_module().observation_space.shape)
+        loaded = module_weights(algo.get_module())
+        learner = module_weights(algo.learner_group._learner.module["default_policy"])
+        for k in shared:
+            np.testing.assert_array_equal(loaded[k], parent_weights[k])
+            np.testing.assert_array_equal(learner[k], parent_weights[k])
+    finally:
+        algo.stop()
+    child = train.main(cfg.model_copy(update={"train": cfg.train.model_copy(update={"iterations": 1})}),
+                       init_from=parent_uri)
+    version = mlflow.MlflowClient().get_model_version("nt8-agent", child.registered_version)
+    assert version.tags["parent_version"] == result.registered_version
+    assert mlflow.get_run(child.run_id).data.tags["parent_uri"] == parent_uri
+
+
+def test_warm_start_rejects_a_policy_for_other_observations(trained):
+    uri, result, cfg, _ = trained
+    module_dir, _ = train.resolve_init_from(f"models:/nt8-agent/{result.registered_version}")
+    with pytest.raises(ValueError, match="expects observations of shape"):
+        train.warm_start(None, module_dir, (7,))
+    with pytest.raises(ValueError, match="no version of 'nt8-agent' is in stage 'Production'"):
+        train.resolve_init_from("models:/nt8-agent/Production")
+
+
+def test_mlflow_run_train_entry_point(tmp_path, mlflow_store):
+    out = run_module(["mlflow", "run", str(ROOT), "-e", "train", "--env-manager", "local",
+                      "-P", "config=conf/smoke.yaml", "-P", "iterations=1"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert "val/sharpe" in runs[0].data.metrics
+    assert mlflow.MlflowClient().get_model_version("nt8-agent", "1").run_id == runs[0].info.run_id
