@@ -50,25 +50,30 @@ def test_ingest_cli_bad_file_exits_nonzero_with_line(tmp_path, mlflow_store):
     assert run.info.status == "FAILED" and "line 2" in run.data.tags["error"]
 
 
-def test_orchestrate_all_runs_the_existing_cycle(tmp_path, mlflow_store, monkeypatch):
+def test_orchestrate_all_runs_the_existing_cycle(tmp_path, mlflow_store, monkeypatch, ray_session):
     from pipelines import orchestrate
 
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(ROOT / "conf" / "smoke.yaml")
+    cfg = load_config(ROOT / "conf" / "smoke.yaml", ["train.iterations=2"])
     result = orchestrate.main(cfg, "all")
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     names = {r.info.run_name: r for r in runs}
-    assert {"cycle-all", "ingest", "random-policy-episode"} <= set(names)
-    child = names["random-policy-episode"]
+    assert {"cycle-all", "ingest", "train", "test-backtest"} <= set(names)
+    child = names["test-backtest"]
     assert child.data.tags["mlflow.parentRunId"] == result["run_id"]
-    assert child.data.metrics["eval/n_trades"] == len(result["random_policy"].trades) > 0
-    equity = result["random_policy"].equity
-    assert child.data.metrics["eval/total_return"] == pytest.approx(equity.iloc[-1] / equity.iloc[0] - 1)
+    assert names["train"].data.tags["mlflow.parentRunId"] == result["run_id"]
+    assert result["model_uri"] == "models:/nt8-agent/1"
+    trained = result["backtests"]["trained"]
+    assert child.data.metrics["eval/n_trades"] == len(trained.trades)
+    assert child.data.metrics["eval/total_return"] == pytest.approx(trained.equity.iloc[-1] / trained.equity.iloc[0] - 1)
+    assert child.data.metrics["baseline/random/n_trades"] > 0
+    train_inputs = {i.dataset.name for i in names["train"].inputs.dataset_inputs}
+    assert train_inputs == {"train-split", "validation-split"}
 
 
 @pytest.mark.parametrize("entry, params", [
     ("ingest", ["-P", "source=synthetic", "-P", "overrides=data.synthetic.n_bars=500 env.window=8"]),
-    ("main", ["-P", "overrides=data.synthetic.n_bars=800"]),
+    ("main", ["-P", "overrides=data.synthetic.n_bars=800 train.iterations=1"]),
 ])
 def test_mlflow_run_entry_points(tmp_path, mlflow_store, entry, params):
     out = run_module(["mlflow", "run", str(ROOT), "-e", entry, "--env-manager", "local", *params], cwd=tmp_path)
