@@ -194,6 +194,13 @@ class TrainConfig(_Strict):
     register_model: str = "nt8-agent"
     """Registered model that gets a new version per training run ('' = do not register)."""
 
+    @model_validator(mode="after")
+    def _patience_covers_an_evaluation(self) -> TrainConfig:
+        if self.patience < self.eval_every:
+            raise ValueError(f"patience ({self.patience}) must be >= eval_every ({self.eval_every}): "
+                             "otherwise training stops before the next validation can show an improvement")
+        return self
+
     @field_validator("algorithm")
     @classmethod
     def _known_algorithm(cls, value: str) -> str:

@@ -164,3 +164,27 @@ def test_mlflow_run_train_entry_point(tmp_path, mlflow_store):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert "val/sharpe" in runs[0].data.metrics
     assert mlflow.MlflowClient().get_model_version("nt8-agent", "1").run_id == runs[0].info.run_id
+
+
+def test_early_stopping_keeps_the_best_checkpoint(ray_session, mlflow_store, small_bars, tmp_path):
+    cfg = load_config(ROOT / "conf" / "smoke.yaml", ["train.eval_every=1", "train.patience=2"])
+    splits = split_bars(small_bars)
+    algo = train.algorithm_config(cfg, train.training_env_config(cfg, splits.train), seed=0).build_algo()
+    try:
+        with mlflow.start_run():
+            best = train.train_loop(algo, cfg, 40, splits.validation, tmp_path)
+    finally:
+        algo.stop()
+    assert best["iterations_run"] < 40  # a validation without improvement came before the budget ran out
+    assert best["iterations_run"] - best["iteration"] == cfg.train.patience
+    scores = [h["val/sharpe"] for h in best["history"] if "val/sharpe" in h]
+    assert best["score"] == max(scores) == best["history"][best["iteration"] - 1]["val/sharpe"]
+    saved = load_module(best["dir"])
+    assert saved.observation_space.shape == (cfg.env.window * 5 + 2,)
+
+
+def test_patience_shorter_than_the_evaluation_cadence_is_refused():
+    from mlproject.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"patience \(2\) must be >= eval_every \(5\)"):
+        load_config(None, ["train.patience=2", "train.eval_every=5"])
