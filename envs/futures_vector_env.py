@@ -21,7 +21,9 @@ class FuturesTradingVectorEnv(VectorEnv):
     info arrays (``equity``, ``position``, ``trades``, ``realised_pnl``, ``bar``, each with its
     ``_key`` mask). Sub-env ``i`` is seeded with ``seed + i`` and autoresets on the step after
     it ends (``AutoresetMode.NEXT_STEP``, gymnasium's default), with reward 0 on that step.
-    The per-trade log exists only in the single env.
+
+    ``reset(options={"start": s})`` starts every sub-env at bar ``s``, or sub-env ``i`` at
+    ``s[i]`` when ``s`` is a sequence (batched backtests over several windows).
     """
 
     metadata = {"render_modes": [], "autoreset_mode": AutoresetMode.NEXT_STEP}
@@ -62,8 +64,13 @@ class FuturesTradingVectorEnv(VectorEnv):
         return self._observe(), self._info()
 
     def _reset_envs(self, idx: np.ndarray, options: Mapping[str, Any] | None) -> None:
+        starts = options.get("start") if options else None
+        per_env = starts is not None and np.ndim(starts) == 1
+        if per_env and len(starts) != self.num_envs:
+            raise ValueError(f"reset option start has {len(starts)} entries for {self.num_envs} envs")
         for i in idx.tolist():
-            self._t[i], self._end[i] = self.market.episode_bounds(self._rngs[i], options)
+            env_options = {**options, "start": int(starts[i])} if per_env else options
+            self._t[i], self._end[i] = self.market.episode_bounds(self._rngs[i], env_options)
         initial = self.market.cfg.initial_equity
         self._pos[idx] = 0
         self._avg[idx] = 0.0

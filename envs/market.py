@@ -77,7 +77,7 @@ class Market:
         spec = resolve_instrument(cfg.instrument)
         bars = _as_bars(raw_bars)
         feats = bar_features(bars, vol_window=cfg.vol_window, norm_window=cfg.norm_window)
-        t_min = max(cfg.window, cfg.vol_window)
+        t_min = cls.first_bar(cfg)
         if len(bars) < t_min + 2:
             raise ConfigError(
                 f"env_config: {len(bars)} bars are too few for window={cfg.window}, vol_window={cfg.vol_window}: "
@@ -106,6 +106,13 @@ class Market:
         return {"_max": spec.max_contracts, "_pv": spec.point_value, "_slip_px": slip_px,
                 "_slip_cost": slip_px * spec.point_value, "_commission": spec.commission_per_side,
                 "_floor": cfg.equity_floor_fraction * cfg.initial_equity}
+
+    @staticmethod
+    def first_bar(cfg: EnvConfig | Mapping[str, Any]) -> int:
+        """First bar an episode may start at: a full window (and volume window) of history."""
+        if not isinstance(cfg, EnvConfig):
+            cfg = EnvConfig.model_validate({k: v for k, v in cfg.items() if k != "bars"})
+        return max(cfg.window, cfg.vol_window)
 
     @property
     def n_bars(self) -> int:

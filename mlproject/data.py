@@ -1041,3 +1041,15 @@ def _window(df: pd.DataFrame, start: int, train: int, validation: int, test: int
     if validation:
         pos += validation + gap
     return Splits(df.iloc[start : start + train], val, df.iloc[pos : pos + test])
+
+
+def load_source(cfg: Any) -> pd.DataFrame:
+    """The bars named by ``cfg.data.source`` (a file or 'synthetic'), validated."""
+    data = cfg.data
+    if data.source == "synthetic":
+        s = data.synthetic
+        bars = synthetic_bars(s.n_bars, seed=s.seed, bar_minutes=s.bar_minutes, tick_size=s.tick_size,
+                              start_price=s.start_price, start=s.start, annual_vol=s.annual_vol)
+        bars.attrs.update(source="synthetic", format="synthetic")
+        return bars
+    return load_bars(data.source, tick_period=data.tick_period, drop_duplicates=data.drop_duplicates, tz=data.tz)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -41,14 +42,16 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def run_cli(parser: argparse.ArgumentParser, main: Callable[[Config, argparse.Namespace], Any]) -> None:
     """Parse, load the config, call ``main``; a bad input exits with code 2 and one clear message."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     from mlproject.data import DataError
 
     args = parser.parse_args()
     try:
         main(config_from_args(args), args)
-    except (ConfigError, DataError, FileNotFoundError) as exc:
-        # Bad input, not a bug: one message that names the file/line or key, no traceback.
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
+        # Bad input (a file, a key, a model URI): one message that names it. LOGLEVEL=DEBUG in
+        # the environment also prints the traceback, for a developer.
+        log.debug("traceback", exc_info=True)
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -35,20 +35,6 @@ class IngestResult:
     stats: dict[str, Any]
 
 
-def load_source(cfg: Config) -> pd.DataFrame:
-    """The bars named by ``cfg.data.source`` (a file or 'synthetic'), validated."""
-    from mlproject.data import load_bars, synthetic_bars
-
-    data = cfg.data
-    if data.source == "synthetic":
-        s = data.synthetic
-        bars = synthetic_bars(s.n_bars, seed=s.seed, bar_minutes=s.bar_minutes, tick_size=s.tick_size,
-                              start_price=s.start_price, start=s.start, annual_vol=s.annual_vol)
-        bars.attrs.update(source="synthetic", format="synthetic")
-        return bars
-    return load_bars(data.source, tick_period=data.tick_period, drop_duplicates=data.drop_duplicates, tz=data.tz)
-
-
 def bar_stats(bars: pd.DataFrame) -> dict[str, Any]:
     """Basic stats logged with the dataset."""
     from mlproject.data import infer_bar_period
@@ -103,7 +89,7 @@ def main(cfg: Config, output: str | None = None) -> IngestResult:
     """Load and validate ``cfg.data.source``, write ``<output_dir>/<name>.parquet``, log to MLflow."""
     import mlflow
 
-    from mlproject.data import split_bars
+    from mlproject.data import load_source, split_bars
     from mlproject.tracking import pipeline_run, setup_tracking
 
     setup_tracking(cfg)

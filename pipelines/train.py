@@ -278,10 +278,10 @@ def main(cfg: Config, data: str | None = None, iterations: int | None = None, in
     import ray
     import torch
 
-    from mlproject.data import split_bars
+    from mlproject.data import load_source, split_bars
     from mlproject.registry import register_version
     from mlproject.tracking import git_commit, pipeline_run, setup_tracking
-    from pipelines.ingest import load_source, log_dataset
+    from pipelines.ingest import log_dataset
 
     if data:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": data})})

@@ -76,3 +76,47 @@ def momentum_bars(n: int, seed: int, persist: float = 0.85):
     index = pd.date_range("2024-01-02 09:31", periods=n, freq="1min", name="timestamp")
     return pd.DataFrame({"open": open_, "high": np.maximum(open_, close) + 0.25,
                          "low": np.minimum(open_, close) - 0.25, "close": close, "volume": 100.0}, index=index)
+
+
+@pytest.fixture(scope="session")
+def trained(ray_session, tmp_path_factory):
+    """One tiny training run (smoke profile, 2 iterations) registered as nt8-agent version 1 in
+    a session-wide sqlite store. Yields (store uri, TrainResult, config, folder). Tests that use
+    it talk to that store (MLFLOW_TRACKING_URI points there while they run)."""
+    import mlflow
+    from mlflow.tracking import fluent
+
+    from mlproject.config import load_config
+    from pipelines import train
+
+    tmp = tmp_path_factory.mktemp("trained")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    mp.setattr(fluent, "_active_experiment_id", None)
+    mp.chdir(tmp)
+    mlflow.set_tracking_uri(uri)
+    cfg = load_config(ROOT / "conf" / "smoke.yaml", ["train.iterations=2"])
+    result = train.main(cfg)
+    mlflow.set_tracking_uri(None)
+    mp.undo()
+    yield uri, result, cfg, tmp
+
+
+@pytest.fixture
+def trained_store(trained, monkeypatch):
+    """Point MLflow at the session's trained-model store for one test."""
+    import mlflow
+    from mlflow.tracking import fluent
+
+    uri = trained[0]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.setattr(fluent, "_active_experiment_id", None)
+    monkeypatch.chdir(trained[3])
+    mlflow.set_tracking_uri(uri)
+    yield trained
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)

@@ -58,15 +58,15 @@ def test_orchestrate_all_runs_the_existing_cycle(tmp_path, mlflow_store, monkeyp
     result = orchestrate.main(cfg, "all")
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     names = {r.info.run_name: r for r in runs}
-    assert {"cycle-all", "ingest", "train", "test-backtest"} <= set(names)
-    child = names["test-backtest"]
-    assert child.data.tags["mlflow.parentRunId"] == result["run_id"]
-    assert names["train"].data.tags["mlflow.parentRunId"] == result["run_id"]
+    assert {"cycle-all", "ingest", "train", "evaluate"} <= set(names)
+    for step in ("ingest", "train", "evaluate"):
+        assert names[step].data.tags["mlflow.parentRunId"] == result["run_id"]
     assert result["model_uri"] == "models:/nt8-agent/1"
-    trained = result["backtests"]["trained"]
-    assert child.data.metrics["eval/n_trades"] == len(trained.trades)
-    assert child.data.metrics["eval/total_return"] == pytest.approx(trained.equity.iloc[-1] / trained.equity.iloc[0] - 1)
-    assert child.data.metrics["baseline/random/n_trades"] > 0
+    evaluated = names["evaluate"]
+    assert evaluated.data.tags["model_uri"] == "models:/nt8-agent/1"
+    report = result["evaluate"].reports["models:/nt8-agent/1"]
+    assert evaluated.data.metrics["eval/total_return"] == pytest.approx(report.summary()["total_return"])
+    assert evaluated.data.metrics["baseline/flat/total_return"] == 0.0
     train_inputs = {i.dataset.name for i in names["train"].inputs.dataset_inputs}
     assert train_inputs == {"train-split", "validation-split"}
 

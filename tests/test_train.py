@@ -61,28 +61,8 @@ def test_same_seed_same_first_iteration(ray_session, small_bars):
     assert a["train/vf_loss"] != c["train/vf_loss"]
 
 
-@pytest.fixture(scope="module")
-def trained(ray_session, tmp_path_factory):
-    """One tiny training run registered in a module-wide sqlite store: (store uri, result, cfg)."""
-    from mlflow.tracking import fluent
-
-    tmp = tmp_path_factory.mktemp("train")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    mp.setattr(fluent, "_active_experiment_id", None)
-    mp.chdir(tmp)
-    mlflow.set_tracking_uri(uri)
-    cfg = load_config(ROOT / "conf" / "smoke.yaml", ["train.iterations=2"])
-    result = train.main(cfg)
-    yield uri, result, cfg, tmp
-    mlflow.set_tracking_uri(None)
-    mp.undo()
-
-
-def test_run_logs_metrics_params_data_checkpoint_and_version(trained):
-    uri, result, cfg, _ = trained
+def test_run_logs_metrics_params_data_checkpoint_and_version(trained_store):
+    uri, result, cfg, _ = trained_store
     run = mlflow.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     history = mlflow.MlflowClient().get_metric_history(result.run_id, "train/env_steps")
@@ -101,8 +81,8 @@ def test_run_logs_metrics_params_data_checkpoint_and_version(trained):
     assert version.tags["run_id"] == result.run_id and "parent_version" not in version.tags
 
 
-def test_pyfunc_loads_in_a_fresh_process_without_ray(trained, tmp_path):
-    uri, result, cfg, _ = trained
+def test_pyfunc_loads_in_a_fresh_process_without_ray(trained_store, tmp_path):
+    uri, result, cfg, _ = trained_store
     obs = train._observations(momentum_bars(400, seed=5), cfg, 6)
     np.save(tmp_path / "obs.npy", obs)
     script = textwrap.dedent(f"""
@@ -120,8 +100,8 @@ def test_pyfunc_loads_in_a_fresh_process_without_ray(trained, tmp_path):
     assert answer["ray_running"] is False
 
 
-def test_warm_start_records_parent_and_starts_from_its_weights(trained):
-    uri, result, cfg, _ = trained
+def test_warm_start_records_parent_and_starts_from_its_weights(trained_store):
+    uri, result, cfg, _ = trained_store
     parent_uri = f"models:/nt8-agent/{result.registered_version}"
     module_dir, parent = train.resolve_init_from(parent_uri)
     assert parent["parent_version"] == result.registered_version
@@ -147,8 +127,8 @@ def test_warm_start_records_parent_and_starts_from_its_weights(trained):
     assert mlflow.get_run(child.run_id).data.tags["parent_uri"] == parent_uri
 
 
-def test_warm_start_rejects_a_policy_for_other_observations(trained):
-    uri, result, cfg, _ = trained
+def test_warm_start_rejects_a_policy_for_other_observations(trained_store):
+    uri, result, cfg, _ = trained_store
     module_dir, _ = train.resolve_init_from(f"models:/nt8-agent/{result.registered_version}")
     with pytest.raises(ValueError, match="expects observations of shape"):
         train.warm_start(None, module_dir, (7,))

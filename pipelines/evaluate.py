@@ -1,0 +1,214 @@
+"""Backtest registered models on held-out bars and log comparable trading metrics.
+
+    python -m pipelines.evaluate --model-uri models:/nt8-agent/3
+    python -m pipelines.evaluate --model-uri models:/nt8-agent@production --data ES.parquet --start 2025-01-01
+    python -m pipelines.evaluate --model-uri models:/nt8-agent/3 --model-uri models:/nt8-agent/4   # compare
+    mlflow run . -e evaluate -P model_uri=models:/nt8-agent/Production --env-manager local
+
+Default bars: the test split of ``data.source``. The bars are cut into
+``continuous_learning.evaluation_episodes`` windows, played deterministically; every metric is
+logged as its mean over windows (``eval/<metric>``) and spread (``eval/<metric>_std``), per
+window (``eval_window/<metric>``, window number as step), and against flat and buy-and-hold on
+the same windows (``baseline/flat/...``, ``baseline/buy_hold/...``). The metrics are linked to
+the evaluated MLflow model and to the dataset. Several ``--model-uri``: one child run per model
+on identical bars and a comparison table on the parent run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mlproject.config import Config
+from pipelines.cli import base_parser, run_cli
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluateResult:
+    """Reports per model (and the baselines), the comparison table, the MLflow run."""
+
+    run_id: str
+    reports: dict[str, Any]
+    baselines: dict[str, Any]
+    table: pd.DataFrame
+
+
+def select_bars(cfg: Config, data: str | None, start: str | None, end: str | None) -> pd.DataFrame:
+    """A given file (whole, or the [start, end] window), else the configured test split."""
+    from mlproject.data import load_source
+    from mlproject.evaluation import default_bars
+
+    if data:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": data})})
+        bars = load_source(cfg)
+    else:
+        bars = default_bars(cfg)
+    window = bars.loc[start:end] if (start or end) else bars
+    if len(window) == 0:
+        raise ValueError(f"no bars between {start or 'the start'} and {end or 'the end'} in {data or cfg.data.source}")
+    window.attrs.update(bars.attrs)
+    return window
+
+
+def model_id_of(model_uri: str) -> str | None:
+    """The MLflow 3 LoggedModel id behind a model URI (None for runs:/ URIs and paths)."""
+    from mlproject.registry import resolve_version
+
+    if model_uri.startswith("models:/m-"):
+        return model_uri.split("/")[1]
+    version = resolve_version(model_uri)
+    if version is None:
+        return None
+    # The sqlite registry leaves ModelVersion.model_id empty; the source still names the model.
+    source = version.source or ""
+    return version.model_id or (source.split("/")[1] if source.startswith("models:/m-") else None)
+
+
+def equity_drawdown_png(report: Any) -> bytes:
+    """Equity (top) and drawdown (bottom) of every window, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 6), sharex=True, height_ratios=(2, 1))
+    for w in report.windows:
+        top.plot(w.equity.index, w.equity.to_numpy(), lw=0.8)
+        peak = np.maximum.accumulate(w.equity.to_numpy())
+        bottom.fill_between(w.equity.index, -(peak - w.equity.to_numpy()) / peak * 100, 0, alpha=0.4)
+    top.set_title(f"{report.name}: equity per evaluation window")
+    top.set_ylabel("equity")
+    bottom.set_ylabel("drawdown %")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _finite(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    return {f"{prefix}/{k}": float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+
+
+def log_report(report: Any, baselines: dict[str, Any], dataset: Any, model_uri: str) -> dict[str, float]:
+    """Log one model's evaluation into the active run; returns the ``eval/...`` metrics."""
+    import mlflow
+
+    from mlproject.evaluation import paired_comparison, psr_against
+
+    summary = report.summary()
+    summary["psr_vs_buy_hold"] = psr_against(report, baselines["buy_hold"])
+    for key, value in paired_comparison(report, baselines["buy_hold"]).items():
+        summary[f"vs_buy_hold_{key}"] = value
+    metrics = _finite(summary, "eval")
+    mlflow.log_metrics(metrics, model_id=model_id_of(model_uri), dataset=dataset)
+    for w in report.windows:
+        mlflow.log_metrics(_finite(w.metrics, "eval_window"), step=w.index)
+    for name, base in baselines.items():
+        mlflow.log_metrics(_finite({k: v for k, v in base.summary().items() if not k.endswith("_std")},
+                                   f"baseline/{name}"))
+    mlflow.set_tags({"model_uri": model_uri, "eval.windows": str(len(report.windows))})
+    mlflow.log_image(_png_image(equity_drawdown_png(report)), "eval/equity_drawdown.png")
+    mlflow.log_table(report.per_window().reset_index(), "eval/windows.json")
+    trades = report.trades()
+    if len(trades):
+        _log_parquet(trades, "eval/trades.parquet")
+        mlflow.log_table(trades.astype({"entry_time": str, "exit_time": str}), "eval/trades.json")
+    positions = pd.concat([pd.DataFrame({"window": w.index, "equity": w.equity, "position": w.positions})
+                           for w in report.windows])
+    _log_parquet(positions.reset_index(), "eval/positions.parquet")
+    return metrics
+
+
+def _png_image(data: bytes) -> Any:
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data))
+
+
+def _log_parquet(frame: pd.DataFrame, artifact_file: str) -> None:
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_file).name
+        frame.to_parquet(path)
+        mlflow.log_artifact(str(path), str(Path(artifact_file).parent))
+
+
+def main(cfg: Config, model_uris: list[str], data: str | None = None, start: str | None = None,
+         end: str | None = None, metric: str = "sharpe") -> EvaluateResult:
+    """Evaluate each model (and the baselines) on the same bars and windows; log to MLflow."""
+    import mlflow
+
+    from mlproject.evaluation import LOWER_IS_BETTER, backtest, baselines, load_policy
+    from mlproject.tracking import pipeline_run, setup_tracking
+    from pipelines.ingest import log_dataset
+
+    if not model_uris:
+        raise ValueError("give at least one --model-uri")
+    setup_tracking(cfg)
+    bars = select_bars(cfg, data, start, end)
+    n_windows = cfg.continuous_learning.evaluation_episodes
+    env = cfg.env.model_dump()
+    compare = len(model_uris) > 1
+    with pipeline_run(cfg, "compare" if compare else "evaluate", nested=mlflow.active_run() is not None) as run:
+        source = bars.attrs.get("path") or str(bars.attrs.get("source", ""))
+        dataset = log_dataset(bars, "evaluation-bars", source, "evaluation")
+        base = baselines(bars, env, n_windows)
+        reports, rows = {}, {}
+        for uri in model_uris:
+            log.info("evaluating %s on %d bars (%s .. %s), %d windows", uri, len(bars), bars.index[0],
+                     bars.index[-1], n_windows)
+            report = backtest(load_policy(uri), bars, env, n_windows, seed=cfg.seed, name=uri)
+            reports[uri] = report
+            if compare:
+                with mlflow.start_run(run_name=f"evaluate {uri}", nested=True):
+                    log_dataset(bars, "evaluation-bars", source, "evaluation")
+                    rows[uri] = log_report(report, base, dataset, uri)
+            else:
+                rows[uri] = log_report(report, base, dataset, uri)
+            log.info("%s: %s", uri, ", ".join(f"{k}={report.summary()[k]:.4g}" for k in
+                                              ("total_return", "sharpe", "max_drawdown", "win_rate", "n_trades")))
+        table = pd.DataFrame({uri: {k.removeprefix("eval/"): v for k, v in row.items()} for uri, row in rows.items()}).T
+        table.index.name = "model"
+        if compare:
+            mlflow.log_table(table.reset_index(), "compare/table.json")
+            values = table[metric] if metric in table else pd.Series(dtype=float)
+            if values.notna().any():
+                best = values.idxmin() if metric in LOWER_IS_BETTER else values.idxmax()
+                mlflow.set_tags({"compare.metric": metric, "compare.best": str(best)})
+                log.info("best by %s: %s", metric, best)
+        return EvaluateResult(run.info.run_id, reports, base, table)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--model-uri", action="append", default=[], required=True,
+                        help="models:/nt8-agent/3, models:/nt8-agent/Production, models:/nt8-agent@production, "
+                             "runs:/<id>/policy; repeat (or comma-separate) to compare models")
+    parser.add_argument("--data", default="", help="bar file to evaluate on (default: the test split of data.source)")
+    parser.add_argument("--start", default="", help="first timestamp of the window (inclusive)")
+    parser.add_argument("--end", default="", help="last timestamp of the window (inclusive)")
+    parser.add_argument("--metric", default="sharpe", help="metric that names the best model when comparing")
+    return parser
+
+
+def _cli(cfg: Config, args: argparse.Namespace) -> None:
+    uris = [u.strip() for chunk in args.model_uri for u in chunk.split(",") if u.strip()]
+    main(cfg, uris, args.data or None, args.start or None, args.end or None, args.metric)
+
+
+if __name__ == "__main__":
+    run_cli(build_parser(), _cli)

@@ -1,0 +1,159 @@
+"""Evaluation: batched backtests, baselines, MLflow logging, comparison and selection."""
+
+from __future__ import annotations
+
+import math
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import ROOT, momentum_bars, run_module
+from mlproject.backtest import constant_policy as single_constant
+from mlproject.backtest import play_episode
+from mlproject.config import load_config
+from mlproject.evaluation import (
+    backtest,
+    baselines,
+    compare_models,
+    constant_policy,
+    paired_comparison,
+    psr_against,
+    select_best,
+    window_starts,
+)
+
+
+def test_windows_are_consecutive_and_do_not_overlap():
+    starts, length = window_starts(1000, 32, 4)
+    assert length == (1000 - 1 - 32) // 4
+    assert starts.tolist() == [32 + i * length for i in range(4)]
+    assert starts[-1] + length <= 999
+    with pytest.raises(ValueError, match="too few for 50 evaluation windows"):
+        window_starts(100, 32, 50)
+
+
+def test_batched_windows_equal_single_env_episodes(small_bars):
+    """Each batched window is exactly a single-env episode over the same bars."""
+    env = {"window": 8, "instrument": {"preset": "ES", "max_contracts": 2}}
+    report = backtest(constant_policy(4), small_bars, env, n_windows=3)
+    starts, length = window_starts(len(small_bars), 20, 3)  # t_min = max(window, vol_window)
+    for window, start in zip(report.windows, starts):
+        bars = small_bars.iloc[start - 20: start + length + 1]  # same history, same window
+        single = play_episode(single_constant(4), bars, env)
+        np.testing.assert_allclose(window.equity.to_numpy(), single.equity.to_numpy(), rtol=0, atol=1e-6)
+        assert window.equity.index.equals(single.equity.index)
+        assert window.metrics["total_return"] == pytest.approx(single.metrics["total_return"], abs=1e-12)
+
+
+def test_flat_and_buy_hold_baselines(small_bars):
+    env = {"window": 8}
+    base = baselines(small_bars, env, n_windows=4)
+    flat = base["flat"].summary()
+    assert flat["total_return"] == 0.0 and flat["n_trades"] == 0.0 and flat["exposure"] == 0.0
+    hold = base["buy_hold"]
+    for w in hold.windows:  # long 1 ES from the first fill to the end of the window, never closed
+        first_open = small_bars.loc[w.equity.index[1], "open"]  # bought at the next open + 1 tick
+        last_close = small_bars.loc[w.equity.index[-1], "close"]
+        expected = (last_close - first_open - 0.25) * 50 - 2.25  # ES $50/point, $2.25 commission
+        assert w.equity.iloc[-1] - w.equity.iloc[0] == pytest.approx(expected, abs=1e-6)
+        assert w.metrics["exposure"] == pytest.approx((len(w.equity) - 1) / len(w.equity))
+
+
+def test_policy_errors_name_the_policy(small_bars):
+    with pytest.raises(ValueError, match="bad: returned actions outside 0..2"):
+        backtest(lambda obs: np.full(len(obs), 7), small_bars, {"window": 8}, 2, name="bad")
+    with pytest.raises(ValueError, match="nan: returned NaN"):
+        backtest(lambda obs: np.full(len(obs), np.nan), small_bars, {"window": 8}, 2, name="nan")
+
+
+def test_psr_and_paired_comparison_prefer_the_better_policy():
+    rising = momentum_bars(3000, seed=4, persist=0.5)  # coin-flip moves of ~0.6 point a bar ...
+    rising[["open", "high", "low", "close"]] += np.linspace(0, 1500, len(rising))[:, None]  # ... on a 0.5/bar drift
+    env = {"window": 4, "instrument": {"symbol": "T", "tick_size": 0.25, "point_value": 50,
+                                       "commission_per_side": 0.0, "slippage_ticks": 0, "max_contracts": 1}}
+    base = baselines(rising, env, n_windows=5)
+    paired = paired_comparison(base["buy_hold"], base["flat"])
+    assert paired["mean_return_diff"] > 0 and paired["t_stat"] > 0 and paired["p_value"] < 0.05
+    assert paired["windows_won"] == 5.0
+    assert psr_against(base["buy_hold"], 0.0) > 0.95
+    assert math.isnan(psr_against(base["flat"], base["buy_hold"]))  # flat has no variance: undefined
+
+
+def test_evaluate_logs_metrics_linked_to_the_model(trained_store):
+    from pipelines import evaluate
+
+    _, result, cfg, _ = trained_store
+    uri = f"models:/nt8-agent/{result.registered_version}"
+    out = evaluate.main(cfg, [uri])
+    run = mlflow.get_run(out.run_id)
+    # Always defined for a policy that trades (profit factor and payoff may be inf/NaN, so not listed).
+    for key in ("eval/sharpe", "eval/total_return", "eval/max_drawdown", "eval/n_trades", "eval/exposure",
+                "eval/turnover", "eval/sharpe_std", "baseline/flat/total_return", "baseline/buy_hold/total_return",
+                "eval/psr_vs_buy_hold", "eval/commissions"):
+        assert key in run.data.metrics, key
+    assert run.data.metrics["baseline/flat/total_return"] == 0.0
+    assert run.data.tags["eval.windows"] == str(cfg.continuous_learning.evaluation_episodes)
+    history = mlflow.MlflowClient().get_metric_history(out.run_id, "eval_window/total_return")
+    assert sorted(m.step for m in history) == list(range(cfg.continuous_learning.evaluation_episodes))
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(out.run_id, "eval")}
+    assert {"eval/equity_drawdown.png", "eval/windows.json", "eval/positions.parquet"} <= artifacts
+    model_id = evaluate.model_id_of(uri)
+    assert model_id and result.model_uri == f"models:/{model_id}"
+    linked = {m.key for m in mlflow.get_logged_model(model_id).metrics}
+    assert {"eval/total_return", "eval/max_drawdown"} <= linked
+    assert run.inputs.dataset_inputs[0].dataset.name == "evaluation-bars"
+    report = out.reports[uri]
+    assert run.data.metrics["eval/total_return"] == pytest.approx(report.summary()["total_return"])
+
+
+def test_compare_and_select_best(trained_store):
+    from pipelines import evaluate, train
+
+    _, result, cfg, _ = trained_store
+    other = train.main(cfg.model_copy(update={"train": cfg.train.model_copy(update={"iterations": 1})}), seed=99)
+    uris = [f"models:/nt8-agent/{result.registered_version}", f"models:/nt8-agent/{other.registered_version}"]
+    table = compare_models(uris, cfg=cfg)
+    assert list(table.index) == uris and "sharpe" in table and "sharpe_std" in table
+    best = select_best(uris, "total_return", cfg=cfg)
+    assert best == table["total_return"].astype(float).idxmax()
+    assert select_best(uris, "max_drawdown", cfg=cfg) == table["max_drawdown"].astype(float).idxmin()
+    with pytest.raises(ValueError, match="unknown metric 'sharp'"):
+        select_best(uris, "sharp", cfg=cfg)
+    out = evaluate.main(cfg, uris, metric="total_return")
+    parent = mlflow.get_run(out.run_id)
+    assert parent.data.tags["compare.best"] == best
+    children = mlflow.search_runs(experiment_ids=[parent.info.experiment_id], output_format="list",
+                                  filter_string=f"tags.mlflow.parentRunId = '{out.run_id}'")
+    assert {c.data.tags["model_uri"] for c in children} == set(uris)
+    assert "compare/table.json" in {a.path for a in mlflow.MlflowClient().list_artifacts(out.run_id, "compare")}
+
+
+def test_mlflow_run_evaluate_and_bad_uri(trained_store, tmp_path):
+    uri, result, _, _ = trained_store
+    model = f"models:/nt8-agent/{result.registered_version}"
+    out = run_module(["mlflow", "run", str(ROOT), "-e", "evaluate", "--env-manager", "local",
+                      "-P", f"model_uri={model}", "-P", "config=conf/smoke.yaml"], cwd=tmp_path,
+                     env={"MLFLOW_TRACKING_URI": uri})
+    assert out.returncode == 0, out.stderr[-3000:]
+    bad = run_module(["python", "-m", "pipelines.evaluate", "--model-uri", "models:/nt8-agent/999",
+                      "--config", str(ROOT / "conf" / "smoke.yaml")], cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})
+    assert bad.returncode == 2 and "models:/nt8-agent/999" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_evaluate_window_of_a_file(trained_store, tmp_path):
+    from pipelines import evaluate
+
+    _, result, cfg, _ = trained_store
+    path = tmp_path / "bars.parquet"
+    bars = momentum_bars(2000, seed=8)
+    bars.to_parquet(path)
+    start, end = str(bars.index[200]), str(bars.index[1500])
+    out = evaluate.main(cfg, [f"models:/nt8-agent/{result.registered_version}"], data=str(path), start=start, end=end)
+    report = next(iter(out.reports.values()))
+    assert report.windows[0].equity.index[0] >= pd.Timestamp(start)
+    assert report.windows[-1].equity.index[-1] <= pd.Timestamp(end)
+    with pytest.raises(ValueError, match="no bars between 2030-01-01"):
+        evaluate.main(cfg, ["models:/nt8-agent/1"], data=str(path), start="2030-01-01")
+    assert load_config(ROOT / "conf" / "smoke.yaml").continuous_learning.evaluation_episodes == len(report.windows)
