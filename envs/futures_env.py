@@ -221,8 +221,7 @@ class FuturesTradingEnv(gym.Env):
         ``slippage`` (already inside the fill prices) is reported as money for cost analysis.
         """
         spec = self.market.spec
-        rows = trades_from_fills(self._fills, spec.point_value, spec.commission_per_side,
-                                 spec.slippage_ticks * spec.tick_size * spec.point_value)
+        rows = trades_from_fills(self._fills, spec.point_value, spec.commission_per_side, spec.slippage_cost)
         frame = pd.DataFrame(rows, columns=list(TRADE_COLUMNS))
         for col in ("entry_time", "exit_time"):
             frame[col] = self._index[frame[col].to_numpy(np.int64)] if len(frame) else pd.Series(dtype="datetime64[ns]")

@@ -102,9 +102,8 @@ class Market:
         """Per-step constants both envs copy onto themselves as private attributes (an instance
         attribute is the fastest read in the single env's hot path); one place for the formulas."""
         spec, cfg = self.spec, self.cfg
-        slip_px = spec.slippage_ticks * spec.tick_size
-        return {"_max": spec.max_contracts, "_pv": spec.point_value, "_slip_px": slip_px,
-                "_slip_cost": slip_px * spec.point_value, "_commission": spec.commission_per_side,
+        return {"_max": spec.max_contracts, "_pv": spec.point_value, "_slip_px": spec.slippage_price,
+                "_slip_cost": spec.slippage_cost, "_commission": spec.commission_per_side,
                 "_floor": cfg.equity_floor_fraction * cfg.initial_equity}
 
     @staticmethod

@@ -41,29 +41,25 @@ def play_episode(policy: Policy, bars: pd.DataFrame, env_config: Mapping[str, An
         done = terminated or truncated
     index = pd.DatetimeIndex(stamps, name="timestamp")
     equity_s = pd.Series(equity, index=index, name="equity")
+    from mlproject.metrics import periods_per_year
+
     trades = env.trades_frame()
-    return EpisodeResult(equity_s, pd.Series(positions, index=index, name="position"), trades,
-                         episode_metrics(equity_s, trades))
+    metrics = episode_metrics(equity_s.to_numpy(), np.asarray(positions), trades, periods_per_year(bars.index),
+                              env.market.spec)
+    return EpisodeResult(equity_s, pd.Series(positions, index=index, name="position"), trades, metrics)
 
 
-def episode_metrics(equity: pd.Series, trades: pd.DataFrame) -> dict[str, float]:
-    """The trading metrics of one episode (see mlproject.metrics)."""
-    from mlproject import metrics as m
+def episode_metrics(equity: np.ndarray, positions: np.ndarray, trades: pd.DataFrame, periods_per_year: float,
+                    spec: Any) -> dict[str, float]:
+    """Every trading metric of one episode that starts flat (``mlproject.metrics.trading_metrics``);
+    commissions and slippage are counted from the position changes, open trade included."""
+    from mlproject.metrics import trading_metrics
 
-    values = equity.to_numpy()
-    ppy = m.periods_per_year(equity.index)
-    pnls = trades["pnl"].to_numpy() if len(trades) else np.zeros(0)
-    return {
-        "total_return": m.total_return(values),
-        "max_drawdown": m.max_drawdown(values),
-        "sharpe": m.sharpe_ratio(m.equity_returns(values), ppy),
-        "calmar": m.calmar_ratio(values, ppy),
-        "n_trades": float(len(trades)),
-        "win_rate": m.win_rate(pnls),
-        "profit_factor": m.profit_factor(pnls),
-        "commission_paid": float(trades["commission"].sum()) if len(trades) else 0.0,
-        "final_equity": float(values[-1]),
-    }
+    contracts = float(np.abs(np.diff(np.asarray(positions))).sum())
+    return trading_metrics(np.asarray(equity, dtype=np.float64), positions, trades["pnl"].to_numpy(np.float64),
+                           trades["bars_held"].to_numpy(np.float64), periods_per_year,
+                           commissions=contracts * spec.commission_per_side,
+                           slippage=contracts * spec.slippage_cost)
 
 
 def random_policy(n_actions: int, seed: int) -> Policy:

@@ -90,7 +90,7 @@ def fills_from_positions(positions: np.ndarray, start: int, market: Any) -> list
     flat at bar ``start``: the env's fill rule (next open, slippage against the trader)."""
     positions = np.asarray(positions, dtype=np.int64)
     changed = np.flatnonzero(np.diff(positions)) + 1
-    slip = market.step_constants()["_slip_px"]
+    slip = market.spec.slippage_price
     opens = market.open_[start + changed]
     prices = np.where(np.diff(positions)[changed - 1] > 0, opens + slip, opens - slip)
     return list(zip((start + changed).tolist(), positions[changed].tolist(), prices.tolist()))
@@ -122,10 +122,13 @@ def backtest(policy: BatchPolicy, bars: pd.DataFrame, env_config: Mapping[str, A
         done = alive & (terminated | truncated)
         ended_at[done & (k < length)] = k
         alive &= ~(terminated | truncated)
+    from mlproject.metrics import periods_per_year
+
+    ppy = periods_per_year(bars.index)  # once: every window is annualised alike
     report = EvalReport(name)
     for i, start in enumerate(starts.tolist()):
         report.windows.append(_window_result(i, start, equity[: ended_at[i] + 1, i], positions[: ended_at[i] + 1, i],
-                                             env.market))
+                                             env.market, ppy))
     return report
 
 
@@ -142,24 +145,20 @@ def _checked_actions(actions: Any, n: int, n_actions: int, name: str) -> np.ndar
     return out
 
 
-def _window_result(index: int, start: int, equity: np.ndarray, positions: np.ndarray, market: Any) -> WindowResult:
+def _window_result(index: int, start: int, equity: np.ndarray, positions: np.ndarray, market: Any,
+                   ppy: float) -> WindowResult:
     from envs.futures_env import TRADE_COLUMNS, trades_from_fills
-    from mlproject.metrics import periods_per_year, trading_metrics
+    from mlproject.backtest import episode_metrics
 
     spec = market.spec
-    constants = market.step_constants()
     stamps = market.bars.index[start: start + len(equity)]
     trades = pd.DataFrame(trades_from_fills(fills_from_positions(positions, start, market), spec.point_value,
-                                            spec.commission_per_side, constants["_slip_cost"]),
+                                            spec.commission_per_side, spec.slippage_cost),
                           columns=list(TRADE_COLUMNS))
     if len(trades):
         trades["entry_time"] = market.bars.index[trades["entry_time"].to_numpy(np.int64)]
         trades["exit_time"] = market.bars.index[trades["exit_time"].to_numpy(np.int64)]
-    contracts = float(np.abs(np.diff(positions)).sum())
-    metrics = trading_metrics(equity, positions, trades["pnl"].to_numpy(np.float64),
-                              trades["bars_held"].to_numpy(np.float64), periods_per_year(market.bars.index),
-                              commissions=contracts * spec.commission_per_side,
-                              slippage=contracts * constants["_slip_cost"])
+    metrics = episode_metrics(equity, positions, trades, ppy, spec)
     return WindowResult(index, pd.Series(equity, index=stamps, name="equity"),
                         pd.Series(positions, index=stamps, name="position"), trades, metrics)
 

@@ -25,6 +25,16 @@ class InstrumentSpec:
         """Money per tick per contract."""
         return self.tick_size * self.point_value
 
+    @property
+    def slippage_price(self) -> float:
+        """Price points every fill gives up to slippage."""
+        return self.slippage_ticks * self.tick_size
+
+    @property
+    def slippage_cost(self) -> float:
+        """Money every contract filled gives up to slippage."""
+        return self.slippage_price * self.point_value
+
 
 # CME contract specs (tick size, point value). Commission is a typical retail all-in rate per side
 # (broker + exchange + NFA fees); slippage one tick. Override per account in config.
