@@ -98,15 +98,18 @@ def profit_factor(trade_pnls: np.ndarray) -> float:
 def periods_per_year(index) -> float:
     """Bars per year for annualisation, from the timestamps: 252 trading days times the median
     number of bars per trading day (session-aware: an RTH minute series gives 390 * 252).
-    Daily or slower bars: 252 / days per bar."""
+    Daily bars (median spacing under two days, weekends included): 252. Slower bars: calendar
+    time, 365.25 days / median spacing (weekly 52.2, monthly about 12)."""
     import pandas as pd
 
     index = pd.DatetimeIndex(index)
     if len(index) < 2:
         return 252.0
     step = pd.Series(index).diff().median()
+    if step >= pd.Timedelta(days=2):
+        return float(pd.Timedelta(days=365.25) / step)
     if step >= pd.Timedelta(days=1):
-        return 252.0 / max(1.0, step / pd.Timedelta(days=1))
+        return 252.0
     per_day = pd.Series(1, index=index).groupby(index.normalize()).size().median()
     return float(252.0 * per_day)
 

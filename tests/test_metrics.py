@@ -293,3 +293,23 @@ def test_trading_metrics_degenerate_is_still_all_floats() -> None:
         assert all(type(v) is float for v in out.values())
         assert out["n_trades"] == 0.0 and _is_nan(out["win_rate"]) and _is_nan(out["sharpe"])
     assert _is_nan(m.trading_metrics([], [], [], [], 252.0)["final_equity"])
+
+
+def test_periods_per_year_from_bar_timestamps():
+    """Session-aware annualisation: RTH minute bars 390/day, hourly 24/day on a 24h market,
+    daily 252, weekly 52.18 (calendar time for bars slower than daily)."""
+    import pandas as pd
+
+    from mlproject.data import synthetic_bars
+    from mlproject.metrics import periods_per_year
+
+    rth_minutes = synthetic_bars(390 * 3, seed=0).index  # 09:31..16:00, three sessions
+    assert periods_per_year(rth_minutes) == 390 * 252
+    five_minutes = synthetic_bars(78 * 3, seed=0, bar_minutes=5).index
+    assert periods_per_year(five_minutes) == 78 * 252
+    hourly_24h = pd.date_range("2024-01-01", periods=24 * 10, freq="h")
+    assert periods_per_year(hourly_24h) == 24 * 252
+    daily = pd.bdate_range("2024-01-01", periods=300)
+    assert periods_per_year(daily) == 252.0
+    weekly = pd.date_range("2024-01-05", periods=100, freq="W-FRI")
+    assert periods_per_year(weekly) == pytest.approx(365.25 / 7)
