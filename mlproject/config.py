@@ -224,6 +224,27 @@ class TrainConfig(_Strict):
         return value
 
 
+class PromotionConfig(_Strict):
+    """The promotion gate (``pipelines.promote``) and the deploy target (``registry_hooks``)."""
+
+    model_name: str = "nt8-agent"
+    """Registered model that deploys."""
+    metric: str = "sharpe"
+    """Evaluation metric (mean over windows) the challenger must improve."""
+    min_improvement: float = Field(default=0.0, ge=0)
+    """The challenger must beat Production on ``metric`` by more than this (metric units)."""
+    min_psr: float = Field(default=0.5, ge=0, le=1)
+    """Probabilistic Sharpe Ratio of the challenger's per-bar returns against Production's Sharpe."""
+    max_drawdown: float = Field(default=0.25, gt=0, le=1)
+    """Worst window's maximum drawdown (fraction) the challenger may have."""
+    min_trades: int = Field(default=10, ge=0)
+    """Closed trades the challenger must make over all evaluation windows."""
+    deploy_dir: str = "deploy"
+    """Where registry_hooks.reconcile exports the Production model."""
+    keep_releases: int = Field(default=3, ge=2)
+    """Exported releases kept in deploy_dir (current and previous at least)."""
+
+
 class MlflowConfig(_Strict):
     """Tracking settings; MLFLOW_TRACKING_URI in the environment wins over tracking_uri."""
 
@@ -258,6 +279,7 @@ class Config(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     env: EnvConfig = Field(default_factory=EnvConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     continuous_learning: ContinuousLearningConfig = Field(default_factory=ContinuousLearningConfig)
 

@@ -1,14 +1,50 @@
-"""Model Registry access. The only module that calls MLflow's (deprecated) stage APIs, so that
-moving to aliases alone is a one-file change (see shared DESIGN: "Registry")."""
+"""Model Registry access: deploy and rollback as "Production" stage transitions.
+
+The only module that calls MLflow's (deprecated) stage APIs, so that moving to aliases alone is
+a one-file change (shared DESIGN: "Registry"). The stage is the source of truth; every
+transition also sets the alias ``production`` (aliases fire MLflow webhooks, stages do not).
+Every promotion and rollback is recorded twice: as tags on the promoted version (the latest
+promotion of that version) and as an event tag on the registered model
+(``production_event.<seq>``, JSON), from which :func:`history` prints who was Production when.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import re
 import warnings
+from collections.abc import Iterator
+from datetime import datetime, timezone
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+PRODUCTION = "Production"
+ALIAS = "production"
+EVENT_PREFIX = "production_event."
+
+
+@contextlib.contextmanager
+def _stage_api() -> Iterator[None]:
+    """Stages are deprecated in MLflow 3 but are how this project deploys (DESIGN.md): their
+    FutureWarning is silenced here, at the stage call sites only."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
+
+
+def _client() -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def _tracking_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<ref>[^/]+)|@(?P<alias>[^/]+))/?$")
 
@@ -32,9 +68,7 @@ def resolve_version(model_uri: str) -> Any | None:
         ref = match["ref"]
         if ref.isdigit():
             return client.get_model_version(name, ref)
-        with warnings.catch_warnings():
-            # Stages are deprecated in MLflow 3 but are how this project deploys (DESIGN.md).
-            warnings.simplefilter("ignore", FutureWarning)
+        with _stage_api():
             versions = client.get_latest_versions(name, stages=[ref])
     except MlflowException as exc:
         raise ValueError(f"{model_uri}: {exc.message}") from None
@@ -53,3 +87,191 @@ def register_version(model_uri: str, name: str, tags: dict[str, str], descriptio
         MlflowClient().update_model_version(name, version.version, description=description)
     log.info("registered %s version %s", name, version.version)
     return version
+
+
+# -- Production: read ----------------------------------------------------------------------------
+
+
+def production_version(name: str) -> str | None:
+    """The version in stage Production (the source of truth), or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        with _stage_api():
+            versions = _client().get_latest_versions(name, stages=[PRODUCTION])
+    except MlflowException:
+        return None  # no such registered model yet
+    return str(versions[0].version) if versions else None
+
+
+def alias_version(name: str, alias: str = ALIAS) -> str | None:
+    """The version the alias points at, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(_client().get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def history(name: str) -> list[dict[str, Any]]:
+    """Every promotion and rollback, oldest first: seq, action, version, previous, at, reason,
+    metrics."""
+    tags = _client().get_registered_model(name).tags
+    events = [json.loads(v) for k, v in tags.items() if k.startswith(EVENT_PREFIX)]
+    return sorted(events, key=lambda e: e["seq"])
+
+
+def rollback_target(name: str) -> str | None:
+    """The version that was Production just before the current one (None: nothing to go back to)."""
+    current = production_version(name)
+    for event in reversed(history(name)):
+        if event["version"] == current:
+            return event.get("previous") or None
+    return None
+
+
+# -- Production: change --------------------------------------------------------------------------
+
+
+def promote(name: str, version: str | int, reason: str, metrics: dict[str, float] | None = None,
+            action: str = "promote") -> dict[str, Any]:
+    """Make ``version`` the Production version: stage transition (archiving the previous one),
+    alias ``production``, version tags and a history event. Returns the event."""
+    client, version = _client(), str(version)
+    client.get_model_version(name, version)  # unknown version: MlflowException before any change
+    previous = production_version(name)
+    with _stage_api():
+        client.transition_model_version_stage(name, version, PRODUCTION, archive_existing_versions=True)
+    # A crash here leaves the alias behind the stage: registry_hooks.reconcile repairs it.
+    client.set_registered_model_alias(name, ALIAS, version)
+    event = {"seq": _next_seq(name), "action": action, "version": version, "previous": previous or "",
+             "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "reason": reason,
+             "metrics": {k: float(v) for k, v in (metrics or {}).items()}}
+    client.set_registered_model_tag(name, f"{EVENT_PREFIX}{event['seq']:06d}", json.dumps(event))
+    for key, value in (("promoted_at", event["at"]), ("promotion_reason", reason[:4000]),
+                       ("previous_production", event["previous"]), ("promotion_action", action),
+                       ("promotion_metrics", json.dumps(event["metrics"])[:4000])):
+        client.set_model_version_tag(name, version, key, value)
+    log.info("%s: version %s is Production (%s; was %s): %s", name, version, action, previous or "none", reason)
+    return event
+
+
+def rollback(name: str, to_version: str | int | None = None, reason: str = "") -> dict[str, Any]:
+    """Back to the previous Production version (or ``to_version``); records why."""
+    current = production_version(name)
+    target = str(to_version) if to_version is not None else rollback_target(name)
+    if target is None:
+        raise ValueError(f"{name}: nothing to roll back to (Production is {current or 'empty'} and has no previous "
+                         "version); name one with to_version")
+    if target == current:
+        raise ValueError(f"{name}: version {target} is already Production")
+    return promote(name, target, reason or f"rollback from version {current}", action="rollback")
+
+
+def ensure_alias(name: str) -> bool:
+    """Point alias ``production`` at the Production stage version if it drifted; True if repaired."""
+    current = production_version(name)
+    if current is None or alias_version(name) == current:
+        return False
+    _client().set_registered_model_alias(name, ALIAS, current)
+    log.warning("%s: alias %s repaired to version %s (the Production stage)", name, ALIAS, current)
+    return True
+
+
+def delete_version(name: str, version: str | int) -> None:
+    """Delete a version; refuses the Production version and the rollback target."""
+    version = str(version)
+    if version == production_version(name):
+        raise ValueError(f"{name}: version {version} is Production; promote or roll back to another version first")
+    if version == rollback_target(name):
+        raise ValueError(f"{name}: version {version} is the rollback target of Production; it is kept")
+    _client().delete_model_version(name, version)
+
+
+def cleanup(name: str, keep: int = 5, delete: bool = False) -> list[str]:
+    """Archive (or delete) all but the newest ``keep`` versions, never Production nor the
+    rollback target. Returns the versions touched."""
+    protected = {production_version(name), rollback_target(name)}
+    versions = sorted(_client().search_model_versions(f"name='{name}'"), key=lambda v: int(v.version), reverse=True)
+    touched = []
+    for mv in versions[keep:]:
+        if str(mv.version) in protected:
+            continue
+        if delete:
+            _client().delete_model_version(name, str(mv.version))
+        elif mv.current_stage != "Archived":
+            with _stage_api():
+                _client().transition_model_version_stage(name, str(mv.version), "Archived")
+        else:
+            continue
+        touched.append(str(mv.version))
+    log.info("%s: %s versions %s", name, "deleted" if delete else "archived", ", ".join(touched) or "none")
+    return touched
+
+
+def _next_seq(name: str) -> int:
+    events = history(name)
+    return events[-1]["seq"] + 1 if events else 1
+
+
+# -- status --------------------------------------------------------------------------------------
+
+
+STATUS_METRICS = ("eval/sharpe", "eval/total_return", "eval/max_drawdown")
+
+
+def status(name: str) -> str:
+    """A table of every version: stage, aliases, key eval metrics, created and promoted times
+    (the seed's print_status), then the Production history."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        raise ValueError(f"no registered model named '{name}' in {_tracking_uri()}") from None
+    rows = []
+    for mv in sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
+        full = client.get_model_version(name, mv.version)
+        metrics = _eval_metrics(full)
+        created = datetime.fromtimestamp(full.creation_timestamp / 1000, timezone.utc).isoformat(timespec="seconds")
+        rows.append([str(full.version), full.current_stage, ",".join(full.aliases or []) or "-",
+                     *(f"{metrics[k]:.4g}" if k in metrics else "-" for k in STATUS_METRICS),
+                     created, full.tags.get("promoted_at", "-")])
+    header = ["version", "stage", "aliases", "sharpe", "total_return", "max_dd", "created", "promoted"]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = [f"registered model {name}: Production = {production_version(name) or 'none'}",
+             "  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    events = history(name)
+    if events:
+        lines.append("history (oldest first):")
+        lines += [f"  #{e['seq']} {e['at']} {e['action']} -> v{e['version']} (was {e['previous'] or 'none'}): "
+                  f"{e['reason']}" for e in events]
+    return "\n".join(lines)
+
+
+def version_model_id(mv: Any) -> str | None:
+    """The MLflow 3 LoggedModel id of a ModelVersion (the sqlite registry leaves ``model_id``
+    empty; the ``models:/m-...`` source still names it)."""
+    source = mv.source or ""
+    return mv.model_id or (source.split("/")[1] if source.startswith("models:/m-") else None)
+
+
+def model_id_of(model_uri: str) -> str | None:
+    """The LoggedModel id behind a model URI (None for runs:/ URIs and paths)."""
+    if model_uri.startswith("models:/m-"):
+        return model_uri.split("/")[1]
+    version = resolve_version(model_uri)
+    return version_model_id(version) if version is not None else None
+
+
+def _eval_metrics(mv: Any) -> dict[str, float]:
+    """Latest evaluation metrics linked to the version's logged model (MLflow 3)."""
+    import mlflow
+
+    model_id = version_model_id(mv)
+    if not model_id:
+        return {}
+    return {m.key: m.value for m in mlflow.get_logged_model(model_id).metrics or [] if m.key in STATUS_METRICS}

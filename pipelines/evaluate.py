@@ -59,20 +59,6 @@ def select_bars(cfg: Config, data: str | None, start: str | None, end: str | Non
     return window
 
 
-def model_id_of(model_uri: str) -> str | None:
-    """The MLflow 3 LoggedModel id behind a model URI (None for runs:/ URIs and paths)."""
-    from mlproject.registry import resolve_version
-
-    if model_uri.startswith("models:/m-"):
-        return model_uri.split("/")[1]
-    version = resolve_version(model_uri)
-    if version is None:
-        return None
-    # The sqlite registry leaves ModelVersion.model_id empty; the source still names the model.
-    source = version.source or ""
-    return version.model_id or (source.split("/")[1] if source.startswith("models:/m-") else None)
-
-
 def equity_drawdown_png(report: Any) -> bytes:
     """Equity (top) and drawdown (bottom) of every window, as a PNG."""
     import matplotlib
@@ -104,6 +90,7 @@ def log_report(report: Any, baselines: dict[str, Any], dataset: Any, model_uri: 
     import mlflow
 
     from mlproject.evaluation import paired_comparison, psr_against
+    from mlproject.registry import model_id_of
 
     summary = report.summary()
     summary["psr_vs_buy_hold"] = psr_against(report, baselines["buy_hold"])

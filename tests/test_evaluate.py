@@ -99,7 +99,9 @@ def test_evaluate_logs_metrics_linked_to_the_model(trained_store):
     assert sorted(m.step for m in history) == list(range(cfg.continuous_learning.evaluation_episodes))
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(out.run_id, "eval")}
     assert {"eval/equity_drawdown.png", "eval/windows.json", "eval/positions.parquet"} <= artifacts
-    model_id = evaluate.model_id_of(uri)
+    from mlproject.registry import model_id_of
+
+    model_id = model_id_of(uri)
     assert model_id and result.model_uri == f"models:/{model_id}"
     linked = {m.key for m in mlflow.get_logged_model(model_id).metrics}
     assert {"eval/total_return", "eval/max_drawdown"} <= linked
