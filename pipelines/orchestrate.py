@@ -4,11 +4,11 @@
     mlflow run . --env-manager local                       # the `main` entry point
 
 What exists today (``--mode all``): ingest the configured bars (synthetic by default), train
-the agent with RLlib PPO and register it as a new ``nt8-agent`` version, then evaluate the
-registered policy against flat and buy-and-hold on the held-out test split, all under one
-parent MLflow run with a child run per step. Gated promotion, experience collection and
-fine-tuning join this cycle as their pipelines land; until then the run says so in its
-``cycle.pending`` tag and in the log.
+the agent with RLlib PPO and register it as a new ``nt8-agent`` version, evaluate it against
+flat and buy-and-hold on the held-out test split, then run the promotion gate against the
+current Production version (promote + deploy, or refuse with reasons), all under one parent
+MLflow run with a child run per step. Experience collection and fine-tuning join this cycle as
+their pipelines land; until then the run says so in its ``cycle.pending`` tag and in the log.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pipelines.cli import base_parser, run_cli
 log = logging.getLogger(__name__)
 
 MODES = ("all",)
-PENDING_STEPS = ("promote", "collect", "annotate", "finetune")
+PENDING_STEPS = ("collect", "annotate", "finetune")
 
 
 def main(cfg: Config, mode: str = "all") -> dict[str, Any]:
@@ -31,7 +31,7 @@ def main(cfg: Config, mode: str = "all") -> dict[str, Any]:
     import mlflow
 
     from mlproject.tracking import pipeline_run, setup_tracking
-    from pipelines import evaluate, ingest, train
+    from pipelines import evaluate, ingest, promote, train
 
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; available now: {', '.join(MODES)}")
@@ -44,10 +44,12 @@ def main(cfg: Config, mode: str = "all") -> dict[str, Any]:
         model_uri = (f"models:/{cfg.train.register_model}/{trained.registered_version}"
                      if trained.registered_version else trained.model_uri)
         evaluated = evaluate.main(data_cfg, [model_uri])
-        log.info("cycle done (run %s): trained and evaluated %s. Steps not built yet, so not run: %s",
-                 run.info.run_id, model_uri, ", ".join(PENDING_STEPS))
+        decision = promote.main(data_cfg, model_uri) if trained.registered_version else None
+        log.info("cycle done (run %s): trained and evaluated %s, promotion %s. Steps not built yet, so not run: %s",
+                 run.info.run_id, model_uri, decision.decision if decision else "skipped (not registered)",
+                 ", ".join(PENDING_STEPS))
         return {"run_id": run.info.run_id, "ingest": ingested, "train": trained, "model_uri": model_uri,
-                "evaluate": evaluated}
+                "evaluate": evaluated, "promote": decision}
 
 
 def build_parser() -> argparse.ArgumentParser:

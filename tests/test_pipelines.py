@@ -58,8 +58,8 @@ def test_orchestrate_all_runs_the_existing_cycle(tmp_path, mlflow_store, monkeyp
     result = orchestrate.main(cfg, "all")
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     names = {r.info.run_name: r for r in runs}
-    assert {"cycle-all", "ingest", "train", "evaluate"} <= set(names)
-    for step in ("ingest", "train", "evaluate"):
+    assert {"cycle-all", "ingest", "train", "evaluate", "promote"} <= set(names)
+    for step in ("ingest", "train", "evaluate", "promote"):
         assert names[step].data.tags["mlflow.parentRunId"] == result["run_id"]
     assert result["model_uri"] == "models:/nt8-agent/1"
     evaluated = names["evaluate"]
@@ -67,6 +67,12 @@ def test_orchestrate_all_runs_the_existing_cycle(tmp_path, mlflow_store, monkeyp
     report = result["evaluate"].reports["models:/nt8-agent/1"]
     assert evaluated.data.metrics["eval/total_return"] == pytest.approx(report.summary()["total_return"])
     assert evaluated.data.metrics["baseline/flat/total_return"] == 0.0
+    decision = result["promote"]
+    assert names["promote"].data.tags["decision"] == decision.decision
+    if decision.decision == "promoted":  # a first valid candidate: deployed
+        assert (tmp_path / "deploy" / "current" / "manifest.json").exists()
+    else:
+        assert decision.reasons
     train_inputs = {i.dataset.name for i in names["train"].inputs.dataset_inputs}
     assert train_inputs == {"train-split", "validation-split"}
 
