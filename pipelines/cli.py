@@ -44,12 +44,14 @@ def run_cli(parser: argparse.ArgumentParser, main: Callable[[Config, argparse.Na
     """Parse, load the config, call ``main``; a bad input exits with code 2 and one clear message."""
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    from mlflow.exceptions import MlflowException
+
     from mlproject.data import DataError
 
     args = parser.parse_args()
     try:
         main(config_from_args(args), args)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, DataError, FileNotFoundError, ValueError, MlflowException) as exc:
         # Bad input (a file, a key, a model URI): one message that names it. LOGLEVEL=DEBUG in
         # the environment also prints the traceback, for a developer.
         log.debug("traceback", exc_info=True)
