@@ -4,7 +4,8 @@
     mlflow run . --env-manager local                       # the `main` entry point
 
 What exists today (``--mode all``): ingest the configured bars (synthetic by default), train
-the agent with RLlib PPO and register it as a new ``nt8-agent`` version, evaluate it against
+the agent with RLlib PPO (warm-started from the Production policy when there is one) and
+register it as a new ``nt8-agent`` version, evaluate it against
 flat and buy-and-hold on the held-out test split, then run the promotion gate against the
 current Production version (promote + deploy, or refuse with reasons), all under one parent
 MLflow run with a child run per step. Experience collection and fine-tuning join this cycle as
@@ -26,6 +27,26 @@ MODES = ("all",)
 PENDING_STEPS = ("collect", "annotate", "finetune")
 
 
+def warm_start_uri(cfg: Config) -> str | None:
+    """``models:/<name>/Production`` when a Production policy exists that fits this config's
+    observations (continuous learning goes on from the deployed policy), else None (fresh)."""
+    from mlproject.features import FEATURE_NAMES
+    from mlproject.policy import load_module
+    from mlproject.registry import production_version
+    from pipelines.train import resolve_init_from
+
+    name = cfg.promotion.model_name
+    if cfg.train.register_model != name or production_version(name) is None:
+        return None
+    uri = f"models:/{name}/Production"
+    shape = tuple(load_module(resolve_init_from(uri)[0]).observation_space.shape)
+    if shape != (cfg.env.window * len(FEATURE_NAMES) + 2,):
+        log.warning("Production policy takes observations of shape %s, this config makes %d: training from scratch",
+                    shape, cfg.env.window * len(FEATURE_NAMES) + 2)
+        return None
+    return uri
+
+
 def main(cfg: Config, mode: str = "all") -> dict[str, Any]:
     """Run ``mode`` of the cycle; returns what each step produced."""
     import mlflow
@@ -40,7 +61,7 @@ def main(cfg: Config, mode: str = "all") -> dict[str, Any]:
         mlflow.set_tag("cycle.pending", ",".join(PENDING_STEPS))
         ingested = ingest.main(cfg)
         data_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": str(ingested.path)})})
-        trained = train.main(data_cfg)
+        trained = train.main(data_cfg, init_from=warm_start_uri(cfg))
         model_uri = (f"models:/{cfg.train.register_model}/{trained.registered_version}"
                      if trained.registered_version else trained.model_uri)
         evaluated = evaluate.main(data_cfg, [model_uri])

@@ -75,6 +75,11 @@ def test_orchestrate_all_runs_the_existing_cycle(tmp_path, mlflow_store, monkeyp
         assert decision.reasons
     train_inputs = {i.dataset.name for i in names["train"].inputs.dataset_inputs}
     assert train_inputs == {"train-split", "validation-split"}
+    assert "parent_version" not in names["train"].data.tags  # nothing deployed yet: trained from scratch
+    if decision.decision == "promoted":  # the next cycle continues from the deployed policy
+        again = orchestrate.main(cfg, "all")
+        child = mlflow.MlflowClient().get_model_version("nt8-agent", again["train"].registered_version)
+        assert child.tags["parent_version"] == "1" and child.tags["parent_uri"] == "models:/nt8-agent/Production"
 
 
 @pytest.mark.parametrize("entry, params", [
