@@ -10,8 +10,13 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_executes(path, monkeypatch):
+def test_notebook_executes(path, monkeypatch, request):
+    """Each notebook runs top to bottom; the registry notebook against a store with a trained,
+    registered model (the kernel inherits MLFLOW_TRACKING_URI)."""
     import nbformat
+
+    if "registry" in path.name:
+        request.getfixturevalue("trained_store")
     from nbclient import NotebookClient
 
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
