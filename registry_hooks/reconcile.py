@@ -77,7 +77,8 @@ def _switch_link(link: Path, target: Path) -> None:
     """Point ``link`` at ``target`` atomically (a new symlink renamed over the old one)."""
     tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
     tmp.unlink(missing_ok=True)
-    tmp.symlink_to(target.relative_to(link.parent))
+    # A relative link keeps the deploy dir movable as a whole.
+    tmp.symlink_to(os.path.relpath(target.resolve(), link.parent.resolve()))
     os.replace(tmp, link)
 
 
@@ -128,7 +129,7 @@ def reconcile(name: str, deploy_dir: str | Path, keep_releases: int = 3) -> Reco
     """One pass: repair the alias, deploy the Production version if it is not what is deployed."""
     from mlproject.registry import ensure_alias, production_version
 
-    deploy_dir = Path(deploy_dir)
+    deploy_dir = Path(deploy_dir).resolve()  # relative (as in config) or absolute, one meaning
     deploy_dir.mkdir(parents=True, exist_ok=True)
     version = production_version(name)
     if version is None:

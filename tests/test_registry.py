@@ -168,15 +168,15 @@ def test_gate_refuses_nan_actions_and_risk_limits(store):
 
 
 def test_reconcile_repairs_a_crash_between_stage_and_alias(store):
-    deploy = store / "deploy"
+    deploy = store / "deploy"  # the calls below use the relative path, as conf/default.yaml does (cwd = store)
     v1, v2 = register_constant(store, 1), register_constant(store, 2)
     registry.promote(NAME, v1, "first")
-    assert reconcile(NAME, deploy).changed
-    assert not reconcile(NAME, deploy).changed  # idempotent
+    assert reconcile(NAME, "deploy").changed
+    assert not reconcile(NAME, "deploy").changed  # idempotent
     registry.promote(NAME, v2, "second")
     MlflowClient().set_registered_model_alias(NAME, registry.ALIAS, v1)  # as if we crashed before the alias
     assert stage_and_alias() == (v2, v1)
-    result = reconcile(NAME, deploy)
+    result = reconcile(NAME, "deploy")
     assert result.alias_repaired and result.changed and stage_and_alias() == (v2, v2)
     manifest = deployed_manifest(deploy)
     assert manifest["version"] == v2 and manifest["checksum"] == tree_checksum(deploy / "current" / "model")
