@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--minibatch", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--window", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for both libraries (0: torch's default)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
@@ -79,12 +80,17 @@ def main() -> None:
 
     from mlproject.data import synthetic_bars
 
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)  # tiny networks: one thread is often faster, for both libraries
     bars = synthetic_bars(20_000, seed=0)
     reference = sb3_rate(bars, args, 8)
     rows = [("SB3 PPO, DummyVecEnv of 32 envs", sb3_rate(bars, args, 32))]
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
-        for runners, envs, mode in [(0, 8, "vector_entry_point"), (0, 32, "vector_entry_point"), (0, 32, "sync"),
+        for runners, envs, mode in [(0, 8, "vector_entry_point"), (0, 32, "vector_entry_point"),
+                                    (0, 64, "vector_entry_point"), (0, 32, "sync"),
                                     (1, 32, "vector_entry_point"), (2, 32, "vector_entry_point")]:
             where = "driver" if runners == 0 else f"{runners} runner{'s' * (runners > 1)}"
             kind = "numpy vector env" if mode == "vector_entry_point" else "SyncVectorEnv"
@@ -92,7 +98,7 @@ def main() -> None:
     finally:
         ray.shutdown()
     print(f"batch={args.batch} minibatch={args.minibatch} epochs={args.epochs} window={args.window} "
-          f"iterations={args.iterations} cpus={os.cpu_count()}")
+          f"iterations={args.iterations} cpus={os.cpu_count()} torch_threads={torch.get_num_threads()}")
     print(f"{'configuration':58s} {'env-steps/s':>12s} {'vs SB3':>8s}")
     print(f"{'SB3 PPO, DummyVecEnv of 8 envs (reference)':58s} {reference:12,.0f} {1.0:7.2f}x")
     for name, rate in rows:
