@@ -185,6 +185,9 @@ class TrainConfig(_Strict):
     """Join this Ray cluster (RAY_ADDRESS in the environment also works); null = start a local Ray."""
     num_cpus: int | None = Field(default=None, ge=1)
     """CPUs for a local Ray; null = all."""
+    torch_threads: int | None = Field(default=None, ge=1)
+    """Torch threads in the training process; null = torch's default. 1 is faster for the small
+    default networks on a 2-core machine (benchmarks/train_throughput.py --threads 1)."""
     eval_every: int = Field(default=5, ge=1)
     """Run the validation backtest every K iterations."""
     val_metric: str = "sharpe"

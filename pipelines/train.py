@@ -290,6 +290,8 @@ def main(cfg: Config, data: str | None = None, iterations: int | None = None, in
     if seed is not None:
         cfg = cfg.model_copy(update={"seed": seed})
     iterations = iterations or cfg.train.iterations
+    if cfg.train.torch_threads:
+        torch.set_num_threads(cfg.train.torch_threads)
     setup_tracking(cfg)
     bars = load_source(cfg)
     sp = cfg.data.splits
