@@ -13,19 +13,26 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-@pytest.fixture
-def mlflow_store(tmp_path, monkeypatch):
-    """A fresh sqlite tracking/registry store under tmp_path; fails the test if it leaves a run open."""
+def use_store(monkeypatch: pytest.MonkeyPatch, uri: str) -> None:
+    """Point MLflow (this process and the subprocesses it starts) at ``uri`` until the
+    monkeypatch is undone."""
     import mlflow
-
     from mlflow.tracking import fluent
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID; an id from another test's store must not leak.
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     monkeypatch.setattr(fluent, "_active_experiment_id", None)
     mlflow.set_tracking_uri(uri)
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    """A fresh sqlite tracking/registry store under tmp_path; fails the test if it leaves a run open."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    use_store(monkeypatch, uri)
     yield uri
     active = mlflow.active_run()
     while mlflow.active_run():
@@ -84,7 +91,6 @@ def trained(ray_session, tmp_path_factory):
     a session-wide sqlite store. Yields (store uri, TrainResult, config, folder). Tests that use
     it talk to that store (MLFLOW_TRACKING_URI points there while they run)."""
     import mlflow
-    from mlflow.tracking import fluent
 
     from mlproject.config import load_config
     from pipelines import train
@@ -92,11 +98,8 @@ def trained(ray_session, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("trained")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    mp.setattr(fluent, "_active_experiment_id", None)
+    use_store(mp, uri)
     mp.chdir(tmp)
-    mlflow.set_tracking_uri(uri)
     cfg = load_config(ROOT / "conf" / "smoke.yaml", ["train.iterations=2"])
     result = train.main(cfg)
     mlflow.set_tracking_uri(None)
@@ -108,14 +111,9 @@ def trained(ray_session, tmp_path_factory):
 def trained_store(trained, monkeypatch):
     """Point MLflow at the session's trained-model store for one test."""
     import mlflow
-    from mlflow.tracking import fluent
 
-    uri = trained[0]
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    monkeypatch.setattr(fluent, "_active_experiment_id", None)
+    use_store(monkeypatch, trained[0])
     monkeypatch.chdir(trained[3])
-    mlflow.set_tracking_uri(uri)
     yield trained
     while mlflow.active_run():
         mlflow.end_run()

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from conftest import ROOT, momentum_bars, run_module
+from conftest import ROOT, momentum_bars, run_module, use_store
 from mlproject import registry
 from mlproject.config import load_config
 from registry_hooks.reconcile import deployed_manifest, reconcile, tree_checksum
@@ -255,8 +255,6 @@ def _free_port() -> int:
 
 
 def test_webhook_from_a_real_mlflow_server_deploys_and_rejects_bad_signatures(tmp_path, monkeypatch):
-    from mlflow.tracking import fluent
-
     from registry_hooks.webhook import Receiver, make_server, register, signature
 
     port = _free_port()
@@ -279,11 +277,7 @@ def test_webhook_from_a_real_mlflow_server_deploys_and_rejects_bad_signatures(tm
                 time.sleep(1)
         else:
             pytest.fail("mlflow server did not answer /health within 240 s")
-        uri = f"http://127.0.0.1:{port}"
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-        monkeypatch.setattr(fluent, "_active_experiment_id", None)
-        mlflow.set_tracking_uri(uri)
+        use_store(monkeypatch, f"http://127.0.0.1:{port}")
         (tmp_path / "constant_model.py").write_text(CONSTANT_MODEL)
         deploy = tmp_path / "deploy"
         receiver = Receiver("s3cret", NAME, str(deploy))
