@@ -65,7 +65,7 @@ def main() -> None:
     from mlproject.backtest import play_episode
     from mlproject.data import synthetic_bars
     from mlproject.evaluation import backtest, load_policy
-    from mlproject.policy import greedy_actions, module_policy
+    from mlproject.policy import module_policy
 
     torch.manual_seed(0)
     env = {"instrument": "ES", "window": 32}
@@ -73,7 +73,7 @@ def main() -> None:
     module = make_module(32 * 5 + 2, 3)
 
     start = time.perf_counter()
-    report = backtest(lambda obs: greedy_actions(module, obs), bars, env, args.windows, name="rlmodule")
+    report = backtest(module_policy(module), bars, env, args.windows, name="rlmodule")
     batched = len(bars) / (time.perf_counter() - start)
 
     piece = bars.iloc[: args.sequential_bars]

@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-Policy = Callable[[np.ndarray], int]
-"""Maps one observation to one action."""
+Policy = Callable[[np.ndarray], np.ndarray]
+"""Maps a float32 observation batch (n, obs_dim) to n int actions (one batch of one in
+:func:`play_episode`, one row per window in ``mlproject.evaluation.backtest``)."""
 
 
 @dataclass
@@ -34,7 +35,7 @@ def play_episode(policy: Policy, bars: pd.DataFrame, env_config: Mapping[str, An
     stamps, equity, positions = [env.timestamp], [info["equity"]], [info["position"]]
     done = False
     while not done:
-        obs, _, terminated, truncated, info = env.step(policy(obs))
+        obs, _, terminated, truncated, info = env.step(int(policy(obs[None])[0]))
         stamps.append(env.timestamp)
         equity.append(info["equity"])
         positions.append(info["position"])
@@ -65,9 +66,9 @@ def episode_metrics(equity: np.ndarray, positions: np.ndarray, trades: pd.DataFr
 def random_policy(n_actions: int, seed: int) -> Policy:
     """Uniformly random target positions (a sanity baseline)."""
     rng = np.random.default_rng(seed)
-    return lambda obs: int(rng.integers(n_actions))
+    return lambda obs: rng.integers(n_actions, size=len(obs))
 
 
 def constant_policy(action: int) -> Policy:
-    """Always the same target (flat = max_contracts, long = 2 * max_contracts: buy and hold)."""
-    return lambda obs: action
+    """Always the same action: ``max_contracts`` is flat, ``2 * max_contracts`` is buy-and-hold."""
+    return lambda obs: np.full(len(obs), action, np.int64)

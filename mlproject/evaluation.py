@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-log = logging.getLogger(__name__)
+from mlproject.backtest import Policy, constant_policy
 
-BatchPolicy = Callable[[np.ndarray], np.ndarray]
-"""Maps a float32 observation batch (n, obs_dim) to n int actions."""
+log = logging.getLogger(__name__)
 
 LOWER_IS_BETTER = frozenset({"max_drawdown", "max_drawdown_duration", "annual_volatility", "commissions",
                              "slippage", "turnover"})
@@ -96,7 +95,7 @@ def fills_from_positions(positions: np.ndarray, start: int, market: Any) -> list
     return list(zip((start + changed).tolist(), positions[changed].tolist(), prices.tolist()))
 
 
-def backtest(policy: BatchPolicy, bars: pd.DataFrame, env_config: Mapping[str, Any], n_windows: int,
+def backtest(policy: Policy, bars: pd.DataFrame, env_config: Mapping[str, Any], n_windows: int,
              seed: int = 0, name: str = "policy") -> EvalReport:
     """Play ``policy`` deterministically over ``n_windows`` windows of ``bars`` at once."""
     from envs.futures_vector_env import FuturesTradingVectorEnv
@@ -166,7 +165,7 @@ def _window_result(index: int, start: int, equity: np.ndarray, positions: np.nda
 # -- policies ----------------------------------------------------------------------------------
 
 
-def load_policy(model_uri: str) -> BatchPolicy:
+def load_policy(model_uri: str) -> Policy:
     """A batch policy from an MLflow policy model (registry URI, ``models:/m-...``, ``runs:/``)."""
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -176,11 +175,6 @@ def load_policy(model_uri: str) -> BatchPolicy:
     except MlflowException as exc:  # unknown name/version/run: a bad input, said with the URI
         raise ValueError(f"{model_uri}: {exc.message}") from None
     return lambda obs: np.asarray(model.predict(np.ascontiguousarray(obs, dtype=np.float32)))
-
-
-def constant_policy(action: int) -> BatchPolicy:
-    """Always the same action: ``max_contracts`` is flat, ``2 * max_contracts`` is buy-and-hold."""
-    return lambda obs: np.full(len(obs), action, np.int64)
 
 
 def baselines(bars: pd.DataFrame, env_config: Mapping[str, Any], n_windows: int) -> dict[str, EvalReport]:

@@ -36,8 +36,8 @@ def greedy_actions(module: Any, obs: np.ndarray) -> np.ndarray:
 
 
 def module_policy(module: Any):
-    """A backtest policy (one observation -> one action) from an RLModule."""
-    return lambda obs: int(greedy_actions(module, obs)[0])
+    """A backtest policy (``mlproject.backtest.Policy``: observation batch -> actions) from an RLModule."""
+    return lambda obs: greedy_actions(module, obs)
 
 
 def module_weights(module: Any) -> dict[str, np.ndarray]:

@@ -10,14 +10,12 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT, momentum_bars, run_module
-from mlproject.backtest import constant_policy as single_constant
-from mlproject.backtest import play_episode
+from mlproject.backtest import constant_policy, play_episode
 from mlproject.config import load_config
 from mlproject.evaluation import (
     backtest,
     baselines,
     compare_models,
-    constant_policy,
     paired_comparison,
     psr_against,
     select_best,
@@ -41,7 +39,7 @@ def test_batched_windows_equal_single_env_episodes(small_bars):
     starts, length = window_starts(len(small_bars), 20, 3)  # t_min = max(window, vol_window)
     for window, start in zip(report.windows, starts):
         bars = small_bars.iloc[start - 20: start + length + 1]  # same history, same window
-        single = play_episode(single_constant(4), bars, env)
+        single = play_episode(constant_policy(4), bars, env)
         np.testing.assert_allclose(window.equity.to_numpy(), single.equity.to_numpy(), rtol=0, atol=1e-6)
         assert window.equity.index.equals(single.equity.index)
         assert window.metrics["total_return"] == pytest.approx(single.metrics["total_return"], abs=1e-12)
