@@ -53,10 +53,12 @@ class FuturesTradingEnv(gym.Env):
     or the first bar with a full window of history; ``reset(options={"start": i})`` fixes it.
 
     ## Episode End
-    Terminated at the last bar of the data, or when equity falls below
-    ``equity_floor_fraction * initial_equity``. Truncated after ``max_episode_steps`` steps or at
-    the end of an ``episode_bars`` window that stops before the data does (the market goes on).
-    An open position stays open at the end; :meth:`trades_frame` lists closed trades.
+    Terminated only when equity falls below ``equity_floor_fraction * initial_equity`` (the
+    account is finished). Truncated at the last bar of the data, at the end of an
+    ``episode_bars`` window and after ``max_episode_steps`` steps: the market goes on after
+    each, so a learner bootstraps the value there. An open position stays open at the end;
+    :meth:`trades_frame` lists closed trades. An action outside the action space (``-1``,
+    ``2 * max_contracts + 1``, ``1.5``) raises ``ValueError``.
 
     ## Arguments
     One mapping (RLlib passes ``env_config``): ``bars`` (a DataFrame from
@@ -67,7 +69,8 @@ class FuturesTradingEnv(gym.Env):
     commission), ``bar`` (index of the current bar).
 
     ## Version History
-    * v0: initial version.
+    * v0: initial version. The end of the data is a truncation, not a termination; actions
+      outside the action space raise (both since the hardening of issue 8).
     """
 
     metadata = {"render_modes": []}
@@ -89,6 +92,7 @@ class FuturesTradingEnv(gym.Env):
         # the latter turns the instance dict into a plain dict and slows every attribute read.
         for name, value in m.step_constants().items():
             setattr(self, name, value)
+        self._amax = 2 * spec.max_contracts
         self._scale = cfg.reward_scale
         self._risk = cfg.risk_penalty
         self._last_bar = m.n_bars - 1
@@ -110,7 +114,11 @@ class FuturesTradingEnv(gym.Env):
     def step(self, action):
         # Hot path: plain Python floats from lists, no numpy scalars, no helper calls unless a
         # fill happens (benchmarks/env_throughput.py measures it).
-        q = int(action) - self._max
+        a = int(action)
+        if not 0 <= a <= self._amax or a != action:  # one chained compare on the hot path
+            raise ValueError(f"action {action!r} is outside the action space {self.action_space} "
+                             f"(0 = {self._max} short .. {self._amax} = {self._max} long)")
+        q = a - self._max
         p = self._pos
         t = self._t + 1
         self._t = t
@@ -147,8 +155,11 @@ class FuturesTradingEnv(gym.Env):
         if t < self._stop and eq >= self._floor:  # the common case: one test (stop <= last bar)
             terminated = truncated = False
         else:
-            terminated = t >= self._last_bar or eq < self._floor
-            truncated = not terminated and t >= self._stop
+            # Only the equity floor ends the account. The last bar of the data, an episode
+            # window's end and the step limit are truncations: the market goes on, so the value
+            # target bootstraps there instead of being zeroed at the newest bars.
+            terminated = eq < self._floor
+            truncated = not terminated
         obs = self._windows[t].copy()  # the two spare slots are overwritten below
         obs[-2] = self._pos_frac[q]
         if q:

@@ -85,7 +85,7 @@ class FuturesTradingVectorEnv(VectorEnv):
         m, cfg = self.market, self.market.cfg
         p, t = self._pos, self._t
         resetting = self._needs_reset
-        q = np.asarray(actions, dtype=np.int64) - self._max
+        q = self._checked(actions) - self._max
         if resetting.any():
             q = np.where(resetting, p, q)  # envs that reset this step do not trade
         nxt = np.minimum(t + 1, m.n_bars - 1)  # ended envs may sit on the last bar; they reset below
@@ -104,7 +104,9 @@ class FuturesTradingVectorEnv(VectorEnv):
         reward = cfg.reward_scale * reward
         self._t, self._pos, self._equity = nxt, q, eq
         self._steps = self._steps + 1
-        terminated = (nxt >= m.n_bars - 1) | (eq < self._floor)
+        # As in the single env: only the equity floor terminates; the end of the data (where
+        # _end stops every episode at the latest) is a truncation.
+        terminated = eq < self._floor
         truncated = ~terminated & (nxt >= self._end)
         if cfg.max_episode_steps is not None:
             truncated |= ~terminated & (self._steps >= cfg.max_episode_steps)
@@ -116,6 +118,21 @@ class FuturesTradingVectorEnv(VectorEnv):
             truncated[idx] = False
         self._needs_reset = terminated | truncated
         return self._observe(), reward, terminated, truncated, self._info()
+
+    def _checked(self, actions: Any) -> np.ndarray:
+        """Actions as int64; anything outside Discrete(2 * max_contracts + 1) raises ValueError."""
+        raw = np.asarray(actions)
+        if raw.shape != (self.num_envs,):
+            raise ValueError(f"expected {self.num_envs} actions, got an array of shape {raw.shape}")
+        out = raw.astype(np.int64)
+        bad = (out < 0) | (out > 2 * self._max)
+        if raw.dtype.kind not in "iub":
+            bad |= out != raw
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"action {raw[i]!r} of sub-env {i} is outside the action space "
+                             f"{self.single_action_space} (0 = {self._max} short .. {2 * self._max} = {self._max} long)")
+        return out
 
     def _fill(self, p: np.ndarray, q: np.ndarray, o1: np.ndarray) -> np.ndarray:
         """Book every position change; returns minus the costs.

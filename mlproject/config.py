@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -29,12 +29,14 @@ class _Strict(BaseModel):
 
 
 class InstrumentConfig(_Strict):
-    """A futures contract: a preset name (``ES``) or explicit fields, optionally starting from a preset."""
+    """A futures contract: a preset name (``ES``), or every field below, or a preset plus the
+    fields that differ from it. Fields without a preset must be complete: a partial spec is an
+    error naming the missing fields (it never inherits the default ES silently)."""
 
     preset: str | None = None
-    """Name of a preset in ``envs.instruments.PRESETS`` whose values the fields below override."""
+    """Name of a preset in ``mlproject.instruments.PRESETS`` whose values the fields below override."""
     symbol: str | None = None
-    """Display symbol; defaults to the preset name."""
+    """Display symbol; defaults to the preset name. Another preset's name is an error (use that preset)."""
     tick_size: float | None = Field(default=None, gt=0)
     """Minimum price increment."""
     point_value: float | None = Field(default=None, gt=0)
@@ -58,7 +60,7 @@ class EnvConfig(_Strict):
     """Settings of ``envs.FuturesTradingEnv`` (RLlib passes them, plus ``bars``, as ``env_config``)."""
 
     instrument: InstrumentConfig = Field(default_factory=lambda: InstrumentConfig(preset="ES"))
-    """Preset name (ES, MES, NQ, MNQ, CL, MCL, GC) or a mapping of instrument fields."""
+    """Preset name (ES, MES, NQ, ... see ``mlproject.instruments.PRESETS``) or a mapping of instrument fields."""
     window: int = Field(default=32, ge=1)
     """Bars of features in one observation."""
     vol_window: int = Field(default=20, ge=2)
@@ -122,6 +124,19 @@ class SplitConfig(_Strict):
         return self
 
 
+class DataChecksConfig(_Strict):
+    """Warnings (never errors) when the bars do not look like the configured instrument."""
+
+    max_tick_value_fraction: float = Field(default=0.001, gt=0)
+    """Warn when one tick of max_contracts is worth more than this fraction of the initial equity."""
+    max_daily_move_fraction: float = Field(default=0.2, gt=0)
+    """Warn when a typical day's move on max_contracts (the median bar's close-to-close move,
+    scaled to a day by the square root of bars per day) is worth more than this fraction of the
+    initial equity: an ES spec on BTC prices, say (ES on ES moves about 1.5% of 100,000 a day)."""
+    off_grid_fraction: float = Field(default=0.01, ge=0, le=1)
+    """Warn when more than this fraction of the prices is off the instrument's tick grid."""
+
+
 class DataConfig(_Strict):
     """Where the bars come from and how they are read."""
 
@@ -139,6 +154,31 @@ class DataConfig(_Strict):
     """Train / validation / test split."""
     output_dir: str = "data/bars"
     """Where ingest writes normalised Parquet."""
+    checks: DataChecksConfig = Field(default_factory=DataChecksConfig)
+    """Does the data fit the instrument (warnings)."""
+
+    @field_validator("tick_period")
+    @classmethod
+    def _pandas_offset(cls, value: str) -> str:
+        import pandas as pd
+
+        try:
+            pd.tseries.frequencies.to_offset(value)
+        except ValueError:
+            raise ValueError(f"tick_period {value!r} is not a pandas offset alias such as 1min, 5min, 1h") from None
+        return value
+
+    @field_validator("tz")
+    @classmethod
+    def _time_zone(cls, value: str | None) -> str | None:
+        if value is not None:
+            import zoneinfo
+
+            try:
+                zoneinfo.ZoneInfo(value)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"tz {value!r} is not an IANA time zone such as America/New_York") from None
+        return value
 
 
 class TrainConfig(_Strict):
@@ -150,7 +190,7 @@ class TrainConfig(_Strict):
     """Training iterations (each samples train_batch_size env steps)."""
     hiddens: list[int] = Field(default_factory=lambda: [64, 64])
     """Hidden layer sizes of the policy and value networks."""
-    activation: str = "tanh"
+    activation: Literal["tanh", "relu", "silu"] = "tanh"
     """Hidden activation: tanh, relu, silu."""
     train_batch_size: int = Field(default=4000, ge=1)
     """Env steps per training iteration (per learner)."""
@@ -190,8 +230,8 @@ class TrainConfig(_Strict):
     default networks on a 2-core machine (benchmarks/train_throughput.py --threads 1)."""
     eval_every: int = Field(default=5, ge=1)
     """Run the validation backtest every K iterations."""
-    val_metric: str = "sharpe"
-    """Validation metric that picks the best checkpoint: sharpe, total_return, profit_factor, calmar."""
+    val_metric: Literal["sharpe", "sortino", "total_return", "profit_factor", "calmar"] = "sharpe"
+    """Validation metric that picks the best checkpoint: sharpe, sortino, total_return, profit_factor, calmar."""
     patience: int = Field(default=50, ge=1)
     """Stop after this many iterations without a better validation metric."""
     register_model: str = "nt8-agent"
@@ -211,29 +251,21 @@ class TrainConfig(_Strict):
             raise ValueError(f"algorithm {value!r} is not supported; supported: PPO")
         return value.upper()
 
-    @field_validator("val_metric")
-    @classmethod
-    def _known_metric(cls, value: str) -> str:
-        allowed = ("sharpe", "total_return", "profit_factor", "calmar")
-        if value not in allowed:
-            raise ValueError(f"val_metric {value!r} is not one of {', '.join(allowed)}")
-        return value
 
-    @field_validator("activation")
-    @classmethod
-    def _known_activation(cls, value: str) -> str:
-        if value not in ("tanh", "relu", "silu"):
-            raise ValueError(f"activation {value!r} is not one of tanh, relu, silu")
-        return value
+
+GateMetric = Literal["sharpe", "sortino", "calmar", "psr", "total_return", "annual_return", "profit_factor",
+                     "win_rate", "expectancy", "payoff_ratio", "max_drawdown", "annual_volatility"]
+"""Metrics the promotion gate can compare (``mlproject.metrics.trading_metrics`` keys)."""
 
 
 class PromotionConfig(_Strict):
     """The promotion gate (``pipelines.promote``) and the deploy target (``registry_hooks``)."""
 
-    model_name: str = "nt8-agent"
+    model_name: str = Field(default="nt8-agent", min_length=1)
     """Registered model that deploys."""
-    metric: str = "sharpe"
-    """Evaluation metric (mean over windows) the challenger must improve."""
+    metric: GateMetric = "sharpe"
+    """Evaluation metric (mean over windows) the challenger must improve (drawdown, volatility and
+    cost metrics: lower is better)."""
     min_improvement: float = Field(default=0.0, ge=0)
     """The challenger must beat Production on ``metric`` by more than this (metric units)."""
     min_psr: float = Field(default=0.5, ge=0, le=1)
@@ -253,7 +285,7 @@ class MlflowConfig(_Strict):
 
     tracking_uri: str | None = None
     """None: MLflow's default, sqlite:///mlflow.db in the working directory."""
-    experiment: str = "nt8-rl"
+    experiment: str = Field(default="nt8-rl", min_length=1)
     """Experiment that pipeline runs go to."""
 
 
@@ -325,13 +357,15 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(loaded).__name__}")
         raw = loaded or {}
-    # Overrides refine what the file (or the defaults) set: --set env.instrument.max_contracts=2
-    # keeps the preset. Validation of the merged tree still reports the file's unknown keys.
-    raw = _merge(Config().to_dict(), raw)
+    # Overrides refine what the file set (--set env.instrument.max_contracts=2 keeps the file's
+    # preset); the defaults fill in the rest afterwards. In that order an instrument field given
+    # without any preset is a partial custom spec (an error naming what is missing), never the
+    # default ES with one field changed. Validation still reports the file's unknown keys.
     override_keys = set()
     for item in overrides:
         key = _apply_override(raw, item)
         override_keys.add(key)
+    raw = _merge(Config().to_dict(), raw)
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
@@ -404,6 +438,8 @@ def _describe(exc: ValidationError, source: str, text: str, override_keys: set[s
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif err["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")  # our own validators' messages say it all
         elif "input" in err and err["type"] not in ("missing",):
             msg = f"{msg} (got {err['input']!r})"
         lines.setdefault(key, [])
@@ -437,8 +473,9 @@ def _clean_loc(loc: tuple[Any, ...]) -> str:
 
 
 def _where(key: str, source: str, text: str, override_keys: set[str]) -> str:
-    if any(key == k or key.startswith(k + ".") for k in override_keys):
-        return f"--set {key}"
+    given = [k for k in override_keys if key == k or key.startswith(k + ".") or k.startswith(key + ".")]
+    if given:
+        return f"--set {key}" if key in given or len(given) > 1 else f"--set {given[0]}"
     line = _line_of(text, key.split(".")) if text else None
     return f"{source} line {line}" if line else source
 

@@ -29,13 +29,25 @@ LOWER_IS_BETTER = frozenset({"max_drawdown", "max_drawdown_duration", "annual_vo
 
 @dataclass
 class WindowResult:
-    """One evaluation window: per-bar equity and positions, closed trades, metrics."""
+    """One evaluation window: per-bar equity and positions, closed trades, metrics.
+
+    A window whose account fell below the equity floor is *stopped out*: ``stopped_at`` is the
+    bar it happened at, and from there on the account is out of the market (equity frozen,
+    position 0), so every window keeps its full length and two models stay comparable bar by bar.
+    """
 
     index: int
     equity: pd.Series
     positions: pd.Series
     trades: pd.DataFrame
     metrics: dict[str, float]
+    stopped_at: pd.Timestamp | None = None
+
+    def stop_note(self) -> str | None:
+        """``window 2 stopped out at 2024-01-05 10:31:00 (equity 48,912.50)``, or None."""
+        if self.stopped_at is None:
+            return None
+        return f"window {self.index} stopped out at {self.stopped_at} (equity {self.equity.iloc[-1]:,.2f})"
 
 
 @dataclass
@@ -53,9 +65,12 @@ class EvalReport:
         """Mean over windows of every metric, and its spread (``<metric>_std``, ddof=0)."""
         frame = self.per_window().replace([np.inf, -np.inf], np.nan)
         out: dict[str, float] = {}
-        for col in frame.columns:
-            out[col] = float(frame[col].mean())
-            out[f"{col}_std"] = float(frame[col].std(ddof=0))
+        # Annualising a short window that doubled gives returns like 1e199; their spread is inf
+        # (not logged), and numpy's overflow warning about it says nothing more.
+        with np.errstate(over="ignore", invalid="ignore"):
+            for col in frame.columns:
+                out[col] = float(frame[col].mean())
+                out[f"{col}_std"] = float(frame[col].std(ddof=0))
         return out
 
     def returns(self) -> np.ndarray:
@@ -69,6 +84,10 @@ class EvalReport:
         """All closed trades with their window number."""
         frames = [w.trades.assign(window=w.index) for w in self.windows if len(w.trades)]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    def stop_notes(self) -> list[str]:
+        """One line per window that was stopped out at the equity floor."""
+        return [note for w in self.windows if (note := w.stop_note())]
 
 
 def window_starts(n_bars: int, t_min: int, n_windows: int) -> tuple[np.ndarray, int]:
@@ -96,38 +115,47 @@ def fills_from_positions(positions: np.ndarray, start: int, market: Any) -> list
 
 
 def backtest(policy: Policy, bars: pd.DataFrame, env_config: Mapping[str, Any], n_windows: int,
-             seed: int = 0, name: str = "policy") -> EvalReport:
-    """Play ``policy`` deterministically over ``n_windows`` windows of ``bars`` at once."""
+             seed: int = 0, name: str = "policy", first_bar: int | None = None) -> EvalReport:
+    """Play ``policy`` deterministically over ``n_windows`` windows of ``bars`` at once.
+
+    ``first_bar`` (default: the history ``env_config`` needs) is where the first window starts;
+    policies with different windows are compared on the same trading windows by giving every
+    backtest the largest one.
+    """
     from envs.futures_vector_env import FuturesTradingVectorEnv
 
     from envs.market import Market
 
+    own_first = Market.first_bar(env_config)
+    if first_bar is not None and first_bar < own_first:
+        raise ValueError(f"{name}: first_bar {first_bar} is before the {own_first} bars of history it needs")
     cfg = {**env_config, "bars": bars, "random_start": False, "max_episode_steps": None}
-    starts, length = window_starts(len(bars), Market.first_bar(env_config), n_windows)
+    starts, length = window_starts(len(bars), own_first if first_bar is None else first_bar, n_windows)
     env = FuturesTradingVectorEnv(n_windows, {**cfg, "episode_bars": int(length)})
     n_actions = env.single_action_space.n
     obs, info = env.reset(seed=seed, options={"start": starts})
     equity = np.empty((length + 1, n_windows))
     positions = np.zeros((length + 1, n_windows), np.int64)
     equity[0] = info["equity"]
-    ended_at = np.full(n_windows, length)
+    stopped = np.full(n_windows, -1)
     alive = np.ones(n_windows, bool)
     for k in range(1, length + 1):
         actions = _checked_actions(policy(obs), n_windows, n_actions, name)
-        obs, _, terminated, truncated, info = env.step(actions)
-        # An env that ended early (equity floor) autoresets next step: freeze its record.
+        # A stopped-out window's env autoresets; it is out of the market, whatever the policy says.
+        obs, _, terminated, truncated, info = env.step(np.where(alive, actions, env.market.spec.max_contracts))
         equity[k] = np.where(alive, info["equity"], equity[k - 1])
-        positions[k] = np.where(alive, info["position"], positions[k - 1])
-        done = alive & (terminated | truncated)
-        ended_at[done & (k < length)] = k
+        positions[k] = np.where(alive, info["position"], 0)
+        stopped[alive & terminated] = k  # only the equity floor terminates
         alive &= ~(terminated | truncated)
     from mlproject.metrics import periods_per_year
 
     ppy = periods_per_year(bars.index)  # once: every window is annualised alike
     report = EvalReport(name)
     for i, start in enumerate(starts.tolist()):
-        report.windows.append(_window_result(i, start, equity[: ended_at[i] + 1, i], positions[: ended_at[i] + 1, i],
-                                             env.market, ppy))
+        report.windows.append(_window_result(i, start, equity[:, i], positions[:, i], env.market, ppy,
+                                             None if stopped[i] < 0 else int(stopped[i])))
+        if stopped[i] >= 0:
+            log.warning("%s: %s", name, report.windows[-1].stop_note())
     return report
 
 
@@ -145,46 +173,153 @@ def _checked_actions(actions: Any, n: int, n_actions: int, name: str) -> np.ndar
 
 
 def _window_result(index: int, start: int, equity: np.ndarray, positions: np.ndarray, market: Any,
-                   ppy: float) -> WindowResult:
+                   ppy: float, stopped: int | None = None) -> WindowResult:
     from envs.futures_env import TRADE_COLUMNS, trades_from_fills
     from mlproject.backtest import episode_metrics
 
     spec = market.spec
     stamps = market.bars.index[start: start + len(equity)]
-    trades = pd.DataFrame(trades_from_fills(fills_from_positions(positions, start, market), spec.point_value,
+    traded = positions if stopped is None else positions[: stopped + 1]  # the position held at the stop stays open
+    trades = pd.DataFrame(trades_from_fills(fills_from_positions(traded, start, market), spec.point_value,
                                             spec.commission_per_side, spec.slippage_cost),
                           columns=list(TRADE_COLUMNS))
     if len(trades):
         trades["entry_time"] = market.bars.index[trades["entry_time"].to_numpy(np.int64)]
         trades["exit_time"] = market.bars.index[trades["exit_time"].to_numpy(np.int64)]
-    metrics = episode_metrics(equity, positions, trades, ppy, spec)
+    metrics = episode_metrics(equity, positions, trades, ppy, spec, traded=traded)
+    metrics["stopped_out"] = float(stopped is not None)
     return WindowResult(index, pd.Series(equity, index=stamps, name="equity"),
-                        pd.Series(positions, index=stamps, name="position"), trades, metrics)
+                        pd.Series(positions, index=stamps, name="position"), trades, metrics,
+                        None if stopped is None else stamps[stopped])
 
 
 # -- policies ----------------------------------------------------------------------------------
 
 
 def load_policy(model_uri: str) -> Policy:
-    """A batch policy from an MLflow policy model (registry URI, ``models:/m-...``, ``runs:/``)."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
+    """A batch policy from an MLflow policy model (registry URI, ``models:/m-...``, ``runs:/``).
+    Its observations must be built with its own settings: see :func:`evaluate_policies`."""
+    from mlproject.policy import load_policy_model
+
+    return load_policy_model(model_uri).predict
+
+
+def policy_env_config(policy: Any, env: Any, bars: pd.DataFrame) -> dict[str, Any]:
+    """The env settings ``policy`` (a ``LoadedPolicy``) is backtested with on ``bars``.
+
+    The market and the account come from ``env`` (the configured ``EnvConfig``: what the bars
+    are, their costs, the initial equity and floor, the same for every model compared); the
+    observation and action settings come from the policy itself (window, vol_window,
+    norm_window, max_contracts). ``ModelMismatch`` names the model and the setting when the policy
+    cannot run on these bars: another instrument, another bar period, other features.
+    """
+    from mlproject.features import FEATURE_NAMES, FEATURE_SET_VERSION
+    from mlproject.instruments import resolve_instrument
+    from mlproject.policy import ModelMismatch
+
+    base = env.model_dump()
+    s, who = policy.settings, policy.label
+    if s is None:  # logged before models recorded their settings: only the input size is known
+        size = env.window * len(FEATURE_NAMES) + 2
+        if policy.input_size is not None and policy.input_size != size:
+            raise ModelMismatch(
+                f"{who} records no settings (it was logged before models did) and takes {policy.input_size} "
+                f"observation values; env.window={env.window} makes {size}: evaluate it with "
+                f"--set env.window={(policy.input_size - 2) // len(FEATURE_NAMES)} and the rest of its training config")
+        return base
+    if tuple(s.features) != FEATURE_NAMES or s.feature_set_version != FEATURE_SET_VERSION:
+        raise ModelMismatch(f"{who} was trained on feature set v{s.feature_set_version} ({', '.join(s.features)}); "
+                            f"this code computes v{FEATURE_SET_VERSION} ({', '.join(FEATURE_NAMES)})")
+    spec, theirs = resolve_instrument(env.instrument), s.instrument
+    for key in ("symbol", "tick_size", "point_value"):
+        if theirs[key] != getattr(spec, key):
+            raise ModelMismatch(
+                f"{who} trades {theirs['symbol']} (tick_size {theirs['tick_size']:g}, point_value "
+                f"{theirs['point_value']:g}); the bars are configured as {spec.symbol} (tick_size {spec.tick_size:g}, "
+                f"point_value {spec.point_value:g}) by env.instrument: its {key} differs. Evaluate it on "
+                f"{theirs['symbol']} bars with --set env.instrument={theirs['symbol']} (or its training config)")
+    if s.bar_period is not None and len(bars) >= 2:
+        from mlproject.data import infer_bar_period
+
+        period = infer_bar_period(bars)
+        if period != pd.Timedelta(s.bar_period):
+            raise ModelMismatch(f"{who} was trained on {_period_text(pd.Timedelta(s.bar_period))} bars; the bars of "
+                                f"{_bars_source(bars)} are {_period_text(period)} bars (bar period)")
+    base.update(window=s.window, vol_window=s.vol_window, norm_window=s.norm_window,
+                instrument={"symbol": spec.symbol, "tick_size": spec.tick_size, "point_value": spec.point_value,
+                            "commission_per_side": spec.commission_per_side, "slippage_ticks": spec.slippage_ticks,
+                            "max_contracts": s.max_contracts})
+    return base
+
+
+def _period_text(period: pd.Timedelta) -> str:
+    """``1min``, ``1h``, ``1D`` rather than ``0 days 00:01:00``."""
+    from pandas.tseries.frequencies import to_offset
 
     try:
-        model = mlflow.pyfunc.load_model(model_uri)
-    except MlflowException as exc:  # unknown name/version/run: a bad input, said with the URI
-        raise ValueError(f"{model_uri}: {exc.message}") from None
-    return lambda obs: np.asarray(model.predict(np.ascontiguousarray(obs, dtype=np.float32)))
+        return to_offset(period).freqstr
+    except ValueError:
+        return str(period)
 
 
-def baselines(bars: pd.DataFrame, env_config: Mapping[str, Any], n_windows: int) -> dict[str, EvalReport]:
+def _bars_source(bars: pd.DataFrame) -> str:
+    return str(bars.attrs.get("path") or bars.attrs.get("source") or "the evaluation bars")
+
+
+def bars_needed(first_bar: int, n_windows: int) -> int:
+    """Bars an evaluation of ``n_windows`` windows after ``first_bar`` bars of history needs."""
+    return first_bar + 1 + 2 * n_windows
+
+
+@dataclass
+class Evaluation:
+    """Policies and baselines backtested on the same bars and the same windows."""
+
+    reports: dict[str, EvalReport]
+    baselines: dict[str, EvalReport]
+    first_bar: int
+    """Bar the first window starts at: the longest history any of the policies needs."""
+    periods_per_year: float
+
+
+def evaluate_policies(policies: Sequence[Any], bars: pd.DataFrame, cfg: Any, *,
+                      with_baselines: bool = True) -> Evaluation:
+    """Backtest every ``LoadedPolicy`` with its own observation settings (``policy_env_config``)
+    on the same bars and trading windows, with flat and buy-and-hold on those windows.
+
+    Raises ``ModelMismatch`` naming the model and the setting when a policy cannot run on the
+    bars, including too few bars for its window and ``continuous_learning.evaluation_episodes``.
+    """
+    from envs.market import Market
+    from mlproject.metrics import periods_per_year
+    from mlproject.policy import ModelMismatch
+
+    n = cfg.continuous_learning.evaluation_episodes
+    env_configs = {p.uri: policy_env_config(p, cfg.env, bars) for p in policies}
+    firsts = {p.label: Market.first_bar(env_configs[p.uri]) for p in policies}
+    first = max(firsts.values(), default=Market.first_bar(cfg.env))
+    if len(bars) < bars_needed(first, n):
+        who = max(firsts, key=firsts.get) if firsts else "the evaluation"
+        settings = env_configs[next(p.uri for p in policies if p.label == who)] if firsts else cfg.env.model_dump()
+        raise ModelMismatch(
+            f"{who} needs at least {bars_needed(first, n)} bars: {first} bars of history (window="
+            f"{settings['window']}, vol_window={settings['vol_window']}) and {n} evaluation windows of 2+ bars "
+            f"(continuous_learning.evaluation_episodes); {_bars_source(bars)} has {len(bars)}")
+    reports = {p.uri: backtest(p.predict, bars, env_configs[p.uri], n, seed=cfg.seed, name=p.label, first_bar=first)
+               for p in policies}
+    base = baselines(bars, cfg.env.model_dump(), n, first_bar=first) if with_baselines else {}
+    return Evaluation(reports, base, first, periods_per_year(bars.index))
+
+
+def baselines(bars: pd.DataFrame, env_config: Mapping[str, Any], n_windows: int,
+              first_bar: int | None = None) -> dict[str, EvalReport]:
     """Flat and buy-and-hold on the same windows."""
     from mlproject.config import EnvConfig
     from mlproject.instruments import resolve_instrument
 
     env = EnvConfig.model_validate({k: v for k, v in env_config.items() if k != "bars"})
     max_contracts = resolve_instrument(env.instrument).max_contracts
-    return {name: backtest(constant_policy(action), bars, env_config, n_windows, name=name)
+    return {name: backtest(constant_policy(action), bars, env_config, n_windows, name=name, first_bar=first_bar)
             for name, action in (("flat", max_contracts), ("buy_hold", 2 * max_contracts))}
 
 
@@ -196,17 +331,21 @@ def default_bars(cfg: Any) -> pd.DataFrame:
     from mlproject.data import load_source, split_bars
 
     sp = cfg.data.splits
-    return split_bars(load_source(cfg), sp.train, sp.validation, sp.test, gap=sp.gap).test
+    bars = load_source(cfg)
+    test = split_bars(bars, sp.train, sp.validation, sp.test, gap=sp.gap).test
+    test.attrs.update(bars.attrs)
+    return test
 
 
 def evaluate_models(uris: Sequence[str], bars: pd.DataFrame | None = None, cfg: Any = None) -> dict[str, EvalReport]:
-    """Each model backtested on identical bars and windows (default: the configured test split)."""
+    """Each model backtested on identical bars and windows (default: the configured test split),
+    each with its own observation settings."""
     from mlproject.config import load_config
+    from mlproject.policy import load_policy_model
 
     cfg = cfg or load_config(None)
     bars = default_bars(cfg) if bars is None else bars
-    n = cfg.continuous_learning.evaluation_episodes
-    return {uri: backtest(load_policy(uri), bars, cfg.env.model_dump(), n, seed=cfg.seed, name=uri) for uri in uris}
+    return evaluate_policies([load_policy_model(u) for u in uris], bars, cfg, with_baselines=False).reports
 
 
 def compare_models(uris: Sequence[str], bars: pd.DataFrame | None = None, cfg: Any = None) -> pd.DataFrame:

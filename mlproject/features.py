@@ -13,6 +13,11 @@ import pandas as pd
 FEATURE_NAMES: tuple[str, ...] = ("ret_z", "range_z", "volume_z", "tod_sin", "tod_cos")
 """Columns of :func:`bar_features`, in order."""
 
+FEATURE_SET_VERSION = 1
+"""Version of what :func:`bar_features` computes. Bump it whenever a feature's formula changes
+(not only its name): a logged policy records the version it was trained on, and evaluation
+refuses a policy whose features this code no longer computes."""
+
 FEATURE_CLIP = 10.0
 """Normalised features are clipped to [-FEATURE_CLIP, FEATURE_CLIP] (keeps outliers finite)."""
 

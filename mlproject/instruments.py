@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mlproject.config import InstrumentConfig
@@ -35,34 +35,80 @@ class InstrumentSpec:
         """Money every contract filled gives up to slippage."""
         return self.slippage_price * self.point_value
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain fields (what a logged model records)."""
+        return asdict(self)
 
-# CME contract specs (tick size, point value). Commission is a typical retail all-in rate per side
-# (broker + exchange + NFA fees); slippage one tick. Override per account in config.
-PRESETS: dict[str, InstrumentSpec] = {
-    "ES": InstrumentSpec("ES", 0.25, 50.0, 2.25, 1.0, 1),
-    "MES": InstrumentSpec("MES", 0.25, 5.0, 0.62, 1.0, 1),
-    "NQ": InstrumentSpec("NQ", 0.25, 20.0, 2.25, 1.0, 1),
-    "MNQ": InstrumentSpec("MNQ", 0.25, 2.0, 0.62, 1.0, 1),
-    "CL": InstrumentSpec("CL", 0.01, 1000.0, 2.30, 1.0, 1),
-    "MCL": InstrumentSpec("MCL", 0.01, 100.0, 0.72, 1.0, 1),
-    "GC": InstrumentSpec("GC", 0.10, 100.0, 2.30, 1.0, 1),
-}
 
-_FIELDS = ("tick_size", "point_value", "commission_per_side", "slippage_ticks", "max_contracts")
+def _spec(symbol: str, tick_size: float, point_value: float, round_turn: float) -> InstrumentSpec:
+    # Presets are quoted with a round-turn commission (how brokers publish it); the env charges
+    # half of it per side. Slippage one tick, one contract: override per account in config.
+    return InstrumentSpec(symbol, tick_size, point_value, round(round_turn / 2, 4), 1.0, 1)
+
+
+# Exchange contract specs (CME Group / CBOT / NYMEX / COMEX contract pages): tick size and
+# point value (money per 1.0 of price). The commission is a typical retail all-in round turn
+# (broker + exchange + NFA fees), per contract, in USD; your account's rate goes in config.
+PRESETS: dict[str, InstrumentSpec] = {s.symbol: s for s in (
+    # equity indices
+    _spec("ES", 0.25, 50.0, 4.50),          # E-mini S&P 500: $12.50 a tick
+    _spec("MES", 0.25, 5.0, 1.24),          # Micro E-mini S&P 500: $1.25
+    _spec("NQ", 0.25, 20.0, 4.50),          # E-mini Nasdaq-100: $5.00
+    _spec("MNQ", 0.25, 2.0, 1.24),          # Micro E-mini Nasdaq-100: $0.50
+    _spec("YM", 1.0, 5.0, 4.50),            # E-mini Dow: $5.00
+    _spec("MYM", 1.0, 0.5, 1.24),           # Micro E-mini Dow: $0.50
+    _spec("RTY", 0.10, 50.0, 4.50),         # E-mini Russell 2000: $5.00
+    _spec("M2K", 0.10, 5.0, 1.24),          # Micro E-mini Russell 2000: $0.50
+    # energy
+    _spec("CL", 0.01, 1000.0, 4.60),        # WTI crude oil: $10.00
+    _spec("MCL", 0.01, 100.0, 1.44),        # Micro WTI crude oil: $1.00
+    _spec("NG", 0.001, 10000.0, 4.60),      # Henry Hub natural gas: $10.00
+    # metals
+    _spec("GC", 0.10, 100.0, 4.60),         # Gold: $10.00
+    _spec("MGC", 0.10, 10.0, 1.44),         # Micro gold: $1.00
+    _spec("SI", 0.005, 5000.0, 4.60),       # Silver: $25.00
+    _spec("HG", 0.0005, 25000.0, 4.60),     # Copper: $12.50
+    # interest rates (prices in points; 1/32 = 0.03125)
+    _spec("ZB", 1 / 32, 1000.0, 3.80),      # 30-year T-bond: $31.25
+    _spec("ZN", 1 / 64, 1000.0, 3.60),      # 10-year T-note, half of 1/32: $15.625
+    _spec("ZF", 1 / 128, 1000.0, 3.40),     # 5-year T-note, quarter of 1/32: $7.8125
+    # currencies
+    _spec("6E", 0.00005, 125000.0, 4.80),   # Euro FX: $6.25
+    _spec("6J", 0.0000005, 12500000.0, 4.80),  # Japanese yen: $6.25
+    _spec("6B", 0.0001, 62500.0, 4.80),     # British pound: $6.25
+    _spec("6A", 0.00005, 100000.0, 4.80),   # Australian dollar: $5.00
+    _spec("6C", 0.00005, 100000.0, 4.80),   # Canadian dollar: $5.00
+    # crypto
+    _spec("BTC", 5.0, 5.0, 15.00),          # Bitcoin (5 BTC): $25.00
+    _spec("MBT", 5.0, 0.1, 5.00),           # Micro Bitcoin (0.1 BTC): $0.50
+)}
+
+FIELDS: tuple[str, ...] = ("tick_size", "point_value", "commission_per_side", "slippage_ticks", "max_contracts")
+"""The fields a custom (preset-less) instrument must give, besides an optional symbol."""
 
 
 def resolve_instrument(cfg: InstrumentConfig) -> InstrumentSpec:
     """Preset values overridden by the explicit fields of ``cfg``.
 
-    Raises ValueError naming the missing fields when there is no preset and a field is unset.
+    Raises ValueError naming the missing fields when there is no preset and a field is unset,
+    and when ``symbol`` names another preset than ``preset`` (its values would be the preset's).
     """
     if cfg.preset is not None:
-        if cfg.preset.upper() not in PRESETS:
+        name = cfg.preset.upper()
+        if name not in PRESETS:
             raise ValueError(f"unknown instrument preset {cfg.preset!r}; presets: {', '.join(PRESETS)}")
-        base = PRESETS[cfg.preset.upper()]
-        changes = {f: getattr(cfg, f) for f in _FIELDS if getattr(cfg, f) is not None}
+        symbol = cfg.symbol.upper() if cfg.symbol else name
+        if symbol != name and symbol in PRESETS:
+            raise ValueError(f"symbol {cfg.symbol!r} with preset {cfg.preset!r} would trade {symbol} with "
+                             f"{name}'s tick size and point value; use preset: {symbol}")
+        base = PRESETS[name]
+        changes = {f: getattr(cfg, f) for f in FIELDS if getattr(cfg, f) is not None}
         return replace(base, symbol=cfg.symbol or base.symbol, **changes)
-    missing = [f for f in _FIELDS if getattr(cfg, f) is None]
+    missing = [f for f in FIELDS if getattr(cfg, f) is None]
     if missing:
-        raise ValueError(f"custom instrument needs {', '.join(missing)} (or a preset to start from)")
-    return InstrumentSpec(cfg.symbol or "CUSTOM", *(getattr(cfg, f) for f in _FIELDS))
+        given = [f for f in ("symbol", *FIELDS) if getattr(cfg, f) is not None]
+        symbol = (cfg.symbol or "").upper()
+        hint = f"preset: {symbol}" if symbol in PRESETS else "a preset to start from (env.instrument.preset)"
+        raise ValueError(f"incomplete custom instrument: {', '.join(given) or 'nothing'} given, missing "
+                         f"{', '.join(missing)}; give every field or {hint}")
+    return InstrumentSpec(cfg.symbol or "CUSTOM", *(getattr(cfg, f) for f in FIELDS))

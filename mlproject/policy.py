@@ -1,14 +1,156 @@
-"""The trained policy outside Ray: load an RLlib RLModule checkpoint and act greedily."""
+"""The trained policy outside Ray: its recorded settings, loading, greedy actions.
+
+A logged policy model carries the settings it was trained with (:class:`PolicySettings`, in
+the MLflow model's metadata under :data:`SETTINGS_KEY` and as the logged model's params), so
+every consumer builds that model's observations from the model's own window, normalisation,
+features and contract size, whatever the current config says.
+"""
 
 from __future__ import annotations
 
+import logging
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 MODULE_SUBDIR = "learner_group/learner/rl_module/default_policy"
 """Where an RLlib algorithm checkpoint keeps the policy's RLModule."""
+
+SETTINGS_KEY = "nt8_policy"
+"""Key of the settings in the MLflow model's ``metadata`` (the MLmodel file)."""
+
+SETTINGS_VERSION = 1
+"""Layout version of the recorded settings."""
+
+
+class ModelMismatch(ValueError):
+    """A policy cannot be run on the given bars or settings; the message names the model and
+    the setting."""
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """Everything needed to build a policy's observations and to read its actions."""
+
+    window: int
+    vol_window: int
+    norm_window: int
+    features: tuple[str, ...]
+    feature_set_version: int
+    instrument: dict[str, Any]
+    """``InstrumentSpec`` fields (symbol, tick_size, point_value, costs, max_contracts)."""
+    bar_period: str | None
+    """Median bar spacing of the training bars (``str(pd.Timedelta)``), None if unknown."""
+    obs_size: int
+
+    @property
+    def max_contracts(self) -> int:
+        return int(self.instrument["max_contracts"])
+
+    @property
+    def first_bar(self) -> int:
+        """Bars of history an observation needs (as ``envs.market.Market.first_bar``)."""
+        return max(self.window, self.vol_window)
+
+    @classmethod
+    def from_env(cls, env: Any, bars: Any = None) -> PolicySettings:
+        """Settings of a policy trained with ``env`` (an ``EnvConfig``) on ``bars``."""
+        from mlproject.features import FEATURE_NAMES, FEATURE_SET_VERSION
+        from mlproject.instruments import resolve_instrument
+
+        period = None
+        if bars is not None and len(bars) >= 2:
+            from mlproject.data import infer_bar_period
+
+            period = str(infer_bar_period(bars))
+        return cls(env.window, env.vol_window, env.norm_window, FEATURE_NAMES, FEATURE_SET_VERSION,
+                   resolve_instrument(env.instrument).to_dict(), period, env.window * len(FEATURE_NAMES) + 2)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"settings_version": SETTINGS_VERSION, **asdict(self), "features": list(self.features)}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> PolicySettings:
+        fields = {k: raw[k] for k in cls.__dataclass_fields__}
+        fields["features"] = tuple(fields["features"])
+        return cls(**fields)
+
+    def params(self) -> dict[str, str]:
+        """Flat ``policy.*`` params for the logged model (shown on its page in the MLflow UI)."""
+        out = {f"policy.{k}": str(v) for k, v in self.to_dict().items() if k != "instrument"}
+        out.update({f"policy.instrument.{k}": str(v) for k, v in self.instrument.items()})
+        out["policy.features"] = ",".join(self.features)
+        return out
+
+    def observation_differences(self, other: PolicySettings) -> list[str]:
+        """The settings that make the two policies' observations or actions differ."""
+        keys = ("window", "vol_window", "norm_window", "features", "feature_set_version", "max_contracts")
+        return [f"{k} {getattr(self, k)!r} vs {getattr(other, k)!r}" for k in keys
+                if getattr(self, k) != getattr(other, k)]
+
+
+@dataclass
+class LoadedPolicy:
+    """A policy model loaded from MLflow: what it is, what it was trained with, how it acts."""
+
+    uri: str
+    label: str
+    """How messages name it: ``nt8-agent v3`` for a registered version, else the URI."""
+    settings: PolicySettings | None
+    """None for a model logged before settings were recorded (only its input size is known)."""
+    input_size: int | None
+    predict: Callable[[np.ndarray], np.ndarray]
+
+
+_MODELS_URI = re.compile(r"^models:/[^/@]+(/[^/]+|@[^/]+)/?$")
+
+
+def model_label(uri: str) -> str:
+    """``nt8-agent v3`` for a ``models:/`` URI that resolves to a registered version, else the URI."""
+    if _MODELS_URI.match(uri):
+        from mlproject.registry import resolve_version
+
+        mv = resolve_version(uri)
+        return f"{mv.name} v{mv.version}"
+    return uri
+
+
+def load_policy_model(uri: str) -> LoadedPolicy:
+    """Load an MLflow policy model (registry URI, ``models:/m-...``, ``runs:/``, a local path)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    label = model_label(uri)
+    try:
+        model = mlflow.pyfunc.load_model(uri)
+    except MlflowException as exc:  # unknown name/version/run: a bad input, said with the URI
+        raise ValueError(f"{uri}: {exc.message}") from None
+    meta = model.metadata
+    raw = (meta.metadata or {}).get(SETTINGS_KEY)
+    settings = PolicySettings.from_dict(raw) if raw else None
+    schema = meta.get_input_schema()
+    input_size = None
+    if schema is not None and schema.is_tensor_spec() and len(schema.inputs) == 1:
+        input_size = int(schema.inputs[0].shape[-1])
+
+    def predict(obs: np.ndarray) -> np.ndarray:
+        return np.asarray(model.predict(np.ascontiguousarray(obs, dtype=np.float32)))
+
+    return LoadedPolicy(uri, label, settings, input_size, predict)
+
+
+def read_settings(model_dir: str | Path) -> PolicySettings | None:
+    """Settings recorded in a downloaded MLflow model folder (None if it records none)."""
+    from mlflow.models import Model
+
+    raw = (Model.load(str(model_dir)).metadata or {}).get(SETTINGS_KEY)
+    return PolicySettings.from_dict(raw) if raw else None
 
 
 def load_module(path: str | Path) -> Any:

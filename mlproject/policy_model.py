@@ -1,8 +1,9 @@
 """MLflow "model from code" for the RL policy: this file is logged with the model and run by
 MLflow when the model loads; it is not imported by the library.
 
-Input: a float32 batch of FuturesTradingEnv observations (n, obs_dim). Output: int64 actions
-(target position + max_contracts). The RLlib RLModule checkpoint travels as the artifact
+Input: a float32 batch of FuturesTradingEnv observations (n, obs_dim), built with the settings
+recorded in this model's metadata (``nt8_policy``: window, normalisation, features, instrument).
+Output: int64 actions (target position + max_contracts). The RLlib RLModule checkpoint travels as the artifact
 ``rl_module``; loading it needs no running Ray. Self-contained on purpose (only mlflow, numpy,
 torch and ray[rllib]): a serving environment has the pinned packages, not this project.
 Mirrors ``mlproject.policy.load_module`` / ``greedy_actions``.
@@ -20,7 +21,9 @@ class RLlibPolicy(mlflow.pyfunc.PythonModel):
 
         self.module = RLModule.from_checkpoint(context.artifacts["rl_module"])
 
-    def predict(self, context, model_input, params=None):
+    # Typed: MLflow warns about an untyped predict. np.ndarray is a hint MLflow infers no schema
+    # from, so the logged signature (an unnamed float32 tensor) stays the one that is enforced.
+    def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
         import torch
         from ray.rllib.core.columns import Columns
 

@@ -27,6 +27,9 @@ def setup_tracking(cfg: Config) -> str:
     import mlflow
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # MLflow draws a tqdm "Downloading artifacts" bar for every model it loads, local copies
+    # included: pages of bars around the pipeline's own log lines, saying nothing to the user.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if cfg.mlflow.tracking_uri and "MLFLOW_TRACKING_URI" not in os.environ:
         mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     # Under `mlflow run` (MLFLOW_RUN_ID set) the run and its experiment already exist. Not

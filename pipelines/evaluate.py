@@ -103,7 +103,10 @@ def log_report(report: Any, baselines: dict[str, Any], dataset: Any, model_uri: 
     for name, base in baselines.items():
         mlflow.log_metrics(_finite({k: v for k, v in base.summary().items() if not k.endswith("_std")},
                                    f"baseline/{name}"))
-    mlflow.set_tags({"model_uri": model_uri, "eval.windows": str(len(report.windows))})
+    tags = {"model_uri": model_uri, "eval.windows": str(len(report.windows))}
+    if report.stop_notes():  # accounts that hit the equity floor, said in words beside eval/stopped_out
+        tags["eval.stopped_out"] = "; ".join(report.stop_notes())[:5000]
+    mlflow.set_tags(tags)
     mlflow.log_image(_png_image(equity_drawdown_png(report)), "eval/equity_drawdown.png")
     mlflow.log_table(report.per_window().reset_index(), "eval/windows.json")
     trades = report.trades()
@@ -136,10 +139,16 @@ def _log_parquet(frame: pd.DataFrame, artifact_file: str) -> None:
 
 def main(cfg: Config, model_uris: list[str], data: str | None = None, start: str | None = None,
          end: str | None = None, metric: str = "sharpe") -> EvaluateResult:
-    """Evaluate each model (and the baselines) on the same bars and windows; log to MLflow."""
+    """Evaluate each model (and the baselines) on the same bars and windows; log to MLflow.
+
+    Each model's observations are built from its own recorded settings (window, normalisation,
+    contract size); the bars and the account come from ``cfg``.
+    """
     import mlflow
 
-    from mlproject.evaluation import LOWER_IS_BETTER, backtest, baselines, load_policy
+    from mlproject.evaluation import LOWER_IS_BETTER, evaluate_policies
+    from mlproject.policy import load_policy_model
+    from mlproject.preflight import warn_if_instrument_misfits
     from mlproject.tracking import pipeline_run, setup_tracking
     from pipelines.ingest import log_dataset
 
@@ -147,27 +156,28 @@ def main(cfg: Config, model_uris: list[str], data: str | None = None, start: str
         raise ValueError("give at least one --model-uri")
     setup_tracking(cfg)
     bars = select_bars(cfg, data, start, end)
-    n_windows = cfg.continuous_learning.evaluation_episodes
-    env = cfg.env.model_dump()
     compare = len(model_uris) > 1
+    policies = [load_policy_model(uri) for uri in model_uris]
     with pipeline_run(cfg, "compare" if compare else "evaluate", nested=mlflow.active_run() is not None) as run:
+        warn_if_instrument_misfits(bars, cfg)
         source = bars.attrs.get("path") or str(bars.attrs.get("source", ""))
         dataset = log_dataset(bars, "evaluation-bars", source, "evaluation")
-        base = baselines(bars, env, n_windows)
-        reports, rows = {}, {}
-        for uri in model_uris:
-            log.info("evaluating %s on %d bars (%s .. %s), %d windows", uri, len(bars), bars.index[0],
-                     bars.index[-1], n_windows)
-            report = backtest(load_policy(uri), bars, env, n_windows, seed=cfg.seed, name=uri)
-            reports[uri] = report
+        log.info("evaluating %s on %d bars (%s .. %s), %d windows", ", ".join(p.label for p in policies), len(bars),
+                 bars.index[0], bars.index[-1], cfg.continuous_learning.evaluation_episodes)
+        result = evaluate_policies(policies, bars, cfg)
+        mlflow.log_params({"periods_per_year": result.periods_per_year, "eval.first_bar": result.first_bar})
+        rows = {}
+        for policy in policies:
+            report = result.reports[policy.uri]
             if compare:
-                with mlflow.start_run(run_name=f"evaluate {uri}", nested=True):
+                with mlflow.start_run(run_name=f"evaluate {policy.uri}", nested=True):
                     log_dataset(bars, "evaluation-bars", source, "evaluation")
-                    rows[uri] = log_report(report, base, dataset, uri)
+                    mlflow.log_params({"periods_per_year": result.periods_per_year, "eval.first_bar": result.first_bar})
+                    rows[policy.uri] = log_report(report, result.baselines, dataset, policy.uri)
             else:
-                rows[uri] = log_report(report, base, dataset, uri)
-            log.info("%s: %s", uri, ", ".join(f"{k}={report.summary()[k]:.4g}" for k in
-                                              ("total_return", "sharpe", "max_drawdown", "win_rate", "n_trades")))
+                rows[policy.uri] = log_report(report, result.baselines, dataset, policy.uri)
+            log.info("%s: %s", policy.label, ", ".join(f"{k}={report.summary()[k]:.4g}" for k in
+                                                       ("total_return", "sharpe", "max_drawdown", "win_rate", "n_trades")))
         table = pd.DataFrame({uri: {k.removeprefix("eval/"): v for k, v in row.items()} for uri, row in rows.items()}).T
         table.index.name = "model"
         if compare:
@@ -177,7 +187,7 @@ def main(cfg: Config, model_uris: list[str], data: str | None = None, start: str
                 best = values.idxmin() if metric in LOWER_IS_BETTER else values.idxmax()
                 mlflow.set_tags({"compare.metric": metric, "compare.best": str(best)})
                 log.info("best by %s: %s", metric, best)
-        return EvaluateResult(run.info.run_id, reports, base, table)
+        return EvaluateResult(run.info.run_id, result.reports, result.baselines, table)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,10 +28,10 @@ PENDING_STEPS = ("collect", "annotate", "finetune")
 
 
 def warm_start_uri(cfg: Config) -> str | None:
-    """``models:/<name>/Production`` when a Production policy exists that fits this config's
+    """``models:/<name>/Production`` when a Production policy exists that reads this config's
     observations (continuous learning goes on from the deployed policy), else None (fresh)."""
     from mlproject.features import FEATURE_NAMES
-    from mlproject.policy import load_module
+    from mlproject.policy import PolicySettings, load_module
     from mlproject.registry import production_version
     from pipelines.train import resolve_init_from
 
@@ -39,7 +39,15 @@ def warm_start_uri(cfg: Config) -> str | None:
     if cfg.train.register_model != name or production_version(name) is None:
         return None
     uri = f"models:/{name}/Production"
-    shape = tuple(load_module(resolve_init_from(uri)[0]).observation_space.shape)
+    module_dir, _, settings = resolve_init_from(uri)
+    if settings is not None:
+        differ = settings.observation_differences(PolicySettings.from_env(cfg.env))
+        if differ:
+            log.warning("the Production policy was trained with other observation settings (Production vs this "
+                        "config: %s): training from scratch", "; ".join(differ))
+            return None
+        return uri
+    shape = tuple(load_module(module_dir).observation_space.shape)
     if shape != (cfg.env.window * len(FEATURE_NAMES) + 2,):
         log.warning("Production policy takes observations of shape %s, this config makes %d: training from scratch",
                     shape, cfg.env.window * len(FEATURE_NAMES) + 2)

@@ -57,7 +57,11 @@ def gate(challenger: Any, production: Any | None, p: Any) -> GateResult:
     reasons, metrics = [], {f"challenger/{k}": v for k, v in c.items() if not k.endswith("_std")}
     trades = sum(w.metrics["n_trades"] for w in challenger.windows)
     worst_dd = max(w.metrics["max_drawdown"] for w in challenger.windows)
-    metrics.update({"gate/trades": float(trades), "gate/worst_drawdown": worst_dd})
+    stops = challenger.stop_notes()
+    metrics.update({"gate/trades": float(trades), "gate/worst_drawdown": worst_dd,
+                    "gate/stopped_out_windows": float(len(stops))})
+    if stops:
+        reasons.append(f"hit the equity floor: {'; '.join(stops)}")
     if trades < p.min_trades:
         reasons.append(f"{trades:.0f} trades < min_trades {p.min_trades}")
     if worst_dd > p.max_drawdown:
@@ -100,11 +104,42 @@ def resolve_candidate(name: str, candidate: str, dry_run: bool) -> tuple[str, st
     return str(register_version(candidate, name, {"registered_by": "promote"}).version), candidate
 
 
+def evaluate_and_gate(challenger: Any, before: str | None, bars: Any, cfg: Config) -> GateResult:
+    """Backtest the challenger (a ``LoadedPolicy``) and Production version ``before`` on the same
+    bars and windows, each with its own observation settings, and apply the gate."""
+    from mlproject.evaluation import evaluate_policies, policy_env_config
+    from mlproject.policy import ModelMismatch, load_policy_model
+
+    p = cfg.promotion
+    policies = [challenger]
+    if before is not None:
+        production = load_policy_model(f"models:/{p.model_name}/{before}")
+        try:
+            policy_env_config(production, cfg.env, bars)
+        except ModelMismatch as exc:  # nothing to compare against: never promote blind
+            return GateResult(False, [f"Production v{before} cannot run on these bars, so the candidate cannot be "
+                                      f"shown better: {exc}"])
+        policies.append(production)
+    try:
+        result = evaluate_policies(policies, bars, cfg, with_baselines=False)
+    except ModelMismatch:
+        raise
+    except ValueError as exc:  # NaN or out-of-range actions: refused, not crashed
+        return GateResult(False, [f"invalid policy output: {exc}"])
+    import mlflow
+
+    mlflow.log_params({"periods_per_year": result.periods_per_year, "eval.first_bar": result.first_bar})
+    reports = [result.reports[q.uri] for q in policies]
+    return gate(reports[0], reports[1] if before is not None else None, p)
+
+
 def main(cfg: Config, candidate: str, dry_run: bool = False) -> PromoteResult:
     """Evaluate, gate, promote or refuse; always an MLflow run."""
     import mlflow
 
-    from mlproject.evaluation import backtest, default_bars, load_policy
+    from mlproject.evaluation import default_bars
+    from mlproject.policy import load_policy_model
+    from mlproject.preflight import warn_if_instrument_misfits
     from mlproject.registry import production_version, promote
     from mlproject.tracking import pipeline_run, setup_tracking
     from pipelines.ingest import log_dataset
@@ -115,22 +150,13 @@ def main(cfg: Config, candidate: str, dry_run: bool = False) -> PromoteResult:
     version, uri = resolve_candidate(p.model_name, candidate, dry_run)
     before = production_version(p.model_name)
     bars = default_bars(cfg)
-    n, env = cfg.continuous_learning.evaluation_episodes, cfg.env.model_dump()
     with pipeline_run(cfg, "promote", nested=mlflow.active_run() is not None) as run:
+        warn_if_instrument_misfits(bars, cfg)
         log_dataset(bars, "evaluation-bars", bars.attrs.get("path") or str(bars.attrs.get("source", "")), "evaluation")
         if version == before:
             verdict = GateResult(False, [f"version {version} is already Production"])
         else:
-            try:
-                challenger = backtest(load_policy(uri), bars, env, n, seed=cfg.seed, name=uri)
-            except ValueError as exc:  # NaN or out-of-range actions: refused, not crashed
-                challenger, verdict = None, GateResult(False, [f"invalid policy output: {exc}"])
-            if challenger is not None:
-                production = None
-                if before is not None:
-                    production = backtest(load_policy(f"models:/{p.model_name}/{before}"), bars, env, n,
-                                          seed=cfg.seed, name=f"production v{before}")
-                verdict = gate(challenger, production, p)
+            verdict = evaluate_and_gate(load_policy_model(uri), before, bars, cfg)
         decision = ("would promote" if dry_run else "promoted") if verdict.passed else "refused"
         if verdict.passed and before is None:
             verdict.reasons.append("nothing in Production: first valid candidate")

@@ -118,7 +118,9 @@ def algorithm_config(cfg: Config, env_config: dict[str, Any], seed: int) -> Any:
                   num_epochs=t.num_epochs, lr=t.lr, gamma=t.gamma, lambda_=t.gae_lambda,
                   entropy_coeff=t.entropy_coeff, clip_param=t.clip_param, vf_clip_param=t.vf_clip_param)
         .rl_module(model_config=DefaultModelConfig(fcnet_hiddens=list(t.hiddens), fcnet_activation=t.activation))
-        .debugging(seed=seed)
+        # log_sys_usage: RLlib's system-usage monitor is not used (MLflow records the run) and,
+        # without the optional gputil package, only logs "Install gputil for GPU system monitoring".
+        .debugging(seed=seed, log_sys_usage=False)
     )
 
 
@@ -170,28 +172,38 @@ def find_module_dir(path: Path) -> Path:
                      "rl_module artifact, an algorithm checkpoint or an RLModule checkpoint)")
 
 
-def resolve_init_from(uri: str) -> tuple[Path, dict[str, str]]:
-    """Local RLModule dir and parent tags for ``--init-from`` (models:/..., runs:/..., a path)."""
+def resolve_init_from(uri: str) -> tuple[Path, dict[str, str], Any]:
+    """Local RLModule dir, parent tags and the parent's recorded ``PolicySettings`` (None for a
+    checkpoint folder or a model that records none) for ``--init-from`` (models:/..., runs:/..., a path)."""
     import mlflow
 
+    from mlproject.policy import read_settings
     from mlproject.registry import resolve_version
 
     parent: dict[str, str] = {"parent_uri": uri}
     if Path(uri).exists():
-        return find_module_dir(Path(uri)), parent
+        path = Path(uri)
+        return find_module_dir(path), parent, read_settings(path) if (path / "MLmodel").is_file() else None
     mv = resolve_version(uri)
     if mv is not None:
         parent.update(parent_version=str(mv.version), parent_run_id=mv.run_id or "")
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    return find_module_dir(local), parent
+    return find_module_dir(local), parent, read_settings(local) if (local / "MLmodel").is_file() else None
 
 
-def warm_start(algo: Any, module_dir: Path, obs_shape: tuple[int, ...]) -> None:
-    """Load a parent policy's weights into the learner and the env runners."""
+def warm_start(algo: Any, module_dir: Path, obs_shape: tuple[int, ...], parent_settings: Any = None,
+               settings: Any = None) -> None:
+    """Load a parent policy's weights into the learner and the env runners. The parent must
+    read the same observations (its recorded settings, when it has them, else its input shape)."""
     from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_LEARNER_GROUP, COMPONENT_RL_MODULE
 
     from mlproject.policy import load_module
 
+    if parent_settings is not None and settings is not None:
+        differ = parent_settings.observation_differences(settings)
+        if differ:
+            raise ValueError(f"--init-from policy was trained with other observation settings than this config "
+                             f"(parent vs this run): {'; '.join(differ)}")
     parent = load_module(module_dir)
     if tuple(parent.observation_space.shape) != tuple(obs_shape):
         raise ValueError(f"--init-from policy expects observations of shape {parent.observation_space.shape}, this "
@@ -208,18 +220,22 @@ def pip_requirements() -> list[str]:
     return reqs
 
 
-def log_policy_model(module_dir: Path, example_obs: np.ndarray) -> Any:
-    """Log the policy as a models-from-code pyfunc carrying the RLModule checkpoint."""
+def log_policy_model(module_dir: Path, example_obs: np.ndarray, settings: Any = None) -> Any:
+    """Log the policy as a models-from-code pyfunc carrying the RLModule checkpoint and the
+    settings it was trained with (``PolicySettings``: in the MLmodel metadata, and as the logged
+    model's params, which the MLflow UI shows on the model's page)."""
     import mlflow
     from mlflow.models import infer_signature
 
-    from mlproject.policy import greedy_actions, load_module
+    from mlproject.policy import SETTINGS_KEY, greedy_actions, load_module
 
     example = np.ascontiguousarray(example_obs, dtype=np.float32)
     actions = greedy_actions(load_module(module_dir), example)
     return mlflow.pyfunc.log_model(
         name="policy", python_model=str(POLICY_MODEL_FILE), artifacts={"rl_module": str(module_dir)},
-        signature=infer_signature(example, actions), input_example=example, pip_requirements=pip_requirements())
+        signature=infer_signature(example, actions), input_example=example, pip_requirements=pip_requirements(),
+        metadata={SETTINGS_KEY: settings.to_dict()} if settings else None,
+        params=settings.params() if settings else None)
 
 
 def config_digest(cfg: Config) -> str:
@@ -227,14 +243,19 @@ def config_digest(cfg: Config) -> str:
 
 
 def _observations(bars: pd.DataFrame, cfg: Config, n: int) -> np.ndarray:
-    """A few real observations (for the model's signature and input example)."""
+    """Up to ``n`` real observations (for the model's signature and input example); fewer when
+    the bars end first."""
     from envs.futures_env import FuturesTradingEnv
 
-    env = FuturesTradingEnv({**cfg.env.model_dump(), "bars": bars, "random_start": False})
+    env = FuturesTradingEnv({**cfg.env.model_dump(), "bars": bars, "random_start": False, "episode_bars": None,
+                             "max_episode_steps": None})
     obs, _ = env.reset()
     rows = [obs]
     for action in range(n - 1):
-        rows.append(env.step(action % env.action_space.n)[0])
+        obs, _, terminated, truncated, _ = env.step(action % env.action_space.n)
+        rows.append(obs)
+        if terminated or truncated:
+            break
     return np.stack(rows)
 
 
@@ -273,17 +294,39 @@ def train_loop(algo: Any, cfg: Config, iterations: int, val_bars: pd.DataFrame, 
     return best
 
 
+def preflight(cfg: Config, bars: pd.DataFrame) -> tuple[Any, str, Any]:
+    """Splits, source name and the new policy's ``PolicySettings``, after the checks that make
+    real data fail early (too few bars in a split) or warn (short splits, prices that do not fit
+    the instrument); warnings are tagged on the active run as ``data.warnings``."""
+    import mlflow
+
+    from mlproject.data import split_bars
+    from mlproject.metrics import periods_per_year
+    from mlproject.policy import PolicySettings
+    from mlproject.preflight import check_splits, warn_if_instrument_misfits
+
+    sp = cfg.data.splits
+    if sp.validation == 0:
+        raise ValueError("data.splits.validation is 0: training needs a validation split to select the best policy")
+    source = bars.attrs.get("path") or str(bars.attrs.get("source", cfg.data.source))
+    splits = split_bars(bars, sp.train, sp.validation, sp.test, gap=sp.gap)
+    found = check_splits(splits, cfg, source) + warn_if_instrument_misfits(bars, cfg)
+    if found:
+        mlflow.set_tag("data.warnings", " | ".join(found)[:5000])
+    settings = PolicySettings.from_env(cfg.env, splits.train)
+    mlflow.log_params({"periods_per_year": periods_per_year(splits.validation.index),
+                       "train.bar_period": settings.bar_period})
+    return splits, source, settings
+
+
 def main(cfg: Config, data: str | None = None, iterations: int | None = None, init_from: str | None = None,
          seed: int | None = None) -> TrainResult:
     """Train on ``data`` (default ``cfg.data.source``) and register the best policy."""
     import mlflow
-    import ray
     import torch
 
-    from mlproject.data import load_source, split_bars
-    from mlproject.registry import register_version
-    from mlproject.tracking import git_commit, pipeline_run, setup_tracking
-    from pipelines.ingest import log_dataset
+    from mlproject.data import load_source
+    from mlproject.tracking import pipeline_run, setup_tracking
 
     if data:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": data})})
@@ -294,51 +337,59 @@ def main(cfg: Config, data: str | None = None, iterations: int | None = None, in
         torch.set_num_threads(cfg.train.torch_threads)
     setup_tracking(cfg)
     bars = load_source(cfg)
-    sp = cfg.data.splits
-    splits = split_bars(bars, sp.train, sp.validation, sp.test, gap=sp.gap)
-    if len(splits.validation) == 0:
-        raise ValueError("data.splits.validation is 0: training needs a validation split to select the best policy")
-    with pipeline_run(cfg, "train", nested=mlflow.active_run() is not None) as run, ray_session(cfg), \
-            tempfile.TemporaryDirectory(prefix="nt8-train-") as tmp:
-        source = bars.attrs.get("path") or str(bars.attrs.get("source", cfg.data.source))
-        log_dataset(splits.train, "train-split", source, "training")
-        log_dataset(splits.validation, "validation-split", source, "validation")
-        env_config = training_env_config(cfg, splits.train)
-        algo = algorithm_config(cfg, env_config, cfg.seed).build_algo()
-        device = "cuda" if gpus_per_learner(cfg) else "cpu"
-        tags = {"ray_version": ray.__version__, "torch_version": torch.__version__, "device": device,
-                "algorithm": cfg.train.algorithm, "config_digest": config_digest(cfg),
-                "data.train_window": f"{splits.train.index[0]} .. {splits.train.index[-1]}"}
-        parent: dict[str, str] = {}
-        if init_from:
-            module_dir, parent = resolve_init_from(init_from)
-            warm_start(algo, module_dir, algo.get_module().observation_space.shape)
-            tags.update(parent)
-        mlflow.set_tags(tags)
-        log.info("training %s on %d bars (%s), validating on %d, device=%s%s", cfg.train.algorithm,
-                 len(splits.train), tags["data.train_window"], len(splits.validation), device,
-                 f", warm start from {init_from}" if init_from else "")
-        try:
-            best = train_loop(algo, cfg, iterations, splits.validation, Path(tmp))
-        finally:
-            algo.stop()
-        mlflow.log_metrics({f"best/{k}": v for k, v in best["metrics"].items() if math.isfinite(v)})
-        mlflow.log_metric("best/iteration", best["iteration"])
-        mlflow.log_artifacts(str(best["dir"]), "checkpoint")
-        from mlproject.policy import MODULE_SUBDIR
+    with pipeline_run(cfg, "train", nested=mlflow.active_run() is not None) as run:
+        # Before Ray starts and before any iteration: too few bars in a split fails here (a
+        # FAILED run saying which split needs how many bars), not at the first validation.
+        splits, source, settings = preflight(cfg, bars)
+        with ray_session(cfg), tempfile.TemporaryDirectory(prefix="nt8-train-") as tmp:
+            return _train(cfg, run, splits, source, settings, iterations, init_from, Path(tmp))
 
-        info = log_policy_model(best["dir"] / MODULE_SUBDIR, _observations(splits.validation, cfg, 8))
-        registered = None
-        if cfg.train.register_model:
-            version_tags = {**tags, "git_commit": git_commit() or "unknown", "run_id": run.info.run_id,
-                            f"val_{cfg.train.val_metric}": best["score"]}
-            registered = register_version(info.model_uri, cfg.train.register_model, version_tags,
-                                          description=f"PPO trained on {tags['data.train_window']}").version
-            registered = str(registered)
-        log.info("best val_%s=%.4g at iteration %d; model %s%s", cfg.train.val_metric, best["score"],
-                 best["iteration"], info.model_uri, f", registered version {registered}" if registered else "")
-        return TrainResult(run.info.run_id, info.model_uri, registered, best["score"], best["iteration"],
-                           best["iterations_run"], f"runs:/{run.info.run_id}/checkpoint", best["history"])
+
+def _train(cfg: Config, run: Any, splits: Any, source: str, settings: Any, iterations: int, init_from: str | None,
+           tmp: Path) -> TrainResult:
+    """Build the algorithm, train, log and register the best policy (inside the train run)."""
+    import mlflow
+    import ray
+    import torch
+
+    from mlproject.policy import MODULE_SUBDIR
+    from mlproject.registry import register_version
+    from mlproject.tracking import git_commit
+    from pipelines.ingest import log_dataset
+
+    log_dataset(splits.train, "train-split", source, "training")
+    log_dataset(splits.validation, "validation-split", source, "validation")
+    algo = algorithm_config(cfg, training_env_config(cfg, splits.train), cfg.seed).build_algo()
+    device = "cuda" if gpus_per_learner(cfg) else "cpu"
+    tags = {"ray_version": ray.__version__, "torch_version": torch.__version__, "device": device,
+            "algorithm": cfg.train.algorithm, "config_digest": config_digest(cfg),
+            "data.train_window": f"{splits.train.index[0]} .. {splits.train.index[-1]}"}
+    if init_from:
+        module_dir, parent, parent_settings = resolve_init_from(init_from)
+        warm_start(algo, module_dir, algo.get_module().observation_space.shape, parent_settings, settings)
+        tags.update(parent)
+    mlflow.set_tags(tags)
+    log.info("training %s on %d bars (%s), validating on %d, device=%s%s", cfg.train.algorithm,
+             len(splits.train), tags["data.train_window"], len(splits.validation), device,
+             f", warm start from {init_from}" if init_from else "")
+    try:
+        best = train_loop(algo, cfg, iterations, splits.validation, tmp)
+    finally:
+        algo.stop()
+    mlflow.log_metrics({f"best/{k}": v for k, v in best["metrics"].items() if math.isfinite(v)})
+    mlflow.log_metric("best/iteration", best["iteration"])
+    mlflow.log_artifacts(str(best["dir"]), "checkpoint")
+    info = log_policy_model(best["dir"] / MODULE_SUBDIR, _observations(splits.validation, cfg, 8), settings)
+    registered = None
+    if cfg.train.register_model:
+        version_tags = {**tags, "git_commit": git_commit() or "unknown", "run_id": run.info.run_id,
+                        f"val_{cfg.train.val_metric}": best["score"]}
+        registered = str(register_version(info.model_uri, cfg.train.register_model, version_tags,
+                                          description=f"PPO trained on {tags['data.train_window']}").version)
+    log.info("best val_%s=%.4g at iteration %d; model %s%s", cfg.train.val_metric, best["score"],
+             best["iteration"], info.model_uri, f", registered version {registered}" if registered else "")
+    return TrainResult(run.info.run_id, info.model_uri, registered, best["score"], best["iteration"],
+                       best["iterations_run"], f"runs:/{run.info.run_id}/checkpoint", best["history"])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,13 +26,42 @@ def use_store(monkeypatch: pytest.MonkeyPatch, uri: str) -> None:
     mlflow.set_tracking_uri(uri)
 
 
+REPO_OUTPUTS = ("mlruns", "mlflow.db", "mlartifacts", "data", "deploy")
+"""What the pipelines write relative to the working directory; the tests must never write them
+into the repository (a sqlite store's artifacts default to ./mlruns of the working directory,
+and `mlflow run` runs entry points in the project directory)."""
+
+
+def _snapshot(root: Path) -> dict[str, tuple[str, int, int]]:
+    out = {}
+    for name in REPO_OUTPUTS:
+        top = root / name
+        for path in [top, *(top.rglob("*") if top.is_dir() else [])]:
+            if path.exists() or path.is_symlink():
+                st = path.lstat()
+                out[str(path.relative_to(root))] = ("dir" if path.is_dir() else "file", st.st_size, st.st_mtime_ns)
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repo_stays_clean():
+    """Fails the session if any test wrote mlruns/, mlflow.db, data/ or deploy/ into the repo."""
+    before = _snapshot(ROOT)
+    yield
+    after = _snapshot(ROOT)
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    assert not changed, f"tests wrote into the repository (use tmp_path): {changed[:10]}"
+
+
 @pytest.fixture
 def mlflow_store(tmp_path, monkeypatch):
-    """A fresh sqlite tracking/registry store under tmp_path; fails the test if it leaves a run open."""
+    """A fresh sqlite tracking/registry store under tmp_path, run from tmp_path (artifacts land in
+    tmp_path/mlruns, never the repo's); fails the test if it leaves a run open."""
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     use_store(monkeypatch, uri)
+    monkeypatch.chdir(tmp_path)
     yield uri
     active = mlflow.active_run()
     while mlflow.active_run():

@@ -61,7 +61,7 @@ def test_bad_override_syntax_and_unknown_override_key():
 def test_instrument_errors_name_the_problem():
     with pytest.raises(ConfigError, match="unknown instrument preset 'ZZ'"):
         load_config(None, ["env.instrument=ZZ"])
-    with pytest.raises(ConfigError, match="custom instrument needs point_value"):
+    with pytest.raises(ConfigError, match="incomplete custom instrument: tick_size given, missing point_value"):
         load_config(None, ["env.instrument={tick_size: 0.5}"])
     custom = load_config(None, ["env.instrument={symbol: X, tick_size: 0.5, point_value: 10, "
                                 "commission_per_side: 1, slippage_ticks: 0, max_contracts: 2}"])
@@ -93,3 +93,62 @@ def test_flat_params_and_yaml_round_trip():
     from mlproject.config import config_from_dict
 
     assert config_from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
+
+
+NT8_SYMBOLS = ("ES MES NQ MNQ YM MYM RTY M2K CL MCL NG GC MGC SI HG ZB ZN ZF 6E 6J 6B 6A 6C BTC MBT").split()
+
+
+@pytest.mark.parametrize("symbol", NT8_SYMBOLS)
+def test_presets_for_the_contracts_nt8_users_trade(symbol):
+    spec = resolve_instrument(load_config(None, [f"env.instrument={symbol}"]).env.instrument)
+    assert spec.symbol == symbol and spec.tick_size > 0 and spec.point_value > 0
+    assert 0 < spec.commission_per_side * 2 <= 20  # a typical round turn, in USD
+
+
+def test_preset_tick_values_match_the_exchange_specs():
+    """Hand-checked money per tick (CME Group contract specs)."""
+    from mlproject.instruments import PRESETS
+
+    expected = {"ES": 12.5, "MES": 1.25, "NQ": 5.0, "MNQ": 0.5, "YM": 5.0, "MYM": 0.5, "RTY": 5.0, "M2K": 0.5,
+                "CL": 10.0, "MCL": 1.0, "NG": 10.0, "GC": 10.0, "MGC": 1.0, "SI": 25.0, "HG": 12.5, "ZB": 31.25,
+                "ZN": 15.625, "ZF": 7.8125, "6E": 6.25, "6J": 6.25, "6B": 6.25, "6A": 5.0, "6C": 5.0, "BTC": 25.0,
+                "MBT": 0.5}
+    assert set(PRESETS) == set(expected)
+    for symbol, tick_value in expected.items():
+        assert PRESETS[symbol].tick_value == pytest.approx(tick_value), symbol
+
+
+def test_partial_instrument_without_preset_is_an_error_naming_the_missing_fields():
+    """--set env.instrument.symbol=6E --set env.instrument.tick_size=... used to keep ES's point value."""
+    with pytest.raises(ConfigError, match=r"--set env\.instrument.*symbol, tick_size given, missing point_value, "
+                                          r"commission_per_side, slippage_ticks, max_contracts; give every field or "
+                                          r"preset: 6E"):
+        load_config(None, ["env.instrument.symbol=6E", "env.instrument.tick_size=0.00005"])
+    with pytest.raises(ConfigError, match="missing tick_size"):
+        load_config(None, ["env.instrument.max_contracts=2"])  # the default ES is not a silent base
+    refined = load_config(None, ["env.instrument.preset=6E", "env.instrument.max_contracts=2"])
+    spec = resolve_instrument(refined.env.instrument)
+    assert (spec.symbol, spec.point_value, spec.max_contracts) == ("6E", 125000.0, 2)
+
+
+def test_partial_instrument_in_a_file_is_an_error_with_its_line(tmp_path):
+    path = tmp_path / "fx.yaml"
+    path.write_text("env:\n  window: 8\n  instrument:\n    symbol: EURUSD\n    tick_size: 0.00005\n")
+    with pytest.raises(ConfigError, match=r"fx\.yaml line 3: key 'env\.instrument': incomplete custom instrument"):
+        load_config(path)
+    path.write_text("env:\n  instrument: {preset: ES, symbol: NQ}\n")
+    with pytest.raises(ConfigError, match="use preset: NQ"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("promotion.metric=sharp", r"key 'promotion\.metric': Input should be 'sharpe', 'sortino'"),
+    ("train.val_metric=sortino_ratio", r"key 'train\.val_metric': Input should be"),
+    ("train.activation=gelu", r"key 'train\.activation': Input should be 'tanh', 'relu' or 'silu'"),
+    ("data.tick_period=5 minutes", r"key 'data\.tick_period': tick_period '5 minutes' is not a pandas offset"),
+    ("data.tz=Mars/Olympus", r"key 'data\.tz': tz 'Mars/Olympus' is not an IANA time zone"),
+    ("mlflow.experiment=", r"key 'mlflow\.experiment'"),
+])
+def test_fixed_choices_are_validated(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])

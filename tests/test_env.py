@@ -69,7 +69,7 @@ def test_hand_computed_equity_long_flip_short_flat():
     assert trades_frame["bars_held"].tolist() == [2, 1]
     assert trades_frame["entry_time"].iloc[0] == scripted_bars().index[3]
     _, _, terminated, truncated, info = env.step(1)
-    assert terminated and not truncated and info["bar"] == 7  # last bar of the data
+    assert truncated and not terminated and info["bar"] == 7  # last bar of the data: the market goes on
 
 
 def test_open_pnl_and_position_in_observation():
@@ -163,7 +163,8 @@ def test_episode_ends(small_bars):
     assert [env.step(1)[3] for _ in range(5)] == [False] * 4 + [True]
     env = FuturesTradingEnv({"bars": small_bars, "window": 8})
     env.reset(options={"start": len(small_bars) - 3})
-    assert [env.step(1)[2] for _ in range(2)] == [False, True]
+    # The newest bar is a truncation, not a termination: a learner bootstraps the value there.
+    assert [env.step(1)[2:4] for _ in range(2)] == [(False, False), (False, True)]
     env = FuturesTradingEnv({"bars": small_bars, "window": 8, "initial_equity": 1_000.0,
                              "equity_floor_fraction": 0.99, "instrument": {"preset": "ES", "max_contracts": 5}})
     env.reset(options={"start": 50})
@@ -263,3 +264,30 @@ def test_vector_env_per_env_starts(small_bars):
         assert fills == env.fills and len(fills) > 20
     with pytest.raises(ValueError, match="start has 2 entries for 4 envs"):
         vec.reset(options={"start": [40, 300]})
+
+
+def test_end_of_data_truncates_in_the_vector_env_too(small_bars):
+    """The vector twin: the last bar truncates; only the equity floor terminates."""
+    n = len(small_bars)
+    vec = FuturesTradingVectorEnv(2, {"bars": small_bars, "window": 8})
+    vec.reset(options={"start": [n - 3, n - 2]})
+    _, _, terminated, truncated, _ = vec.step(np.array([1, 1]))
+    assert terminated.tolist() == [False, False] and truncated.tolist() == [False, True]
+    _, _, terminated, truncated, _ = vec.step(np.array([1, 1]))
+    assert terminated.tolist() == [False, False] and truncated.tolist() == [True, False]  # env 1 autoreset
+
+
+@pytest.mark.parametrize("action", [-1, 3, 1.5, np.int64(-1), np.float64(2.5)])
+def test_action_outside_the_action_space_is_an_error(small_bars, action):
+    """step(-1) on Discrete(3) used to open a 2-contract short past max_contracts."""
+    env = FuturesTradingEnv({"bars": small_bars, "window": 8})
+    env.reset(options={"start": 50})
+    with pytest.raises(ValueError, match="outside the action space Discrete\\(3\\)"):
+        env.step(action)
+    assert env.step(np.int64(2))[4]["position"] == 1  # a valid numpy action still works
+    vec = FuturesTradingVectorEnv(3, {"bars": small_bars, "window": 8})
+    vec.reset(seed=0)
+    with pytest.raises(ValueError, match="of sub-env 1 is outside the action space Discrete\\(3\\)"):
+        vec.step(np.array([1, action, 1]))
+    with pytest.raises(ValueError, match="expected 3 actions"):
+        vec.step(np.array([1, 1]))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import mlflow
 import pandas as pd
 import pytest
@@ -50,6 +52,11 @@ def test_ingest_cli_bad_file_exits_nonzero_with_line(tmp_path, mlflow_store):
     assert run.info.status == "FAILED" and "line 2" in run.data.tags["error"]
 
 
+SECOND_CYCLE = ("refused", ["sharpe -48.68 vs Production -35.77: improvement -12.91 is not > min_improvement 0",
+                            "PSR vs Production's Sharpe 0.142 < min_psr 0.5"])
+"""What the seeded second cycle decides (training, evaluation and the gate are all seeded)."""
+
+
 def test_orchestrate_all_runs_the_existing_cycle(tmp_path, mlflow_store, monkeypatch, ray_session):
     from pipelines import orchestrate
 
@@ -68,18 +75,17 @@ def test_orchestrate_all_runs_the_existing_cycle(tmp_path, mlflow_store, monkeyp
     assert evaluated.data.metrics["eval/total_return"] == pytest.approx(report.summary()["total_return"])
     assert evaluated.data.metrics["baseline/flat/total_return"] == 0.0
     decision = result["promote"]
-    assert names["promote"].data.tags["decision"] == decision.decision
-    if decision.decision == "promoted":  # a first valid candidate: deployed
-        assert (tmp_path / "deploy" / "current" / "manifest.json").exists()
-    else:
-        assert decision.reasons
+    # Seeded: the first valid candidate is promoted (nothing in Production) and deployed.
+    assert (decision.decision, decision.reasons) == ("promoted", ["nothing in Production: first valid candidate"])
+    assert names["promote"].data.tags["decision"] == "promoted"
+    assert json.loads((tmp_path / "deploy" / "current" / "manifest.json").read_text())["version"] == "1"
     train_inputs = {i.dataset.name for i in names["train"].inputs.dataset_inputs}
     assert train_inputs == {"train-split", "validation-split"}
     assert "parent_version" not in names["train"].data.tags  # nothing deployed yet: trained from scratch
-    if decision.decision == "promoted":  # the next cycle continues from the deployed policy
-        again = orchestrate.main(cfg, "all")
-        child = mlflow.MlflowClient().get_model_version("nt8-agent", again["train"].registered_version)
-        assert child.tags["parent_version"] == "1" and child.tags["parent_uri"] == "models:/nt8-agent/Production"
+    again = orchestrate.main(cfg, "all")  # the next cycle continues from the deployed policy
+    child = mlflow.MlflowClient().get_model_version("nt8-agent", again["train"].registered_version)
+    assert child.tags["parent_version"] == "1" and child.tags["parent_uri"] == "models:/nt8-agent/Production"
+    assert (again["promote"].decision, again["promote"].reasons) == SECOND_CYCLE
 
 
 @pytest.mark.parametrize("entry, params", [
@@ -87,6 +93,9 @@ def test_orchestrate_all_runs_the_existing_cycle(tmp_path, mlflow_store, monkeyp
     ("main", ["-P", "overrides=data.synthetic.n_bars=800 train.iterations=1"]),
 ])
 def test_mlflow_run_entry_points(tmp_path, mlflow_store, entry, params):
+    # `mlflow run` runs the entry point in the project directory: outputs go to tmp_path explicitly.
+    params = [p + f" data.output_dir={tmp_path / 'bars'} promotion.deploy_dir={tmp_path / 'deploy'}"
+              if p.startswith("overrides=") else p for p in params]
     out = run_module(["mlflow", "run", str(ROOT), "-e", entry, "--env-manager", "local", *params], cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")

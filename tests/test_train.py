@@ -103,8 +103,9 @@ def test_pyfunc_loads_in_a_fresh_process_without_ray(trained_store, tmp_path):
 def test_warm_start_records_parent_and_starts_from_its_weights(trained_store):
     uri, result, cfg, _ = trained_store
     parent_uri = f"models:/nt8-agent/{result.registered_version}"
-    module_dir, parent = train.resolve_init_from(parent_uri)
+    module_dir, parent, parent_settings = train.resolve_init_from(parent_uri)
     assert parent["parent_version"] == result.registered_version
+    assert parent_settings.window == cfg.env.window  # the parent's recorded settings come along
     parent_weights = module_weights(load_module(module_dir))
     env_config = train.training_env_config(cfg, momentum_bars(1000, seed=1))
     algo = train.algorithm_config(cfg, env_config, seed=123).build_algo()
@@ -129,9 +130,14 @@ def test_warm_start_records_parent_and_starts_from_its_weights(trained_store):
 
 def test_warm_start_rejects_a_policy_for_other_observations(trained_store):
     uri, result, cfg, _ = trained_store
-    module_dir, _ = train.resolve_init_from(f"models:/nt8-agent/{result.registered_version}")
+    from mlproject.policy import PolicySettings
+
+    module_dir, _, parent_settings = train.resolve_init_from(f"models:/nt8-agent/{result.registered_version}")
     with pytest.raises(ValueError, match="expects observations of shape"):
         train.warm_start(None, module_dir, (7,))
+    other = PolicySettings.from_env(cfg.env.model_copy(update={"norm_window": 50}))
+    with pytest.raises(ValueError, match="other observation settings .*: norm_window 100 vs 50"):
+        train.warm_start(None, module_dir, (82,), parent_settings, other)
     with pytest.raises(ValueError, match="no version of 'nt8-agent' is in stage 'Production'"):
         train.resolve_init_from("models:/nt8-agent/Production")
 

@@ -1,0 +1,122 @@
+"""Checks that run before any long work, so that real data fails early and says why.
+
+- :func:`check_splits`: every split has the bars its step needs (history for the window and the
+  volume window, the evaluation windows); too few is an error naming the split and the count.
+- :func:`instrument_fit_warnings`: the prices look like the configured contract (on its tick
+  grid, a tick and a typical bar worth a sane share of the account); warnings, never errors.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mlproject.data import DataError
+
+log = logging.getLogger(__name__)
+
+
+def first_bar(env: Any) -> int:
+    """Bars of history before the first decision (as ``envs.market.Market.first_bar``)."""
+    return max(env.window, env.vol_window)
+
+
+def _source(bars: pd.DataFrame, cfg: Any) -> str:
+    return str(bars.attrs.get("path") or bars.attrs.get("source") or cfg.data.source)
+
+
+def split_needs(cfg: Any) -> dict[str, tuple[int, str]]:
+    """Bars each split needs, and why, for ``cfg``."""
+    from mlproject.evaluation import bars_needed
+
+    env, n = cfg.env, cfg.continuous_learning.evaluation_episodes
+    history = f"{first_bar(env)} bars of history (env.window={env.window}, env.vol_window={env.vol_window})"
+    return {
+        "train": (first_bar(env) + 2, f"{history} and 2 bars to trade"),
+        "validation": (first_bar(env) + 2, f"{history} and 2 bars for the validation backtest"),
+        "test": (bars_needed(first_bar(env), n), f"{history} and {n} evaluation windows of 2+ bars "
+                                                 f"(continuous_learning.evaluation_episodes={n})"),
+    }
+
+
+def check_splits(splits: Any, cfg: Any, source: str, *, used: tuple[str, ...] = ("train", "validation", "test"),
+                 ) -> list[str]:
+    """Raise ``DataError`` when a split in ``used`` has too few bars (the message names the split,
+    its bars, what it needs and why); return warnings for splits shorter than ``env.norm_window``.
+
+    A split whose fraction is 0 is skipped (it is not used)."""
+    sp = cfg.data.splits
+    needs = split_needs(cfg)
+    warnings = []
+    for name in used:
+        part = getattr(splits, name)
+        fraction = getattr(sp, name)
+        if fraction == 0:
+            continue
+        need, why = needs[name]
+        total = sum(len(getattr(splits, n)) for n in ("train", "validation", "test"))
+        if len(part) < need:
+            raise DataError(
+                f"{source}: the {name} split has {len(part)} bars (data.splits.{name}={fraction:g} of {total}); "
+                f"it needs at least {need}: {why}. Use a longer file, a larger data.splits.{name}, or a smaller "
+                "window")
+        if len(part) < cfg.env.norm_window:
+            warnings.append(f"{source}: the {name} split has {len(part)} bars, fewer than env.norm_window="
+                            f"{cfg.env.norm_window}: its return normalisation never sees a full window")
+    for text in warnings:
+        log.warning(text)
+    return warnings
+
+
+def instrument_fit_warnings(bars: pd.DataFrame, spec: Any, initial_equity: float, checks: Any,
+                            source: str) -> list[str]:
+    """Reasons to doubt that ``bars`` are prices of ``spec`` (an ``InstrumentSpec``) traded from
+    ``initial_equity`` (``checks``: a ``DataChecksConfig``). Empty when they look right."""
+    out = []
+    prices = bars[["open", "high", "low", "close"]].to_numpy(np.float64).ravel()
+    if prices.size:
+        ticks = prices / spec.tick_size
+        off = np.abs(ticks - np.round(ticks)) > 1e-6 * np.maximum(1.0, np.abs(ticks))
+        if off.mean() > checks.off_grid_fraction:
+            example = prices[np.flatnonzero(off)[0]]
+            out.append(f"{source}: {off.mean():.0%} of the prices are off {spec.symbol}'s tick grid of "
+                       f"{spec.tick_size:g} (e.g. {example:g}): are these {spec.symbol} prices? (env.instrument)")
+    tick = spec.tick_value * spec.max_contracts
+    if tick > checks.max_tick_value_fraction * initial_equity:
+        out.append(f"{source}: one tick on {spec.max_contracts} {spec.symbol} is worth {tick:,.2f}, "
+                   f"{tick / initial_equity:.2%} of env.initial_equity={initial_equity:,.0f} (data.checks."
+                   f"max_tick_value_fraction={checks.max_tick_value_fraction:g})")
+    close = bars["close"].to_numpy(np.float64)
+    if close.size > 2:
+        from mlproject.metrics import periods_per_year
+
+        # A day's typical move from the bar's, by the square-root-of-time rule: comparable across
+        # minute, daily and monthly bars (ES moves ~1.5% of a 100,000 account a day on any of them).
+        per_day = periods_per_year(bars.index) / 252.0
+        move = float(np.median(np.abs(np.diff(close)))) * np.sqrt(per_day) * spec.point_value * spec.max_contracts
+        if move > checks.max_daily_move_fraction * initial_equity:
+            out.append(f"{source}: a typical day moves {move:,.0f} on {spec.max_contracts} {spec.symbol}, "
+                       f"{move / initial_equity:.0%} of env.initial_equity={initial_equity:,.0f} (data.checks."
+                       f"max_daily_move_fraction={checks.max_daily_move_fraction:g}): are these {spec.symbol} "
+                       "prices (env.instrument)?")
+    return out
+
+
+def warn_if_instrument_misfits(bars: pd.DataFrame, cfg: Any) -> list[str]:
+    """:func:`instrument_fit_warnings` for ``cfg``'s instrument, logged; tagged on the active
+    MLflow run (``data.warnings``) when there is one."""
+    from mlproject.instruments import resolve_instrument
+
+    found = instrument_fit_warnings(bars, resolve_instrument(cfg.env.instrument), cfg.env.initial_equity,
+                                    cfg.data.checks, _source(bars, cfg))
+    for text in found:
+        log.warning(text)
+    if found:
+        import mlflow
+
+        if mlflow.active_run() is not None:
+            mlflow.set_tag("data.warnings", " | ".join(found)[:5000])
+    return found
