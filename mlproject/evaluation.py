@@ -256,10 +256,13 @@ def _period_text(period: pd.Timedelta) -> str:
     """``1min``, ``1h``, ``1D`` rather than ``0 days 00:01:00``."""
     from pandas.tseries.frequencies import to_offset
 
+    if period >= pd.Timedelta(days=1) and period % pd.Timedelta(days=1) == pd.Timedelta(0):
+        return f"{period.days}D"
     try:
-        return to_offset(period).freqstr
+        text = to_offset(period).freqstr
     except ValueError:
         return str(period)
+    return text if text[:1].isdigit() else f"1{text}"
 
 
 def _bars_source(bars: pd.DataFrame) -> str:

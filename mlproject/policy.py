@@ -126,7 +126,10 @@ def load_policy_model(uri: str) -> LoadedPolicy:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from mlproject.quiet import quiet_rllib
+
     label = model_label(uri)
+    quiet_rllib()
     try:
         model = mlflow.pyfunc.load_model(uri)
     except MlflowException as exc:  # unknown name/version/run: a bad input, said with the URI
@@ -158,6 +161,9 @@ def load_module(path: str | Path) -> Any:
     Needs no running Ray."""
     from ray.rllib.core.rl_module.rl_module import RLModule
 
+    from mlproject.quiet import quiet_rllib
+
+    quiet_rllib()
     path = Path(path)
     if (path / MODULE_SUBDIR).is_dir():
         path = path / MODULE_SUBDIR

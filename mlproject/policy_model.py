@@ -18,6 +18,11 @@ class RLlibPolicy(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context):
         from ray.rllib.core.rl_module.rl_module import RLModule
+        from ray.util.debug import log_once
+
+        # RLlib's RLModule constructor warns about a deprecated RLModuleConfig that it builds
+        # itself; nothing a user of this model can change (mlproject/quiet.py says more).
+        log_once("RLModule(config=[RLModuleConfig object])")
 
         self.module = RLModule.from_checkpoint(context.artifacts["rl_module"])
 

@@ -34,7 +34,10 @@ def setup_tracking(cfg: Config) -> str:
         mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     # Under `mlflow run` (MLFLOW_RUN_ID set) the run and its experiment already exist. Not
     # MLFLOW_EXPERIMENT_ID: mlflow.set_experiment itself exports it, so it proves nothing.
-    if "MLFLOW_RUN_ID" not in os.environ:
+    # Inside an active run (a step of the cycle) the child runs belong to the parent's
+    # experiment: MLflow unsets MLFLOW_RUN_ID once it resumed that run, so without this check the
+    # steps of `mlflow run . -e main` landed in another experiment than their parent.
+    if "MLFLOW_RUN_ID" not in os.environ and mlflow.active_run() is None:
         mlflow.set_experiment(cfg.mlflow.experiment)
     return mlflow.get_tracking_uri()
 

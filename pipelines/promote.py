@@ -112,6 +112,7 @@ def evaluate_and_gate(challenger: Any, before: str | None, bars: Any, cfg: Confi
 
     p = cfg.promotion
     policies = [challenger]
+    policy_env_config(challenger, cfg.env, bars)  # a candidate that cannot run here is bad input: said first
     if before is not None:
         production = load_policy_model(f"models:/{p.model_name}/{before}")
         try:

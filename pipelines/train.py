@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from mlproject.config import Config
+from mlproject.quiet import quiet_env_reregistration, quiet_rllib
 from pipelines.cli import base_parser, optional_int, run_cli
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ def algorithm_config(cfg: Config, env_config: dict[str, Any], seed: int) -> Any:
     from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
 
     envs.register_rllib()
+    quiet_rllib()
     t = cfg.train
     return (
         PPOConfig()
@@ -359,7 +361,8 @@ def _train(cfg: Config, run: Any, splits: Any, source: str, settings: Any, itera
 
     log_dataset(splits.train, "train-split", source, "training")
     log_dataset(splits.validation, "validation-split", source, "validation")
-    algo = algorithm_config(cfg, training_env_config(cfg, splits.train), cfg.seed).build_algo()
+    with quiet_env_reregistration():
+        algo = algorithm_config(cfg, training_env_config(cfg, splits.train), cfg.seed).build_algo()
     device = "cuda" if gpus_per_learner(cfg) else "cpu"
     tags = {"ray_version": ray.__version__, "torch_version": torch.__version__, "device": device,
             "algorithm": cfg.train.algorithm, "config_digest": config_digest(cfg),

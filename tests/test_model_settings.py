@@ -123,7 +123,7 @@ def test_too_few_bars_for_a_model_names_the_model_and_its_window(store):
     policies = [load_policy_model("models:/nt8-agent/1"), load_policy_model("models:/nt8-agent/2")]
     evaluate_policies(policies[:1], short, cfg16)
     with pytest.raises(ModelMismatch, match=r"nt8-agent v2 needs at least 39 bars: 32 bars of history \(window=32, "
-                                            r"vol_window=20\) and 3 evaluation windows .* has 45"):
+                                            r"vol_window=20\) and 3 evaluation windows .* has 38"):
         evaluate_policies(policies, short.iloc[:38], cfg16)
 
 

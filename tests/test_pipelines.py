@@ -100,6 +100,8 @@ def test_mlflow_run_entry_points(tmp_path, mlflow_store, entry, params):
     assert out.returncode == 0, out.stderr[-3000:]
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert runs and all(r.info.status == "FINISHED" for r in runs)
+    if entry == "main":  # the steps are child runs in their parent's experiment
+        assert len({r.info.experiment_id for r in runs}) == 1 and len(runs) == 5
     if entry == "ingest":
         assert runs[0].data.metrics["data/n_bars"] == 500
         assert runs[0].data.params["env.window"] == "8"
