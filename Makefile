@@ -30,4 +30,4 @@ ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 clean:
-	rm -rf $(VENV) mlflow.db mlartifacts data deploy
+	rm -rf $(VENV) mlflow.db mlruns mlartifacts data deploy

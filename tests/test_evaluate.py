@@ -104,6 +104,11 @@ def test_evaluate_logs_metrics_linked_to_the_model(trained_store):
     linked = {m.key for m in mlflow.get_logged_model(model_id).metrics}
     assert {"eval/total_return", "eval/max_drawdown"} <= linked
     assert run.inputs.dataset_inputs[0].dataset.name == "evaluation-bars"
+    from mlproject.evaluation import default_bars
+    from mlproject.metrics import periods_per_year
+
+    assert float(run.data.params["periods_per_year"]) == pytest.approx(periods_per_year(default_bars(cfg).index))
+    assert run.data.params["eval.first_bar"] == "20"  # max(window 16, vol_window 20)
     report = out.reports[uri]
     assert run.data.metrics["eval/total_return"] == pytest.approx(report.summary()["total_return"])
 

@@ -71,6 +71,10 @@ def test_run_logs_metrics_params_data_checkpoint_and_version(trained_store):
                 "val/sharpe", "val/total_return", "val/max_drawdown"):
         assert key in run.data.metrics, key
     assert run.data.params["train.lr"] == str(cfg.train.lr)
+    # Synthetic RTH minute bars: 390 a day, 252 days (validation split's timestamps).
+    assert float(run.data.params["periods_per_year"]) == 390 * 252
+    assert run.data.params["train.bar_period"] == "0 days 00:01:00"
+    assert "data.warnings" not in run.data.tags  # the smoke data fits MES
     assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"train-split", "validation-split"}
     assert run.data.tags["device"] == "cpu" and run.data.tags["ray_version"]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id)}
