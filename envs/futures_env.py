@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from operator import index as _index
 from typing import Any
 
 import gymnasium as gym
@@ -114,11 +115,13 @@ class FuturesTradingEnv(gym.Env):
     def step(self, action):
         # Hot path: plain Python floats from lists, no numpy scalars, no helper calls unless a
         # fill happens (benchmarks/env_throughput.py measures it).
-        a = int(action)
-        if not 0 <= a <= self._amax or a != action:  # one chained compare on the hot path
-            raise ValueError(f"action {action!r} is outside the action space {self.action_space} "
-                             f"(0 = {self._max} short .. {self._amax} = {self._max} long)")
-        q = a - self._max
+        m = self._max
+        try:
+            q = _index(action) - m  # ints and numpy integers; a float raises (no silent int(1.5) == 1)
+        except TypeError:
+            q = self._integral(action) - m
+        if not -m <= q <= m:
+            self._reject(action)
         p = self._pos
         t = self._t + 1
         self._t = t
@@ -170,6 +173,20 @@ class FuturesTradingEnv(gym.Env):
             obs[-1] = 0.0
         info = {"equity": eq, "position": q, "trades": self._n_closed, "realised_pnl": self._realised, "bar": t}
         return obs, self._scale * reward, terminated, truncated, info
+
+    def _integral(self, action: Any) -> int:
+        """A float or one-element array holding an integer (2.0) as its int, as the vector env
+        takes it; anything fractional or non-numeric (1.5, "1") is rejected."""
+        arr = np.asarray(action)
+        if arr.size == 1 and arr.dtype.kind in "iuf" and float(arr.reshape(())).is_integer():
+            return int(arr.reshape(()))
+        self._reject(action)
+
+    def _reject(self, action: Any) -> None:
+        """Outside Discrete(2 * max_contracts + 1), or not an integer, is an error: int(-1) would
+        open a short past max_contracts and int(1.5) would trade a guess."""
+        raise ValueError(f"action {action!r} is outside the action space {self.action_space} "
+                         f"(integers 0 = {self._max} short .. {self._amax} = {self._max} long)")
 
     def _risk_penalty(self, eq_old: float, eq: float) -> float:
         """risk_penalty * (increase of the drawdown from the equity peak), 0 if it shrank."""

@@ -120,14 +120,15 @@ class FuturesTradingVectorEnv(VectorEnv):
         return self._observe(), reward, terminated, truncated, self._info()
 
     def _checked(self, actions: Any) -> np.ndarray:
-        """Actions as int64; anything outside Discrete(2 * max_contracts + 1) raises ValueError."""
+        """Actions as int64; anything outside Discrete(2 * max_contracts + 1), or fractional,
+        raises ValueError naming the first bad sub-env."""
         raw = np.asarray(actions)
         if raw.shape != (self.num_envs,):
             raise ValueError(f"expected {self.num_envs} actions, got an array of shape {raw.shape}")
         out = raw.astype(np.int64)
-        bad = (out < 0) | (out > 2 * self._max)
-        if raw.dtype.kind not in "iub":
-            bad |= out != raw
+        if raw.dtype.kind in "iu" and out.min() >= 0 and out.max() <= 2 * self._max:
+            return out  # the hot path: two reductions, no temporary masks
+        bad = (out < 0) | (out > 2 * self._max) | (out != raw)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise ValueError(f"action {raw[i]!r} of sub-env {i} is outside the action space "

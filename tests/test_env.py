@@ -285,6 +285,7 @@ def test_action_outside_the_action_space_is_an_error(small_bars, action):
     with pytest.raises(ValueError, match="outside the action space Discrete\\(3\\)"):
         env.step(action)
     assert env.step(np.int64(2))[4]["position"] == 1  # a valid numpy action still works
+    assert env.step(0.0)[4]["position"] == -1 and env.step(np.array([1]))[4]["position"] == 0  # integral values too
     vec = FuturesTradingVectorEnv(3, {"bars": small_bars, "window": 8})
     vec.reset(seed=0)
     with pytest.raises(ValueError, match="of sub-env 1 is outside the action space Discrete\\(3\\)"):
