@@ -97,7 +97,8 @@ def profit_factor(trade_pnls: np.ndarray) -> float:
 
 def periods_per_year(index) -> float:
     """Bars per year for annualisation, from the timestamps: 252 trading days times the median
-    number of bars per trading day (session-aware: an RTH minute series gives 390 * 252).
+    number of bars per trading day (session-aware: an RTH minute series gives 390 * 252; the
+    first and last day, often cut by a split, are left out when there are days between).
     Daily bars (median spacing under two days, weekends included): 252. Slower bars: calendar
     time, 365.25 days / median spacing (weekly 52.2, monthly about 12)."""
     import pandas as pd
@@ -110,8 +111,13 @@ def periods_per_year(index) -> float:
         return float(pd.Timedelta(days=365.25) / step)
     if step >= pd.Timedelta(days=1):
         return 252.0
-    per_day = pd.Series(1, index=index).groupby(index.normalize()).size().median()
-    return float(252.0 * per_day)
+    per_day = pd.Series(1, index=index).groupby(index.normalize()).size().to_numpy()
+    # The first and last day of a split are usually cut (a 450-bar validation split from
+    # 12:01 to 13:00 the next day has days of 240 and 210 bars): only the days in between
+    # count; with none in between, the session is the distinct times of day seen on either.
+    if len(per_day) > 2:
+        return float(252.0 * np.median(per_day[1:-1]))
+    return float(252.0 * len(np.unique(index - index.normalize())))
 
 
 def annualized_return(equity: np.ndarray, periods_per_year: float) -> float:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -119,31 +122,47 @@ def trained(ray_session, tmp_path_factory):
     """One tiny training run (smoke profile, 2 iterations) registered as nt8-agent version 1 in
     a session-wide sqlite store. Yields (store uri, TrainResult, config, folder). Tests that use
     it talk to that store (MLFLOW_TRACKING_URI points there while they run)."""
-    import mlflow
-
     from mlproject.config import load_config
     from pipelines import train
 
     tmp = tmp_path_factory.mktemp("trained")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    cfg = load_config(ROOT / "conf" / "smoke.yaml", ["train.iterations=2"])
+    with fresh_store(tmp) as uri:
+        result = train.main(cfg)
+    yield uri, result, cfg, tmp
+
+
+@contextlib.contextmanager
+def fresh_store(folder: Path) -> Iterator[str]:
+    """A new sqlite store in ``folder``, used from ``folder`` while the block runs (for fixtures
+    wider than one test, which cannot use ``monkeypatch``); yields its URI."""
+    import mlflow
+
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
     mp = pytest.MonkeyPatch()
     use_store(mp, uri)
-    mp.chdir(tmp)
-    cfg = load_config(ROOT / "conf" / "smoke.yaml", ["train.iterations=2"])
-    result = train.main(cfg)
+    mp.chdir(folder)
+    try:
+        yield uri
+    finally:
+        mlflow.set_tracking_uri(None)
+        mp.undo()
+
+
+def visit_store(monkeypatch: pytest.MonkeyPatch, uri: str, folder: Path, value: Any) -> Iterator[Any]:
+    """Body of a fixture that points one test at an existing store and runs it from ``folder``;
+    yields ``value`` and ends any run the test left open."""
+    import mlflow
+
+    use_store(monkeypatch, uri)
+    monkeypatch.chdir(folder)
+    yield value
+    while mlflow.active_run():
+        mlflow.end_run()
     mlflow.set_tracking_uri(None)
-    mp.undo()
-    yield uri, result, cfg, tmp
 
 
 @pytest.fixture
 def trained_store(trained, monkeypatch):
     """Point MLflow at the session's trained-model store for one test."""
-    import mlflow
-
-    use_store(monkeypatch, trained[0])
-    monkeypatch.chdir(trained[3])
-    yield trained
-    while mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
+    yield from visit_store(monkeypatch, trained[0], trained[3], trained)

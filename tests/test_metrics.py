@@ -305,6 +305,8 @@ def test_periods_per_year_from_bar_timestamps():
 
     rth_minutes = synthetic_bars(390 * 3, seed=0).index  # 09:31..16:00, three sessions
     assert periods_per_year(rth_minutes) == 390 * 252
+    assert periods_per_year(rth_minutes[150:600]) == 390 * 252  # cut first and last session: 240 + 210 bars
+    assert periods_per_year(rth_minutes[100:1000]) == 390 * 252  # 290, 390, 220
     five_minutes = synthetic_bars(78 * 3, seed=0, bar_minutes=5).index
     assert periods_per_year(five_minutes) == 78 * 252
     hourly_24h = pd.date_range("2024-01-01", periods=24 * 10, freq="h")

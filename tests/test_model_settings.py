@@ -8,7 +8,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_module, use_store
+from conftest import ROOT, fresh_store, run_module, visit_store
 from mlproject.config import load_config
 from mlproject.policy import ModelMismatch, load_policy_model
 
@@ -20,28 +20,18 @@ def two_windows(ray_session, tmp_path_factory):
     from pipelines import train
 
     tmp = tmp_path_factory.mktemp("two_windows")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    mp = pytest.MonkeyPatch()
-    use_store(mp, uri)
-    mp.chdir(tmp)
     cfg16 = load_config(ROOT / "conf" / "smoke.yaml", ["train.iterations=1", f"promotion.deploy_dir={tmp / 'deploy'}"])
     cfg32 = load_config(ROOT / "conf" / "smoke.yaml", ["train.iterations=1", "env.window=32",
                                                       f"promotion.deploy_dir={tmp / 'deploy'}"])
-    assert train.main(cfg16).registered_version == "1"
-    assert train.main(cfg32).registered_version == "2"
-    mlflow.set_tracking_uri(None)
-    mp.undo()
+    with fresh_store(tmp) as uri:
+        assert train.main(cfg16).registered_version == "1"
+        assert train.main(cfg32).registered_version == "2"
     yield uri, cfg16, cfg32, tmp
 
 
 @pytest.fixture
 def store(two_windows, monkeypatch):
-    use_store(monkeypatch, two_windows[0])
-    monkeypatch.chdir(two_windows[3])
-    yield two_windows
-    while mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
+    yield from visit_store(monkeypatch, two_windows[0], two_windows[3], two_windows)
 
 
 def test_logged_policy_records_its_settings(store):
