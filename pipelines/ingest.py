@@ -90,12 +90,14 @@ def main(cfg: Config, output: str | None = None) -> IngestResult:
     import mlflow
 
     from mlproject.data import load_source, split_bars
+    from mlproject.preflight import warn_if_instrument_misfits
     from mlproject.tracking import pipeline_run, setup_tracking
 
     setup_tracking(cfg)
     with pipeline_run(cfg, "ingest", nested=mlflow.active_run() is not None) as run:
         log.info("loading %s", cfg.data.source)
         bars = load_source(cfg)
+        warn_if_instrument_misfits(bars, cfg)  # as early as possible: before anything trains on them
         name = dataset_name(cfg)
         path = Path(output) if output else Path(cfg.data.output_dir) / f"{name}.parquet"
         write_parquet(bars, path)

@@ -137,3 +137,19 @@ def test_fit_warnings_are_tagged_on_the_run(tmp_path, mlflow_store):
     with mlflow.start_run() as run:
         warn_if_instrument_misfits(bars, load_config(None))
     assert "btc.parquet: a typical day moves" in mlflow.get_run(run.info.run_id).data.tags["data.warnings"]
+
+
+def test_ingest_warns_when_the_prices_do_not_fit_the_instrument(tmp_path, mlflow_store):
+    """BTC minute bars exported from NT8, ingested with the default ES instrument."""
+    from pipelines import ingest
+
+    bars = _btc_bars(600)
+    path = tmp_path / "BTC 03-24.Last.txt"
+    path.write_text("".join(f"{ts:%Y%m%d %H%M%S};{r.open:g};{r.high:g};{r.low:g};{r.close:g};{int(r.volume)}\n"
+                            for ts, r in zip(bars.index, bars.itertuples())))
+    result = ingest.main(load_config(None, [f"data.source={path}", f"data.output_dir={tmp_path / 'out'}"]))
+    tags = mlflow.get_run(result.run_id).data.tags
+    assert "BTC 03-24.Last.txt: a typical day moves" in tags["data.warnings"] and "ES prices" in tags["data.warnings"]
+    quiet = ingest.main(load_config(None, [f"data.source={path}", f"data.output_dir={tmp_path / 'out'}",
+                                           "env.instrument=MBT"]))
+    assert "data.warnings" not in mlflow.get_run(quiet.run_id).data.tags  # the right contract: no warning
