@@ -8,7 +8,6 @@ features and contract size, whatever the current config says.
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -16,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 MODULE_SUBDIR = "learner_group/learner/rl_module/default_policy"
 """Where an RLlib algorithm checkpoint keeps the policy's RLModule."""
