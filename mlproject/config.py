@@ -274,6 +274,12 @@ class PromotionConfig(_Strict):
     """Worst window's maximum drawdown (fraction) the challenger may have."""
     min_trades: int = Field(default=10, ge=0)
     """Closed trades the challenger must make over all evaluation windows."""
+    beat_flat: bool = True
+    """Quality floor: every candidate, the first one included, must also beat flat (no trading:
+    0 on ``metric``, a Sharpe of 0 for the PSR) by the same rules as it beats Production."""
+    lock_file: str | None = None
+    """Cross-process lock of registry writes and reconciles; null: beside a sqlite store (or in
+    the temp folder for a server). Writers on several machines name a file in a shared folder."""
     deploy_dir: str = "deploy"
     """Where registry_hooks.reconcile exports the Production model."""
     keep_releases: int = Field(default=3, ge=2)

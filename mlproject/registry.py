@@ -6,24 +6,84 @@ transition also sets the alias ``production`` (aliases fire MLflow webhooks, sta
 Every promotion and rollback is recorded twice: as tags on the promoted version (the latest
 promotion of that version) and as an event tag on the registered model
 (``production_event.<seq>``, JSON), from which :func:`history` prints who was Production when.
+
+Writes are serialised and crash-safe:
+
+- Every write (promote, rollback, cleanup, delete) and every reconcile runs under one
+  cross-process file lock (:func:`registry_lock`): beside a sqlite store by default, or the
+  ``promotion.lock_file`` a team puts in a shared folder.
+- A promotion writes its history event first, as ``pending``, then moves the stage and the alias,
+  tags the version and marks the event ``done``. A crash anywhere leaves a pending event, which
+  :func:`complete_pending` (run by every later write and by every reconcile) finishes when the
+  stage moved, or marks ``abandoned`` when it did not: no crash point loses a promotion.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import re
+import tempfile
 import warnings
 from collections.abc import Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
+
+from mlproject.faults import fault_point
 
 log = logging.getLogger(__name__)
 
 PRODUCTION = "Production"
 ALIAS = "production"
 EVENT_PREFIX = "production_event."
+LOCK_TIMEOUT_S = 600.0
+"""How long a registry write waits for another one before giving up with a clear error."""
+
+
+class RegistryBusy(RuntimeError):
+    """Another process held the registry lock for longer than the timeout."""
+
+
+_LOCKS: dict[str, Any] = {}
+
+
+def default_lock_path(tracking_uri: str | None = None) -> Path:
+    """Beside a sqlite store (``mlflow.db.registry.lock``); for any other store a file in the
+    temp folder named after the store's URI (every process on this machine that writes to the
+    same store shares it). Writers on several machines set ``promotion.lock_file`` to a path in
+    a folder they share."""
+    uri = tracking_uri or _tracking_uri()
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        db = db if db.is_absolute() or uri.startswith("sqlite:////") else Path.cwd() / db
+        return db.with_name(db.name + ".registry.lock")
+    return Path(tempfile.gettempdir()) / f"nt8-registry-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.lock"
+
+
+@contextlib.contextmanager
+def registry_lock(path: str | Path | None = None, timeout: float = LOCK_TIMEOUT_S) -> Iterator[Path]:
+    """Hold the cross-process registry lock (reentrant within a thread: a promote that
+    reconciles takes it once). ``path`` None: :func:`default_lock_path`."""
+    from filelock import FileLock, Timeout
+
+    lock_path = Path(path) if path else default_lock_path()
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    key = str(lock_path.resolve())
+    # One FileLock object per file: a second object on the same file would wait for the first
+    # (flock is per open file), so reentrancy needs the same object.
+    lock = _LOCKS.get(key) or _LOCKS.setdefault(key, FileLock(key))
+    try:
+        lock.acquire(timeout=timeout)
+    except Timeout:
+        raise RegistryBusy(f"another registry write has held {key} for over {timeout:.0f} s; if no other promote, "
+                           "rollback or reconcile is running, remove the file") from None
+    try:
+        yield lock_path
+    finally:
+        lock.release()
 
 
 @contextlib.contextmanager
@@ -114,12 +174,12 @@ def alias_version(name: str, alias: str = ALIAS) -> str | None:
         return None
 
 
-def history(name: str) -> list[dict[str, Any]]:
+def history(name: str, *, include_unfinished: bool = False) -> list[dict[str, Any]]:
     """Every promotion and rollback, oldest first: seq, action, version, previous, at, reason,
-    metrics."""
+    metrics, status. Only ``done`` events unless ``include_unfinished`` (pending, abandoned)."""
     tags = _client().get_registered_model(name).tags
-    events = [json.loads(v) for k, v in tags.items() if k.startswith(EVENT_PREFIX)]
-    return sorted(events, key=lambda e: e["seq"])
+    events = sorted((json.loads(v) for k, v in tags.items() if k.startswith(EVENT_PREFIX)), key=lambda e: e["seq"])
+    return events if include_unfinished else [e for e in events if e.get("status", "done") == "done"]
 
 
 def rollback_target(name: str) -> str | None:
@@ -131,42 +191,104 @@ def rollback_target(name: str) -> str | None:
     return None
 
 
+def was_production(name: str, version: str | int) -> bool:
+    """Whether ``version`` was ever made Production (a done event of the history)."""
+    return any(e["version"] == str(version) for e in history(name))
+
+
 # -- Production: change --------------------------------------------------------------------------
 
 
-def promote(name: str, version: str | int, reason: str, metrics: dict[str, float] | None = None,
-            action: str = "promote") -> dict[str, Any]:
-    """Make ``version`` the Production version: stage transition (archiving the previous one),
-    alias ``production``, version tags and a history event. Returns the event."""
-    client, version = _client(), str(version)
-    client.get_model_version(name, version)  # unknown version: MlflowException before any change
-    previous = production_version(name)
-    with _stage_api():
-        client.transition_model_version_stage(name, version, PRODUCTION, archive_existing_versions=True)
-    # A crash here leaves the alias behind the stage: registry_hooks.reconcile repairs it.
-    client.set_registered_model_alias(name, ALIAS, version)
-    event = {"seq": _next_seq(name), "action": action, "version": version, "previous": previous or "",
-             "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "reason": reason,
-             "metrics": {k: float(v) for k, v in (metrics or {}).items()}}
-    client.set_registered_model_tag(name, f"{EVENT_PREFIX}{event['seq']:06d}", json.dumps(event))
-    for key, value in (("promoted_at", event["at"]), ("promotion_reason", reason[:4000]),
-                       ("previous_production", event["previous"]), ("promotion_action", action),
+def _write_event(name: str, event: dict[str, Any]) -> None:
+    _client().set_registered_model_tag(name, f"{EVENT_PREFIX}{event['seq']:06d}", json.dumps(event))
+
+
+def _tag_promoted_version(name: str, event: dict[str, Any]) -> None:
+    client = _client()
+    for key, value in (("promoted_at", event["at"]), ("promotion_reason", event["reason"][:4000]),
+                       ("previous_production", event["previous"]), ("promotion_action", event["action"]),
                        ("promotion_metrics", json.dumps(event["metrics"])[:4000])):
-        client.set_model_version_tag(name, version, key, value)
+        client.set_model_version_tag(name, event["version"], key, value)
+
+
+def complete_pending(name: str, lock_file: str | Path | None = None) -> list[dict[str, Any]]:
+    """Finish what a crashed promote or rollback left (under the registry lock): a pending event
+    whose version is the Production stage is completed (alias, version tags, ``done``); one whose
+    transition never happened is marked ``abandoned``. Returns the events it touched."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        events = history(name, include_unfinished=True)
+    except MlflowException:
+        return []  # no such registered model yet
+    touched = []
+    with registry_lock(lock_file):
+        current = production_version(name)
+        for event in (e for e in events if e.get("status") == "pending"):
+            if event["version"] == current:
+                _client().set_registered_model_alias(name, ALIAS, current)
+                _tag_promoted_version(name, event)
+                event["status"] = "done"
+            else:
+                event["status"] = "abandoned"
+            _write_event(name, event)
+            touched.append(event)
+            log.warning("%s: completed a %s interrupted by a crash: event #%d -> v%s %s", name, event["action"],
+                        event["seq"], event["version"], event["status"])
+    return touched
+
+
+def promote(name: str, version: str | int, reason: str, metrics: dict[str, float] | None = None,
+            action: str = "promote", lock_file: str | Path | None = None) -> dict[str, Any]:
+    """Make ``version`` the Production version: history event (pending), stage transition
+    (archiving the previous one), alias ``production``, version tags, event done; all under the
+    registry lock. Returns the event."""
+    client, version = _client(), str(version)
+    with registry_lock(lock_file):
+        client.get_model_version(name, version)  # unknown version: MlflowException before any change
+        complete_pending(name, lock_file)
+        previous = production_version(name)
+        events = history(name, include_unfinished=True)
+        event = {"seq": (events[-1]["seq"] + 1) if events else 1, "action": action, "version": version,
+                 "previous": previous or "", "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                 "reason": reason, "metrics": {k: float(v) for k, v in (metrics or {}).items()}, "status": "pending"}
+        _write_event(name, event)
+        fault_point("promote:event-pending")
+        with _stage_api():
+            client.transition_model_version_stage(name, version, PRODUCTION, archive_existing_versions=True)
+        fault_point("promote:stage-moved")
+        client.set_registered_model_alias(name, ALIAS, version)
+        fault_point("promote:alias-moved")
+        _tag_promoted_version(name, event)
+        fault_point("promote:version-tagged")
+        event["status"] = "done"
+        _write_event(name, event)
     log.info("%s: version %s is Production (%s; was %s): %s", name, version, action, previous or "none", reason)
     return event
 
 
-def rollback(name: str, to_version: str | int | None = None, reason: str = "") -> dict[str, Any]:
-    """Back to the previous Production version (or ``to_version``); records why."""
-    current = production_version(name)
-    target = str(to_version) if to_version is not None else rollback_target(name)
-    if target is None:
-        raise ValueError(f"{name}: nothing to roll back to (Production is {current or 'empty'} and has no previous "
-                         "version); name one with to_version")
-    if target == current:
-        raise ValueError(f"{name}: version {target} is already Production")
-    return promote(name, target, reason or f"rollback from version {current}", action="rollback")
+def rollback(name: str, to_version: str | int | None = None, reason: str = "", force: bool = False,
+             lock_file: str | Path | None = None) -> dict[str, Any]:
+    """Back to the previous Production version (or ``to_version``, which must have been
+    Production before unless ``force`` with a reason); records why."""
+    with registry_lock(lock_file):
+        complete_pending(name, lock_file)
+        current = production_version(name)
+        target = str(to_version) if to_version is not None else rollback_target(name)
+        if target is None:
+            raise ValueError(f"{name}: nothing to roll back to (Production is {current or 'empty'} and has no "
+                             "previous version); name one with to_version")
+        if target == current:
+            raise ValueError(f"{name}: version {target} is already Production")
+        if to_version is not None and not was_production(name, target):
+            if not force:
+                raise ValueError(f"{name}: version {target} was never Production; a rollback goes back to a "
+                                 "version that was (see the history), or use --force with a --reason")
+            if not reason:
+                raise ValueError(f"{name}: a forced rollback to version {target} needs a reason")
+            reason = f"forced: {reason}"
+        return promote(name, target, reason or f"rollback from version {current}", action="rollback",
+                       lock_file=lock_file)
 
 
 def ensure_alias(name: str) -> bool:
@@ -179,40 +301,49 @@ def ensure_alias(name: str) -> bool:
     return True
 
 
-def delete_version(name: str, version: str | int) -> None:
+def record_verdict(name: str, version: str | int, decision: str, reasons: str, run_id: str) -> None:
+    """Tag a version with the gate's verdict (``gate.decision``, ``gate.reasons``, ``gate.run_id``),
+    so refused versions are visible in the registry UI and cleaned up first."""
+    client = _client()
+    for key, value in (("gate.decision", decision), ("gate.reasons", reasons[:4000]), ("gate.run_id", run_id)):
+        client.set_model_version_tag(name, str(version), key, value)
+
+
+def delete_version(name: str, version: str | int, lock_file: str | Path | None = None) -> None:
     """Delete a version; refuses the Production version and the rollback target."""
     version = str(version)
-    if version == production_version(name):
-        raise ValueError(f"{name}: version {version} is Production; promote or roll back to another version first")
-    if version == rollback_target(name):
-        raise ValueError(f"{name}: version {version} is the rollback target of Production; it is kept")
-    _client().delete_model_version(name, version)
+    with registry_lock(lock_file):
+        if version == production_version(name):
+            raise ValueError(f"{name}: version {version} is Production; promote or roll back to another version first")
+        if version == rollback_target(name):
+            raise ValueError(f"{name}: version {version} is the rollback target of Production; it is kept")
+        _client().delete_model_version(name, version)
 
 
-def cleanup(name: str, keep: int = 5, delete: bool = False) -> list[str]:
-    """Archive (or delete) all but the newest ``keep`` versions, never Production nor the
-    rollback target. Returns the versions touched."""
-    protected = {production_version(name), rollback_target(name)}
-    versions = sorted(_client().search_model_versions(f"name='{name}'"), key=lambda v: int(v.version), reverse=True)
-    touched = []
-    for mv in versions[keep:]:
-        if str(mv.version) in protected:
-            continue
-        if delete:
-            _client().delete_model_version(name, str(mv.version))
-        elif mv.current_stage != "Archived":
-            with _stage_api():
-                _client().transition_model_version_stage(name, str(mv.version), "Archived")
-        else:
-            continue
-        touched.append(str(mv.version))
+def cleanup(name: str, keep: int = 5, delete: bool = False, lock_file: str | Path | None = None) -> list[str]:
+    """Archive (or delete) versions beyond the newest ``keep``, refused ones first (whatever their
+    age), never Production nor the rollback target. Returns the versions touched."""
+    with registry_lock(lock_file):
+        complete_pending(name, lock_file)
+        protected = {production_version(name), rollback_target(name)}
+        versions = sorted(_client().search_model_versions(f"name='{name}'"), key=lambda v: int(v.version),
+                          reverse=True)
+        refused = [mv for mv in versions if mv.tags.get("gate.decision") == "refused"]
+        others = [mv for mv in versions if mv.tags.get("gate.decision") != "refused"]
+        touched = []
+        for mv in refused + others[keep:]:
+            if str(mv.version) in protected:
+                continue
+            if delete:
+                _client().delete_model_version(name, str(mv.version))
+            elif mv.current_stage != "Archived":
+                with _stage_api():
+                    _client().transition_model_version_stage(name, str(mv.version), "Archived")
+            else:
+                continue
+            touched.append(str(mv.version))
     log.info("%s: %s versions %s", name, "deleted" if delete else "archived", ", ".join(touched) or "none")
     return touched
-
-
-def _next_seq(name: str) -> int:
-    events = history(name)
-    return events[-1]["seq"] + 1 if events else 1
 
 
 # -- status --------------------------------------------------------------------------------------

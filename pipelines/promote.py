@@ -49,8 +49,31 @@ class PromoteResult:
     metrics: dict[str, float]
 
 
+FLAT_VALUES = {"profit_factor": 1.0, "payoff_ratio": 1.0}
+"""What flat (no trading) scores on a metric it leaves undefined: break-even; 0 elsewhere."""
+
+
+def _beats(ours: float, theirs: float, metric: str, min_improvement: float, against: str,
+           reasons: list[str]) -> float:
+    """Improvement of ``ours`` over ``theirs`` on ``metric`` (lower-is-better aware); appends the
+    reason when it is not more than ``min_improvement``."""
+    from mlproject.evaluation import LOWER_IS_BETTER
+
+    if not math.isfinite(ours):
+        reasons.append(f"challenger {metric} is undefined")
+        return math.nan
+    if not math.isfinite(theirs):
+        return math.inf  # an undefined incumbent metric cannot be defended
+    improvement = (theirs - ours) if metric in LOWER_IS_BETTER else (ours - theirs)
+    if not improvement > min_improvement:
+        reasons.append(f"{metric} {ours:.4g} vs {against} {theirs:.4g}: improvement {improvement:.4g} "
+                       f"is not > min_improvement {min_improvement:g}")
+    return improvement
+
+
 def gate(challenger: Any, production: Any | None, p: Any) -> GateResult:
-    """Apply the promotion gate ``p`` (PromotionConfig) to evaluation reports."""
+    """Apply the promotion gate ``p`` (PromotionConfig) to evaluation reports: risk limits, the
+    quality floor (beat flat, when ``p.beat_flat``), and beating Production when there is one."""
     from mlproject.evaluation import LOWER_IS_BETTER, psr_against
 
     c = challenger.summary()
@@ -66,20 +89,20 @@ def gate(challenger: Any, production: Any | None, p: Any) -> GateResult:
         reasons.append(f"{trades:.0f} trades < min_trades {p.min_trades}")
     if worst_dd > p.max_drawdown:
         reasons.append(f"worst-window drawdown {worst_dd:.2%} > max_drawdown {p.max_drawdown:.2%}")
+    ours = c.get(p.metric, math.nan)
+    if p.beat_flat:
+        if p.metric not in LOWER_IS_BETTER:  # flat has no drawdown or volatility: nothing beats it there
+            metrics["gate/improvement_vs_flat"] = _beats(ours, FLAT_VALUES.get(p.metric, 0.0), p.metric,
+                                                         p.min_improvement, "flat", reasons)
+        psr_flat = psr_against(challenger, 0.0)
+        metrics["gate/psr_vs_flat"] = psr_flat
+        if not (psr_flat >= p.min_psr):
+            reasons.append(f"PSR vs flat (Sharpe 0) {psr_flat:.3f} < min_psr {p.min_psr:g}")
     if production is not None:
         pm = production.summary()
         metrics.update({f"production/{k}": v for k, v in pm.items() if not k.endswith("_std")})
-        ours, theirs = c.get(p.metric, math.nan), pm.get(p.metric, math.nan)
-        improvement = (theirs - ours) if p.metric in LOWER_IS_BETTER else (ours - theirs)
-        if not math.isfinite(ours):
-            reasons.append(f"challenger {p.metric} is undefined")
-            improvement = math.nan
-        elif not math.isfinite(theirs):
-            improvement = math.inf  # an undefined incumbent metric cannot be defended
-        metrics["gate/improvement"] = improvement
-        if math.isfinite(ours) and not improvement > p.min_improvement:
-            reasons.append(f"{p.metric} {ours:.4g} vs Production {theirs:.4g}: improvement {improvement:.4g} "
-                           f"is not > min_improvement {p.min_improvement:g}")
+        metrics["gate/improvement"] = _beats(ours, pm.get(p.metric, math.nan), p.metric, p.min_improvement,
+                                             "Production", reasons)
         psr = psr_against(challenger, production)
         metrics["gate/psr"] = psr
         if not (psr >= p.min_psr):
@@ -87,21 +110,35 @@ def gate(challenger: Any, production: Any | None, p: Any) -> GateResult:
     return GateResult(not reasons, reasons, metrics)
 
 
+CANDIDATE_FORMS = "a version number (7), or a models:/, runs:/ or local path URI of a policy model"
+
+
 def resolve_candidate(name: str, candidate: str, dry_run: bool) -> tuple[str, str]:
-    """(version, model URI) of the candidate; a model URI outside the registry is registered
-    first (not in a dry run, where its URI is evaluated as it is)."""
+    """(version, model URI) of the candidate: a version number, a ``models:/`` URI of a version
+    of ``name``, or a ``runs:/`` URI or existing folder of a model, which is loaded (it must be a
+    working model) and then registered (not in a dry run). Anything else is an error and nothing
+    is registered."""
+    from pathlib import Path
+
+    from mlproject.policy import load_policy_model
     from mlproject.registry import register_version, resolve_version
 
-    if candidate.isdigit():
-        candidate = f"models:/{name}/{candidate}"
-    mv = resolve_version(candidate)
+    text = candidate.strip()
+    if text.isdigit() and int(text) > 0:
+        text = f"models:/{name}/{int(text)}"
+    elif not text.startswith(("models:/", "runs:/")) and not Path(text).is_dir():
+        raise ValueError(f"--candidate {candidate!r}: expected {CANDIDATE_FORMS}")
+    mv = resolve_version(text)
     if mv is not None:
         if mv.name != name:
-            raise ValueError(f"{candidate} is a version of '{mv.name}', not of '{name}' (promotion.model_name)")
+            raise ValueError(f"{text} is a version of '{mv.name}', not of '{name}' (promotion.model_name)")
         return str(mv.version), f"models:/{name}/{mv.version}"
+    if Path(text).is_dir():
+        text = str(Path(text).resolve())
+    load_policy_model(text)  # a junk URI or folder fails here, before anything is registered
     if dry_run:
-        return "unregistered", candidate
-    return str(register_version(candidate, name, {"registered_by": "promote"}).version), candidate
+        return "unregistered", text
+    return str(register_version(text, name, {"registered_by": "promote"}).version), text
 
 
 def evaluate_and_gate(challenger: Any, before: str | None, bars: Any, cfg: Config) -> GateResult:
@@ -129,19 +166,26 @@ def evaluate_and_gate(challenger: Any, before: str | None, bars: Any, cfg: Confi
         return GateResult(False, [f"invalid policy output: {exc}"])
     import mlflow
 
-    mlflow.log_params({"periods_per_year": result.periods_per_year, "eval.first_bar": result.first_bar})
+    logged = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    if "eval.first_bar" not in logged:  # a re-check under the lock evaluates again: params are written once
+        mlflow.log_params({"periods_per_year": result.periods_per_year, "eval.first_bar": result.first_bar})
     reports = [result.reports[q.uri] for q in policies]
     return gate(reports[0], reports[1] if before is not None else None, p)
 
 
 def main(cfg: Config, candidate: str, dry_run: bool = False) -> PromoteResult:
-    """Evaluate, gate, promote or refuse; always an MLflow run."""
+    """Evaluate, gate, promote or refuse; always an MLflow run.
+
+    The evaluation runs outside the registry lock; the decision is re-checked under it: if
+    Production changed meanwhile (another promote or rollback), the gate runs again against the
+    new Production before anything moves.
+    """
     import mlflow
 
     from mlproject.evaluation import default_bars
     from mlproject.policy import load_policy_model
     from mlproject.preflight import warn_if_instrument_misfits
-    from mlproject.registry import production_version, promote
+    from mlproject.registry import production_version, promote, record_verdict, registry_lock
     from mlproject.tracking import pipeline_run, setup_tracking
     from pipelines.ingest import log_dataset
     from registry_hooks.reconcile import reconcile
@@ -154,28 +198,51 @@ def main(cfg: Config, candidate: str, dry_run: bool = False) -> PromoteResult:
     with pipeline_run(cfg, "promote", nested=mlflow.active_run() is not None) as run:
         warn_if_instrument_misfits(bars, cfg)
         log_dataset(bars, "evaluation-bars", bars.attrs.get("path") or str(bars.attrs.get("source", "")), "evaluation")
-        if version == before:
-            verdict = GateResult(False, [f"version {version} is already Production"])
-        else:
-            verdict = evaluate_and_gate(load_policy_model(uri), before, bars, cfg)
+        challenger = load_policy_model(uri)
+        verdict, note = _verdict(challenger, version, before, bars, cfg), ""
+        if verdict.passed and not dry_run:
+            with registry_lock(p.lock_file):
+                now = production_version(p.model_name)
+                if now != before:  # someone promoted or rolled back while we evaluated
+                    log.info("Production moved from %s to %s during the evaluation: gating again", before or "none",
+                             now or "none")
+                    before, verdict = now, _verdict(challenger, version, now, bars, cfg)
+                    note = f"Production changed to v{now} during the evaluation, gated again: "
+                if verdict.passed:
+                    reason_text = note + _reason_text(verdict, before, p)
+                    key = {k.removeprefix("challenger/"): v for k, v in verdict.metrics.items()
+                           if k.startswith("challenger/") and k.split("/")[1] in (p.metric, "total_return",
+                                                                                  "max_drawdown", "n_trades")}
+                    promote(p.model_name, version, reason_text,
+                            {**key, **{k: v for k, v in verdict.metrics.items() if k.startswith("gate/")}},
+                            lock_file=p.lock_file)
+                    reconcile(p.model_name, p.deploy_dir, p.keep_releases, lock_file=p.lock_file)
         decision = ("would promote" if dry_run else "promoted") if verdict.passed else "refused"
-        if verdict.passed and before is None:
-            verdict.reasons.append("nothing in Production: first valid candidate")
-        reason_text = "; ".join(verdict.reasons) or (
-            f"{p.metric} better than Production v{before} by more than {p.min_improvement:g}, PSR and risk limits met")
+        reason_text = note + _reason_text(verdict, before, p)
         mlflow.set_tags({"decision": decision, "reasons": reason_text[:5000], "candidate": uri,
                          "candidate_version": version, "production_before": before or "none",
                          "dry_run": str(dry_run).lower()})
         mlflow.log_metrics({k: v for k, v in verdict.metrics.items() if math.isfinite(v)})
-        if verdict.passed and not dry_run:
-            key = {k.removeprefix("challenger/"): v for k, v in verdict.metrics.items()
-                   if k.startswith("challenger/") and k.split("/")[1] in (p.metric, "total_return", "max_drawdown",
-                                                                              "n_trades")}
-            promote(p.model_name, version, reason_text, {**key, **{k: v for k, v in verdict.metrics.items()
-                                                                     if k.startswith("gate/")}})
-            reconcile(p.model_name, p.deploy_dir, p.keep_releases)
+        if version != "unregistered" and not dry_run and version != before:
+            record_verdict(p.model_name, version, decision, reason_text, run.info.run_id)
         log.info("%s version %s (Production before: %s): %s", decision, version, before or "none", reason_text)
         return PromoteResult(decision, version, before, verdict.reasons, run.info.run_id, verdict.metrics)
+
+
+def _verdict(challenger: Any, version: str, before: str | None, bars: Any, cfg: Config) -> GateResult:
+    if version == before:
+        return GateResult(False, [f"version {version} is already Production"])
+    verdict = evaluate_and_gate(challenger, before, bars, cfg)
+    if verdict.passed and before is None:
+        verdict.reasons.append("nothing in Production: first valid candidate")
+    return verdict
+
+
+def _reason_text(verdict: GateResult, before: str | None, p: Any) -> str:
+    floor = " and flat" if p.beat_flat else ""
+    return "; ".join(verdict.reasons) or (
+        f"{p.metric} better than Production v{before}{floor} by more than {p.min_improvement:g}, PSR and risk "
+        "limits met")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,20 +22,28 @@ from pipelines.cli import base_parser, run_cli
 log = logging.getLogger(__name__)
 
 
-def main(cfg: Config, version: str | None = None, reason: str = "") -> dict[str, Any]:
-    """Roll back and redeploy; returns the history event, the deployed release and the latency."""
+def main(cfg: Config, version: str | None = None, reason: str = "", force: bool = False) -> dict[str, Any]:
+    """Roll back and redeploy; returns the history event, the deployed release and the latency.
+
+    ``version`` must have been Production before (the history says so) unless ``force`` with a
+    ``reason``; a forced target must load and predict valid actions before the stage moves.
+    """
     import mlflow
 
-    from mlproject.registry import rollback
+    from mlproject.registry import registry_lock, rollback, was_production
     from mlproject.tracking import pipeline_run, setup_tracking
     from registry_hooks.reconcile import reconcile
 
     started = time.perf_counter()
+    if version is not None and not (version.isdigit() and int(version) > 0):
+        raise ValueError(f"--version {version!r}: expected a version number such as 3")
     setup_tracking(cfg)
     p = cfg.promotion
-    with pipeline_run(cfg, "rollback", nested=mlflow.active_run() is not None):
-        event = rollback(p.model_name, version or None, reason)
-        deployed = reconcile(p.model_name, p.deploy_dir, p.keep_releases)
+    with pipeline_run(cfg, "rollback", nested=mlflow.active_run() is not None), registry_lock(p.lock_file):
+        if force and version is not None and not was_production(p.model_name, version):
+            _check_loadable(p.model_name, version)
+        event = rollback(p.model_name, version, reason, force=force, lock_file=p.lock_file)
+        deployed = reconcile(p.model_name, p.deploy_dir, p.keep_releases, lock_file=p.lock_file)
         latency = time.perf_counter() - started
         mlflow.set_tags({"decision": "rolled back", "to_version": event["version"], "from_version": event["previous"],
                          "reasons": event["reason"]})
@@ -45,12 +53,34 @@ def main(cfg: Config, version: str | None = None, reason: str = "") -> dict[str,
         return {"event": event, "release": deployed.release, "latency_s": latency}
 
 
+def _check_loadable(name: str, version: str) -> None:
+    """A version that was never deployed must load and predict valid actions before it is."""
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+
+    from registry_hooks.reconcile import check_deployable
+
+    with tempfile.TemporaryDirectory(prefix="nt8-rollback-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp)
+        except Exception as exc:  # noqa: BLE001 - a junk source is refused, whatever MLflow raises
+            raise ValueError(f"{name} v{version}: cannot be downloaded: {exc}") from None
+        check_deployable(Path(local), f"{name} v{version}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--version", default="", help="version to go back to (default: the previous Production)")
+    parser.add_argument("--version", default="", help="version to go back to (default: the previous Production); "
+                        "it must have been Production before, unless --force")
     parser.add_argument("--reason", default="", help="why (recorded in the registry history)")
+    parser.add_argument("--force", action="store_true", help="allow a version that was never Production "
+                        "(needs --reason; it must still load and predict valid actions)")
+    parser.add_argument("--force-flag", default="false", choices=("true", "false"),
+                        help="the same as a value (how MLproject passes -P force=true)")
     return parser
 
 
 if __name__ == "__main__":
-    run_cli(build_parser(), lambda cfg, a: main(cfg, a.version or None, a.reason))
+    run_cli(build_parser(), lambda cfg, a: main(cfg, a.version or None, a.reason, a.force or a.force_flag == "true"))

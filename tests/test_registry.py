@@ -65,7 +65,8 @@ def register_constant(tmp: Path, action: float) -> str:
     """Log a constant-action pyfunc and register it as a new version; returns the version."""
     with mlflow.start_run():
         info = mlflow.pyfunc.log_model(name="policy", python_model=str(tmp / "constant_model.py"),
-                                       model_config={"action": action}, pip_requirements=["mlflow", "numpy"])
+                                       model_config={"action": action}, pip_requirements=["mlflow", "numpy"],
+                                       input_example=np.zeros((4, 82), np.float32))  # smoke: window 16
     return str(mlflow.register_model(info.model_uri, NAME).version)
 
 
@@ -184,7 +185,7 @@ def test_reconcile_repairs_a_crash_between_stage_and_alias(store):
     reload = json.loads((deploy / "reload.json").read_text())
     assert reload["version"] == v2 and reload["sequence"] == 2
     model = mlflow.pyfunc.load_model(str(deploy / "current" / "model"))
-    assert model.predict(np.zeros((3, 162), np.float32)).tolist() == [2.0, 2.0, 2.0]
+    assert model.predict(np.zeros((3, 82), np.float32)).tolist() == [2.0, 2.0, 2.0]
 
 
 def test_an_export_killed_half_way_leaves_the_previous_model_deployed(store):

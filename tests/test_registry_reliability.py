@@ -1,0 +1,262 @@
+""""No worse model ever reaches Production, and no crash leaves the deployment wrong": concurrent
+writers, a kill at every step, junk arguments and the quality floor, on a real sqlite registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from conftest import ROOT, run_module
+from mlproject import registry
+from mlproject.faults import FAULT_ENV, KILLED_EXIT_CODE
+from registry_hooks.reconcile import RELOAD_FILE, deployed_manifest, reconcile, tree_checksum
+from test_registry import NAME, config, register_constant, stage_and_alias, store  # noqa: F401 (fixture)
+
+
+def assert_consistent(deploy) -> None:
+    """One Production version, the alias on it, a complete ordered history whose chain of
+    `previous` links holds, and the deploy dir (current, reload notice) on Production."""
+    stages = [str(mv.version) for mv in MlflowClient().search_model_versions(f"name='{NAME}'")
+              if mv.current_stage == "Production"]
+    assert len(stages) == 1, f"Production versions: {stages}"
+    assert stage_and_alias() == (stages[0], stages[0])
+    events = registry.history(NAME, include_unfinished=True)
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1)), "sequence numbers lost or doubled"
+    assert all(e["status"] in ("done", "abandoned") for e in events), "a pending event was left"
+    done = [e for e in events if e["status"] == "done"]
+    for before, after in zip(done, done[1:]):
+        assert after["previous"] == before["version"], f"history chain broken at #{after['seq']}"
+    assert done[-1]["version"] == stages[0]
+    manifest = deployed_manifest(deploy)
+    assert manifest["version"] == stages[0]
+    assert manifest["checksum"] == tree_checksum(deploy / "current" / "model")
+    assert json.loads((deploy / RELOAD_FILE).read_text())["version"] == stages[0]
+
+
+WRITER = textwrap.dedent('''
+    import random, sys, time
+    from mlproject import registry
+    from registry_hooks.reconcile import reconcile
+
+    writer, rounds, deploy, versions, start = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4].split(","), float(sys.argv[5])
+    rng = random.Random(writer)
+    while time.time() < start:  # every writer starts at the same moment
+        time.sleep(0.01)
+    for k in range(rounds):
+        try:
+            if rng.random() < 0.6:
+                registry.promote("nt8-agent", rng.choice(versions), f"writer {writer} round {k}")
+            else:
+                registry.rollback("nt8-agent", reason=f"writer {writer} round {k}")
+        except ValueError:
+            pass  # "already Production", "nothing to roll back to": normal answers
+        reconcile("nt8-agent", deploy)
+''')
+
+
+@pytest.mark.parametrize("writers, rounds", [(3, 8), (4, 5)])
+def test_concurrent_promotes_rollbacks_and_reconciles_stay_consistent(store, writers, rounds):
+    """Before the lock: two Production versions in 15 of 25 rounds, lost history events, crashed
+    reconciles. Here every write and reconcile is serialised."""
+    import time
+
+    deploy = store / "deploy"
+    versions = [register_constant(store, a) for a in (1, 2, 1, 2)]
+    registry.promote(NAME, versions[0], "start")
+    reconcile(NAME, deploy)
+    (store / "writer.py").write_text(WRITER)
+    start = time.time() + 6  # the writers import mlflow first
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, str(store / "writer.py"), str(w), str(rounds), str(deploy),
+                               ",".join(versions), str(start)], cwd=store, env=env, stderr=subprocess.PIPE, text=True)
+             for w in range(writers)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    assert_consistent(deploy)
+    ops = len(registry.history(NAME, include_unfinished=True))
+    assert ops > writers * rounds // 3  # many writes really happened
+
+
+def test_the_gate_is_checked_again_when_production_moves_during_the_evaluation(store, monkeypatch):
+    """A worse candidate used to replace a better Production that was promoted while it was
+    being evaluated, with the reason "better than Production v1"."""
+    from pipelines import promote
+
+    short, long_, long_again = (register_constant(store, a) for a in (0, 2, 2))
+    registry.promote(NAME, short, "start")
+    real = promote.evaluate_and_gate
+    calls = []
+
+    def evaluate_while_another_process_promotes(*args, **kwargs):
+        verdict = real(*args, **kwargs)
+        if not calls:  # the other writer wins the race right after our first evaluation
+            registry.promote(NAME, long_, "the other writer")
+        calls.append(args[1])
+        return verdict
+
+    monkeypatch.setattr(promote, "evaluate_and_gate", evaluate_while_another_process_promotes)
+    result = promote.main(config(store), long_again)
+    assert calls == [short, long_]  # gated against the new Production under the lock
+    assert result.decision == "refused" and stage_and_alias() == (long_, long_)
+    text = mlflow.get_run(result.run_id).data.tags["reasons"]
+    assert text.startswith(f"Production changed to v{long_} during the evaluation, gated again: sharpe")
+    assert MlflowClient().get_model_version(NAME, long_again).tags["gate.decision"] == "refused"
+
+
+# -- crash points -----------------------------------------------------------------------------------
+
+PROMOTE_POINTS = ("promote:event-pending", "promote:stage-moved", "promote:alias-moved", "promote:version-tagged")
+RECONCILE_POINTS = ("reconcile:exported", "reconcile:previous-switched", "reconcile:current-switched")
+
+
+@pytest.mark.parametrize("point", PROMOTE_POINTS + RECONCILE_POINTS)
+def test_a_kill_at_every_step_is_repaired_by_one_reconcile(store, point):
+    """kill -9 (os._exit, no cleanup) at each step of a promotion and of its deploy; then one
+    reconcile, and everything agrees again, with the history intact."""
+    deploy = store / "deploy"
+    v1, v2 = register_constant(store, 1), register_constant(store, 2)
+    registry.promote(NAME, v1, "first")
+    reconcile(NAME, deploy)
+    code = (f"from mlproject import registry; from registry_hooks.reconcile import reconcile; "
+            f"registry.promote('{NAME}', '{v2}', 'second'); reconcile('{NAME}', r'{deploy}')")
+    out = run_module([sys.executable, "-c", code], cwd=store, env={FAULT_ENV: point})
+    assert out.returncode == KILLED_EXIT_CODE, out.stderr[-2000:]
+    reconcile(NAME, deploy)
+    assert_consistent(deploy)
+    events = registry.history(NAME, include_unfinished=True)
+    moved = point != "promote:event-pending"
+    assert events[-1]["version"] == v2 and events[-1]["status"] == ("done" if moved else "abandoned")
+    assert registry.production_version(NAME) == (v2 if moved else v1)
+    if moved:  # the history still knows where to roll back to, and cleanup keeps it
+        assert registry.rollback_target(NAME) == v1 and v1 not in registry.cleanup(NAME, keep=0)
+        assert json.loads((deploy / "previous" / "manifest.json").read_text())["version"] == v1
+
+
+def test_a_killed_rollback_is_completed_and_can_be_rolled_back_again(store):
+    deploy = store / "deploy"
+    v1, v2 = register_constant(store, 1), register_constant(store, 2)
+    for v in (v1, v2):
+        registry.promote(NAME, v, f"promote {v}")
+    reconcile(NAME, deploy)
+    out = run_module([sys.executable, "-m", "pipelines.rollback", "--config", str(ROOT / "conf" / "smoke.yaml"),
+                      "--set", f"promotion.deploy_dir={deploy}"], cwd=store, env={FAULT_ENV: "promote:alias-moved"})
+    assert out.returncode == KILLED_EXIT_CODE, out.stderr[-2000:]
+    reconcile(NAME, deploy)
+    assert_consistent(deploy)
+    assert registry.history(NAME)[-1]["action"] == "rollback" and registry.production_version(NAME) == v1
+    registry.rollback(NAME, reason="and back")
+    assert stage_and_alias() == (v2, v2)
+
+
+def test_a_corrupt_previous_release_is_replaced_or_removed(store):
+    deploy = store / "deploy"
+    v1, v2 = register_constant(store, 1), register_constant(store, 2)
+    registry.promote(NAME, v1, "first")
+    reconcile(NAME, deploy)
+    registry.promote(NAME, v2, "second")
+    reconcile(NAME, deploy)
+    previous = (deploy / "previous").resolve()
+    (previous / "model" / "MLmodel").write_text("corrupt")
+    reconcile(NAME, deploy)
+    assert not (deploy / "previous").exists() and not (deploy / "previous").is_symlink()
+    assert_consistent(deploy)
+    registry.rollback(NAME, reason="v2 bad")  # the registry still rolls back: a fresh export of v1
+    reconcile(NAME, deploy)
+    assert_consistent(deploy)
+    assert deployed_manifest(deploy)["version"] == v1
+
+
+def test_a_missing_reload_notice_is_rewritten(store):
+    deploy = store / "deploy"
+    registry.promote(NAME, register_constant(store, 1), "first")
+    reconcile(NAME, deploy)
+    sequence = json.loads((deploy / RELOAD_FILE).read_text())["sequence"]
+    (deploy / RELOAD_FILE).write_text(json.dumps({"version": "0", "sequence": sequence}))
+    assert reconcile(NAME, deploy).changed
+    notice = json.loads((deploy / RELOAD_FILE).read_text())
+    assert notice["version"] == "1" and notice["sequence"] == sequence + 1
+    assert not reconcile(NAME, deploy).changed  # and then it is quiet
+
+
+# -- arguments and the quality floor -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("candidate", ["abc", "-1", "ES-v4", "0", "runs:/0123456789abcdef/policy"])
+def test_junk_candidates_are_errors_and_register_nothing(store, candidate):
+    from pipelines import promote
+
+    with pytest.raises(ValueError, match="expected a version number|runs:/0123456789abcdef"):
+        promote.main(config(store), candidate)
+    assert MlflowClient().search_model_versions(f"name='{NAME}'") == []
+
+
+def test_promote_cli_junk_candidate_exits_2(store):
+    out = run_module([sys.executable, "-m", "pipelines.promote", "--candidate", "abc", "--config",
+                      str(ROOT / "conf" / "smoke.yaml")], cwd=store)
+    assert out.returncode == 2 and "--candidate 'abc': expected a version number" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert MlflowClient().search_model_versions(f"name='{NAME}'") == []
+
+
+def test_rollback_only_to_a_former_production_version_unless_forced(store):
+    from pipelines import rollback
+
+    deploy = store / "deploy"
+    v1, v2, v3 = (register_constant(store, a) for a in (1, 2, 1))
+    cfg = config(store)
+    for v in (v1, v2):
+        registry.promote(NAME, v, f"promote {v}")
+    with pytest.raises(ValueError, match=f"version {v3} was never Production"):
+        rollback.main(cfg, v3)
+    with pytest.raises(ValueError, match="needs a reason"):
+        rollback.main(cfg, v3, force=True)
+    with pytest.raises(ValueError, match="expected a version number"):
+        rollback.main(cfg, "abc")
+    junk = str(MlflowClient().create_model_version(NAME, source=str(store / "no-such-model")).version)
+    with pytest.raises(ValueError, match=f"nt8-agent v{junk}: (cannot be downloaded|does not load)"):
+        rollback.main(cfg, junk, "try it", force=True)
+    assert stage_and_alias() == (v2, v2)
+    out = rollback.main(cfg, v3, "known good build", force=True)
+    assert out["event"]["reason"] == "forced: known good build" and stage_and_alias() == (v3, v3)
+    assert deployed_manifest(deploy)["version"] == v3
+    rollback.main(cfg, v1, "former Production")  # in the history: no force needed
+    assert stage_and_alias() == (v1, v1)
+
+
+def test_the_first_candidate_must_beat_flat(store):
+    """A random policy used to be promoted into an empty registry; the demo deployed a Sharpe of
+    -29.6. With the floor (the default) a candidate must beat flat as it must beat Production."""
+    from pipelines import promote
+
+    short, long_ = register_constant(store, 0), register_constant(store, 2)
+    floor = config(store, "promotion.beat_flat=true")
+    refused = promote.main(floor, short)
+    assert refused.decision == "refused" and registry.production_version(NAME) is None
+    assert any("vs flat" in r for r in refused.reasons) and any("PSR vs flat" in r for r in refused.reasons)
+    tags = MlflowClient().get_model_version(NAME, short).tags
+    assert tags["gate.decision"] == "refused" and "vs flat" in tags["gate.reasons"]
+    assert tags["gate.run_id"] == refused.run_id
+    promoted = promote.main(floor, long_)
+    assert promoted.decision == "promoted" and promoted.metrics["gate/psr_vs_flat"] > 0.5
+    assert MlflowClient().get_model_version(NAME, long_).tags["gate.decision"] == "promoted"
+
+
+def test_cleanup_takes_refused_versions_first(store):
+    from pipelines import promote
+
+    good = [register_constant(store, 2) for _ in range(3)]
+    registry.promote(NAME, good[0], "first")
+    registry.promote(NAME, good[1], "second")
+    bad = register_constant(store, 0)  # the newest version, refused
+    assert promote.main(config(store, "promotion.beat_flat=true"), bad).decision == "refused"
+    assert registry.cleanup(NAME, keep=2) == [bad]  # refused first, though newest; keep 2 of the rest
+    stages = {str(mv.version): mv.current_stage for mv in MlflowClient().search_model_versions(f"name='{NAME}'")}
+    assert stages[bad] == "Archived" and stages[good[2]] == "None"
