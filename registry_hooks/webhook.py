@@ -9,11 +9,18 @@ receiver checks ``X-MLflow-Signature`` (``v1,`` + base64 HMAC-SHA256 of
 ``"{delivery_id}.{timestamp}.{payload}"`` with the shared secret) and rejects stale timestamps
 (replay), then runs :func:`registry_hooks.reconcile.reconcile`, which reads the registry itself:
 the payload only says *that* something changed, never *what* to deploy.
+
+The server is Starlette on uvicorn (both come with MLflow): asyncio, so a stalled client costs a
+socket, not a thread. Every malformed request gets a 4xx before any work: a body over
+:data:`MAX_BODY_BYTES` is refused from its Content-Length without reading it, a body that does
+not arrive within :data:`BODY_TIMEOUT_S` gets 408, bad encodings and non-object JSON get 400, a
+bad or missing signature 401. A secret shorter than :data:`MIN_SECRET_LEN` is refused at start.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -21,11 +28,18 @@ import json
 import logging
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 log = logging.getLogger(__name__)
 
+MAX_BODY_BYTES = 64 * 1024
+"""MLflow's alias events are a few hundred bytes; anything larger is refused unread (413)."""
+BODY_TIMEOUT_S = 10.0
+"""A body that has not fully arrived by then is answered 408 and the connection closed."""
+MIN_SECRET_LEN = 16
+"""Shared secrets shorter than this (the empty one included) are refused at start."""
+BACKLOG = 2048
+"""Listen backlog: bursts of connections queue instead of being reset."""
 EVENTS = ("model_version_alias.created", "model_version_alias.deleted")
 MAX_SKEW_S = 300
 """Requests whose X-MLflow-Timestamp is further than this from now are rejected (replays)."""
@@ -50,16 +64,28 @@ def verify(secret: str, headers: Any, body: str, now: float | None = None) -> st
         return "bad timestamp"
     if age > MAX_SKEW_S:
         return f"stale timestamp ({age:.0f} s old)"
-    if not hmac.compare_digest(sent, signature(secret, delivery, timestamp, body)):
+    # Bytes, not str: compare_digest refuses non-ASCII strings (a forged header is a 401, not a 500).
+    expected = signature(secret, delivery, timestamp, body).encode()
+    if not hmac.compare_digest(sent.encode("utf-8", "surrogateescape"), expected):
         return "signature mismatch"
     return None
+
+
+def check_secret(secret: str) -> str:
+    """The secret, or ValueError when it is too short to sign anything."""
+    if len(secret) < MIN_SECRET_LEN:
+        raise ValueError(f"--secret: a shared secret of at least {MIN_SECRET_LEN} characters is required "
+                         f"(got {len(secret)}); generate one with: python -c 'import secrets; print(secrets.token_hex(32))'")
+    return secret
 
 
 class Receiver:
     """Verifies deliveries and reconciles; one reconcile at a time."""
 
-    def __init__(self, secret: str, model_name: str, deploy_dir: str, keep_releases: int = 3) -> None:
-        self.secret, self.model_name, self.deploy_dir, self.keep = secret, model_name, deploy_dir, keep_releases
+    def __init__(self, secret: str, model_name: str, deploy_dir: str, keep_releases: int = 3,
+                 lock_file: str | None = None) -> None:
+        self.secret = check_secret(secret)
+        self.model_name, self.deploy_dir, self.keep, self.lock_file = model_name, deploy_dir, keep_releases, lock_file
         self._lock = threading.Lock()
         self.deployments = 0
 
@@ -75,44 +101,97 @@ class Receiver:
             event = json.loads(body)
         except json.JSONDecodeError:
             return 400, "body is not JSON"
+        if not isinstance(event, dict) or not isinstance(event.get("data", {}), dict):
+            return 400, "body is not an MLflow webhook event (a JSON object with an object 'data')"
         data = event.get("data", {})
         kind = f"{event.get('entity')}.{event.get('action')}"
         if kind not in EVENTS or data.get("alias") != "production" or data.get("name") != self.model_name:
             return 200, f"ignored {kind} for {data.get('name')}@{data.get('alias')}"
         with self._lock:
-            result = reconcile(self.model_name, self.deploy_dir, self.keep)
+            result = reconcile(self.model_name, self.deploy_dir, self.keep, lock_file=self.lock_file)
             self.deployments += int(result.changed)
         return 200, f"reconciled: version {result.version} deployed{' (changed)' if result.changed else ''}"
 
 
-def make_server(receiver: Receiver, host: str = "127.0.0.1", port: int = 8765) -> ThreadingHTTPServer:
-    """An HTTP server answering POST /webhook with ``receiver`` (port 0: any free port)."""
+def make_app(receiver: Receiver) -> Any:
+    """The ASGI app: POST /webhook -> ``receiver``; every malformed request a 4xx."""
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.requests import ClientDisconnect, Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-            if self.path.rstrip("/") != "/webhook":
-                self._answer(404, "POST /webhook")
-                return
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode("utf-8", "replace")
-            try:
-                status, message = receiver.handle(self.headers, body)
-            except Exception as exc:  # noqa: BLE001 - answer 500, keep serving
-                log.exception("reconcile after webhook failed")
-                status, message = 500, str(exc)
-            self._answer(status, message)
+    def answer(status: int, message: str, close: bool = False) -> JSONResponse:
+        # close: the body was not (fully) read, so the connection cannot carry another request.
+        return JSONResponse({"status": status, "message": message}, status_code=status,
+                            headers={"connection": "close"} if close else None)
 
-        def _answer(self, status: int, message: str) -> None:
-            data = json.dumps({"status": status, "message": message}).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    async def webhook(request: Request) -> JSONResponse:
+        length = request.headers.get("content-length")
+        if length is None:
+            return answer(411, "Content-Length required", close=True)
+        if not length.isdigit():
+            return answer(400, "bad Content-Length", close=True)
+        if int(length) > MAX_BODY_BYTES:
+            return answer(413, f"body over {MAX_BODY_BYTES} bytes", close=True)
+        try:
+            raw = await asyncio.wait_for(request.body(), BODY_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            return answer(408, f"body not received within {BODY_TIMEOUT_S:g} s", close=True)
+        except ClientDisconnect:
+            return answer(400, "client went away")
+        try:
+            body = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return answer(400, "body is not UTF-8")
+        try:
+            status, message = await run_in_threadpool(receiver.handle, request.headers, body)
+        except Exception as exc:  # noqa: BLE001 - answer 500 with the reason, keep serving
+            log.exception("reconcile after webhook failed")
+            status, message = 500, f"{type(exc).__name__}: {exc}"
+        return answer(status, message)
 
-        def log_message(self, fmt: str, *args: Any) -> None:
-            log.info("webhook %s", fmt % args)
+    return Starlette(routes=[Route("/webhook", webhook, methods=["POST"])])
 
-    return ThreadingHTTPServer((host, port), Handler)
+
+class WebhookServer:
+    """uvicorn serving :func:`make_app` (``port=0``: any free port). ``serve_forever()`` blocks;
+    ``start()`` runs it in a thread and returns once it listens; ``shutdown()`` stops it."""
+
+    def __init__(self, receiver: Receiver, host: str = "127.0.0.1", port: int = 8765) -> None:
+        import uvicorn
+
+        config = uvicorn.Config(make_app(receiver), host=host, port=port, backlog=BACKLOG, log_level="warning",
+                                timeout_keep_alive=5, lifespan="off")
+        self.server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def server_port(self) -> int:
+        return self.server.servers[0].sockets[0].getsockname()[1]
+
+    def serve_forever(self) -> None:
+        self.server.run()
+
+    def start(self, timeout: float = 30.0) -> WebhookServer:
+        self._thread = threading.Thread(target=self.server.run, daemon=True)
+        self._thread.start()
+        deadline = time.time() + timeout
+        while not self.server.started:
+            if time.time() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the webhook server did not start")
+            time.sleep(0.02)
+        return self
+
+    def shutdown(self) -> None:
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+def make_server(receiver: Receiver, host: str = "127.0.0.1", port: int = 8765) -> WebhookServer:
+    """A started-on-demand server for ``receiver`` (see :class:`WebhookServer`)."""
+    return WebhookServer(receiver, host, port)
 
 
 def register(url: str, secret: str, name: str = "nt8-production-deploy") -> Any:
@@ -128,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("command", choices=("serve", "register"))
-    parser.add_argument("--secret", required=True, help="shared secret (the same for serve and register)")
+    parser.add_argument("--secret", required=True, help=f"shared secret, at least {MIN_SECRET_LEN} characters "
+                        "(the same for serve and register)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--url", default="", help="register: the receiver's URL")
@@ -138,14 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _cli(cfg: Any, args: argparse.Namespace) -> None:
     from mlproject.tracking import setup_tracking
 
+    check_secret(args.secret)
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}: expected 0..65535")
     setup_tracking(cfg)
     p = cfg.promotion
     if args.command == "register":
         hook = register(args.url or f"http://{args.host}:{args.port}/webhook", args.secret)
         log.info("registered webhook %s -> %s", hook.webhook_id, hook.url)
         return
-    server = make_server(Receiver(args.secret, p.model_name, p.deploy_dir, p.keep_releases), args.host, args.port)
-    log.info("listening on http://%s:%d/webhook for %s", args.host, server.server_port, ", ".join(EVENTS))
+    server = make_server(Receiver(args.secret, p.model_name, p.deploy_dir, p.keep_releases, p.lock_file), args.host,
+                         args.port)
+    log.info("listening on http://%s:%d/webhook for %s", args.host, args.port, ", ".join(EVENTS))
     server.serve_forever()
 
 

@@ -26,6 +26,7 @@ from mlproject.config import load_config
 from registry_hooks.reconcile import deployed_manifest, reconcile, tree_checksum
 
 NAME = "nt8-agent"
+SECRET = "test-secret-0123456789abcdef"
 CONSTANT_MODEL = textwrap.dedent('''
     """Test policy: always the same action (from model_config) or NaN."""
     import mlflow
@@ -281,11 +282,10 @@ def test_webhook_from_a_real_mlflow_server_deploys_and_rejects_bad_signatures(tm
         use_store(monkeypatch, f"http://127.0.0.1:{port}")
         (tmp_path / "constant_model.py").write_text(CONSTANT_MODEL)
         deploy = tmp_path / "deploy"
-        receiver = Receiver("s3cret", NAME, str(deploy))
-        receiver_server = make_server(receiver, port=0)
-        threading.Thread(target=receiver_server.serve_forever, daemon=True).start()
+        receiver = Receiver(SECRET, NAME, str(deploy))
+        receiver_server = make_server(receiver, port=0).start()
         hook_url = f"http://127.0.0.1:{receiver_server.server_port}/webhook"
-        register(hook_url, "s3cret")
+        register(hook_url, SECRET)
         v1 = register_constant(tmp_path, 1)
         started = time.time()
         registry.promote(NAME, v1, "first via the server")
@@ -308,7 +308,7 @@ def test_webhook_from_a_real_mlflow_server_deploys_and_rejects_bad_signatures(tm
         assert deployed_manifest(deploy)["version"] == v1
         stale = str(int(time.time()) - 3600)
         request = urllib.request.Request(hook_url, data=body.encode(), method="POST", headers={
-            "X-MLflow-Signature": signature("s3cret", "d-2", stale, body), "X-MLflow-Timestamp": stale,
+            "X-MLflow-Signature": signature(SECRET, "d-2", stale, body), "X-MLflow-Timestamp": stale,
             "X-MLflow-Delivery-Id": "d-2"})
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(request, timeout=10)
