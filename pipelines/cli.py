@@ -47,13 +47,14 @@ def run_cli(parser: argparse.ArgumentParser, main: Callable[[Config, argparse.Na
     from mlflow.exceptions import MlflowException
 
     from mlproject.data import DataError
+    from mlproject.registry import RegistryBusy
 
     args = parser.parse_args()
     try:
         main(config_from_args(args), args)
-    except (ConfigError, DataError, FileNotFoundError, ValueError, MlflowException) as exc:
-        # Bad input (a file, a key, a model URI): one message that names it. LOGLEVEL=DEBUG in
-        # the environment also prints the traceback, for a developer.
+    except (ConfigError, DataError, OSError, ValueError, MlflowException, RegistryBusy) as exc:
+        # Bad input (a file, a key, a model URI, a path that is a folder, a busy registry): one
+        # message that names it. LOGLEVEL=DEBUG in the environment also prints the traceback.
         log.debug("traceback", exc_info=True)
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -71,6 +71,46 @@ def write_parquet(bars: pd.DataFrame, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def content_digest(bars: pd.DataFrame) -> str:
+    """sha256 (16 hex digits) of the bars' index and values: equal bars, equal digest."""
+    import hashlib
+
+    return hashlib.sha256(pd.util.hash_pandas_object(bars, index=True).to_numpy().tobytes()).hexdigest()[:16]
+
+
+def _same_content(path: Path, digest: str) -> bool:
+    try:
+        return content_digest(pd.read_parquet(path)) == digest
+    except Exception:  # noqa: BLE001 - unreadable or not Parquet: certainly not the same bars
+        return False
+
+
+def output_path(cfg: Config, bars: pd.DataFrame, output: str | None, overwrite: bool = False) -> tuple[Path, bool]:
+    """Where ingest writes, and whether it must (False: that file already holds these bars).
+
+    ``--output`` is never a folder nor the source file, and an existing file is replaced only with
+    ``overwrite``. The default ``<output_dir>/<name>.parquet`` is reused when it holds the same
+    bars; when it holds other bars (another source with the same file name) the new file gets
+    the content digest in its name instead of overwriting it.
+    """
+    digest = content_digest(bars)
+    source = None if cfg.data.source == "synthetic" else Path(cfg.data.source).resolve()
+    if output:
+        path = Path(output)
+        if path.is_dir():
+            raise ValueError(f"--output {output}: is a folder; give a file path such as {path / 'bars.parquet'}")
+        if source is not None and path.resolve() == source:
+            raise ValueError(f"--output {output}: is the source file itself; ingest never writes over its input")
+        if path.exists() and not overwrite:
+            raise ValueError(f"--output {output}: exists; pass --overwrite to replace it")
+        return path, True
+    path = Path(cfg.data.output_dir) / f"{dataset_name(cfg)}.parquet"
+    if path.exists() and not _same_content(path, digest):
+        path = path.with_name(f"{path.stem}-{digest[:8]}.parquet")
+        log.info("%s holds other bars: writing %s", path.with_name(f"{dataset_name(cfg)}.parquet"), path.name)
+    return path, not (path.exists() and _same_content(path, digest))
+
+
 def log_dataset(bars: pd.DataFrame, name: str, source: str, context: str) -> Any:
     """Log ``bars`` as an MLflow run input (digest, schema, profile) and return the dataset."""
     import warnings
@@ -85,7 +125,7 @@ def log_dataset(bars: pd.DataFrame, name: str, source: str, context: str) -> Any
     return dataset
 
 
-def main(cfg: Config, output: str | None = None) -> IngestResult:
+def main(cfg: Config, output: str | None = None, overwrite: bool = False) -> IngestResult:
     """Load and validate ``cfg.data.source``, write ``<output_dir>/<name>.parquet``, log to MLflow."""
     import mlflow
 
@@ -99,8 +139,9 @@ def main(cfg: Config, output: str | None = None) -> IngestResult:
         bars = load_source(cfg)
         warn_if_instrument_misfits(bars, cfg)  # as early as possible: before anything trains on them
         name = dataset_name(cfg)
-        path = Path(output) if output else Path(cfg.data.output_dir) / f"{name}.parquet"
-        write_parquet(bars, path)
+        path, write = output_path(cfg, bars, output, overwrite)
+        if write:
+            write_parquet(bars, path)
         stats = bar_stats(bars)
         splits = split_bars(bars, cfg.data.splits.train, cfg.data.splits.validation, cfg.data.splits.test,
                             gap=cfg.data.splits.gap)
@@ -126,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: data.source from the config")
     parser.add_argument("--output", default="", help="Parquet path to write (default: <data.output_dir>/<name>.parquet)")
     parser.add_argument("--drop-duplicates", action="store_true", help="drop exact duplicate lines (logged)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    parser.add_argument("--overwrite-flag", default="false", choices=("true", "false"),
+                        help="the same as a value (how MLproject passes -P overwrite=true)")
     return parser
 
 
@@ -137,7 +181,7 @@ def _cli(cfg: Config, args: argparse.Namespace) -> None:
         updates["drop_duplicates"] = True
     if updates:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update=updates)})
-    main(cfg, args.output or None)
+    main(cfg, args.output or None, args.overwrite or args.overwrite_flag == "true")
 
 
 if __name__ == "__main__":
