@@ -720,8 +720,6 @@ def load_bars(
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path}: is a folder, not a bar file (an NT8 export, CSV or Parquet file)")
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
     fmt = fmt or detect_format(path)
     if fmt not in _FORMATS:
         raise ValueError(f"fmt must be one of {', '.join(_FORMATS)}, got {fmt!r}")

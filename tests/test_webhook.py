@@ -78,7 +78,7 @@ def test_malformed_requests_get_4xx_never_500(hook):
     # Content-Length: abc used to drop the connection
     reply = raw_request(hook, b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}")
     assert reply.startswith(b"HTTP/1.1 400"), reply[:80]
-    reply = raw_request(hook, b"GET /webhook HTTP/1.1\r\nHost: x\r\n\r\n")
+    reply = raw_request(hook, b"GET /webhook HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 405"), reply[:80]
 
 
