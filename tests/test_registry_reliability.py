@@ -40,6 +40,15 @@ def assert_consistent(deploy) -> None:
     assert json.loads((deploy / RELOAD_FILE).read_text())["version"] == stages[0]
 
 
+def first_deployed(store) -> tuple:
+    """Two registered versions, the first promoted and deployed: (deploy dir, v1, v2)."""
+    deploy = store / "deploy"
+    v1, v2 = register_constant(store, 1), register_constant(store, 2)
+    registry.promote(NAME, v1, "first")
+    reconcile(NAME, deploy)
+    return deploy, v1, v2
+
+
 WRITER = textwrap.dedent('''
     import random, sys, time
     from mlproject import registry
@@ -121,10 +130,7 @@ RECONCILE_POINTS = ("reconcile:exported", "reconcile:previous-switched", "reconc
 def test_a_kill_at_every_step_is_repaired_by_one_reconcile(store, point):
     """kill -9 (os._exit, no cleanup) at each step of a promotion and of its deploy; then one
     reconcile, and everything agrees again, with the history intact."""
-    deploy = store / "deploy"
-    v1, v2 = register_constant(store, 1), register_constant(store, 2)
-    registry.promote(NAME, v1, "first")
-    reconcile(NAME, deploy)
+    deploy, v1, v2 = first_deployed(store)
     code = (f"from mlproject import registry; from registry_hooks.reconcile import reconcile; "
             f"registry.promote('{NAME}', '{v2}', 'second'); reconcile('{NAME}', r'{deploy}')")
     out = run_module([sys.executable, "-c", code], cwd=store, env={FAULT_ENV: point})
@@ -157,10 +163,7 @@ def test_a_killed_rollback_is_completed_and_can_be_rolled_back_again(store):
 
 
 def test_a_corrupt_previous_release_is_replaced_or_removed(store):
-    deploy = store / "deploy"
-    v1, v2 = register_constant(store, 1), register_constant(store, 2)
-    registry.promote(NAME, v1, "first")
-    reconcile(NAME, deploy)
+    deploy, v1, v2 = first_deployed(store)
     registry.promote(NAME, v2, "second")
     reconcile(NAME, deploy)
     previous = (deploy / "previous").resolve()
