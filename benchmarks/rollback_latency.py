@@ -41,7 +41,7 @@ def main() -> None:
     from mlproject import registry
     from mlproject.config import load_config
     from pipelines import rollback
-    from registry_hooks.reconcile import deployed_manifest, reconcile
+    from mlproject.deploy import deployed_manifest, reconcile
 
     cfg = load_config(None, [f"promotion.deploy_dir={work / 'deploy'}"])
     v1, v2 = policy_model_versions(work, 2)

@@ -153,6 +153,40 @@ def read_settings(model_dir: str | Path) -> PolicySettings | None:
     return PolicySettings.from_dict(raw) if raw else None
 
 
+def find_module_dir(path: Path) -> Path:
+    """The RLModule checkpoint inside a logged pyfunc model, an algorithm checkpoint, or itself."""
+    import yaml
+
+    candidates = [path / MODULE_SUBDIR, path]
+    if (path / "MLmodel").is_file():  # a logged pyfunc: its MLmodel says where rl_module went
+        flavor = yaml.safe_load((path / "MLmodel").read_text()).get("flavors", {}).get("python_function", {})
+        relative = (flavor.get("artifacts") or {}).get("rl_module", {}).get("path")
+        candidates = [path / relative] if relative else []
+    for candidate in candidates:
+        if (candidate / "module_state.pkl").exists() and (candidate / "class_and_ctor_args.pkl").exists():
+            return candidate
+    raise ValueError(f"{path}: no RLlib policy checkpoint found (expected a pyfunc policy model with an "
+                     "rl_module artifact, an algorithm checkpoint or an RLModule checkpoint)")
+
+
+def resolve_init_from(uri: str) -> tuple[Path, dict[str, str], Any]:
+    """Local RLModule dir, parent tags and the parent's recorded ``PolicySettings`` (None for a
+    checkpoint folder or a model that records none) for ``--init-from`` (models:/..., runs:/..., a path)."""
+    import mlflow
+
+    from mlproject.registry import resolve_version
+
+    parent: dict[str, str] = {"parent_uri": uri}
+    if Path(uri).exists():
+        path = Path(uri)
+        return find_module_dir(path), parent, read_settings(path) if (path / "MLmodel").is_file() else None
+    mv = resolve_version(uri)
+    if mv is not None:
+        parent.update(parent_version=str(mv.version), parent_run_id=mv.run_id or "")
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    return find_module_dir(local), parent, read_settings(local) if (local / "MLmodel").is_file() else None
+
+
 def load_module(path: str | Path) -> Any:
     """RLModule from a module checkpoint dir, or from an algorithm checkpoint containing one.
     Needs no running Ray."""

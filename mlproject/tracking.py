@@ -88,3 +88,18 @@ def pipeline_run(cfg: Config, step: str, *, nested: bool = False) -> Iterator[An
         except BaseException as exc:
             mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
             raise
+
+
+def log_dataset(bars: Any, name: str, source: str, context: str) -> Any:
+    """Log ``bars`` (a bar DataFrame) as an MLflow run input (digest, schema, profile) and return
+    the dataset."""
+    import warnings
+
+    import mlflow
+
+    with warnings.catch_warnings():
+        # MLflow registers the local-file source twice and warns that a path is ambiguous.
+        warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
+        dataset = mlflow.data.from_pandas(bars.reset_index(), source=source, name=name)
+    mlflow.log_input(dataset, context=context)
+    return dataset

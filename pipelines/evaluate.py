@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from mlproject.config import Config
-from pipelines.cli import base_parser, run_cli
+from mlproject.cli import base_parser, run_cli
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def main(cfg: Config, model_uris: list[str], data: str | None = None, start: str
     from mlproject.policy import load_policy_model
     from mlproject.preflight import warn_if_instrument_misfits
     from mlproject.tracking import pipeline_run, setup_tracking
-    from pipelines.ingest import log_dataset
+    from mlproject.tracking import log_dataset
 
     if not model_uris:
         raise ValueError("give at least one --model-uri")

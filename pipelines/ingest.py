@@ -12,15 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from mlproject.atomic import atomic_write
+from mlproject.cli import base_parser, run_cli
 from mlproject.config import Config
-from pipelines.cli import base_parser, run_cli
+from mlproject.tracking import log_dataset
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +62,8 @@ def dataset_name(cfg: Config) -> str:
 
 
 def write_parquet(bars: pd.DataFrame, path: Path) -> None:
-    """Write atomically: a temporary file in the same folder, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        bars.to_parquet(tmp, engine="pyarrow")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write atomically (``mlproject.atomic``): a crash never leaves a half file."""
+    atomic_write(path, lambda tmp: bars.to_parquet(tmp, engine="pyarrow"))
 
 
 def content_digest(bars: pd.DataFrame) -> str:
@@ -109,20 +104,6 @@ def output_path(cfg: Config, bars: pd.DataFrame, output: str | None, overwrite: 
         path = path.with_name(f"{path.stem}-{digest[:8]}.parquet")
         log.info("%s holds other bars: writing %s", path.with_name(f"{dataset_name(cfg)}.parquet"), path.name)
     return path, not (path.exists() and _same_content(path, digest))
-
-
-def log_dataset(bars: pd.DataFrame, name: str, source: str, context: str) -> Any:
-    """Log ``bars`` as an MLflow run input (digest, schema, profile) and return the dataset."""
-    import warnings
-
-    import mlflow
-
-    with warnings.catch_warnings():
-        # MLflow registers the local-file source twice and warns that a path is ambiguous.
-        warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
-        dataset = mlflow.data.from_pandas(bars.reset_index(), source=source, name=name)
-    mlflow.log_input(dataset, context=context)
-    return dataset
 
 
 def main(cfg: Config, output: str | None = None, overwrite: bool = False) -> IngestResult:

@@ -19,7 +19,7 @@ import logging
 from typing import Any
 
 from mlproject.config import Config
-from pipelines.cli import base_parser, run_cli
+from mlproject.cli import base_parser, run_cli
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def warm_start_uri(cfg: Config) -> str | None:
     from mlproject.features import FEATURE_NAMES
     from mlproject.policy import PolicySettings, load_module
     from mlproject.registry import production_version
-    from pipelines.train import resolve_init_from
+    from mlproject.policy import resolve_init_from
 
     name = cfg.promotion.model_name
     if cfg.train.register_model != name or production_version(name) is None:

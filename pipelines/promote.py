@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlproject.config import Config
-from pipelines.cli import base_parser, run_cli
+from mlproject.cli import base_parser, run_cli
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +187,8 @@ def main(cfg: Config, candidate: str, dry_run: bool = False) -> PromoteResult:
     from mlproject.preflight import warn_if_instrument_misfits
     from mlproject.registry import production_version, promote, record_verdict, registry_lock
     from mlproject.tracking import pipeline_run, setup_tracking
-    from pipelines.ingest import log_dataset
-    from registry_hooks.reconcile import reconcile
+    from mlproject.tracking import log_dataset
+    from mlproject.deploy import reconcile
 
     setup_tracking(cfg)
     p = cfg.promotion

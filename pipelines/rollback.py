@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from mlproject.config import Config
-from pipelines.cli import base_parser, run_cli
+from mlproject.cli import base_parser, run_cli
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def main(cfg: Config, version: str | None = None, reason: str = "", force: bool 
 
     from mlproject.registry import registry_lock, rollback, was_production
     from mlproject.tracking import pipeline_run, setup_tracking
-    from registry_hooks.reconcile import reconcile
+    from mlproject.deploy import reconcile
 
     started = time.perf_counter()
     if version is not None and not (version.isdigit() and int(version) > 0):
@@ -60,7 +60,7 @@ def _check_loadable(name: str, version: str) -> None:
 
     import mlflow
 
-    from registry_hooks.reconcile import check_deployable
+    from mlproject.deploy import check_deployable
 
     with tempfile.TemporaryDirectory(prefix="nt8-rollback-") as tmp:
         try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from mlproject.config import Config
-from pipelines.cli import base_parser, run_cli
+from mlproject.cli import base_parser, run_cli
 
 
 def main(cfg: Config) -> str:

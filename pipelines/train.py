@@ -33,7 +33,7 @@ import pandas as pd
 
 from mlproject.config import Config
 from mlproject.quiet import quiet_env_reregistration, quiet_rllib
-from pipelines.cli import base_parser, optional_int, run_cli
+from mlproject.cli import base_parser, optional_int, run_cli
 
 log = logging.getLogger(__name__)
 
@@ -154,43 +154,6 @@ def validate(algo: Any, bars: pd.DataFrame, cfg: Config) -> dict[str, float]:
 def _score(metrics: dict[str, float], name: str) -> float:
     value = metrics.get(name, float("nan"))
     return value if math.isfinite(value) else -math.inf  # undefined (e.g. no trades) never wins
-
-
-def find_module_dir(path: Path) -> Path:
-    """The RLModule checkpoint inside a logged pyfunc model, an algorithm checkpoint, or itself."""
-    import yaml
-
-    from mlproject.policy import MODULE_SUBDIR
-
-    candidates = [path / MODULE_SUBDIR, path]
-    if (path / "MLmodel").is_file():  # a logged pyfunc: its MLmodel says where rl_module went
-        flavor = yaml.safe_load((path / "MLmodel").read_text()).get("flavors", {}).get("python_function", {})
-        relative = (flavor.get("artifacts") or {}).get("rl_module", {}).get("path")
-        candidates = [path / relative] if relative else []
-    for candidate in candidates:
-        if (candidate / "module_state.pkl").exists() and (candidate / "class_and_ctor_args.pkl").exists():
-            return candidate
-    raise ValueError(f"{path}: no RLlib policy checkpoint found (expected a pyfunc policy model with an "
-                     "rl_module artifact, an algorithm checkpoint or an RLModule checkpoint)")
-
-
-def resolve_init_from(uri: str) -> tuple[Path, dict[str, str], Any]:
-    """Local RLModule dir, parent tags and the parent's recorded ``PolicySettings`` (None for a
-    checkpoint folder or a model that records none) for ``--init-from`` (models:/..., runs:/..., a path)."""
-    import mlflow
-
-    from mlproject.policy import read_settings
-    from mlproject.registry import resolve_version
-
-    parent: dict[str, str] = {"parent_uri": uri}
-    if Path(uri).exists():
-        path = Path(uri)
-        return find_module_dir(path), parent, read_settings(path) if (path / "MLmodel").is_file() else None
-    mv = resolve_version(uri)
-    if mv is not None:
-        parent.update(parent_version=str(mv.version), parent_run_id=mv.run_id or "")
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    return find_module_dir(local), parent, read_settings(local) if (local / "MLmodel").is_file() else None
 
 
 def warm_start(algo: Any, module_dir: Path, obs_shape: tuple[int, ...], parent_settings: Any = None,
@@ -357,7 +320,7 @@ def _train(cfg: Config, run: Any, splits: Any, source: str, settings: Any, itera
     from mlproject.policy import MODULE_SUBDIR
     from mlproject.registry import register_version
     from mlproject.tracking import git_commit
-    from pipelines.ingest import log_dataset
+    from mlproject.tracking import log_dataset
 
     log_dataset(splits.train, "train-split", source, "training")
     log_dataset(splits.validation, "validation-split", source, "validation")

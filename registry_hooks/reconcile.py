@@ -1,269 +1,34 @@
-"""Make the deployed model equal the registry's Production version (level-triggered, idempotent).
+"""Make the deployed model equal the registry's Production version: the command and its timer.
 
     python -m registry_hooks.reconcile                      # once
     python -m registry_hooks.reconcile --every 30s          # safety net: forever, every 30 s
 
-Deploy directory layout::
-
-    deploy/
-      releases/v3-20261124T101500Z/   model/ (the MLflow model) + manifest.json
-      current  -> releases/v3-...      the deployed model (a symlink, switched atomically)
-      previous -> releases/v2-...      the one before, for an instant switch back
-      reload.json                      what a running bridge watches: rewritten atomically on every switch
-
-An export is written under ``.staging-*`` and only renamed into ``releases/`` when complete, and
-``current`` moves by ``os.replace`` of a symlink: a reconcile killed at any point leaves the
-previous complete model deployed, and the next run cleans up and finishes the job.
-
-Every pass runs under the registry lock (``mlproject.registry.registry_lock``), finishes a
-promotion a crash interrupted, and checks every part of the deployed state, not only
-``current``: the model's checksum, ``previous`` (an intact release, or none), and the reload
-notice (it must name what ``current`` holds). A new export is deployed only after it loaded and
-predicted valid actions on its input example.
+The work is :func:`mlproject.deploy.reconcile` (layout of the deploy directory, crash safety and
+checks are described there); this module runs it once or on a timer.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
-import os
 import re
-import shutil
 import time
-from dataclasses import dataclass
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
-from mlproject.faults import fault_point
+from mlproject.cli import base_parser, run_cli
+from mlproject.deploy import (  # noqa: F401 - re-exported: the names a deploy script uses
+    MANIFEST,
+    RELOAD_FILE,
+    DeployRefused,
+    ReconcileResult,
+    check_deployable,
+    deployed_manifest,
+    reconcile,
+    tree_checksum,
+)
+from mlproject.tracking import setup_tracking
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
-RELOAD_FILE = "reload.json"
-
-
-@dataclass
-class ReconcileResult:
-    """What one reconcile pass did."""
-
-    version: str | None
-    changed: bool
-    alias_repaired: bool
-    release: Path | None
-
-
-def tree_checksum(folder: Path) -> str:
-    """sha256 over the relative paths and bytes of every file (order-independent of listing)."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode())
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def deployed_manifest(deploy_dir: Path) -> dict[str, Any] | None:
-    """The manifest of the currently deployed release, or None."""
-    current = deploy_dir / "current"
-    try:
-        return json.loads((current / MANIFEST).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _switch_link(link: Path, target: Path) -> None:
-    """Point ``link`` at ``target`` atomically (a new symlink renamed over the old one)."""
-    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    # A relative link keeps the deploy dir movable as a whole.
-    tmp.symlink_to(os.path.relpath(target.resolve(), link.parent.resolve()))
-    os.replace(tmp, link)
-
-
-def export_release(name: str, version: str, deploy_dir: Path) -> Path:
-    """Download ``models:/name/version`` into a new release folder (complete or absent)."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    mv = MlflowClient().get_model_version(name, version)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    staging = deploy_dir / f".staging-v{version}-{stamp}"
-    staging.mkdir(parents=True)
-    try:
-        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(staging / "model"))
-        manifest = {"name": name, "version": str(version), "run_id": mv.run_id, "source": mv.source,
-                    "checksum": tree_checksum(staging / "model"),
-                    "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        release = deploy_dir / "releases" / f"v{version}-{stamp}"
-        release.parent.mkdir(exist_ok=True)
-        os.replace(staging, release)
-        return release
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def notify_reload(deploy_dir: Path, manifest: dict[str, Any]) -> None:
-    """Tell a running bridge to reload: ``reload.json`` is rewritten atomically with the new
-    manifest and an increasing sequence number (the bridge compares the number it last saw)."""
-    try:
-        previous = json.loads((deploy_dir / RELOAD_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        previous = {}  # the first deploy (the file is only ever replaced whole, never torn)
-    _atomic_write(deploy_dir / RELOAD_FILE,
-                  json.dumps({**manifest, "sequence": int(previous.get("sequence", 0)) + 1,
-                              "deploy_path": str((deploy_dir / "current").resolve())}, indent=2))
-
-
-def _prune(deploy_dir: Path, keep: int) -> None:
-    """Remove stale staging folders and all but the newest ``keep`` releases (never current or previous)."""
-    for stale in deploy_dir.glob(".staging-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    in_use = {(deploy_dir / link).resolve() for link in ("current", "previous") if (deploy_dir / link).exists()}
-    releases = sorted((deploy_dir / "releases").glob("v*"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in releases[keep:]:
-        if old.resolve() not in in_use:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-class DeployRefused(ValueError):
-    """A Production version that does not load or does not predict valid actions is not deployed."""
-
-
-def check_deployable(model_dir: Path, label: str) -> None:
-    """Load the MLflow model in ``model_dir`` and predict on its input example (or zeros of its
-    signature's shape); raise ``DeployRefused`` unless every action is a finite integer in
-    0..2*max_contracts (the model's recorded max_contracts, when it has one)."""
-    import mlflow
-    import numpy as np
-    from mlflow.models import Model
-
-    from mlproject.policy import SETTINGS_KEY
-
-    try:
-        meta = Model.load(str(model_dir))
-        example = meta.load_input_example(str(model_dir))
-        if example is None:
-            schema = meta.get_input_schema()
-            if schema is None or not schema.is_tensor_spec():
-                raise DeployRefused(f"{label}: the model has no input example or tensor signature to check it with")
-            example = np.zeros((4, *schema.inputs[0].shape[1:]), np.float32)
-        actions = np.asarray(mlflow.pyfunc.load_model(str(model_dir)).predict(example), dtype=np.float64)
-    except DeployRefused:
-        raise
-    except Exception as exc:  # noqa: BLE001 - whatever a broken model raises, it is not deployed
-        raise DeployRefused(f"{label}: does not load and predict: {type(exc).__name__}: {exc}") from None
-    settings = (meta.metadata or {}).get(SETTINGS_KEY) or {}
-    top = 2 * int(settings.get("instrument", {}).get("max_contracts", 0)) or None
-    ok = actions.size and np.isfinite(actions).all() and (actions == np.round(actions)).all() and (actions >= 0).all()
-    if not ok or (top is not None and actions.max() > top):
-        raise DeployRefused(f"{label}: predicts invalid actions {actions.reshape(-1)[:5].tolist()} on its input "
-                            f"example (expected integers 0..{top if top is not None else 'max'})")
-
-
-def _intact(release: Path, name: str | None = None, version: str | None = None) -> dict[str, Any] | None:
-    """The manifest of ``release`` when the folder, its manifest and its model checksum agree."""
-    try:
-        manifest = json.loads((release / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if name is not None and (manifest.get("name"), manifest.get("version")) != (name, version):
-        return None
-    return manifest if tree_checksum(release / "model") == manifest.get("checksum") else None
-
-
-def reconcile(name: str, deploy_dir: str | Path, keep_releases: int = 3,
-              lock_file: str | Path | None = None) -> ReconcileResult:
-    """One pass under the registry lock: finish an interrupted promotion, repair the alias, and
-    make current, previous and the reload notice agree with the Production version."""
-    from mlproject.registry import complete_pending, ensure_alias, production_version, registry_lock
-
-    deploy_dir = Path(deploy_dir).resolve()  # relative (as in config) or absolute, one meaning
-    deploy_dir.mkdir(parents=True, exist_ok=True)
-    with registry_lock(lock_file):
-        complete_pending(name, lock_file)
-        version = production_version(name)
-        if version is None:
-            log.info("%s: nothing in Production; deployment left as it is", name)
-            return ReconcileResult(None, False, False, None)
-        repaired = ensure_alias(name)
-        changed = False
-        if _intact(deploy_dir / "current", name, version) is None:
-            _deploy(name, version, deploy_dir)
-            changed = True
-        _repair_previous(deploy_dir, name)
-        current = json.loads((deploy_dir / "current" / MANIFEST).read_text())
-        if _reload_notice(deploy_dir) != (current["version"], current["checksum"]):
-            notify_reload(deploy_dir, current)  # also after a crash between the switch and the notice
-            changed = True
-        _prune(deploy_dir, keep_releases)
-    if changed:
-        log.info("%s: deployed version %s (%s)", name, version, (deploy_dir / "current").resolve().name)
-    return ReconcileResult(version, changed, repaired, (deploy_dir / "current").resolve())
-
-
-def _deploy(name: str, version: str, deploy_dir: Path) -> Path:
-    """Make ``current`` a checked release of ``version``; ``previous`` the intact one before it."""
-    release = _matching_release(deploy_dir, name, version)
-    if release is None:
-        release = export_release(name, version, deploy_dir)
-        fault_point("reconcile:exported")
-        try:
-            check_deployable(release / "model", f"{name} v{version}")
-        except DeployRefused:
-            shutil.rmtree(release, ignore_errors=True)
-            raise
-    current = deploy_dir / "current"
-    if current.exists() and _intact(current) is not None:
-        _switch_link(deploy_dir / "previous", current.resolve())
-    fault_point("reconcile:previous-switched")
-    _switch_link(current, release)
-    fault_point("reconcile:current-switched")
-    return release
-
-
-def _repair_previous(deploy_dir: Path, name: str) -> None:
-    """``previous`` must be an intact release other than current; else the newest intact release
-    of the rollback target takes its place, or the link goes."""
-    from mlproject.registry import rollback_target
-
-    link, current = deploy_dir / "previous", (deploy_dir / "current").resolve()
-    if link.is_symlink() and link.exists() and link.resolve() != current and _intact(link) is not None:
-        return
-    target = rollback_target(name)
-    release = _matching_release(deploy_dir, name, target) if target else None
-    if release is not None and release.resolve() != current:
-        _switch_link(link, release)
-        log.warning("%s: previous release repaired to version %s", name, target)
-    elif link.is_symlink():
-        link.unlink()
-        log.warning("%s: previous release was not intact and no release of the rollback target is kept: removed", name)
-
-
-def _reload_notice(deploy_dir: Path) -> tuple[Any, Any] | None:
-    try:
-        notice = json.loads((deploy_dir / RELOAD_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return notice.get("version"), notice.get("checksum")
-
-
-def _matching_release(deploy_dir: Path, name: str, version: str) -> Path | None:
-    """A kept, intact release of this version (instant rollback without a download)."""
-    for release in sorted((deploy_dir / "releases").glob(f"v{version}-*"), reverse=True):
-        if _intact(release, name, str(version)) is not None:
-            return release
-    return None
 
 
 MIN_EVERY_S = 1.0
@@ -283,8 +48,6 @@ def parse_every(text: str) -> float:
 
 def main(cfg: Any, every: float | None = None, max_passes: int | None = None) -> ReconcileResult:
     """Reconcile once, or every ``every`` seconds (a failed pass is logged and retried)."""
-    from mlproject.tracking import setup_tracking
-
     setup_tracking(cfg)
     p = cfg.promotion
     passes, result = 0, ReconcileResult(None, False, False, None)
@@ -302,14 +65,10 @@ def main(cfg: Any, every: float | None = None, max_passes: int | None = None) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipelines.cli import base_parser
-
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--every", default="", help="repeat forever at this interval, e.g. 30s")
     return parser
 
 
 if __name__ == "__main__":
-    from pipelines.cli import run_cli
-
     run_cli(build_parser(), lambda cfg, a: main(cfg, parse_every(a.every) if a.every else None))

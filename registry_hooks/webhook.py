@@ -91,7 +91,7 @@ class Receiver:
 
     def handle(self, headers: Any, body: str) -> tuple[int, str]:
         """(HTTP status, message) for one delivery."""
-        from registry_hooks.reconcile import reconcile
+        from mlproject.deploy import reconcile
 
         problem = verify(self.secret, headers, body)
         if problem:
@@ -203,7 +203,7 @@ def register(url: str, secret: str, name: str = "nt8-production-deploy") -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipelines.cli import base_parser
+    from mlproject.cli import base_parser
 
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("command", choices=("serve", "register"))
@@ -234,6 +234,6 @@ def _cli(cfg: Any, args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    from pipelines.cli import run_cli
+    from mlproject.cli import run_cli
 
     run_cli(build_parser(), _cli)
