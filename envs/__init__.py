@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import gymnasium as gym
 
+from envs.futures_env import FuturesTradingEnv
+from envs.futures_vector_env import FuturesTradingVectorEnv
+
 ENV_ID = "FuturesTrading-v0"
 
 
 def _make_vector(num_envs: int = 1, **kwargs):
-    from envs.futures_vector_env import FuturesTradingVectorEnv
-
     return FuturesTradingVectorEnv(num_envs, kwargs.get("config"))
 
 
@@ -39,9 +40,6 @@ def register_rllib() -> None:
 def make_rllib_env(env_config):
     """RLlib's env creator. With ``gym_env_vectorize_mode="vector_entry_point"`` RLlib passes
     ``num_envs`` in the config and gets the numpy vector twin instead of N single envs."""
-    from envs.futures_env import FuturesTradingEnv
-    from envs.futures_vector_env import FuturesTradingVectorEnv
-
     config = dict(env_config)
     num_envs = config.pop("num_envs", None)
     return FuturesTradingEnv(config) if num_envs is None else FuturesTradingVectorEnv(num_envs, config)

@@ -11,13 +11,7 @@ import numpy as np
 import pandas as pd
 
 from envs.market import OPEN_PNL_CLIP, Market
-
-TRADE_COLUMNS: tuple[str, ...] = (
-    "entry_time", "exit_time", "side", "size", "entry_price", "exit_price",
-    "pnl", "commission", "slippage", "bars_held",
-)
-"""Columns of :meth:`FuturesTradingEnv.trades_frame`."""
-
+from mlproject.trades import TRADE_COLUMNS, trades_from_fills
 
 class FuturesTradingEnv(gym.Env):
     """Trade one futures contract bar by bar: the action is the target position.
@@ -264,39 +258,3 @@ class FuturesTradingEnv(gym.Env):
     def timestamp(self) -> pd.Timestamp:
         """Timestamp of the current bar."""
         return self._index[self._t]
-
-
-def trades_from_fills(fills: list[tuple[int, int, float]], point_value: float, commission_per_side: float,
-                      slippage_per_contract: float) -> list[tuple]:
-    """Replay fills (bar, new position, price) from flat into closed trades (TRADE_COLUMNS order,
-    times as bar indices). Uses the same average-price accounting as the env."""
-    trades: list[tuple] = []
-    pos, avg, cur = 0, 0.0, None
-    for bar, q, price in fills:
-        if pos != 0:
-            side = 1 if pos > 0 else -1
-            same = q != 0 and (q > 0) == (pos > 0)
-            qty = 0 if same and abs(q) > abs(pos) else (abs(q - pos) if same else abs(pos))
-            if qty:
-                cur["exit_qty"] += qty
-                cur["exit_value"] += price * qty
-                cur["gross"] += (price - avg) * side * qty * point_value
-                cur["costs"] += qty
-            if not same:
-                trades.append((cur["bar"], bar, side, cur["size"], avg, cur["exit_value"] / cur["exit_qty"],
-                               cur["gross"] - cur["costs"] * commission_per_side,
-                               cur["costs"] * commission_per_side, cur["costs"] * slippage_per_contract,
-                               bar - cur["bar"]))
-                cur = None
-        if q != 0:
-            added = abs(q) if cur is None else abs(q) - abs(pos)
-            if cur is None:
-                cur = {"bar": bar, "size": 0, "exit_qty": 0, "exit_value": 0.0, "gross": 0.0, "costs": 0}
-                avg = price
-            elif added > 0:
-                avg = (avg * abs(pos) + price * added) / abs(q)
-            if added > 0:
-                cur["size"] = max(cur["size"], abs(q))
-                cur["costs"] += added
-        pos = q
-    return trades

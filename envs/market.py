@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 from pydantic import ValidationError
 
-from mlproject.config import ConfigError, EnvConfig, _describe
+from mlproject.config import ConfigError, EnvConfig, describe_validation_error
+from mlproject.data import load_bars, validate_bars
 from mlproject.features import FEATURE_CLIP, FEATURE_NAMES, bar_features
 from mlproject.instruments import InstrumentSpec, resolve_instrument
 
@@ -37,14 +38,12 @@ def parse_env_config(config: Mapping[str, Any]) -> tuple[EnvConfig, Any]:
         cfg = EnvConfig.model_validate(raw)
     except ValidationError as exc:
         # Name keys as they appear in the env_config dict (no "env." prefix).
-        message = _describe(exc, "env_config", "", set()).replace("key 'env.", "key '")
+        message = describe_validation_error(exc, "env_config").replace("key 'env.", "key '")
         raise ConfigError(message) from None
     return cfg, bars
 
 
 def _as_bars(bars: Any) -> pd.DataFrame:
-    from mlproject.data import load_bars, validate_bars
-
     if isinstance(bars, (str, Path)):
         return load_bars(bars)
     if isinstance(bars, pd.DataFrame):

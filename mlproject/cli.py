@@ -11,6 +11,8 @@ from collections.abc import Callable
 from typing import Any
 
 from mlproject.config import Config, ConfigError, load_config
+from mlproject.data import DataError
+from mlproject.registry import RegistryBusy
 
 log = logging.getLogger("pipelines")
 
@@ -45,9 +47,6 @@ def run_cli(parser: argparse.ArgumentParser, main: Callable[[Config, argparse.Na
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     from mlflow.exceptions import MlflowException
-
-    from mlproject.data import DataError
-    from mlproject.registry import RegistryBusy
 
     args = parser.parse_args()
     try:

@@ -37,6 +37,8 @@ from typing import Any
 
 from mlproject.atomic import atomic_write_text
 from mlproject.faults import fault_point
+from mlproject.policy import SETTINGS_KEY
+from mlproject.registry import complete_pending, ensure_alias, production_version, registry_lock, rollback_target
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +143,6 @@ def check_deployable(model_dir: Path, label: str) -> None:
     import numpy as np
     from mlflow.models import Model
 
-    from mlproject.policy import SETTINGS_KEY
-
     try:
         meta = Model.load(str(model_dir))
         example = meta.load_input_example(str(model_dir))
@@ -179,8 +179,6 @@ def reconcile(name: str, deploy_dir: str | Path, keep_releases: int = 3,
               lock_file: str | Path | None = None) -> ReconcileResult:
     """One pass under the registry lock: finish an interrupted promotion, repair the alias, and
     make current, previous and the reload notice agree with the Production version."""
-    from mlproject.registry import complete_pending, ensure_alias, production_version, registry_lock
-
     deploy_dir = Path(deploy_dir).resolve()  # relative (as in config) or absolute, one meaning
     deploy_dir.mkdir(parents=True, exist_ok=True)
     with registry_lock(lock_file):
@@ -228,8 +226,6 @@ def _deploy(name: str, version: str, deploy_dir: Path) -> Path:
 def _repair_previous(deploy_dir: Path, name: str) -> None:
     """``previous`` must be an intact release other than current; else the newest intact release
     of the rollback target takes its place, or the link goes."""
-    from mlproject.registry import rollback_target
-
     link, current = deploy_dir / "previous", (deploy_dir / "current").resolve()
     if link.is_symlink() and link.exists() and link.resolve() != current and _intact(link) is not None:
         return

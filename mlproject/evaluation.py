@@ -18,7 +18,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mlproject.backtest import Policy, constant_policy
+from envs.futures_vector_env import FuturesTradingVectorEnv
+from envs.market import Market
+from mlproject.backtest import BacktestResult, Policy, constant_policy, episode_metrics
+from mlproject.config import EnvConfig, load_config
+from mlproject.data import infer_bar_period, load_source, split_bars
+from mlproject.features import FEATURE_NAMES, FEATURE_SET_VERSION
+from mlproject.instruments import resolve_instrument
+from mlproject.metrics import equity_returns, periods_per_year, probabilistic_sharpe_ratio
+from mlproject.policy import ModelMismatch, load_policy_model
+from mlproject.trades import TRADE_COLUMNS, fills_from_positions, trades_from_fills
 
 log = logging.getLogger(__name__)
 
@@ -28,34 +37,11 @@ LOWER_IS_BETTER = frozenset({"max_drawdown", "max_drawdown_duration", "annual_vo
 
 
 @dataclass
-class WindowResult:
-    """One evaluation window: per-bar equity and positions, closed trades, metrics.
-
-    A window whose account fell below the equity floor is *stopped out*: ``stopped_at`` is the
-    bar it happened at, and from there on the account is out of the market (equity frozen,
-    position 0), so every window keeps its full length and two models stay comparable bar by bar.
-    """
-
-    index: int
-    equity: pd.Series
-    positions: pd.Series
-    trades: pd.DataFrame
-    metrics: dict[str, float]
-    stopped_at: pd.Timestamp | None = None
-
-    def stop_note(self) -> str | None:
-        """``window 2 stopped out at 2024-01-05 10:31:00 (equity 48,912.50)``, or None."""
-        if self.stopped_at is None:
-            return None
-        return f"window {self.index} stopped out at {self.stopped_at} (equity {self.equity.iloc[-1]:,.2f})"
-
-
-@dataclass
 class EvalReport:
     """A policy evaluated on a set of windows."""
 
     name: str
-    windows: list[WindowResult] = field(default_factory=list)
+    windows: list[BacktestResult] = field(default_factory=list)
 
     def per_window(self) -> pd.DataFrame:
         """One row per window, one column per metric."""
@@ -75,8 +61,6 @@ class EvalReport:
 
     def returns(self) -> np.ndarray:
         """Per-bar simple returns of all windows, concatenated (window order)."""
-        from mlproject.metrics import equity_returns
-
         parts = [equity_returns(w.equity.to_numpy()) for w in self.windows]
         return np.concatenate(parts) if parts else np.zeros(0)
 
@@ -103,17 +87,6 @@ def window_starts(n_bars: int, t_min: int, n_windows: int) -> tuple[np.ndarray, 
     return t_min + length * np.arange(n_windows), length
 
 
-def fills_from_positions(positions: np.ndarray, start: int, market: Any) -> list[tuple[int, int, float]]:
-    """(bar, new position, fill price) for every change in a per-bar position series that starts
-    flat at bar ``start``: the env's fill rule (next open, slippage against the trader)."""
-    positions = np.asarray(positions, dtype=np.int64)
-    changed = np.flatnonzero(np.diff(positions)) + 1
-    slip = market.spec.slippage_price
-    opens = market.open_[start + changed]
-    prices = np.where(np.diff(positions)[changed - 1] > 0, opens + slip, opens - slip)
-    return list(zip((start + changed).tolist(), positions[changed].tolist(), prices.tolist()))
-
-
 def backtest(policy: Policy, bars: pd.DataFrame, env_config: Mapping[str, Any], n_windows: int,
              seed: int = 0, name: str = "policy", first_bar: int | None = None) -> EvalReport:
     """Play ``policy`` deterministically over ``n_windows`` windows of ``bars`` at once.
@@ -122,10 +95,6 @@ def backtest(policy: Policy, bars: pd.DataFrame, env_config: Mapping[str, Any], 
     policies with different windows are compared on the same trading windows by giving every
     backtest the largest one.
     """
-    from envs.futures_vector_env import FuturesTradingVectorEnv
-
-    from envs.market import Market
-
     own_first = Market.first_bar(env_config)
     if first_bar is not None and first_bar < own_first:
         raise ValueError(f"{name}: first_bar {first_bar} is before the {own_first} bars of history it needs")
@@ -147,8 +116,6 @@ def backtest(policy: Policy, bars: pd.DataFrame, env_config: Mapping[str, Any], 
         positions[k] = np.where(alive, info["position"], 0)
         stopped[alive & terminated] = k  # only the equity floor terminates
         alive &= ~(terminated | truncated)
-    from mlproject.metrics import periods_per_year
-
     ppy = periods_per_year(bars.index)  # once: every window is annualised alike
     report = EvalReport(name)
     for i, start in enumerate(starts.tolist()):
@@ -173,10 +140,7 @@ def _checked_actions(actions: Any, n: int, n_actions: int, name: str) -> np.ndar
 
 
 def _window_result(index: int, start: int, equity: np.ndarray, positions: np.ndarray, market: Any,
-                   ppy: float, stopped: int | None = None) -> WindowResult:
-    from envs.futures_env import TRADE_COLUMNS, trades_from_fills
-    from mlproject.backtest import episode_metrics
-
+                   ppy: float, stopped: int | None = None) -> BacktestResult:
     spec = market.spec
     stamps = market.bars.index[start: start + len(equity)]
     traded = positions if stopped is None else positions[: stopped + 1]  # the position held at the stop stays open
@@ -188,9 +152,9 @@ def _window_result(index: int, start: int, equity: np.ndarray, positions: np.nda
         trades["exit_time"] = market.bars.index[trades["exit_time"].to_numpy(np.int64)]
     metrics = episode_metrics(equity, positions, trades, ppy, spec, traded=traded)
     metrics["stopped_out"] = float(stopped is not None)
-    return WindowResult(index, pd.Series(equity, index=stamps, name="equity"),
-                        pd.Series(positions, index=stamps, name="position"), trades, metrics,
-                        None if stopped is None else stamps[stopped])
+    return BacktestResult(pd.Series(equity, index=stamps, name="equity"),
+                          pd.Series(positions, index=stamps, name="position"), trades, metrics, index,
+                          None if stopped is None else stamps[stopped])
 
 
 # -- policies ----------------------------------------------------------------------------------
@@ -199,8 +163,6 @@ def _window_result(index: int, start: int, equity: np.ndarray, positions: np.nda
 def load_policy(model_uri: str) -> Policy:
     """A batch policy from an MLflow policy model (registry URI, ``models:/m-...``, ``runs:/``).
     Its observations must be built with its own settings: see :func:`evaluate_policies`."""
-    from mlproject.policy import load_policy_model
-
     return load_policy_model(model_uri).predict
 
 
@@ -213,10 +175,6 @@ def policy_env_config(policy: Any, env: Any, bars: pd.DataFrame) -> dict[str, An
     norm_window, max_contracts). ``ModelMismatch`` names the model and the setting when the policy
     cannot run on these bars: another instrument, another bar period, other features.
     """
-    from mlproject.features import FEATURE_NAMES, FEATURE_SET_VERSION
-    from mlproject.instruments import resolve_instrument
-    from mlproject.policy import ModelMismatch
-
     base = env.model_dump()
     s, who = policy.settings, policy.label
     if s is None:  # logged before models recorded their settings: only the input size is known
@@ -239,8 +197,6 @@ def policy_env_config(policy: Any, env: Any, bars: pd.DataFrame) -> dict[str, An
                 f"point_value {spec.point_value:g}) by env.instrument: its {key} differs. Evaluate it on "
                 f"{theirs['symbol']} bars with --set env.instrument={theirs['symbol']} (or its training config)")
     if s.bar_period is not None and len(bars) >= 2:
-        from mlproject.data import infer_bar_period
-
         period = infer_bar_period(bars)
         if period != pd.Timedelta(s.bar_period):
             raise ModelMismatch(f"{who} was trained on {_period_text(pd.Timedelta(s.bar_period))} bars; the bars of "
@@ -293,10 +249,6 @@ def evaluate_policies(policies: Sequence[Any], bars: pd.DataFrame, cfg: Any, *,
     Raises ``ModelMismatch`` naming the model and the setting when a policy cannot run on the
     bars, including too few bars for its window and ``continuous_learning.evaluation_episodes``.
     """
-    from envs.market import Market
-    from mlproject.metrics import periods_per_year
-    from mlproject.policy import ModelMismatch
-
     n = cfg.continuous_learning.evaluation_episodes
     env_configs = {p.uri: policy_env_config(p, cfg.env, bars) for p in policies}
     firsts = {p.label: Market.first_bar(env_configs[p.uri]) for p in policies}
@@ -317,9 +269,6 @@ def evaluate_policies(policies: Sequence[Any], bars: pd.DataFrame, cfg: Any, *,
 def baselines(bars: pd.DataFrame, env_config: Mapping[str, Any], n_windows: int,
               first_bar: int | None = None) -> dict[str, EvalReport]:
     """Flat and buy-and-hold on the same windows."""
-    from mlproject.config import EnvConfig
-    from mlproject.instruments import resolve_instrument
-
     env = EnvConfig.model_validate({k: v for k, v in env_config.items() if k != "bars"})
     max_contracts = resolve_instrument(env.instrument).max_contracts
     return {name: backtest(constant_policy(action), bars, env_config, n_windows, name=name, first_bar=first_bar)
@@ -331,8 +280,6 @@ def baselines(bars: pd.DataFrame, env_config: Mapping[str, Any], n_windows: int,
 
 def default_bars(cfg: Any) -> pd.DataFrame:
     """The held-out test split of ``cfg.data.source``."""
-    from mlproject.data import load_source, split_bars
-
     sp = cfg.data.splits
     bars = load_source(cfg)
     test = split_bars(bars, sp.train, sp.validation, sp.test, gap=sp.gap).test
@@ -343,9 +290,6 @@ def default_bars(cfg: Any) -> pd.DataFrame:
 def evaluate_models(uris: Sequence[str], bars: pd.DataFrame | None = None, cfg: Any = None) -> dict[str, EvalReport]:
     """Each model backtested on identical bars and windows (default: the configured test split),
     each with its own observation settings."""
-    from mlproject.config import load_config
-    from mlproject.policy import load_policy_model
-
     cfg = cfg or load_config(None)
     bars = default_bars(cfg) if bars is None else bars
     return evaluate_policies([load_policy_model(u) for u in uris], bars, cfg, with_baselines=False).reports
@@ -391,8 +335,6 @@ def paired_comparison(challenger: EvalReport, incumbent: EvalReport) -> dict[str
 def psr_against(challenger: EvalReport, benchmark: EvalReport | float) -> float:
     """Probabilistic Sharpe Ratio of the challenger's per-bar returns against a benchmark's
     per-bar Sharpe (another report, or a per-bar Sharpe value)."""
-    from mlproject.metrics import probabilistic_sharpe_ratio
-
     if isinstance(benchmark, EvalReport):
         r = benchmark.returns()
         sd = r.std(ddof=1) if r.size > 1 else 0.0

@@ -16,6 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from mlproject.data import infer_bar_period
+from mlproject.features import FEATURE_NAMES, FEATURE_SET_VERSION
+from mlproject.instruments import resolve_instrument
+from mlproject.quiet import quiet_rllib
+from mlproject.registry import resolve_version
+
 MODULE_SUBDIR = "learner_group/learner/rl_module/default_policy"
 """Where an RLlib algorithm checkpoint keeps the policy's RLModule."""
 
@@ -58,13 +64,8 @@ class PolicySettings:
     @classmethod
     def from_env(cls, env: Any, bars: Any = None) -> PolicySettings:
         """Settings of a policy trained with ``env`` (an ``EnvConfig``) on ``bars``."""
-        from mlproject.features import FEATURE_NAMES, FEATURE_SET_VERSION
-        from mlproject.instruments import resolve_instrument
-
         period = None
         if bars is not None and len(bars) >= 2:
-            from mlproject.data import infer_bar_period
-
             period = str(infer_bar_period(bars))
         return cls(env.window, env.vol_window, env.norm_window, FEATURE_NAMES, FEATURE_SET_VERSION,
                    resolve_instrument(env.instrument).to_dict(), period, env.window * len(FEATURE_NAMES) + 2)
@@ -111,8 +112,6 @@ _MODELS_URI = re.compile(r"^models:/[^/@]+(/[^/]+|@[^/]+)/?$")
 def model_label(uri: str) -> str:
     """``nt8-agent v3`` for a ``models:/`` URI that resolves to a registered version, else the URI."""
     if _MODELS_URI.match(uri):
-        from mlproject.registry import resolve_version
-
         mv = resolve_version(uri)
         return f"{mv.name} v{mv.version}"
     return uri
@@ -122,8 +121,6 @@ def load_policy_model(uri: str) -> LoadedPolicy:
     """Load an MLflow policy model (registry URI, ``models:/m-...``, ``runs:/``, a local path)."""
     import mlflow
     from mlflow.exceptions import MlflowException
-
-    from mlproject.quiet import quiet_rllib
 
     label = model_label(uri)
     quiet_rllib()
@@ -174,8 +171,6 @@ def resolve_init_from(uri: str) -> tuple[Path, dict[str, str], Any]:
     checkpoint folder or a model that records none) for ``--init-from`` (models:/..., runs:/..., a path)."""
     import mlflow
 
-    from mlproject.registry import resolve_version
-
     parent: dict[str, str] = {"parent_uri": uri}
     if Path(uri).exists():
         path = Path(uri)
@@ -191,8 +186,6 @@ def load_module(path: str | Path) -> Any:
     """RLModule from a module checkpoint dir, or from an algorithm checkpoint containing one.
     Needs no running Ray."""
     from ray.rllib.core.rl_module.rl_module import RLModule
-
-    from mlproject.quiet import quiet_rllib
 
     quiet_rllib()
     path = Path(path)

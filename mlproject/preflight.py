@@ -15,6 +15,9 @@ import numpy as np
 import pandas as pd
 
 from mlproject.data import DataError
+from mlproject.evaluation import bars_needed
+from mlproject.instruments import resolve_instrument
+from mlproject.metrics import periods_per_year
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +33,6 @@ def _source(bars: pd.DataFrame, cfg: Any) -> str:
 
 def split_needs(cfg: Any) -> dict[str, tuple[int, str]]:
     """Bars each split needs, and why, for ``cfg``."""
-    from mlproject.evaluation import bars_needed
-
     env, n = cfg.env, cfg.continuous_learning.evaluation_episodes
     history = f"{first_bar(env)} bars of history (env.window={env.window}, env.vol_window={env.vol_window})"
     return {
@@ -91,8 +92,6 @@ def instrument_fit_warnings(bars: pd.DataFrame, spec: Any, initial_equity: float
                    f"max_tick_value_fraction={checks.max_tick_value_fraction:g})")
     close = bars["close"].to_numpy(np.float64)
     if close.size > 2:
-        from mlproject.metrics import periods_per_year
-
         # A day's typical move from the bar's, by the square-root-of-time rule: comparable across
         # minute, daily and monthly bars (ES moves ~1.5% of a 100,000 account a day on any of them).
         per_day = periods_per_year(bars.index) / 252.0
@@ -108,8 +107,6 @@ def instrument_fit_warnings(bars: pd.DataFrame, spec: Any, initial_equity: float
 def warn_if_instrument_misfits(bars: pd.DataFrame, cfg: Any) -> list[str]:
     """:func:`instrument_fit_warnings` for ``cfg``'s instrument, logged; tagged on the active
     MLflow run (``data.warnings``) when there is one."""
-    from mlproject.instruments import resolve_instrument
-
     found = instrument_fit_warnings(bars, resolve_instrument(cfg.env.instrument), cfg.env.initial_equity,
                                     cfg.data.checks, _source(bars, cfg))
     for text in found:

@@ -26,8 +26,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mlproject.config import Config
 from mlproject.cli import base_parser, run_cli
+from mlproject.config import Config
+from mlproject.data import load_source
+from mlproject.evaluation import LOWER_IS_BETTER, default_bars, evaluate_policies, paired_comparison, psr_against
+from mlproject.policy import load_policy_model
+from mlproject.preflight import warn_if_instrument_misfits
+from mlproject.registry import model_id_of
+from mlproject.tracking import log_dataset, pipeline_run, setup_tracking
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +50,6 @@ class EvaluateResult:
 
 def select_bars(cfg: Config, data: str | None, start: str | None, end: str | None) -> pd.DataFrame:
     """A given file (whole, or the [start, end] window), else the configured test split."""
-    from mlproject.data import load_source
-    from mlproject.evaluation import default_bars
-
     if data:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": data})})
         bars = load_source(cfg)
@@ -88,9 +91,6 @@ def _finite(metrics: dict[str, float], prefix: str) -> dict[str, float]:
 def log_report(report: Any, baselines: dict[str, Any], dataset: Any, model_uri: str) -> dict[str, float]:
     """Log one model's evaluation into the active run; returns the ``eval/...`` metrics."""
     import mlflow
-
-    from mlproject.evaluation import paired_comparison, psr_against
-    from mlproject.registry import model_id_of
 
     summary = report.summary()
     summary["psr_vs_buy_hold"] = psr_against(report, baselines["buy_hold"])
@@ -145,12 +145,6 @@ def main(cfg: Config, model_uris: list[str], data: str | None = None, start: str
     contract size); the bars and the account come from ``cfg``.
     """
     import mlflow
-
-    from mlproject.evaluation import LOWER_IS_BETTER, evaluate_policies
-    from mlproject.policy import load_policy_model
-    from mlproject.preflight import warn_if_instrument_misfits
-    from mlproject.tracking import pipeline_run, setup_tracking
-    from mlproject.tracking import log_dataset
 
     if not model_uris:
         raise ValueError("give at least one --model-uri")

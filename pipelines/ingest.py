@@ -21,7 +21,9 @@ import pandas as pd
 from mlproject.atomic import atomic_write
 from mlproject.cli import base_parser, run_cli
 from mlproject.config import Config
-from mlproject.tracking import log_dataset
+from mlproject.data import infer_bar_period, load_source, split_bars
+from mlproject.preflight import warn_if_instrument_misfits
+from mlproject.tracking import log_dataset, pipeline_run, setup_tracking
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +40,6 @@ class IngestResult:
 
 def bar_stats(bars: pd.DataFrame) -> dict[str, Any]:
     """Basic stats logged with the dataset."""
-    from mlproject.data import infer_bar_period
-
     close = bars["close"]
     return {
         "n_bars": int(len(bars)),
@@ -109,10 +109,6 @@ def output_path(cfg: Config, bars: pd.DataFrame, output: str | None, overwrite: 
 def main(cfg: Config, output: str | None = None, overwrite: bool = False) -> IngestResult:
     """Load and validate ``cfg.data.source``, write ``<output_dir>/<name>.parquet``, log to MLflow."""
     import mlflow
-
-    from mlproject.data import load_source, split_bars
-    from mlproject.preflight import warn_if_instrument_misfits
-    from mlproject.tracking import pipeline_run, setup_tracking
 
     setup_tracking(cfg)
     with pipeline_run(cfg, "ingest", nested=mlflow.active_run() is not None) as run:

@@ -18,8 +18,13 @@ import argparse
 import logging
 from typing import Any
 
-from mlproject.config import Config
 from mlproject.cli import base_parser, run_cli
+from mlproject.config import Config
+from mlproject.features import FEATURE_NAMES
+from mlproject.policy import PolicySettings, load_module, resolve_init_from
+from mlproject.registry import production_version
+from mlproject.tracking import pipeline_run, setup_tracking
+from pipelines import evaluate, ingest, promote, train
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +35,6 @@ PENDING_STEPS = ("collect", "annotate", "finetune")
 def warm_start_uri(cfg: Config) -> str | None:
     """``models:/<name>/Production`` when a Production policy exists that reads this config's
     observations (continuous learning goes on from the deployed policy), else None (fresh)."""
-    from mlproject.features import FEATURE_NAMES
-    from mlproject.policy import PolicySettings, load_module
-    from mlproject.registry import production_version
-    from mlproject.policy import resolve_init_from
-
     name = cfg.promotion.model_name
     if cfg.train.register_model != name or production_version(name) is None:
         return None
@@ -58,9 +58,6 @@ def warm_start_uri(cfg: Config) -> str | None:
 def main(cfg: Config, mode: str = "all") -> dict[str, Any]:
     """Run ``mode`` of the cycle; returns what each step produced."""
     import mlflow
-
-    from mlproject.tracking import pipeline_run, setup_tracking
-    from pipelines import evaluate, ingest, promote, train
 
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; available now: {', '.join(MODES)}")

@@ -22,8 +22,21 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlproject.config import Config
 from mlproject.cli import base_parser, run_cli
+from mlproject.config import Config
+from mlproject.deploy import reconcile
+from mlproject.evaluation import LOWER_IS_BETTER, default_bars, evaluate_policies, policy_env_config, psr_against
+from mlproject.policy import ModelMismatch, load_policy_model
+from mlproject.preflight import warn_if_instrument_misfits
+from mlproject.registry import (
+    production_version,
+    promote,
+    record_verdict,
+    register_version,
+    registry_lock,
+    resolve_version,
+)
+from mlproject.tracking import log_dataset, pipeline_run, setup_tracking
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +70,6 @@ def _beats(ours: float, theirs: float, metric: str, min_improvement: float, agai
            reasons: list[str]) -> float:
     """Improvement of ``ours`` over ``theirs`` on ``metric`` (lower-is-better aware); appends the
     reason when it is not more than ``min_improvement``."""
-    from mlproject.evaluation import LOWER_IS_BETTER
-
     if not math.isfinite(ours):
         reasons.append(f"challenger {metric} is undefined")
         return math.nan
@@ -74,8 +85,6 @@ def _beats(ours: float, theirs: float, metric: str, min_improvement: float, agai
 def gate(challenger: Any, production: Any | None, p: Any) -> GateResult:
     """Apply the promotion gate ``p`` (PromotionConfig) to evaluation reports: risk limits, the
     quality floor (beat flat, when ``p.beat_flat``), and beating Production when there is one."""
-    from mlproject.evaluation import LOWER_IS_BETTER, psr_against
-
     c = challenger.summary()
     reasons, metrics = [], {f"challenger/{k}": v for k, v in c.items() if not k.endswith("_std")}
     trades = sum(w.metrics["n_trades"] for w in challenger.windows)
@@ -120,9 +129,6 @@ def resolve_candidate(name: str, candidate: str, dry_run: bool) -> tuple[str, st
     is registered."""
     from pathlib import Path
 
-    from mlproject.policy import load_policy_model
-    from mlproject.registry import register_version, resolve_version
-
     text = candidate.strip()
     if text.isdigit() and int(text) > 0:
         text = f"models:/{name}/{int(text)}"
@@ -144,9 +150,6 @@ def resolve_candidate(name: str, candidate: str, dry_run: bool) -> tuple[str, st
 def evaluate_and_gate(challenger: Any, before: str | None, bars: Any, cfg: Config) -> GateResult:
     """Backtest the challenger (a ``LoadedPolicy``) and Production version ``before`` on the same
     bars and windows, each with its own observation settings, and apply the gate."""
-    from mlproject.evaluation import evaluate_policies, policy_env_config
-    from mlproject.policy import ModelMismatch, load_policy_model
-
     p = cfg.promotion
     policies = [challenger]
     policy_env_config(challenger, cfg.env, bars)  # a candidate that cannot run here is bad input: said first
@@ -181,14 +184,6 @@ def main(cfg: Config, candidate: str, dry_run: bool = False) -> PromoteResult:
     new Production before anything moves.
     """
     import mlflow
-
-    from mlproject.evaluation import default_bars
-    from mlproject.policy import load_policy_model
-    from mlproject.preflight import warn_if_instrument_misfits
-    from mlproject.registry import production_version, promote, record_verdict, registry_lock
-    from mlproject.tracking import pipeline_run, setup_tracking
-    from mlproject.tracking import log_dataset
-    from mlproject.deploy import reconcile
 
     setup_tracking(cfg)
     p = cfg.promotion

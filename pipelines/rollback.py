@@ -16,8 +16,11 @@ import logging
 import time
 from typing import Any
 
-from mlproject.config import Config
 from mlproject.cli import base_parser, run_cli
+from mlproject.config import Config
+from mlproject.deploy import check_deployable, reconcile
+from mlproject.registry import registry_lock, rollback, was_production
+from mlproject.tracking import pipeline_run, setup_tracking
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +32,6 @@ def main(cfg: Config, version: str | None = None, reason: str = "", force: bool 
     ``reason``; a forced target must load and predict valid actions before the stage moves.
     """
     import mlflow
-
-    from mlproject.registry import registry_lock, rollback, was_production
-    from mlproject.tracking import pipeline_run, setup_tracking
-    from mlproject.deploy import reconcile
 
     started = time.perf_counter()
     if version is not None and not (version.isdigit() and int(version) > 0):
@@ -59,8 +58,6 @@ def _check_loadable(name: str, version: str) -> None:
     from pathlib import Path
 
     import mlflow
-
-    from mlproject.deploy import check_deployable
 
     with tempfile.TemporaryDirectory(prefix="nt8-rollback-") as tmp:
         try:

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import argparse
 
-from mlproject.config import Config
 from mlproject.cli import base_parser, run_cli
+from mlproject.config import Config
+from mlproject.registry import status
+from mlproject.tracking import setup_tracking
 
 
 def main(cfg: Config) -> str:
-    from mlproject.registry import status
-    from mlproject.tracking import setup_tracking
-
     setup_tracking(cfg)
     text = status(cfg.promotion.model_name)
     print(text)  # the command's output, not a log line

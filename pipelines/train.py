@@ -31,9 +31,26 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mlproject.config import Config
-from mlproject.quiet import quiet_env_reregistration, quiet_rllib
+import envs
+from envs.futures_env import FuturesTradingEnv
+from mlproject.backtest import play_episode
 from mlproject.cli import base_parser, optional_int, run_cli
+from mlproject.config import Config
+from mlproject.data import load_source, split_bars
+from mlproject.metrics import periods_per_year
+from mlproject.policy import (
+    MODULE_SUBDIR,
+    SETTINGS_KEY,
+    PolicySettings,
+    greedy_actions,
+    load_module,
+    module_policy,
+    resolve_init_from,
+)
+from mlproject.preflight import check_splits, warn_if_instrument_misfits
+from mlproject.quiet import quiet_env_reregistration, quiet_rllib
+from mlproject.registry import register_version
+from mlproject.tracking import git_commit, log_dataset, pipeline_run, setup_tracking
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +118,6 @@ def training_env_config(cfg: Config, bars: pd.DataFrame) -> dict[str, Any]:
 
 def algorithm_config(cfg: Config, env_config: dict[str, Any], seed: int) -> Any:
     """RLlib PPOConfig from ``cfg.train``; sampling goes through the numpy vector env."""
-    import envs
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
 
@@ -145,9 +161,6 @@ def iteration_metrics(result: dict[str, Any]) -> dict[str, float]:
 
 def validate(algo: Any, bars: pd.DataFrame, cfg: Config) -> dict[str, float]:
     """Deterministic backtest of the current policy over the whole validation split (money)."""
-    from mlproject.backtest import play_episode
-    from mlproject.policy import module_policy
-
     return play_episode(module_policy(algo.get_module()), bars, cfg.env.model_dump(), cfg.seed).metrics
 
 
@@ -161,8 +174,6 @@ def warm_start(algo: Any, module_dir: Path, obs_shape: tuple[int, ...], parent_s
     """Load a parent policy's weights into the learner and the env runners. The parent must
     read the same observations (its recorded settings, when it has them, else its input shape)."""
     from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_LEARNER_GROUP, COMPONENT_RL_MODULE
-
-    from mlproject.policy import load_module
 
     if parent_settings is not None and settings is not None:
         differ = parent_settings.observation_differences(settings)
@@ -192,8 +203,6 @@ def log_policy_model(module_dir: Path, example_obs: np.ndarray, settings: Any = 
     import mlflow
     from mlflow.models import infer_signature
 
-    from mlproject.policy import SETTINGS_KEY, greedy_actions, load_module
-
     example = np.ascontiguousarray(example_obs, dtype=np.float32)
     actions = greedy_actions(load_module(module_dir), example)
     return mlflow.pyfunc.log_model(
@@ -210,8 +219,6 @@ def config_digest(cfg: Config) -> str:
 def _observations(bars: pd.DataFrame, cfg: Config, n: int) -> np.ndarray:
     """Up to ``n`` real observations (for the model's signature and input example); fewer when
     the bars end first."""
-    from envs.futures_env import FuturesTradingEnv
-
     env = FuturesTradingEnv({**cfg.env.model_dump(), "bars": bars, "random_start": False, "episode_bars": None,
                              "max_episode_steps": None})
     obs, _ = env.reset()
@@ -265,11 +272,6 @@ def preflight(cfg: Config, bars: pd.DataFrame) -> tuple[Any, str, Any]:
     the instrument); warnings are tagged on the active run as ``data.warnings``."""
     import mlflow
 
-    from mlproject.data import split_bars
-    from mlproject.metrics import periods_per_year
-    from mlproject.policy import PolicySettings
-    from mlproject.preflight import check_splits, warn_if_instrument_misfits
-
     sp = cfg.data.splits
     if sp.validation == 0:
         raise ValueError("data.splits.validation is 0: training needs a validation split to select the best policy")
@@ -289,9 +291,6 @@ def main(cfg: Config, data: str | None = None, iterations: int | None = None, in
     """Train on ``data`` (default ``cfg.data.source``) and register the best policy."""
     import mlflow
     import torch
-
-    from mlproject.data import load_source
-    from mlproject.tracking import pipeline_run, setup_tracking
 
     if data:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": data})})
@@ -316,11 +315,6 @@ def _train(cfg: Config, run: Any, splits: Any, source: str, settings: Any, itera
     import mlflow
     import ray
     import torch
-
-    from mlproject.policy import MODULE_SUBDIR
-    from mlproject.registry import register_version
-    from mlproject.tracking import git_commit
-    from mlproject.tracking import log_dataset
 
     log_dataset(splits.train, "train-split", source, "training")
     log_dataset(splits.validation, "validation-split", source, "validation")

@@ -30,6 +30,10 @@ import threading
 import time
 from typing import Any
 
+from mlproject.cli import base_parser
+from mlproject.deploy import reconcile
+from mlproject.tracking import setup_tracking
+
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
@@ -91,8 +95,6 @@ class Receiver:
 
     def handle(self, headers: Any, body: str) -> tuple[int, str]:
         """(HTTP status, message) for one delivery."""
-        from mlproject.deploy import reconcile
-
         problem = verify(self.secret, headers, body)
         if problem:
             log.warning("rejected webhook delivery: %s", problem)
@@ -203,8 +205,6 @@ def register(url: str, secret: str, name: str = "nt8-production-deploy") -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mlproject.cli import base_parser
-
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("command", choices=("serve", "register"))
     parser.add_argument("--secret", required=True, help=f"shared secret, at least {MIN_SECRET_LEN} characters "
@@ -216,8 +216,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cli(cfg: Any, args: argparse.Namespace) -> None:
-    from mlproject.tracking import setup_tracking
-
     check_secret(args.secret)
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: expected 0..65535")

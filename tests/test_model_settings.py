@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT, fresh_store, run_module, visit_store
 from mlproject.config import load_config
-from mlproject.policy import ModelMismatch, load_policy_model
+from mlproject.policy import ModelMismatch, find_module_dir, load_policy_model
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_a_model_without_settings_is_checked_by_its_input_size(store, tmp_path):
     bars = default_bars(cfg16)
     with mlflow.start_run():
         example = train._observations(bars, cfg16, 4)
-        legacy = train.log_policy_model(train.find_module_dir(tmp_path / "checkpoint"), example, None).model_uri
+        legacy = train.log_policy_model(find_module_dir(tmp_path / "checkpoint"), example, None).model_uri
     policy = load_policy_model(legacy)
     assert policy.settings is None and policy.input_size == 82
     evaluate_policies([policy], bars, cfg16)  # the config that trained it: fine

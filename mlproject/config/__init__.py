@@ -1,0 +1,28 @@
+"""Typed, validated run configuration.
+
+One :class:`Config` per run, loaded from ``conf/*.yaml`` with command-line overrides on top
+(``--set env.instrument=NQ``): the schema in :mod:`mlproject.config.schema`, the loading and the
+error messages (key, file, line) in :mod:`mlproject.config.loading`.
+"""
+
+from mlproject.config.loading import config_from_dict, describe_validation_error, load_config
+from mlproject.config.schema import (
+    Config,
+    ConfigError,
+    ContinuousLearningConfig,
+    DataChecksConfig,
+    DataConfig,
+    EnvConfig,
+    GateMetric,
+    InstrumentConfig,
+    MlflowConfig,
+    PromotionConfig,
+    SplitConfig,
+    SyntheticConfig,
+    TrainConfig,
+    flatten,
+)
+
+__all__ = ["Config", "ConfigError", "ContinuousLearningConfig", "DataChecksConfig", "DataConfig", "EnvConfig",
+           "GateMetric", "InstrumentConfig", "MlflowConfig", "PromotionConfig", "SplitConfig", "SyntheticConfig",
+           "TrainConfig", "config_from_dict", "describe_validation_error", "flatten", "load_config"]
