@@ -71,15 +71,17 @@ def _param_value(value: Any) -> str:
 
 
 @contextlib.contextmanager
-def pipeline_run(cfg: Config, step: str, *, nested: bool = False) -> Iterator[Any]:
+def pipeline_run(cfg: Config, step: str, *, nested: bool | None = None) -> Iterator[Any]:
     """An MLflow run for one pipeline step, with config, git commit and step tags logged.
 
     Under ``mlflow run`` it resumes the run that ``mlflow run`` created; called inside another
-    run it makes a child run when ``nested`` is true. A failure tags the run with the error
-    message (``error``); leaving the ``with`` block by an exception marks it FAILED.
+    run (a step of the cycle) it is a child run (``nested`` None: whenever a run is active). A
+    failure tags the run with the error message (``error``); leaving the ``with`` block by an
+    exception marks it FAILED.
     """
     import mlflow
 
+    nested = mlflow.active_run() is not None if nested is None else nested
     with mlflow.start_run(run_name=step, nested=nested) as run:
         mlflow.set_tags({"pipeline.step": step, "mlflow.source.git.commit": git_commit() or "unknown"})
         log_config(cfg)

@@ -152,7 +152,7 @@ def main(cfg: Config, model_uris: list[str], data: str | None = None, start: str
     bars = select_bars(cfg, data, start, end)
     compare = len(model_uris) > 1
     policies = [load_policy_model(uri) for uri in model_uris]
-    with pipeline_run(cfg, "compare" if compare else "evaluate", nested=mlflow.active_run() is not None) as run:
+    with pipeline_run(cfg, "compare" if compare else "evaluate") as run:
         warn_if_instrument_misfits(bars, cfg)
         source = bars.attrs.get("path") or str(bars.attrs.get("source", ""))
         dataset = log_dataset(bars, "evaluation-bars", source, "evaluation")

@@ -111,7 +111,7 @@ def main(cfg: Config, output: str | None = None, overwrite: bool = False) -> Ing
     import mlflow
 
     setup_tracking(cfg)
-    with pipeline_run(cfg, "ingest", nested=mlflow.active_run() is not None) as run:
+    with pipeline_run(cfg, "ingest") as run:
         log.info("loading %s", cfg.data.source)
         bars = load_source(cfg)
         warn_if_instrument_misfits(bars, cfg)  # as early as possible: before anything trains on them

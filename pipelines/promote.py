@@ -190,7 +190,7 @@ def main(cfg: Config, candidate: str, dry_run: bool = False) -> PromoteResult:
     version, uri = resolve_candidate(p.model_name, candidate, dry_run)
     before = production_version(p.model_name)
     bars = default_bars(cfg)
-    with pipeline_run(cfg, "promote", nested=mlflow.active_run() is not None) as run:
+    with pipeline_run(cfg, "promote") as run:
         warn_if_instrument_misfits(bars, cfg)
         log_dataset(bars, "evaluation-bars", bars.attrs.get("path") or str(bars.attrs.get("source", "")), "evaluation")
         challenger = load_policy_model(uri)

@@ -38,7 +38,7 @@ def main(cfg: Config, version: str | None = None, reason: str = "", force: bool 
         raise ValueError(f"--version {version!r}: expected a version number such as 3")
     setup_tracking(cfg)
     p = cfg.promotion
-    with pipeline_run(cfg, "rollback", nested=mlflow.active_run() is not None), registry_lock(p.lock_file):
+    with pipeline_run(cfg, "rollback"), registry_lock(p.lock_file):
         if force and version is not None and not was_production(p.model_name, version):
             _check_loadable(p.model_name, version)
         event = rollback(p.model_name, version, reason, force=force, lock_file=p.lock_file)

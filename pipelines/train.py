@@ -289,7 +289,6 @@ def preflight(cfg: Config, bars: pd.DataFrame) -> tuple[Any, str, Any]:
 def main(cfg: Config, data: str | None = None, iterations: int | None = None, init_from: str | None = None,
          seed: int | None = None) -> TrainResult:
     """Train on ``data`` (default ``cfg.data.source``) and register the best policy."""
-    import mlflow
     import torch
 
     if data:
@@ -301,7 +300,7 @@ def main(cfg: Config, data: str | None = None, iterations: int | None = None, in
         torch.set_num_threads(cfg.train.torch_threads)
     setup_tracking(cfg)
     bars = load_source(cfg)
-    with pipeline_run(cfg, "train", nested=mlflow.active_run() is not None) as run:
+    with pipeline_run(cfg, "train") as run:
         # Before Ray starts and before any iteration: too few bars in a split fails here (a
         # FAILED run saying which split needs how many bars), not at the first validation.
         splits, source, settings = preflight(cfg, bars)

@@ -30,7 +30,7 @@ import threading
 import time
 from typing import Any
 
-from mlproject.cli import base_parser
+from mlproject.cli import base_parser, run_cli
 from mlproject.deploy import reconcile
 from mlproject.tracking import setup_tracking
 
@@ -232,6 +232,4 @@ def _cli(cfg: Any, args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    from mlproject.cli import run_cli
-
     run_cli(build_parser(), _cli)

@@ -1,0 +1,99 @@
+"""The dependency direction of the code base, checked by walking every module's imports (`ast`):
+applications (`pipelines/`, `registry_hooks/`) over the library (`mlproject/`, with `envs/` as its
+environment part); arrows never point the other way."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from conftest import ROOT
+
+LIBRARY = ("mlproject", "envs")
+APPLICATIONS = ("pipelines", "registry_hooks")
+DRIVER = "pipelines.orchestrate"
+"""Chains the steps: it may run other steps (their ``main``), and only it."""
+
+
+def _name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_name(p): p for top in LIBRARY + APPLICATIONS for p in (ROOT / top).rglob("*.py")}
+
+
+def _imports(path: Path) -> list[tuple[str, bool]]:
+    """(project module imported, whether the import sits inside a function) for each import;
+    ``if TYPE_CHECKING:`` blocks are not imports at run time and are skipped."""
+    found: list[tuple[str, bool]] = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            return
+        if isinstance(node, ast.Import):
+            found.extend((a.name, in_function) for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                found.append((full if full in MODULES else node.module, in_function))
+        inner = in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for child in ast.iter_child_nodes(node):
+            visit(child, inner)
+
+    visit(ast.parse(path.read_text()), False)
+    return [(m, f) for m, f in found if m.split(".")[0] in LIBRARY + APPLICATIONS]
+
+
+GRAPH = {name: _imports(path) for name, path in MODULES.items()}
+
+
+def _top(name: str) -> str:
+    return name.split(".")[0]
+
+
+def test_the_library_never_imports_an_application():
+    wrong = [(m, d) for m, deps in GRAPH.items() if _top(m) in LIBRARY for d, _ in deps if _top(d) in APPLICATIONS]
+    assert not wrong, wrong
+
+
+def test_applications_share_code_only_through_the_library():
+    wrong = []
+    for module, deps in GRAPH.items():
+        if _top(module) not in APPLICATIONS:
+            continue
+        for dep, _ in deps:
+            if _top(dep) in APPLICATIONS and dep != _top(module) and not (module == DRIVER and dep.startswith("pipelines.")):
+                wrong.append((module, dep))
+    assert not wrong, wrong
+
+
+def test_no_import_cycles_in_the_library():
+    edges = {m: {d for d, _ in deps if d in MODULES and d != m} for m, deps in GRAPH.items() if _top(m) in LIBRARY}
+    state: dict[str, int] = {}
+
+    def cycle_from(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                return path + [node, nxt]
+            if nxt not in state and (found := cycle_from(nxt, path + [node])):
+                return found
+        state[node] = 2
+        return None
+
+    for start in sorted(edges):
+        if start not in state:
+            found = cycle_from(start, [])
+            assert found is None, " -> ".join(found)
+
+
+def test_project_imports_sit_at_the_top_of_modules():
+    """Imports inside functions hide edges; project modules are cheap to import, so none is needed."""
+    inside = [(m, d) for m, deps in GRAPH.items() for d, in_function in deps if in_function]
+    assert not inside, inside
+
+
+def test_the_walk_sees_the_whole_code_base():
+    assert len(MODULES) >= 40 and "mlproject.data.formats" in MODULES and "registry_hooks.webhook" in MODULES
+    assert ("mlproject.deploy", False) in GRAPH["pipelines.promote"]
