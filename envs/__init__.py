@@ -1,8 +1,8 @@
 """Gymnasium environments of the platform.
 
-Importing the package registers ``FuturesTrading-v0`` with gymnasium (cheap: an entry-point
-string). :func:`register_rllib` registers the same name with RLlib; it imports Ray, so it is
-called by the training code, not on import.
+Importing the package registers ``FuturesTrading-v0`` with gymnasium (an entry-point string;
+the env modules need numpy, pandas and gymnasium only). :func:`register_rllib` registers the same
+name with RLlib; it imports Ray, so it is called by the training code, not on import.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Production, a better ``metric`` by more than ``min_improvement`` and a Probabili
 Ratio against Production's Sharpe of at least ``min_psr``. With nothing in Production the first
 valid candidate is promoted. Every decision is an MLflow run (tags ``decision``, ``reasons``;
 both models' metrics). A promotion is a "Production" stage transition plus the alias, followed
-by ``registry_hooks.reconcile``.
+by ``mlproject.deploy.reconcile`` (what ``registry_hooks.reconcile`` runs on a timer).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
     mlflow run . -e rollback -P version=3 --env-manager local
 
 A "Production" stage transition (plus the alias) recorded with its reason, then
-``registry_hooks.reconcile``; the MLflow run logs ``rollback/latency_s``, from the command to the
+``mlproject.deploy.reconcile``; the MLflow run logs ``rollback/latency_s``, from the command to the
 previous model being the deployed one.
 """
 

@@ -7,7 +7,7 @@ MLflow fires no event for stage transitions, but ``promote`` and ``rollback`` al
 alias ``production``, which fires ``model_version_alias.created`` (and ``.deleted``). The
 receiver checks ``X-MLflow-Signature`` (``v1,`` + base64 HMAC-SHA256 of
 ``"{delivery_id}.{timestamp}.{payload}"`` with the shared secret) and rejects stale timestamps
-(replay), then runs :func:`registry_hooks.reconcile.reconcile`, which reads the registry itself:
+(replay), then runs :func:`mlproject.deploy.reconcile`, which reads the registry itself:
 the payload only says *that* something changed, never *what* to deploy.
 
 The server is Starlette on uvicorn (both come with MLflow): asyncio, so a stalled client costs a

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from conftest import ROOT, run_module
 from mlproject import registry
 from mlproject.faults import FAULT_ENV, KILLED_EXIT_CODE
-from registry_hooks.reconcile import RELOAD_FILE, deployed_manifest, reconcile, tree_checksum
+from mlproject.deploy import RELOAD_FILE, deployed_manifest, reconcile, tree_checksum
 from test_registry import NAME, config, register_constant, stage_and_alias, store  # noqa: F401 (fixture)
 
 
@@ -52,7 +52,7 @@ def first_deployed(store) -> tuple:
 WRITER = textwrap.dedent('''
     import random, sys, time
     from mlproject import registry
-    from registry_hooks.reconcile import reconcile
+    from mlproject.deploy import reconcile
 
     writer, rounds, deploy, versions, start = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4].split(","), float(sys.argv[5])
     rng = random.Random(writer)
