@@ -164,6 +164,21 @@ def check_deployable(model_dir: Path, label: str) -> None:
                             f"example (expected integers 0..{top if top is not None else 'max'})")
 
 
+def check_version_deployable(name: str, version: str) -> None:
+    """:func:`check_deployable` on ``models:/name/version`` (downloaded to a temporary folder):
+    run before the stage moves, so Production never names a model that reconcile would refuse."""
+    import tempfile
+
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="nt8-check-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp)
+        except Exception as exc:  # noqa: BLE001 - a junk source is refused, whatever MLflow raises
+            raise DeployRefused(f"{name} v{version}: cannot be downloaded: {exc}") from None
+        check_deployable(Path(local), f"{name} v{version}")
+
+
 def _intact(release: Path, name: str | None = None, version: str | None = None) -> dict[str, Any] | None:
     """The manifest of ``release`` when the folder, its manifest and its model checksum agree."""
     try:

@@ -24,7 +24,7 @@ from typing import Any
 
 from mlproject.cli import base_parser, run_cli
 from mlproject.config import Config
-from mlproject.deploy import reconcile
+from mlproject.deploy import DeployRefused, check_version_deployable, reconcile
 from mlproject.evaluation import LOWER_IS_BETTER, default_bars, evaluate_policies, policy_env_config, psr_against
 from mlproject.policy import ModelMismatch, load_policy_model
 from mlproject.preflight import warn_if_instrument_misfits
@@ -203,6 +203,11 @@ def main(cfg: Config, candidate: str, dry_run: bool = False) -> PromoteResult:
                              now or "none")
                     before, verdict = now, _verdict(challenger, version, now, bars, cfg)
                     note = f"Production changed to v{now} during the evaluation, gated again: "
+                if verdict.passed:
+                    try:  # never a Production that reconcile would refuse to deploy
+                        check_version_deployable(p.model_name, version)
+                    except DeployRefused as exc:
+                        verdict = GateResult(False, [f"not deployable: {exc}"], verdict.metrics)
                 if verdict.passed:
                     reason_text = note + _reason_text(verdict, before, p)
                     key = {k.removeprefix("challenger/"): v for k, v in verdict.metrics.items()

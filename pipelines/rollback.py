@@ -18,7 +18,7 @@ from typing import Any
 
 from mlproject.cli import base_parser, run_cli
 from mlproject.config import Config
-from mlproject.deploy import check_deployable, reconcile
+from mlproject.deploy import check_version_deployable, reconcile
 from mlproject.registry import registry_lock, rollback, was_production
 from mlproject.tracking import pipeline_run, setup_tracking
 
@@ -40,7 +40,7 @@ def main(cfg: Config, version: str | None = None, reason: str = "", force: bool 
     p = cfg.promotion
     with pipeline_run(cfg, "rollback"), registry_lock(p.lock_file):
         if force and version is not None and not was_production(p.model_name, version):
-            _check_loadable(p.model_name, version)
+            check_version_deployable(p.model_name, version)
         event = rollback(p.model_name, version, reason, force=force, lock_file=p.lock_file)
         deployed = reconcile(p.model_name, p.deploy_dir, p.keep_releases, lock_file=p.lock_file)
         latency = time.perf_counter() - started
@@ -50,21 +50,6 @@ def main(cfg: Config, version: str | None = None, reason: str = "", force: bool 
         log.info("rolled back %s from v%s to v%s in %.2f s (deployed %s)", p.model_name, event["previous"],
                  event["version"], latency, deployed.release)
         return {"event": event, "release": deployed.release, "latency_s": latency}
-
-
-def _check_loadable(name: str, version: str) -> None:
-    """A version that was never deployed must load and predict valid actions before it is."""
-    import tempfile
-    from pathlib import Path
-
-    import mlflow
-
-    with tempfile.TemporaryDirectory(prefix="nt8-rollback-") as tmp:
-        try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp)
-        except Exception as exc:  # noqa: BLE001 - a junk source is refused, whatever MLflow raises
-            raise ValueError(f"{name} v{version}: cannot be downloaded: {exc}") from None
-        check_deployable(Path(local), f"{name} v{version}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -263,3 +263,17 @@ def test_cleanup_takes_refused_versions_first(store):
     assert registry.cleanup(NAME, keep=2) == [bad]  # refused first, though newest; keep 2 of the rest
     stages = {str(mv.version): mv.current_stage for mv in MlflowClient().search_model_versions(f"name='{NAME}'")}
     assert stages[bad] == "Archived" and stages[good[2]] == "None"
+
+
+def test_a_candidate_that_cannot_be_deployed_is_refused_before_the_stage_moves(store):
+    """It evaluates (it predicts), but it has no input example to check a deploy with: Production
+    must not name a model that reconcile would refuse."""
+    from pipelines import promote
+
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(name="policy", python_model=str(store / "constant_model.py"),
+                                       model_config={"action": 2}, pip_requirements=["mlflow", "numpy"])
+    bare = str(mlflow.register_model(info.model_uri, NAME).version)
+    result = promote.main(config(store), bare)
+    assert result.decision == "refused" and result.reasons[0].startswith("not deployable: nt8-agent v1: the model has no")
+    assert registry.production_version(NAME) is None and not (store / "deploy" / "current").exists()
