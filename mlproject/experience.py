@@ -13,6 +13,13 @@ and call, so two writers (the bridge and a paper trader) never clobber each othe
 
 The columns are :data:`EXPERIENCE_SCHEMA` (version :data:`SCHEMA_VERSION`, stored in each file's
 metadata); :data:`COLUMNS` documents each one.
+
+Annotations (reflection, lesson, quality, tags, annotator) arrive after the trade closes; they are
+appended too, as files under ``<root>/_annotations/`` keyed by experience id (the newest wins), and
+overlaid on the rows at read time. :meth:`ExperienceBuffer.compact` folds them into the rows,
+keeps the newest ``experience_buffer_size`` experiences and merges small files. A file that is
+not a buffer file is named by :meth:`ExperienceBuffer.check` and moved aside by
+:meth:`ExperienceBuffer.quarantine` (``python -m pipelines.buffer check`` / ``quarantine FILE``).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -34,6 +42,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from mlproject.atomic import atomic_write
+from mlproject.locks import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +84,21 @@ COLUMNS: dict[str, tuple[pa.DataType, str]] = {
 EXPERIENCE_SCHEMA = pa.schema([pa.field(name, typ) for name, (typ, _) in COLUMNS.items()],
                               metadata={b"nt8.experience_schema_version": str(SCHEMA_VERSION).encode()})
 """The Arrow schema of every buffer file (the partition column ``date`` is added by the layout)."""
+
+ANNOTATION_COLUMNS = ("reflection", "lesson", "quality", "tags", "annotator", "annotator_version")
+"""Columns an annotation sets (appended later, overlaid at read, folded in by compaction)."""
+
+ANNOTATION_SCHEMA = pa.schema([pa.field("experience_id", pa.string()),
+                               pa.field("annotated_at", pa.timestamp("ns", "UTC")),
+                               *(pa.field(c, COLUMNS[c][0]) for c in ANNOTATION_COLUMNS)],
+                              metadata={b"nt8.experience_schema_version": str(SCHEMA_VERSION).encode()})
+"""The schema of annotation files."""
+
+COMPACT_LOCK_TIMEOUT_S = 3600.0
+"""How long a compaction waits for another one of the same buffer."""
+
+ANNOTATIONS_DIR = "_annotations"
+QUARANTINE_DIR = "_quarantine"
 
 REQUIRED = ("time", "symbol", "model_name", "model_version", "observation", "action", "reward", "source")
 """Columns every added experience must give; the others default to null (or empty tags)."""
@@ -182,8 +206,8 @@ class ExperienceBuffer:
         self._pending, self._pending_rows = [], 0
         return written
 
-    def _write_file(self, table: pa.Table, day: str) -> str:
-        folder = f"{self.path}/date={day}"
+    def _write_file(self, table: pa.Table, day: str | None) -> str:
+        folder = f"{self.path}/date={day}" if day is not None else f"{self.path}/{ANNOTATIONS_DIR}"
         self.fs.create_dir(folder, recursive=True)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         name = f"part-{stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
@@ -206,22 +230,95 @@ class ExperienceBuffer:
             raise ExperienceError(f"{self.root}: cannot be read as an experience buffer: {exc}") from None
 
     def query(self, query: Query | None = None, columns: Iterable[str] | None = None) -> pd.DataFrame:
-        """Experiences matching ``query`` (all, without one), oldest first; only ``columns`` are
-        read (observations are the bulk: leave them out when not needed)."""
+        """Experiences matching ``query`` (all, without one), oldest first, with their newest
+        annotations; only ``columns`` are read (observations are the bulk: leave them out when
+        not needed)."""
         q = query or Query()
         wanted = list(columns) if columns is not None else list(COLUMNS)
         unknown = sorted(set(wanted) - set(COLUMNS))
         if unknown:
             raise ExperienceError(f"unknown column(s) {', '.join(unknown)}")
-        expr = _filter(q)
-        needed = sorted(set(wanted) | {"time"})
+        by_annotation = q.min_quality is not None or q.annotated is not None
+        needed = set(wanted) | {"time", "experience_id"} | ({"quality"} if by_annotation else set())
         try:
-            table = self._dataset().to_table(columns=needed, filter=expr)
+            table = self._dataset().to_table(columns=sorted(needed), filter=_filter(q))
         except (pa.ArrowInvalid, OSError) as exc:
-            raise ExperienceError(f"{self.root}: a file cannot be read: {exc}") from None
+            raise ExperienceError(f"{self.root}: a file cannot be read ({exc}); find it with `python -m "
+                                  "pipelines.buffer check`, move it aside with `... quarantine FILE`") from None
         frame = table.to_pandas()
-        frame = frame.sort_values("time", kind="stable").reset_index(drop=True)
-        return frame[wanted]
+        # A compaction killed between writing its files and deleting the old ones leaves rows twice.
+        frame = frame.drop_duplicates("experience_id", keep="last")
+        frame = self._overlay(frame)
+        if q.min_quality is not None:
+            frame = frame[frame["quality"] >= q.min_quality]
+        if q.annotated is not None:
+            frame = frame[frame["quality"].notna() == q.annotated]
+        return frame.sort_values("time", kind="stable").reset_index(drop=True)[wanted]
+
+    def _overlay(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """The newest annotation of each experience over its row's annotation columns."""
+        notes = self.annotations()
+        if notes.empty or frame.empty:
+            return frame
+        notes = notes[notes["experience_id"].isin(frame["experience_id"])]
+        if notes.empty:
+            return frame
+        frame = frame.set_index("experience_id")
+        notes = notes.set_index("experience_id")
+        for col in ANNOTATION_COLUMNS:
+            if col in frame.columns:
+                frame[col] = frame[col].astype(object)
+                frame.loc[notes.index, col] = notes[col].astype(object)
+        if "quality" in frame.columns:
+            frame["quality"] = pd.to_numeric(frame["quality"], errors="coerce")
+        return frame.reset_index()
+
+    # -- annotations ---------------------------------------------------------------------------
+
+    def annotate(self, notes: pd.DataFrame | Sequence[Mapping[str, Any]]) -> str | None:
+        """Append annotations (``experience_id`` plus any of :data:`ANNOTATION_COLUMNS`), durably;
+        the newest annotation of an experience wins. Returns the file written."""
+        frame = notes.copy() if isinstance(notes, pd.DataFrame) else pd.DataFrame(list(notes))
+        if frame.empty:
+            return None
+        if "experience_id" not in frame.columns:
+            raise ExperienceError("annotations need an experience_id column")
+        unknown = sorted(set(frame.columns) - {"experience_id", *ANNOTATION_COLUMNS})
+        if unknown:
+            raise ExperienceError(f"not annotation column(s): {', '.join(unknown)}")
+        quality = pd.to_numeric(frame.get("quality"), errors="coerce") if "quality" in frame else None
+        if quality is not None and ((quality < 0) | (quality > 1)).any():
+            raise ExperienceError("quality must be in [0, 1]")
+        frame["annotated_at"] = pd.Timestamp.now(tz="UTC")
+        if "tags" not in frame.columns:
+            frame["tags"] = [[] for _ in range(len(frame))]
+        for col in ANNOTATION_SCHEMA.names:
+            if col not in frame.columns:
+                frame[col] = None
+        table = pa.Table.from_pandas(frame[ANNOTATION_SCHEMA.names], schema=ANNOTATION_SCHEMA, preserve_index=False)
+        return self._write_file(table, None)
+
+    def annotations(self) -> pd.DataFrame:
+        """The newest annotation of every annotated experience (empty frame: none)."""
+        folder = f"{self.path}/{ANNOTATIONS_DIR}"
+        if self.fs.get_file_info(folder).type == pafs.FileType.NotFound:
+            return pd.DataFrame(columns=ANNOTATION_SCHEMA.names)
+        table = pads.dataset(folder, filesystem=self.fs, format="parquet", schema=ANNOTATION_SCHEMA).to_table()
+        frame = table.to_pandas().sort_values("annotated_at", kind="stable")
+        return frame.drop_duplicates("experience_id", keep="last").reset_index(drop=True)
+
+    def high_value(self, min_quality: float, columns: Iterable[str] | None = None) -> pd.DataFrame:
+        """Annotated experiences tagged ``high_value`` or of quality >= ``min_quality``."""
+        frame = self.query(Query(annotated=True), _with(columns, "quality", "tags"))
+        keep = (frame["quality"] >= min_quality) | frame["tags"].map(lambda t: _has_tag(t, "high_value"))
+        return frame[keep.to_numpy()].reset_index(drop=True)[_cols(columns)]
+
+    def failed(self, max_quality: float, columns: Iterable[str] | None = None) -> pd.DataFrame:
+        """Experiences tagged ``failed``, of quality <= ``max_quality``, or closing a losing trade."""
+        frame = self.query(None, _with(columns, "quality", "tags", "realised_pnl"))
+        keep = ((frame["quality"] <= max_quality) | frame["tags"].map(lambda t: _has_tag(t, "failed"))
+                | (frame["realised_pnl"] < 0))
+        return frame[keep.to_numpy()].reset_index(drop=True)[_cols(columns)]
 
     def __len__(self) -> int:
         return self._dataset().count_rows()
@@ -234,6 +331,68 @@ class ExperienceBuffer:
             return frame
         rows = np.sort(np.random.default_rng(seed).choice(len(frame), size=n, replace=False))
         return frame.iloc[rows].reset_index(drop=True)
+
+    # -- upkeep ----------------------------------------------------------------------------------
+
+    def files(self) -> list[str]:
+        """Every buffer file (rows and annotations), hidden temporary files excluded."""
+        selector = pafs.FileSelector(self.path, recursive=True, allow_not_found=True)
+        out = []
+        for info in self.fs.get_file_info(selector):
+            rel = info.path[len(self.path) + 1:]
+            name = rel.rsplit("/", 1)[-1]
+            if info.type == pafs.FileType.File and not name.startswith(".") and not rel.startswith(QUARANTINE_DIR):
+                out.append(info.path)
+        return sorted(out)
+
+    def check(self) -> list[tuple[str, str]]:
+        """(file, problem) for every file that is not a readable buffer file of this schema."""
+        problems = []
+        for path in self.files():
+            expected = ANNOTATION_SCHEMA if f"/{ANNOTATIONS_DIR}/" in path else EXPERIENCE_SCHEMA
+            try:
+                with self.fs.open_input_file(path) as fh:
+                    schema = pq.read_schema(fh)
+            except (pa.ArrowInvalid, OSError) as exc:
+                problems.append((path, f"not a Parquet file: {exc}"))
+                continue
+            if not schema.remove_metadata().equals(expected.remove_metadata()):
+                problems.append((path, "foreign columns: " + ", ".join(schema.names[:8])))
+        return problems
+
+    def quarantine(self, path: str) -> str:
+        """Move a buffer file to ``<root>/_quarantine/`` (readers skip it); returns where."""
+        path = str(path) if "://" in str(path) else str(Path(path).resolve())
+        if path not in self.files():
+            raise ExperienceError(f"{path}: not a file of the buffer {self.root}")
+        target = f"{self.path}/{QUARANTINE_DIR}/{path[len(self.path) + 1:]}"
+        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        self.fs.move(path, target)
+        log.warning("quarantined %s -> %s", path, target)
+        return target
+
+    def compact(self, max_rows: int) -> dict[str, int]:
+        """Fold annotations into the rows, keep the newest ``max_rows`` experiences and rewrite
+        them as one file per day; then remove the files it read. Writers may go on meanwhile:
+        files that appear during the compaction are left alone. Returns counts."""
+        with file_lock(_lock_path(self.root), COMPACT_LOCK_TIMEOUT_S, "another compaction of this buffer"):
+            before = self.files()
+            if not before:
+                return {"kept": 0, "evicted": 0, "files_before": 0, "files_after": 0}
+            rows = self.query()
+            keep = rows.iloc[max(0, len(rows) - max_rows):]
+            written = []
+            if len(keep):
+                table = to_table(keep)
+                days = _days(table)
+                for day in sorted(set(days)):
+                    written.append(self._write_file(table.filter(pa.array([d == day for d in days])), day))
+            for path in before:  # the new files hold everything kept: the old ones can go
+                self.fs.delete_file(path)
+        log.info("compacted %s: kept %d, evicted %d, %d files -> %d", self.root, len(keep), len(rows) - len(keep),
+                 len(before), len(written))
+        return {"kept": len(keep), "evicted": len(rows) - len(keep), "files_before": len(before),
+                "files_after": len(written)}
 
     def stats(self) -> dict[str, float]:
         """Counts, PnL and annotation coverage (``buffer/...`` metrics, see :meth:`log_stats`)."""
@@ -265,7 +424,34 @@ class ExperienceBuffer:
         frame = self.query(query, columns)
         frame["time"] = frame["time"].astype(str)
         frame["tags"] = frame["tags"].map(lambda t: ",".join(t) if t is not None else "")
-        return mlflow.data.from_pandas(frame, source=self.root, name=name)
+        with warnings.catch_warnings():
+            # MLflow registers the local-file source twice and warns that a path is ambiguous.
+            warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
+            return mlflow.data.from_pandas(frame, source=self.root, name=name)
+
+
+def _has_tag(tags: Any, tag: str) -> bool:
+    """Whether a row's tags (a list, a numpy array from Parquet, or null) hold ``tag``."""
+    return tags is not None and not (isinstance(tags, float) and np.isnan(tags)) and tag in list(tags)
+
+
+def _cols(columns: Iterable[str] | None) -> list[str]:
+    return list(columns) if columns is not None else list(COLUMNS)
+
+
+def _with(columns: Iterable[str] | None, *extra: str) -> list[str]:
+    wanted = _cols(columns)
+    return wanted + [c for c in extra if c not in wanted]
+
+
+def _lock_path(root: str) -> Path:
+    """Compaction lock: in the folder for a local buffer, in the temp folder for a remote one."""
+    if "://" not in root:
+        return Path(root).resolve() / ".compact.lock"
+    import hashlib
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / f"nt8-buffer-{hashlib.sha256(root.encode()).hexdigest()[:16]}.lock"
 
 
 def _days(table: pa.Table) -> list[str]:
@@ -275,7 +461,8 @@ def _days(table: pa.Table) -> list[str]:
 
 
 def _filter(q: Query) -> pads.Expression | None:
-    """The query as a pyarrow expression: partition pruning by ``date`` plus row filters."""
+    """The row part of the query as a pyarrow expression: partition pruning by ``date`` plus the
+    filters on columns that annotations never change."""
     parts: list[pads.Expression] = []
     field = pads.field
     if q.start is not None:
@@ -291,10 +478,7 @@ def _filter(q: Query) -> pads.Expression | None:
         if q.source not in SOURCES:
             raise ExperienceError(f"source {q.source!r} is not one of {', '.join(SOURCES)}")
         parts.append(field("source") == q.source)
-    if q.min_quality is not None:
-        parts.append(field("quality") >= q.min_quality)
-    if q.annotated is not None:
-        parts.append(field("quality").is_valid() if q.annotated else field("quality").is_null())
+    # min_quality and annotated are applied after the annotations are overlaid (Query docs).
     if not parts:
         return None
     expr = parts[0]

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from mlproject.faults import fault_point
+from mlproject.locks import LockBusy, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +44,8 @@ LOCK_TIMEOUT_S = 600.0
 """How long a registry write waits for another one before giving up with a clear error."""
 
 
-class RegistryBusy(RuntimeError):
+class RegistryBusy(LockBusy):
     """Another process held the registry lock for longer than the timeout."""
-
-
-_LOCKS: dict[str, Any] = {}
 
 
 def default_lock_path(tracking_uri: str | None = None) -> Path:
@@ -63,27 +61,11 @@ def default_lock_path(tracking_uri: str | None = None) -> Path:
     return Path(tempfile.gettempdir()) / f"nt8-registry-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.lock"
 
 
-@contextlib.contextmanager
-def registry_lock(path: str | Path | None = None, timeout: float = LOCK_TIMEOUT_S) -> Iterator[Path]:
+def registry_lock(path: str | Path | None = None, timeout: float = LOCK_TIMEOUT_S) -> Any:
     """Hold the cross-process registry lock (reentrant within a thread: a promote that
     reconciles takes it once). ``path`` None: :func:`default_lock_path`."""
-    from filelock import FileLock, Timeout
-
-    lock_path = Path(path) if path else default_lock_path()
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    key = str(lock_path.resolve())
-    # One FileLock object per file: a second object on the same file would wait for the first
-    # (flock is per open file), so reentrancy needs the same object.
-    lock = _LOCKS.get(key) or _LOCKS.setdefault(key, FileLock(key))
-    try:
-        lock.acquire(timeout=timeout)
-    except Timeout:
-        raise RegistryBusy(f"another registry write has held {key} for over {timeout:.0f} s; if no other promote, "
-                           "rollback or reconcile is running, remove the file") from None
-    try:
-        yield lock_path
-    finally:
-        lock.release()
+    return file_lock(path or default_lock_path(), timeout, "another registry write (promote, rollback, reconcile)",
+                     RegistryBusy)
 
 
 @contextlib.contextmanager

@@ -160,3 +160,64 @@ def test_two_writers_at_once_never_clobber_each_other(tmp_path):
         assert proc.returncode == 0
     frame = ExperienceBuffer(root).query(columns=["experience_id"])
     assert len(frame) == 2 * 15 * 200 and frame["experience_id"].is_unique
+
+
+def test_annotations_overlay_the_rows_and_the_newest_wins(filled):
+    filled.annotate([{"experience_id": "a1", "reflection": "entered late", "lesson": "wait for the open",
+                      "quality": 0.8, "tags": ["high_value"], "annotator": "rules", "annotator_version": "1"}])
+    filled.annotate([{"experience_id": "a1", "quality": 0.75, "tags": ["high_value"], "annotator": "rules",
+                      "annotator_version": "2"}, {"experience_id": "c3", "quality": 0.1, "tags": ["failed"]}])
+    row = filled.query(Query(start="2024-01-02 14:32", end="2024-01-02 14:32"))
+    assert row["quality"].iloc[0] == pytest.approx(0.75) and row["annotator_version"].iloc[0] == "2"
+    assert len(filled.query(Query(annotated=True), ["experience_id"])) == 21  # a1 joined b*, c*
+    assert filled.query(Query(min_quality=0.7), ["experience_id"])["experience_id"].tolist() == (
+        ["a1"] + [f"b{i}" for i in range(10)])
+    high = filled.high_value(0.85, ["experience_id"])["experience_id"].tolist()
+    assert high == ["a1"] + [f"b{i}" for i in range(10)]  # a1 by its tag, b* by quality 0.9
+    failed = filled.failed(0.15, ["experience_id"])["experience_id"].tolist()
+    assert failed == [f"c{i}" for i in range(10)]  # losing closes (pnl -5), c3 also tagged
+    with pytest.raises(ExperienceError, match="quality must be in"):
+        filled.annotate([{"experience_id": "a2", "quality": 2.0}])
+    with pytest.raises(ExperienceError, match="not annotation column"):
+        filled.annotate([{"experience_id": "a2", "reward": 2.0}])
+
+
+def test_compaction_keeps_the_newest_with_their_annotations(filled, tmp_path):
+    filled.annotate([{"experience_id": "c9", "reflection": "stopped out", "quality": 0.05, "tags": ["failed"]},
+                     {"experience_id": "a0", "reflection": "evicted anyway", "quality": 0.5}])
+    for day in range(5, 8):  # many small files
+        filled.add(experiences(2, start=f"2024-01-0{day} 14:31", prefix=f"d{day}-"))
+        filled.flush()
+    before = len(filled.files())
+    counts = filled.compact(max_rows=12)
+    assert counts == {"kept": 12, "evicted": 24, "files_before": before, "files_after": 4}
+    frame = filled.query()
+    assert frame["experience_id"].tolist() == [f"c{i}" for i in range(4, 10)] + [
+        f"d{d}-{i}" for d in range(5, 8) for i in range(2)]
+    c9 = frame.set_index("experience_id").loc["c9"]
+    assert c9["reflection"] == "stopped out" and list(c9["tags"]) == ["failed"]
+    assert filled.annotations().empty  # folded into the rows
+    assert frame["observation"].iloc[0].tolist() == [4.0, 1.0, 2.0]
+
+
+def test_a_corrupt_or_foreign_file_is_named_and_quarantined(filled, tmp_path):
+    root = tmp_path / "buffer"
+    junk = root / "date=2024-01-03" / "part-junk.parquet"
+    junk.write_bytes(b"not parquet at all")
+    foreign = root / "date=2024-01-02" / "part-foreign.parquet"
+    pd.DataFrame({"x": [1, 2]}).to_parquet(foreign)
+    with pytest.raises(ExperienceError, match="a file cannot be read .* pipelines.buffer check"):
+        filled.query()
+    problems = dict(filled.check())
+    assert set(problems) == {str(junk), str(foreign)}
+    assert problems[str(junk)].startswith("not a Parquet file") and problems[str(foreign)].startswith("foreign columns")
+    out = subprocess.run([sys.executable, "-m", "pipelines.buffer", "check", "--set",
+                          f"continuous_learning.experience_storage={root}"], cwd=tmp_path, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 1 and str(junk) in out.stdout
+    for path in (junk, foreign):
+        filled.quarantine(str(path))
+    assert filled.check() == [] and len(filled.query(columns=["experience_id"])) == 30
+    assert (root / "_quarantine" / "date=2024-01-03" / "part-junk.parquet").exists()
+    with pytest.raises(ExperienceError, match="not a file of the buffer"):
+        filled.quarantine(str(tmp_path / "elsewhere.parquet"))
