@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -106,6 +107,13 @@ REQUIRED = ("time", "symbol", "model_name", "model_version", "observation", "act
 PARTITIONING = pads.partitioning(pa.schema([("date", pa.string())]), flavor="hive")
 
 
+WRITE_OPTIONS = {"use_dictionary": ["symbol", "bar_period", "model_name", "model_version", "source", "annotator",
+                                    "annotator_version"]}
+"""Dictionary-encode the repetitive strings only: pyarrow's default also dictionary-encodes the
+float observations, which made a 1,000-row file 4x slower to write and 50% larger
+(benchmarks/buffer_speed.py)."""
+
+
 class ExperienceError(ValueError):
     """Bad experiences or a bad buffer file; the message names the column, row or file."""
 
@@ -138,7 +146,7 @@ def _filesystem(root: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
 def to_table(records: pd.DataFrame | Sequence[Mapping[str, Any]]) -> pa.Table:
     """Validated Arrow table of experiences in :data:`EXPERIENCE_SCHEMA` (missing optional
     columns filled; ids generated). ``ExperienceError`` names the column or row at fault."""
-    frame = records.copy() if isinstance(records, pd.DataFrame) else pd.DataFrame(list(records))
+    frame = records.copy(deep=False) if isinstance(records, pd.DataFrame) else pd.DataFrame(list(records))
     missing = [c for c in REQUIRED if c not in frame.columns]
     if missing:
         raise ExperienceError(f"experiences lack required column(s) {', '.join(missing)}")
@@ -157,13 +165,32 @@ def to_table(records: pd.DataFrame | Sequence[Mapping[str, Any]]) -> pa.Table:
         frame["time"] = pd.to_datetime(frame["time"], utc=True)
     except (ValueError, TypeError) as exc:
         raise ExperienceError(f"column time: not timestamps ({exc})") from None
-    for name in COLUMNS:
-        if name not in frame.columns:
-            frame[name] = None
+    arrays = []
     try:
-        return pa.Table.from_pandas(frame[list(COLUMNS)], schema=EXPERIENCE_SCHEMA, preserve_index=False)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise ExperienceError(f"experiences do not fit the schema: {exc}") from None
+        for name, (typ, _) in COLUMNS.items():
+            if name not in frame.columns:
+                arrays.append(pa.nulls(len(frame), typ))
+            elif name in ("observation", "next_observation"):
+                arrays.append(_vectors(frame[name], typ))
+            else:
+                arrays.append(pa.array(frame[name], type=typ, from_pandas=True))
+        return pa.Table.from_arrays(arrays, schema=EXPERIENCE_SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError, TypeError) as exc:
+        raise ExperienceError(f"experiences do not fit the schema (column {name}): {exc}") from None
+
+
+def _vectors(column: pd.Series, typ: pa.DataType) -> pa.Array:
+    """A column of observation vectors as list<float32>: one stacked copy when every row is a
+    vector of the same length (the usual case, several times faster than row by row)."""
+    values = column.to_numpy()
+    lengths = {len(v) if v is not None and not (isinstance(v, float) and np.isnan(v)) else -1 for v in values}
+    if len(lengths) == 1 and -1 not in lengths and values.size:
+        width = lengths.pop()
+        flat = np.stack(values).astype(np.float32, copy=False).reshape(-1)
+        offsets = np.arange(0, (len(values) + 1) * width, width, dtype=np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat), type=typ)
+    return pa.array([None if v is None or (isinstance(v, float) and np.isnan(v)) else np.asarray(v, np.float32)
+                     for v in values], type=typ)
 
 
 class ExperienceBuffer:
@@ -200,9 +227,9 @@ class ExperienceBuffer:
         table = pa.concat_tables(self._pending)
         days = _days(table)
         written = []
+        day_array = pa.array(days)
         for day in sorted(set(days)):
-            part = table.filter(pa.array([d == day for d in days]))
-            written.append(self._write_file(part, day))
+            written.append(self._write_file(table.filter(pa.compute.equal(day_array, day)), day))
         self._pending, self._pending_rows = [], 0
         return written
 
@@ -213,10 +240,10 @@ class ExperienceBuffer:
         name = f"part-{stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
         tmp, final = f"{folder}/.tmp-{name}", f"{folder}/{name}"
         if isinstance(self.fs, pafs.LocalFileSystem):
-            atomic_write(final, lambda p: pq.write_table(table, p))
+            atomic_write(final, lambda p: pq.write_table(table, p, **WRITE_OPTIONS))
         else:  # object stores: readers skip the hidden temporary name until the move
             with self.fs.open_output_stream(tmp) as out:
-                pq.write_table(table, out)
+                pq.write_table(table, out, **WRITE_OPTIONS)
             self.fs.move(tmp, final)
         return final
 
@@ -385,8 +412,9 @@ class ExperienceBuffer:
             if len(keep):
                 table = to_table(keep)
                 days = _days(table)
+                day_array = pa.array(days)
                 for day in sorted(set(days)):
-                    written.append(self._write_file(table.filter(pa.array([d == day for d in days])), day))
+                    written.append(self._write_file(table.filter(pa.compute.equal(day_array, day)), day))
             for path in before:  # the new files hold everything kept: the old ones can go
                 self.fs.delete_file(path)
         log.info("compacted %s: kept %d, evicted %d, %d files -> %d", self.root, len(keep), len(rows) - len(keep),
@@ -456,8 +484,7 @@ def _lock_path(root: str) -> Path:
 
 def _days(table: pa.Table) -> list[str]:
     """UTC date (``YYYY-MM-DD``) of every row's ``time``: its partition."""
-    stamps = table.column("time").to_pandas()
-    return list(pd.DatetimeIndex(stamps).tz_convert("UTC").strftime("%Y-%m-%d"))
+    return pa.compute.strftime(table.column("time"), format="%Y-%m-%d").to_pylist()
 
 
 def _filter(q: Query) -> pads.Expression | None:

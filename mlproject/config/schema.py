@@ -305,7 +305,11 @@ class ContinuousLearningConfig(_Strict):
     experience_buffer_size: int = Field(default=10_000, ge=1)
     """Experiences kept in the buffer."""
     experience_storage: str = "data/experience_buffer"
-    """Directory of the Parquet experience buffer."""
+    """Directory (or pyarrow filesystem URI) of the Parquet experience buffer."""
+    high_value_min_quality: float = Field(default=0.7, ge=0, le=1)
+    """Annotated experiences of at least this quality (or tagged high_value) are high-value."""
+    failed_max_quality: float = Field(default=0.3, ge=0, le=1)
+    """Experiences of at most this quality (or tagged failed, or closing a loss) are failed."""
 
 
 class Config(_Strict):
