@@ -1,0 +1,75 @@
+"""Annotate the experience buffer: a reflection, a lesson and a quality score per closed trade.
+
+    python -m pipelines.annotate [--config conf/default.yaml]
+    mlflow run . -e annotate --env-manager local
+
+Reads the experiences of ``continuous_learning.experience_storage`` that are not annotated yet,
+rebuilds their closed trades and appends one annotation per experience (the rule-based
+annotator of ``mlproject.reflection``). An MLflow run with the counts (``annotate/...``), the
+buffer's stats (``buffer/...``) and a sample of reflections as a table artifact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+
+import pandas as pd
+
+from mlproject.cli import base_parser, run_cli
+from mlproject.config import Config
+from mlproject.experience import ExperienceBuffer, Query
+from mlproject.reflection import TRADE_COLUMNS, annotate_trades
+from mlproject.tracking import pipeline_run, setup_tracking
+
+log = logging.getLogger(__name__)
+
+SAMPLE_ROWS = 20
+"""Reflections shown in the run's ``annotate/sample.json`` table."""
+
+
+@dataclass
+class AnnotateResult:
+    """What one annotation pass did."""
+
+    run_id: str
+    trades: int
+    experiences: int
+    high_value: int
+    failed: int
+    notes: pd.DataFrame
+
+
+def main(cfg: Config) -> AnnotateResult:
+    """Annotate what is not annotated yet; an MLflow run with counts and a sample."""
+    import mlflow
+
+    cl = cfg.continuous_learning
+    setup_tracking(cfg)
+    buffer = ExperienceBuffer(cl.experience_storage)
+    with pipeline_run(cfg, "annotate") as run:
+        rows = buffer.query(Query(annotated=False), TRADE_COLUMNS)
+        notes = annotate_trades(rows, cl.high_value_min_quality, cl.failed_max_quality)
+        buffer.annotate(notes)
+        per_trade = notes.drop_duplicates("reflection") if len(notes) else notes
+        counts = {"trades": len(per_trade), "experiences": len(notes),
+                  "high_value": int(per_trade["tags"].map(lambda t: "high_value" in t).sum()) if len(notes) else 0,
+                  "failed": int(per_trade["tags"].map(lambda t: "failed" in t).sum()) if len(notes) else 0}
+        mlflow.log_metrics({f"annotate/{k}": float(v) for k, v in counts.items()})
+        buffer.log_stats()
+        if len(per_trade):
+            sample = per_trade.head(SAMPLE_ROWS).assign(tags=per_trade["tags"].head(SAMPLE_ROWS).map(",".join))
+            mlflow.log_table(sample, "annotate/sample.json")
+        log.info("annotated %d closed trades (%d experiences): %d high-value, %d failed", counts["trades"],
+                 counts["experiences"], counts["high_value"], counts["failed"])
+        return AnnotateResult(run.info.run_id, counts["trades"], counts["experiences"], counts["high_value"],
+                              counts["failed"], notes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return base_parser(__doc__.splitlines()[0])
+
+
+if __name__ == "__main__":
+    run_cli(build_parser(), lambda cfg, args: main(cfg))
