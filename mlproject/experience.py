@@ -359,6 +359,28 @@ class ExperienceBuffer:
         rows = np.sort(np.random.default_rng(seed).choice(len(frame), size=n, replace=False))
         return frame.iloc[rows].reset_index(drop=True)
 
+    def export_rllib(self, path: str | os.PathLike[str], query: Query | None = None) -> Path:
+        """The experiences as a Parquet file in the column layout RLlib's offline API reads
+        (``eps_id, obs, actions, rewards, new_obs, terminateds, truncateds, t``: one single-step
+        episode per experience), for offline BC/MARWIL; returns the file."""
+        frame = self.query(query, ["experience_id", "observation", "action", "reward", "next_observation",
+                                   "terminated", "truncated"])
+        if frame.empty:
+            raise ExperienceError(f"{self.root}: no experiences to export" + (f" for {query}" if query else ""))
+        table = pa.table({
+            "eps_id": pa.array(frame["experience_id"], pa.string()),
+            "obs": _vectors(frame["observation"], pa.list_(pa.float32())),
+            "actions": pa.array(frame["action"].astype(np.int64)),
+            "rewards": pa.array(frame["reward"].astype(np.float64)),
+            "new_obs": _vectors(frame["next_observation"].where(frame["next_observation"].notna(),
+                                                                frame["observation"]), pa.list_(pa.float32())),
+            "terminateds": pa.array(frame["terminated"].fillna(False).astype(bool)),
+            "truncateds": pa.array(frame["truncated"].fillna(True).astype(bool)),
+            "t": pa.array(np.zeros(len(frame), np.int64)),
+        })
+        target = Path(path)
+        return atomic_write(target, lambda p: pq.write_table(table, p))
+
     # -- upkeep ----------------------------------------------------------------------------------
 
     def files(self) -> list[str]:
