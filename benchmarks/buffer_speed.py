@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-import resource
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ import pandas as pd
 from mlproject.experience import ExperienceBuffer, Query
 
 OBS = 82
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def frame(n: int, start: pd.Timestamp, seed: int, prefix: str) -> pd.DataFrame:
@@ -111,15 +113,17 @@ def main() -> None:
               f"{statistics.median(ours_t):>10.3f}  pickle {statistics.median(seed_t):>10.3f}  "
               f"ratio {statistics.median(ratios):6.1f}x (spread {min(ratios):.1f}-{max(ratios):.1f})")
 
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        t = time.perf_counter()
-        counts = buffer.compact(max_rows=args.rows // 2)
-        seconds = time.perf_counter() - t
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        label = f"compaction of {args.rows:,} rows to {counts['kept']:,}"
-        print(f"{label:58s} {seconds:.1f} s, peak RSS "
-              f"{peak / 1024:,.0f} MB (before {before / 1024:,.0f} MB), files {counts['files_before']} -> "
-              f"{counts['files_after']}")
+        # In a fresh process: this one's peak memory already holds the pickle contender's.
+        code = ("import resource, sys, time; from mlproject.experience import ExperienceBuffer; "
+                "t = time.perf_counter(); c = ExperienceBuffer(sys.argv[1]).compact(int(sys.argv[2])); "
+                "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+                "c['kept'], c['files_before'], c['files_after'])")
+        out = subprocess.run([sys.executable, "-c", code, str(work / "read"), str(args.rows // 2)], check=True,
+                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        seconds, peak, kept, files_before, files_after = out.stdout.split()
+        label = f"compaction of {args.rows:,} rows to {int(kept):,}"
+        print(f"{label:58s} {float(seconds):.1f} s, peak RSS {int(peak) / 1024:,.0f} MB, files {files_before} -> "
+              f"{files_after}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -6,19 +6,29 @@ observation window), the side and size, the outcome (PnL, bars held, the best an
 PnL on the way), and writes what went right or wrong, a lesson, and a quality score in [0, 1]
 (0.5 is break-even; a win or loss of one typical trade's size moves it about a quarter). Tags:
 ``high_value`` at ``continuous_learning.high_value_min_quality`` or above, ``failed`` at
-``failed_max_quality`` or below. An LLM annotator (the reasoning engine, or an OpenAI-compatible
-endpoint) will plug in beside it with this one as its fallback.
+``failed_max_quality`` or below. :class:`LLMAnnotator` asks an OpenAI-compatible endpoint instead
+(``annotation.annotator: llm``), with this one as its fallback.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import os
+import re
+import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from mlproject.features import FEATURE_NAMES
+
+log = logging.getLogger(__name__)
 
 ANNOTATOR = "rules"
 ANNOTATOR_VERSION = "1"
@@ -103,9 +113,11 @@ def reflect(trade: Trade, scale: float, high_value: float, failed: float) -> dic
             "annotator_version": ANNOTATOR_VERSION}
 
 
-def annotate_trades(rows: pd.DataFrame, high_value: float = 0.7, failed: float = 0.3) -> pd.DataFrame:
+def annotate_trades(rows: pd.DataFrame, high_value: float = 0.7, failed: float = 0.3,
+                    llm: LLMAnnotator | None = None) -> pd.DataFrame:
     """Annotations (one row per experience of every closed trade in ``rows``), ready for
-    ``ExperienceBuffer.annotate``; an empty frame when no trade closed."""
+    ``ExperienceBuffer.annotate``; an empty frame when no trade closed. With ``llm``, each trade
+    is reflected on by the model, and by the rules when the model fails."""
     trades = closed_trades(rows)
     if not trades:
         return pd.DataFrame(columns=["experience_id", "reflection", "lesson", "quality", "tags", "annotator",
@@ -114,5 +126,74 @@ def annotate_trades(rows: pd.DataFrame, high_value: float = 0.7, failed: float =
     out = []
     for trade in trades:
         note = reflect(trade, scale, high_value, failed)
+        if llm is not None:
+            note = llm.reflect(trade, note, high_value, failed)
         out += [{"experience_id": eid, **note} for eid in trade.experience_ids]
     return pd.DataFrame(out)
+
+
+PROMPT = """You review one closed futures trade of a trading agent.
+{facts}
+Think it through, then answer with exactly two lines:
+LESSON: <one sentence the agent should learn>
+QUALITY: <a number from 0 (a bad decision) to 1 (an excellent one)>"""
+
+_THINK = re.compile(r"<think>(.*?)</think>", re.S)
+
+
+class LLMAnnotator:
+    """Reflections from an OpenAI-compatible chat endpoint (``POST {endpoint}/chat/completions``),
+    such as a local Ollama serving ``deepseek-r1:8b``. The model's think block becomes the
+    reflection, its answer the lesson and quality. A request that times out or fails is retried
+    ``retries`` times; a trade the model cannot annotate keeps the rule-based note (annotator
+    ``rules (fallback: <why>)``), so annotation never stops on the network."""
+
+    def __init__(self, endpoint: str, model: str, timeout_s: float = 60.0, retries: int = 2,
+                 api_key: str | None = None) -> None:
+        self.url = endpoint.rstrip("/") + "/chat/completions"
+        self.model, self.timeout_s, self.retries, self.api_key = model, timeout_s, retries, api_key
+        self.failures = 0
+
+    @classmethod
+    def from_config(cls, annotation: Any) -> LLMAnnotator:
+        return cls(annotation.endpoint, annotation.model, annotation.timeout_s, annotation.retries,
+                   os.environ.get(annotation.api_key_env))
+
+    def ask(self, prompt: str) -> str:
+        """The model's answer text (raises on timeout, HTTP errors and malformed replies)."""
+        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                           "temperature": 0}).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            reply = json.loads(response.read().decode("utf-8"))
+        return str(reply["choices"][0]["message"]["content"])
+
+    def reflect(self, trade: Trade, rules_note: dict[str, Any], high_value: float, failed: float) -> dict[str, Any]:
+        """The model's note on ``trade``, or ``rules_note`` marked as a fallback."""
+        facts = rules_note["reflection"]
+        problem = "no attempt"
+        for attempt in range(self.retries + 1):
+            try:
+                return self._parse(self.ask(PROMPT.format(facts=facts)), facts, high_value, failed)
+            except (OSError, urllib.error.URLError, TimeoutError, ValueError, KeyError, IndexError, TypeError) as exc:
+                problem = f"{type(exc).__name__}: {exc}"[:200]
+                log.warning("LLM annotator, trade %s, attempt %d: %s", trade.trade_id, attempt + 1, problem)
+                time.sleep(min(0.5 * 2 ** attempt, 5.0))
+        self.failures += 1
+        return {**rules_note, "annotator": f"{ANNOTATOR} (fallback: {problem})"}
+
+    def _parse(self, answer: str, facts: str, high_value: float, failed: float) -> dict[str, Any]:
+        think = _THINK.search(answer)
+        reasoning = think.group(1).strip() if think else ""
+        rest = _THINK.sub("", answer)
+        lesson = re.search(r"LESSON:\s*(.+)", rest)
+        quality = re.search(r"QUALITY:\s*([0-9]*\.?[0-9]+)", rest)
+        if not lesson or not quality:
+            raise ValueError(f"answer without LESSON/QUALITY lines: {rest.strip()[:120]!r}")
+        score = float(np.clip(float(quality.group(1)), 0.0, 1.0))
+        tags = (["high_value"] if score >= high_value else []) + (["failed"] if score <= failed else [])
+        return {"reflection": f"{facts}\n{reasoning}".strip(), "lesson": lesson.group(1).strip(), "quality": score,
+                "tags": tags, "annotator": f"llm:{self.model}", "annotator_version": "1"}

@@ -7,6 +7,8 @@ Reads the experiences of ``continuous_learning.experience_storage`` that are not
 rebuilds their closed trades and appends one annotation per experience (the rule-based
 annotator of ``mlproject.reflection``). An MLflow run with the counts (``annotate/...``), the
 buffer's stats (``buffer/...``) and a sample of reflections as a table artifact.
+``annotation.annotator: llm`` asks an OpenAI-compatible endpoint instead, with the rules as the
+fallback for every trade it cannot annotate (counted as ``annotate/llm_fallbacks``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import pandas as pd
 from mlproject.cli import base_parser, run_cli
 from mlproject.config import Config
 from mlproject.experience import ExperienceBuffer, Query
-from mlproject.reflection import TRADE_COLUMNS, annotate_trades
+from mlproject.reflection import TRADE_COLUMNS, LLMAnnotator, annotate_trades
 from mlproject.tracking import pipeline_run, setup_tracking
 
 log = logging.getLogger(__name__)
@@ -50,12 +52,15 @@ def main(cfg: Config) -> AnnotateResult:
     buffer = ExperienceBuffer(cl.experience_storage)
     with pipeline_run(cfg, "annotate") as run:
         rows = buffer.query(Query(annotated=False), TRADE_COLUMNS)
-        notes = annotate_trades(rows, cl.high_value_min_quality, cl.failed_max_quality)
+        llm = LLMAnnotator.from_config(cfg.annotation) if cfg.annotation.annotator == "llm" else None
+        notes = annotate_trades(rows, cl.high_value_min_quality, cl.failed_max_quality, llm)
         buffer.annotate(notes)
         per_trade = notes.drop_duplicates("reflection") if len(notes) else notes
         counts = {"trades": len(per_trade), "experiences": len(notes),
                   "high_value": int(per_trade["tags"].map(lambda t: "high_value" in t).sum()) if len(notes) else 0,
                   "failed": int(per_trade["tags"].map(lambda t: "failed" in t).sum()) if len(notes) else 0}
+        if llm is not None:
+            counts["llm_fallbacks"] = llm.failures
         mlflow.log_metrics({f"annotate/{k}": float(v) for k, v in counts.items()})
         buffer.log_stats()
         if len(per_trade):

@@ -262,7 +262,8 @@ def test_rllib_offline_bc_trains_on_the_export(tmp_path):
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
-    assert {"eps_id", "obs", "actions", "rewards", "new_obs", "terminateds", "truncateds", "t"} <= set(table.column_names)
+    expected = {"eps_id", "obs", "actions", "rewards", "new_obs", "terminateds", "truncateds", "t"}
+    assert expected <= set(table.column_names)
     assert table.num_rows == n and len(table.column("obs")[0]) == 6
     out = subprocess.run([sys.executable, "-c", BC_ONE_ITERATION, str(path)], cwd=tmp_path, capture_output=True,
                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -66,3 +66,86 @@ def test_annotate_pipeline_annotates_once(tmp_path, mlflow_store):
     again = annotate.main(cfg)
     assert again.trades == 0  # nothing new to annotate
     assert len(buffer.query(Query(annotated=True), ["experience_id"])) == 6
+
+
+class FakeOpenAI:
+    """A small OpenAI-compatible chat server on 127.0.0.1 (the real endpoint cannot exist here):
+    answers like deepseek-r1 (a think block, then the answer), or slowly, or with junk."""
+
+    def __init__(self, mode: str) -> None:
+        import json
+        import threading
+        import time
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.mode, self.requests = mode, []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append((self.path, body))
+                if outer.mode == "slow":
+                    time.sleep(1.5)
+                content = ("<think>The entry followed an up-trend; the exit was late.</think>\n"
+                           "LESSON: trail the stop once the trade is a point ahead.\nQUALITY: 0.82")
+                data = (b"not json" if outer.mode == "junk" else
+                        json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode())
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:
+                    pass  # the client gave up (timeout)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def test_llm_annotator_parses_the_think_block_and_the_answer():
+    from mlproject.reflection import LLMAnnotator
+
+    server = FakeOpenAI("ok")
+    try:
+        llm = LLMAnnotator(server.url, "deepseek-r1:8b", timeout_s=5, retries=0)
+        notes = annotate_trades(rows(), llm=llm).set_index("experience_id")
+    finally:
+        server.close()
+    note = notes.loc["e0"]
+    assert note["lesson"] == "trail the stop once the trade is a point ahead." and note["quality"] == 0.82
+    assert "The entry followed an up-trend" in note["reflection"] and "long 1 MES" in note["reflection"]
+    assert list(note["tags"]) == ["high_value"] and note["annotator"] == "llm:deepseek-r1:8b"
+    path, body = server.requests[0]
+    assert path == "/v1/chat/completions" and body["model"] == "deepseek-r1:8b"
+    assert "won +120.00" in body["messages"][0]["content"] and llm.failures == 0
+
+
+@pytest.mark.parametrize("mode", ["slow", "junk"])
+def test_llm_annotator_falls_back_to_the_rules(mode):
+    from mlproject.reflection import LLMAnnotator
+
+    server = FakeOpenAI(mode)
+    try:
+        llm = LLMAnnotator(server.url, "deepseek-r1:8b", timeout_s=0.5, retries=1)
+        notes = annotate_trades(rows(), llm=llm).set_index("experience_id")
+    finally:
+        server.close()
+    assert llm.failures == 2 and len(server.requests) == 4  # 2 trades x (1 try + 1 retry)
+    note = notes.loc["e0"]
+    assert note["annotator"].startswith("rules (fallback: ") and note["lesson"].startswith("with the trend")
+    assert ("timed out" in note["annotator"]) if mode == "slow" else ("JSONDecodeError" in note["annotator"])
+
+
+def test_llm_annotator_needs_an_endpoint_in_config():
+    from mlproject.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="annotator llm needs annotation.endpoint"):
+        load_config(None, ["annotation.annotator=llm"])

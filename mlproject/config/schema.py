@@ -312,6 +312,30 @@ class ContinuousLearningConfig(_Strict):
     """Experiences of at most this quality (or tagged failed, or closing a loss) are failed."""
 
 
+class AnnotationConfig(_Strict):
+    """Who writes the post-trade reflections (``pipelines.annotate``)."""
+
+    annotator: Literal["rules", "llm"] = "rules"
+    """rules: deterministic, no network. llm: an OpenAI-compatible chat endpoint (a local Ollama
+    serving deepseek-r1:8b, say), falling back to the rules for any trade it cannot annotate."""
+    endpoint: str | None = None
+    """Base URL of the OpenAI-compatible API, e.g. http://127.0.0.1:11434/v1 (needed for llm)."""
+    model: str = "deepseek-r1:8b"
+    """Model name sent to the endpoint."""
+    timeout_s: float = Field(default=60.0, gt=0)
+    """Seconds one request may take."""
+    retries: int = Field(default=2, ge=0)
+    """Further attempts after a failed request, before the rule-based fallback."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the endpoint's key, if it needs one (never in config)."""
+
+    @model_validator(mode="after")
+    def _llm_needs_an_endpoint(self) -> AnnotationConfig:
+        if self.annotator == "llm" and not self.endpoint:
+            raise ValueError("annotator llm needs annotation.endpoint (an OpenAI-compatible base URL)")
+        return self
+
+
 class Config(_Strict):
     """Everything one run needs."""
 
@@ -323,6 +347,7 @@ class Config(_Strict):
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     continuous_learning: ContinuousLearningConfig = Field(default_factory=ContinuousLearningConfig)
+    annotation: AnnotationConfig = Field(default_factory=AnnotationConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (what ``config.yaml`` holds)."""
