@@ -19,6 +19,11 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+# fdatasync: the data and the size, without the access times fsync also writes (Linux); the
+# folder's fsync after the rename makes the new name durable.
+_sync_data = getattr(os, "fdatasync", os.fsync)
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` to produce the file at a temporary path, then move it to ``path``."""
     path = Path(path)
@@ -27,7 +32,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     try:
         write(tmp)
         with tmp.open("rb+") as fh:
-            os.fsync(fh.fileno())
+            _sync_data(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:

@@ -37,7 +37,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -183,12 +182,14 @@ def _vectors(column: pd.Series, typ: pa.DataType) -> pa.Array:
     """A column of observation vectors as list<float32>: one stacked copy when every row is a
     vector of the same length (the usual case, several times faster than row by row)."""
     values = column.to_numpy()
-    lengths = {len(v) if v is not None and not (isinstance(v, float) and np.isnan(v)) else -1 for v in values}
-    if len(lengths) == 1 and -1 not in lengths and values.size:
-        width = lengths.pop()
-        flat = np.stack(values).astype(np.float32, copy=False).reshape(-1)
+    try:  # the usual case: equal-length vectors (None, NaN or ragged rows raise and go the slow way)
+        stacked = np.stack(values).astype(np.float32, copy=False) if values.size else None
+    except (ValueError, TypeError):
+        stacked = None
+    if stacked is not None and stacked.ndim == 2:
+        width = stacked.shape[1]
         offsets = np.arange(0, (len(values) + 1) * width, width, dtype=np.int32)
-        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat), type=typ)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(stacked.reshape(-1)), type=typ)
     return pa.array([None if v is None or (isinstance(v, float) and np.isnan(v)) else np.asarray(v, np.float32)
                      for v in values], type=typ)
 
@@ -225,11 +226,7 @@ class ExperienceBuffer:
         if not self._pending:
             return []
         table = pa.concat_tables(self._pending)
-        days = _days(table)
-        written = []
-        day_array = pa.array(days)
-        for day in sorted(set(days)):
-            written.append(self._write_file(table.filter(pa.compute.equal(day_array, day)), day))
+        written = [self._write_file(part, day) for day, part in _split_by_day(table)]
         self._pending, self._pending_rows = [], 0
         return written
 
@@ -432,11 +429,7 @@ class ExperienceBuffer:
             keep = rows.iloc[max(0, len(rows) - max_rows):]
             written = []
             if len(keep):
-                table = to_table(keep)
-                days = _days(table)
-                day_array = pa.array(days)
-                for day in sorted(set(days)):
-                    written.append(self._write_file(table.filter(pa.compute.equal(day_array, day)), day))
+                written = [self._write_file(part, day) for day, part in _split_by_day(to_table(keep))]
             for path in before:  # the new files hold everything kept: the old ones can go
                 self.fs.delete_file(path)
         log.info("compacted %s: kept %d, evicted %d, %d files -> %d", self.root, len(keep), len(rows) - len(keep),
@@ -504,9 +497,17 @@ def _lock_path(root: str) -> Path:
     return Path(tempfile.gettempdir()) / f"nt8-buffer-{hashlib.sha256(root.encode()).hexdigest()[:16]}.lock"
 
 
-def _days(table: pa.Table) -> list[str]:
-    """UTC date (``YYYY-MM-DD``) of every row's ``time``: its partition."""
-    return pa.compute.strftime(table.column("time"), format="%Y-%m-%d").to_pylist()
+NS_PER_DAY = 86_400_000_000_000
+
+
+def _split_by_day(table: pa.Table) -> list[tuple[str, pa.Table]]:
+    """(UTC date ``YYYY-MM-DD``, its rows) for every day in ``table``: the partitions to write."""
+    days = table.column("time").combine_chunks().cast(pa.int64()).to_numpy() // NS_PER_DAY
+    out = []
+    for day in np.unique(days):
+        name = str(np.datetime64(int(day), "D"))
+        out.append((name, table.filter(pa.array(days == day))))
+    return out
 
 
 def _filter(q: Query) -> pads.Expression | None:
