@@ -421,6 +421,8 @@ class ExperienceBuffer:
         """Fold annotations into the rows, keep the newest ``max_rows`` experiences and rewrite
         them as one file per day; then remove the files it read. Writers may go on meanwhile:
         files that appear during the compaction are left alone. Returns counts."""
+        if max_rows < 1:
+            raise ExperienceError(f"compaction keeps at least 1 experience, got max_rows={max_rows}")
         with file_lock(_lock_path(self.root), COMPACT_LOCK_TIMEOUT_S, "another compaction of this buffer"):
             before = self.files()
             if not before:
@@ -430,7 +432,9 @@ class ExperienceBuffer:
             written = []
             if len(keep):
                 written = [self._write_file(part, day) for day, part in _split_by_day(to_table(keep))]
-            for path in before:  # the new files hold everything kept: the old ones can go
+            # The new files hold everything kept: the old ones can go, rows first and annotations
+            # last, so a crash in between leaves the annotations that still overlay old duplicates.
+            for path in sorted(before, key=lambda p: f"/{ANNOTATIONS_DIR}/" in p):
                 self.fs.delete_file(path)
         log.info("compacted %s: kept %d, evicted %d, %d files -> %d", self.root, len(keep), len(rows) - len(keep),
                  len(before), len(written))

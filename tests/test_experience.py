@@ -197,6 +197,8 @@ def test_compaction_keeps_the_newest_with_their_annotations(filled, tmp_path):
     c9 = frame.set_index("experience_id").loc["c9"]
     assert c9["reflection"] == "stopped out" and list(c9["tags"]) == ["failed"]
     assert filled.annotations().empty  # folded into the rows
+    with pytest.raises(ExperienceError, match="keeps at least 1 experience"):
+        filled.compact(0)
     assert frame["observation"].iloc[0].tolist() == [4.0, 1.0, 2.0]
 
 
