@@ -42,7 +42,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from mlproject.atomic import atomic_write
-from mlproject.locks import file_lock
+from mlproject.locks import file_lock, temp_lock_path
 
 log = logging.getLogger(__name__)
 
@@ -495,10 +495,7 @@ def _lock_path(root: str) -> Path:
     """Compaction lock: in the folder for a local buffer, in the temp folder for a remote one."""
     if "://" not in root:
         return Path(root).resolve() / ".compact.lock"
-    import hashlib
-    import tempfile
-
-    return Path(tempfile.gettempdir()) / f"nt8-buffer-{hashlib.sha256(root.encode()).hexdigest()[:16]}.lock"
+    return temp_lock_path("buffer", root)
 
 
 NS_PER_DAY = 86_400_000_000_000

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,12 @@ class LockBusy(RuntimeError):
 
 
 _LOCKS: dict[str, Any] = {}
+
+
+def temp_lock_path(kind: str, key: str) -> Path:
+    """A lock file in the temp folder named after ``key`` (a store URI, a buffer URI): every
+    process on this machine that locks the same ``key`` shares it."""
+    return Path(tempfile.gettempdir()) / f"nt8-{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.lock"
 
 
 @contextlib.contextmanager

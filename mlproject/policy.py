@@ -8,7 +8,6 @@ features and contract size, whatever the current config says.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,11 +55,6 @@ class PolicySettings:
     def max_contracts(self) -> int:
         return int(self.instrument["max_contracts"])
 
-    @property
-    def first_bar(self) -> int:
-        """Bars of history an observation needs (as ``envs.market.Market.first_bar``)."""
-        return max(self.window, self.vol_window)
-
     @classmethod
     def from_env(cls, env: Any, bars: Any = None) -> PolicySettings:
         """Settings of a policy trained with ``env`` (an ``EnvConfig``) on ``bars``."""
@@ -106,15 +100,10 @@ class LoadedPolicy:
     predict: Callable[[np.ndarray], np.ndarray]
 
 
-_MODELS_URI = re.compile(r"^models:/[^/@]+(/[^/]+|@[^/]+)/?$")
-
-
 def model_label(uri: str) -> str:
     """``nt8-agent v3`` for a ``models:/`` URI that resolves to a registered version, else the URI."""
-    if _MODELS_URI.match(uri):
-        mv = resolve_version(uri)
-        return f"{mv.name} v{mv.version}"
-    return uri
+    mv = resolve_version(uri)  # None for URIs outside the registry; raises for a missing version
+    return f"{mv.name} v{mv.version}" if mv is not None else uri
 
 
 def load_policy_model(uri: str) -> LoadedPolicy:

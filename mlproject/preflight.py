@@ -14,17 +14,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from envs.market import Market
 from mlproject.data import DataError
 from mlproject.evaluation import bars_needed
 from mlproject.instruments import resolve_instrument
 from mlproject.metrics import periods_per_year
 
 log = logging.getLogger(__name__)
-
-
-def first_bar(env: Any) -> int:
-    """Bars of history before the first decision (as ``envs.market.Market.first_bar``)."""
-    return max(env.window, env.vol_window)
 
 
 def _source(bars: pd.DataFrame, cfg: Any) -> str:
@@ -34,11 +30,11 @@ def _source(bars: pd.DataFrame, cfg: Any) -> str:
 def split_needs(cfg: Any) -> dict[str, tuple[int, str]]:
     """Bars each split needs, and why, for ``cfg``."""
     env, n = cfg.env, cfg.continuous_learning.evaluation_episodes
-    history = f"{first_bar(env)} bars of history (env.window={env.window}, env.vol_window={env.vol_window})"
+    history = f"{Market.first_bar(env)} bars of history (env.window={env.window}, env.vol_window={env.vol_window})"
     return {
-        "train": (first_bar(env) + 2, f"{history} and 2 bars to trade"),
-        "validation": (first_bar(env) + 2, f"{history} and 2 bars for the validation backtest"),
-        "test": (bars_needed(first_bar(env), n), f"{history} and {n} evaluation windows of 2+ bars "
+        "train": (Market.first_bar(env) + 2, f"{history} and 2 bars to trade"),
+        "validation": (Market.first_bar(env) + 2, f"{history} and 2 bars for the validation backtest"),
+        "test": (bars_needed(Market.first_bar(env), n), f"{history} and {n} evaluation windows of 2+ bars "
                                                  f"(continuous_learning.evaluation_episodes={n})"),
     }
 

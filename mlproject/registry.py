@@ -21,11 +21,9 @@ Writes are serialised and crash-safe:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import re
-import tempfile
 import warnings
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -33,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from mlproject.faults import fault_point
-from mlproject.locks import LockBusy, file_lock
+from mlproject.locks import LockBusy, file_lock, temp_lock_path
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +56,7 @@ def default_lock_path(tracking_uri: str | None = None) -> Path:
         db = Path(uri.removeprefix("sqlite:///"))
         db = db if db.is_absolute() or uri.startswith("sqlite:////") else Path.cwd() / db
         return db.with_name(db.name + ".registry.lock")
-    return Path(tempfile.gettempdir()) / f"nt8-registry-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.lock"
+    return temp_lock_path("registry", uri)
 
 
 def registry_lock(path: str | Path | None = None, timeout: float = LOCK_TIMEOUT_S) -> Any:
