@@ -97,3 +97,19 @@ def test_project_imports_sit_at_the_top_of_modules():
 def test_the_walk_sees_the_whole_code_base():
     assert len(MODULES) >= 40 and "mlproject.data.formats" in MODULES and "registry_hooks.webhook" in MODULES
     assert ("mlproject.deploy", False) in GRAPH["pipelines.promote"]
+
+
+def test_no_source_file_is_git_ignored():
+    """A lost package once: `data/` in .gitignore also matched `mlproject/data/`, so the package
+    never reached a commit and a clean checkout could not import it. Ignore rules for run outputs
+    must be anchored to the repo root."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        return  # an unpacked source tree: nothing is ignored there
+    sources = [str(p.relative_to(ROOT)) for top in LIBRARY + APPLICATIONS + ("tests", "benchmarks", "conf", "notebooks")
+               for p in (ROOT / top).rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=ROOT, input="\n".join(sources),
+                             capture_output=True, text=True).stdout.split()
+    assert not ignored, f"source files matched by .gitignore (never committed): {ignored}"
