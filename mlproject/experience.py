@@ -46,8 +46,9 @@ from mlproject.locks import file_lock, temp_lock_path
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-"""Layout version of :data:`EXPERIENCE_SCHEMA`; bump it with every column change."""
+SCHEMA_VERSION = 2
+"""Layout version of :data:`EXPERIENCE_SCHEMA`; bump it with every column change. Version 2 added
+``guard`` and ``policy_action`` (files of version 1 read with those columns null)."""
 
 SOURCES = ("live", "paper", "backtest")
 """Where an experience came from."""
@@ -72,6 +73,9 @@ COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "fill_price": (pa.float64(), "fill price when the step traded (null otherwise)"),
     "slippage": (pa.float64(), "slippage of that fill, money (null otherwise)"),
     "source": (pa.string(), "live, paper or backtest"),
+    "guard": (pa.string(), "risk guard that changed the policy's choice (max_position, daily_loss, kill_switch, "
+                           "stale_bar, ...); null when the policy's action was taken"),
+    "policy_action": (pa.int16(), "the action the policy chose, when a guard changed it (null otherwise)"),
     "reflection": (pa.string(), "post-trade reflection text (null until annotated)"),
     "lesson": (pa.string(), "the lesson drawn (null until annotated)"),
     "quality": (pa.float32(), "quality score in [0, 1] (null until annotated)"),
@@ -84,6 +88,10 @@ COLUMNS: dict[str, tuple[pa.DataType, str]] = {
 EXPERIENCE_SCHEMA = pa.schema([pa.field(name, typ) for name, (typ, _) in COLUMNS.items()],
                               metadata={b"nt8.experience_schema_version": str(SCHEMA_VERSION).encode()})
 """The Arrow schema of every buffer file (the partition column ``date`` is added by the layout)."""
+
+_V1_NAMES = [name for name in COLUMNS if name not in ("guard", "policy_action")]
+EXPERIENCE_SCHEMA_V1 = pa.schema([EXPERIENCE_SCHEMA.field(name) for name in _V1_NAMES])
+"""Version 1 files (before guard and policy_action): still read, rewritten as version 2 by compaction."""
 
 ANNOTATION_COLUMNS = ("reflection", "lesson", "quality", "tags", "annotator", "annotator_version")
 """Columns an annotation sets (appended later, overlaid at read, folded in by compaction)."""
@@ -402,7 +410,9 @@ class ExperienceBuffer:
             except (pa.ArrowInvalid, OSError) as exc:
                 problems.append((path, f"not a Parquet file: {exc}"))
                 continue
-            if not schema.remove_metadata().equals(expected.remove_metadata()):
+            plain = schema.remove_metadata()
+            if not (plain.equals(expected.remove_metadata())
+                    or (expected is EXPERIENCE_SCHEMA and plain.equals(EXPERIENCE_SCHEMA_V1))):
                 problems.append((path, "foreign columns: " + ", ".join(schema.names[:8])))
         return problems
 

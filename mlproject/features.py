@@ -7,6 +7,9 @@ changing every bar after t.
 
 from __future__ import annotations
 
+import math
+from collections import deque
+
 import numpy as np
 import pandas as pd
 
@@ -29,8 +32,45 @@ def log_returns(close: np.ndarray) -> np.ndarray:
     return out
 
 
-def _trailing(values: np.ndarray, window: int, min_periods: int) -> pd.core.window.Rolling:
-    return pd.Series(values).rolling(window, min_periods=min_periods)
+def trailing_mean_std(values: np.ndarray, window: int, min_periods: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and sample std (ddof 1) of the last ``window`` values ending at each index, over the
+    values there are (fewer at the start); NaN where fewer than ``min_periods``. A window of equal
+    values has std exactly 0.
+
+    Each window is summed in a fixed order (oldest first, from 0.0), so a result depends only on
+    the values in its window: :class:`FeatureStream` repeats the same operations one bar at a
+    time and gets the same bits, whatever came before the window. (pandas' rolling std is an
+    online update over the whole series, whose last bits depend on the history.)
+    """
+    x = np.asarray(values, dtype=np.float64)
+    n = len(x)
+    padded = np.concatenate([np.zeros(window - 1), x])
+    count = np.minimum(np.arange(1, n + 1), window).astype(np.float64)
+    index = np.arange(n)
+    total = np.zeros(n)
+    for k in range(window):
+        total += padded[k:k + n]
+    mean = total / count
+    squares = np.zeros(n)
+    for k in range(window):
+        d = padded[k:k + n] - mean
+        # The padding (k < window - 1 - t) is no value: it adds nothing.
+        squares += np.where(index >= window - 1 - k, d * d, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        std = np.sqrt(squares / (count - 1.0))
+    std[same_run(x) >= count] = 0.0
+    std[count < max(min_periods, 2)] = np.nan
+    mean[count < min_periods] = np.nan
+    return mean, std
+
+
+def same_run(x: np.ndarray) -> np.ndarray:
+    """How many values in a row, ending at each index, equal it (1 where it differs from the one before)."""
+    n = len(x)
+    index = np.arange(n)
+    starts = np.ones(n, dtype=bool)
+    starts[1:] = x[1:] != x[:-1]
+    return (index - np.maximum.accumulate(np.where(starts, index, 0)) + 1).astype(np.float64)
 
 
 def _safe_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -52,16 +92,78 @@ def bar_features(bars: pd.DataFrame, *, vol_window: int = 20, norm_window: int =
     close = bars["close"].to_numpy(np.float64)
     rets = log_returns(close)
     # Warm-up: a std needs a few points; fewer than that and the feature is 0 rather than noise.
-    sigma = _trailing(rets, norm_window, min(20, norm_window)).std().to_numpy()
+    _, sigma = trailing_mean_std(rets, norm_window, min(20, norm_window))
     ret_z = _safe_ratio(rets, sigma)
     log_range = np.log(bars["high"].to_numpy(np.float64) / bars["low"].to_numpy(np.float64))
     range_z = _safe_ratio(log_range, sigma)
     volume = bars["volume"].to_numpy(np.float64)
-    roll = _trailing(volume, vol_window, 2)
-    volume_z = _safe_ratio(volume - roll.mean().to_numpy(), roll.std().to_numpy())
+    mean, std = trailing_mean_std(volume, vol_window, 2)
+    volume_z = _safe_ratio(volume - mean, std)
     index = pd.DatetimeIndex(bars.index)
     minutes = index.hour.to_numpy() * 60.0 + index.minute.to_numpy() + index.second.to_numpy() / 60.0
     angle = 2.0 * np.pi * minutes / 1440.0
     feats = np.column_stack([ret_z, range_z, volume_z, np.sin(angle), np.cos(angle)])
     np.clip(feats, -FEATURE_CLIP, FEATURE_CLIP, out=feats)
     return feats.astype(np.float32)
+
+
+class _Trailing:
+    """:func:`trailing_mean_std` for one new value at a time, with the same operations in the same order."""
+
+    def __init__(self, window: int, min_periods: int) -> None:
+        self.values: deque[float] = deque(maxlen=window)
+        self.min_periods = min_periods
+        self.run = 0
+        self.last: float | None = None
+
+    def push(self, value: float) -> tuple[float, float]:
+        self.run = self.run + 1 if value == self.last else 1
+        self.last = value
+        self.values.append(value)
+        count = float(len(self.values))
+        total = 0.0
+        for v in self.values:
+            total += v
+        mean = total / count
+        if count < max(self.min_periods, 2):
+            return (mean if count >= self.min_periods else math.nan), math.nan
+        if self.run >= count:
+            return mean, 0.0
+        squares = 0.0
+        for v in self.values:
+            d = v - mean
+            squares += d * d
+        return mean, float(np.sqrt(squares / (count - 1.0)))
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if math.isfinite(den) and den > 0 else 0.0
+
+
+class FeatureStream:
+    """:func:`bar_features` one bar at a time, for a live feed: :meth:`push` returns the feature
+    row of the new bar, equal bit for bit to the row ``bar_features`` gives that bar in a frame
+    that starts with the same bars (or that starts earlier, once ``max(vol_window, norm_window)``
+    bars have been pushed). About 20 us a bar for the default windows."""
+
+    def __init__(self, *, vol_window: int = 20, norm_window: int = 100) -> None:
+        self._sigma = _Trailing(norm_window, min(20, norm_window))
+        self._volume = _Trailing(vol_window, 2)
+        self._close: float | None = None
+        self.bars = 0
+
+    def push(self, hour: int, minute: int, second: int, high: float, low: float, close: float,
+             volume: float) -> np.ndarray:
+        """Feature row (float32, FEATURE_NAMES order) of a bar stamped hh:mm:ss (its wall clock)."""
+        ret = float(np.log(close / self._close)) if self._close is not None else 0.0
+        self._close = close
+        _, sigma = self._sigma.push(ret)
+        log_range = float(np.log(high / low))
+        mean, std = self._volume.push(volume)
+        minutes = hour * 60.0 + minute + second / 60.0
+        angle = 2.0 * np.pi * minutes / 1440.0
+        row = np.array([_ratio(ret, sigma), _ratio(log_range, sigma), _ratio(volume - mean, std),
+                        np.sin(angle), np.cos(angle)])
+        np.clip(row, -FEATURE_CLIP, FEATURE_CLIP, out=row)
+        self.bars += 1
+        return row.astype(np.float32)

@@ -204,3 +204,53 @@ def module_policy(module: Any):
 def module_weights(module: Any) -> dict[str, np.ndarray]:
     """The module's parameters as numpy arrays (to compare two policies)."""
     return {k: np.asarray(v) for k, v in module.get_state().items() if hasattr(v, "shape")}
+
+
+def fast_greedy(module: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """:func:`greedy_actions` through the module's plain torch layers (the actor's MLP, then the
+    policy head), about 5x faster than ``forward_inference`` for one observation (75 us vs 350 us
+    here), which the bridge needs. Used only when its logits equal ``forward_inference``'s
+    exactly on random batches; otherwise (another module layout) the slow path is returned."""
+    import torch
+    from ray.rllib.core.columns import Columns
+
+    encoder = getattr(module, "encoder", None)
+    actor = getattr(encoder, "actor_encoder", None) or getattr(encoder, "encoder", None)
+    layers = [getattr(getattr(part, "net", None), "mlp", None) for part in (actor, getattr(module, "pi", None))]
+    if any(layer is None for layer in layers):
+        return lambda obs: greedy_actions(module, obs)
+    net = torch.nn.Sequential(*layers)
+    size = int(np.prod(module.observation_space.shape))
+    rng = np.random.default_rng(0)
+    with torch.no_grad():
+        for rows in (1, 3, 16):
+            batch = torch.from_numpy(rng.normal(0.0, 2.0, (rows, size)).astype(np.float32))
+            if not torch.equal(net(batch), module.forward_inference({Columns.OBS: batch})[Columns.ACTION_DIST_INPUTS]):
+                return lambda obs: greedy_actions(module, obs)
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        batch = torch.from_numpy(np.ascontiguousarray(obs, dtype=np.float32))
+        if batch.ndim == 1:
+            batch = batch[None]
+        with torch.no_grad():
+            return torch.argmax(net(batch), dim=-1).numpy().astype(np.int64)
+
+    return act
+
+
+def fresh_module(obs_size: int, n_actions: int, hiddens: list[int] | tuple[int, ...] = (64, 64),
+                 activation: str = "tanh", seed: int = 0) -> Any:
+    """An untrained PPO RLModule of the shape training makes (for benchmarks and tests that need
+    a real policy without a training run); needs no running Ray."""
+    import gymnasium as gym
+    import torch
+    from ray.rllib.algorithms.ppo.torch.default_ppo_torch_rl_module import DefaultPPOTorchRLModule
+    from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+    quiet_rllib()
+    torch.manual_seed(seed)
+    space = gym.spaces.Box(-np.inf, np.inf, (obs_size,), np.float32)
+    return RLModuleSpec(module_class=DefaultPPOTorchRLModule, observation_space=space,
+                        action_space=gym.spaces.Discrete(n_actions),
+                        model_config=DefaultModelConfig(fcnet_hiddens=list(hiddens), fcnet_activation=activation)).build()

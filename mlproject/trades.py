@@ -62,3 +62,61 @@ def fills_from_positions(positions: np.ndarray, start: int, market: Any) -> list
     opens = market.open_[start + changed]
     prices = np.where(np.diff(positions)[changed - 1] > 0, opens + slip, opens - slip)
     return list(zip((start + changed).tolist(), positions[changed].tolist(), prices.tolist()))
+
+
+class PositionBook:
+    """The account of one instrument fed by fills (the bridge's book of a live or paper session).
+
+    The env's average-price accounting operation for operation (``FuturesTradingEnv.step`` and
+    ``_resize``), so the same fills give the same realised PnL and the same open-PnL observation.
+    Commission is realised on every fill.
+    """
+
+    def __init__(self, point_value: float, commission_per_side: float) -> None:
+        self.point_value = point_value
+        self.commission_per_side = commission_per_side
+        self.position = 0
+        self.avg = 0.0
+        self.realised = 0.0
+        self.closed = 0
+
+    def fill(self, quantity: int, price: float, commission: float | None = None) -> float:
+        """Apply an execution of ``quantity`` contracts (+ bought, - sold) at ``price``; returns
+        the PnL it realised (net of its commission)."""
+        p, q = self.position, self.position + quantity
+        if quantity == 0:
+            return 0.0
+        size = abs(quantity)
+        commission = size * self.commission_per_side if commission is None else commission
+        before = self.realised
+        if p == 0:  # open from flat
+            self.avg = price
+            self.realised = self.realised - commission
+        elif q == 0 or (p > 0) != (q > 0):  # close, or flip: close all and open the rest
+            side_p = 1 if p > 0 else -1
+            self.realised = self.realised + (price - self.avg) * side_p * (p * side_p) * self.point_value - commission
+            self.avg = price if q else 0.0
+            self.closed += 1
+        elif abs(q) > abs(p):  # add
+            self.avg = (self.avg * abs(p) + price * size) / abs(q)
+            self.realised = self.realised - commission
+        else:  # reduce
+            self.realised = self.realised + (price - self.avg) * (1 if p > 0 else -1) * size * self.point_value - commission
+        self.position = q
+        return self.realised - before
+
+    def open_pnl(self, price: float) -> float:
+        """Money the open position makes at ``price``."""
+        return (price - self.avg) * self.position * self.point_value if self.position else 0.0
+
+    def open_pnl_pct(self, close: float, clip: float) -> float:
+        """The env's open-PnL observation: move from the average entry in % of it, by side, clipped."""
+        if not self.position:
+            return 0.0
+        pnl = (close - self.avg) / self.avg * 100.0 * (1.0 if self.position > 0 else -1.0)
+        return clip if pnl > clip else (-clip if pnl < -clip else pnl)
+
+    def adopt(self, position: int, avg_price: float) -> None:
+        """Take the broker's position as the truth (a reconnect, a manual trade)."""
+        self.position = int(position)
+        self.avg = float(avg_price) if position else 0.0

@@ -47,7 +47,7 @@ def test_one_file_per_day_and_the_layout(filled, tmp_path):
     import pyarrow.parquet as pq
 
     schema = pq.read_schema(tmp_path / "buffer" / files[0])
-    assert schema.metadata[b"nt8.experience_schema_version"] == b"1"
+    assert schema.metadata[b"nt8.experience_schema_version"] == b"2"
     assert schema.names == list(COLUMNS) == EXPERIENCE_SCHEMA.names
     assert len(filled) == 30
 
@@ -160,6 +160,30 @@ def test_two_writers_at_once_never_clobber_each_other(tmp_path):
         assert proc.returncode == 0
     frame = ExperienceBuffer(root).query(columns=["experience_id"])
     assert len(frame) == 2 * 15 * 200 and frame["experience_id"].is_unique
+
+
+def test_version_1_files_still_read_check_and_compact_to_version_2(tmp_path):
+    """Schema 2 added guard and policy_action; a buffer written before reads with them null."""
+    import pyarrow.parquet as pq
+
+    from mlproject.experience import EXPERIENCE_SCHEMA_V1, to_table
+
+    root = tmp_path / "buffer"
+    day = root / "date=2024-01-02"
+    day.mkdir(parents=True)
+    old = to_table(experiences(5)).select(EXPERIENCE_SCHEMA_V1.names)
+    pq.write_table(old.cast(EXPERIENCE_SCHEMA_V1), day / "part-old.parquet")
+    buffer = ExperienceBuffer(root)
+    buffer.add([{**experiences(1, start="2024-01-02 15:00", prefix="n")[0], "guard": "kill_switch",
+                 "policy_action": 2}])
+    buffer.flush()
+    assert buffer.check() == []
+    rows = buffer.query(columns=["experience_id", "guard", "policy_action"])
+    assert rows["guard"].isna().sum() == 5 and rows["guard"].iloc[-1] == "kill_switch"
+    assert rows["policy_action"].iloc[-1] == 2
+    buffer.compact(100)
+    assert all(pq.read_schema(f).names == EXPERIENCE_SCHEMA.names for f in buffer.files())
+    assert len(buffer.query(columns=["experience_id"])) == 6
 
 
 def test_annotations_overlay_the_rows_and_the_newest_wins(filled):

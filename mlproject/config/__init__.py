@@ -8,6 +8,7 @@ error messages (key, file, line) in :mod:`mlproject.config.loading`.
 from mlproject.config.loading import config_from_dict, describe_validation_error, load_config
 from mlproject.config.schema import (
     AnnotationConfig,
+    BridgeConfig,
     Config,
     ConfigError,
     ContinuousLearningConfig,
@@ -24,6 +25,6 @@ from mlproject.config.schema import (
     flatten,
 )
 
-__all__ = ["AnnotationConfig", "Config", "ConfigError", "ContinuousLearningConfig", "DataChecksConfig", "DataConfig", "EnvConfig",
+__all__ = ["AnnotationConfig", "BridgeConfig", "Config", "ConfigError", "ContinuousLearningConfig", "DataChecksConfig", "DataConfig", "EnvConfig",
            "GateMetric", "InstrumentConfig", "MlflowConfig", "PromotionConfig", "SplitConfig", "SyntheticConfig",
            "TrainConfig", "config_from_dict", "describe_validation_error", "flatten", "load_config"]

@@ -336,6 +336,56 @@ class AnnotationConfig(_Strict):
         return self
 
 
+class BridgeConfig(_Strict):
+    """The NT8 bridge (``pipelines.bridge``) and the paper trader (``pipelines.collect``);
+    ``nt8/PROTOCOL.md`` describes what they speak."""
+
+    host: str = Field(default="127.0.0.1", min_length=1)
+    """Address the bridge listens on; 127.0.0.1 (this machine only) unless NinjaTrader runs elsewhere."""
+    port: int = Field(default=5555, ge=0, le=65535)
+    """TCP port (0: any free port, printed at start)."""
+    token_env: str = Field(default="NT8_BRIDGE_TOKEN", min_length=1)
+    """Environment variable holding the shared secret (at least 16 characters) every client sends in hello."""
+    tls_cert: str | None = None
+    """PEM certificate: serve TLS (needed when the bridge listens beyond this machine)."""
+    tls_key: str | None = None
+    """PEM private key of tls_cert."""
+    max_message_bytes: int = Field(default=65536, ge=512)
+    """Longest message line accepted; a longer one is answered with an error and skipped."""
+    heartbeat_timeout_s: float = Field(default=30.0, gt=0)
+    """A client that sends nothing for this long is dropped (clients send a heartbeat every third of it)."""
+    hello_timeout_s: float = Field(default=10.0, gt=0)
+    """Time a new connection has to authenticate."""
+    reload_poll_s: float = Field(default=0.5, gt=0)
+    """How often the bridge looks at deploy_dir/reload.json for a newly deployed model."""
+    flush_every: int = Field(default=256, ge=1)
+    """Experiences collected before they are written to the buffer ..."""
+    flush_interval_s: float = Field(default=1.0, gt=0)
+    """... or this long after the first unwritten one (a crash loses at most this much)."""
+    history_bars: int = Field(default=1024, ge=16)
+    """Bars kept per session, to rebuild observations when a model with other windows deploys."""
+    max_sessions: int = Field(default=64, ge=1)
+    """Connections served at once; one more is refused."""
+    max_position: int | None = Field(default=None, ge=0)
+    """Risk guard: largest position in contracts (null: the model's max_contracts)."""
+    max_daily_loss: float | None = Field(default=None, gt=0)
+    """Risk guard: a day's loss (money, realised and open) that flattens and stops new entries until
+    the next day (null: no limit)."""
+    max_bar_age_s: float | None = Field(default=120.0, gt=0)
+    """Risk guard: a live bar whose end time is older than this gets no decision (the position is held)."""
+    kill_file: str | None = None
+    """Risk guard: while this file exists every decision is flat (null: KILL in promotion.deploy_dir).
+    ``python -m pipelines.bridge kill`` creates it, ``... resume`` removes it."""
+    timezone: str | None = None
+    """Time zone of bar stamps sent without an offset, for the stale-bar check (null: this machine's)."""
+
+    @model_validator(mode="after")
+    def _tls_needs_both(self) -> BridgeConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("bridge.tls_cert and bridge.tls_key go together (a certificate and its key)")
+        return self
+
+
 class Config(_Strict):
     """Everything one run needs."""
 
@@ -348,6 +398,7 @@ class Config(_Strict):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     continuous_learning: ContinuousLearningConfig = Field(default_factory=ContinuousLearningConfig)
     annotation: AnnotationConfig = Field(default_factory=AnnotationConfig)
+    bridge: BridgeConfig = Field(default_factory=BridgeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (what ``config.yaml`` holds)."""

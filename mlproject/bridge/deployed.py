@@ -1,0 +1,75 @@
+"""The model a bridge trades with: the release ``registry_hooks.reconcile`` deployed.
+
+``deploy_dir/current`` is a complete, checked release (an MLflow model folder plus
+``manifest.json``); ``deploy_dir/reload.json`` changes with every switch. The bridge loads the
+RLModule directly (no pyfunc round trip: a decision must take well under a millisecond) and acts
+through :func:`mlproject.policy.fast_greedy`, checked equal to the pyfunc model's forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlproject.deploy import MANIFEST, RELOAD_FILE
+from mlproject.policy import PolicySettings, fast_greedy, find_module_dir, load_module, read_settings
+
+log = logging.getLogger(__name__)
+
+
+class NotDeployed(RuntimeError):
+    """Nothing usable in the deploy directory (yet)."""
+
+
+@dataclass
+class DeployedPolicy:
+    """One loaded release."""
+
+    name: str
+    version: str
+    checksum: str
+    settings: PolicySettings
+    module: Any
+    path: Path
+    act: Any = None
+    """Greedy actions (int64) for a float32 batch of observations (``mlproject.policy.fast_greedy``)."""
+
+    def __post_init__(self) -> None:
+        if self.act is None:
+            self.act = fast_greedy(self.module)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} v{self.version}"
+
+    @classmethod
+    def load(cls, deploy_dir: str | Path) -> DeployedPolicy:
+        """The release ``current`` points at (resolved once: a switch meanwhile does not tear it)."""
+        current = Path(deploy_dir) / "current"
+        if not current.exists():
+            raise NotDeployed(f"{deploy_dir}: no deployed model (current is missing): promote a model, or run "
+                              "python -m registry_hooks.reconcile")
+        release = current.resolve()
+        try:
+            manifest = json.loads((release / MANIFEST).read_text())
+            settings = read_settings(release / "model")
+        except (OSError, ValueError) as exc:
+            raise NotDeployed(f"{release}: not a complete release ({exc})") from None
+        label = f"{manifest.get('name')} v{manifest.get('version')}"
+        if settings is None:
+            raise NotDeployed(f"{label} ({release}) records no observation settings (logged before they were); "
+                              "retrain it before it can trade")
+        module = load_module(find_module_dir(release / "model"))
+        return cls(str(manifest["name"]), str(manifest["version"]), str(manifest.get("checksum", "")), settings,
+                   module, release)
+
+
+def reload_sequence(deploy_dir: str | Path) -> Any:
+    """The sequence number of the last deploy notice (None when there is none)."""
+    try:
+        return json.loads((Path(deploy_dir) / RELOAD_FILE).read_text()).get("sequence")
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,70 @@
+"""Observations built bar by bar, equal bit for bit to ``FuturesTradingEnv``'s.
+
+The env computes the features of all bars at once (``mlproject.features.bar_features``) and reads
+row ``t`` of a zero-padded window view; here :class:`~mlproject.features.FeatureStream` computes
+each new bar's row with the same operations, the last ``window`` rows are kept, and the account
+entries use the env's formulas (``mlproject.trades.PositionBook``). A model's own settings
+(window, vol_window, norm_window, max_contracts) decide, whatever the config says.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+import numpy as np
+
+from envs.market import OPEN_PNL_CLIP, Market
+from mlproject.bridge.protocol import Bar
+from mlproject.features import FEATURE_NAMES, FeatureStream
+from mlproject.policy import PolicySettings
+from mlproject.trades import PositionBook
+
+
+def bars_needed(settings: PolicySettings) -> int:
+    """Bars before the first decision: the env's first bar with a full window of history, plus one."""
+    return Market.first_bar({"window": settings.window, "vol_window": settings.vol_window}) + 1
+
+
+def replay_length(settings: PolicySettings) -> int:
+    """Bars that rebuild the last ``window`` feature rows exactly (a log return needs the close
+    before it; each row needs its norm and volume windows)."""
+    return settings.window + max(settings.norm_window, settings.vol_window) + 1
+
+
+class ObservationBuilder:
+    """The observation of the newest bar for one model's settings."""
+
+    def __init__(self, settings: PolicySettings) -> None:
+        self.settings = settings
+        self.window = settings.window
+        self.max_contracts = settings.max_contracts
+        self.needed = bars_needed(settings)
+        self._stream = FeatureStream(vol_window=settings.vol_window, norm_window=settings.norm_window)
+        self._rows: deque[np.ndarray] = deque(maxlen=self.window)
+        self.bars = 0
+        self._n = len(FEATURE_NAMES)
+
+    def push(self, bar: Bar) -> None:
+        t = bar.time
+        self._rows.append(self._stream.push(t.hour, t.minute, t.second, bar.high, bar.low, bar.close, bar.volume))
+        self.bars += 1
+
+    def replay(self, bars: Iterable[Bar]) -> None:
+        for bar in bars:
+            self.push(bar)
+
+    @property
+    def ready(self) -> bool:
+        return self.bars >= self.needed
+
+    def observation(self, book: PositionBook, close: float) -> np.ndarray:
+        """float32 (window * features + 2,): the features of the last ``window`` bars (zeros in
+        front while fewer), position / max_contracts, open PnL % of the entry (clipped)."""
+        obs = np.zeros(self.window * self._n + 2, np.float32)
+        rows = len(self._rows)
+        if rows:
+            obs[(self.window - rows) * self._n:self.window * self._n] = np.concatenate(self._rows)
+        obs[-2] = max(-1.0, min(1.0, book.position / self.max_contracts))  # a broker position beyond the model's
+        obs[-1] = book.open_pnl_pct(close, OPEN_PNL_CLIP)
+        return obs

@@ -1,0 +1,133 @@
+"""Paper trading: replay bars through the bridge, filled as NinjaTrader's simulator would.
+
+    python -m pipelines.collect [--data bars.csv] [--bars 2000] [--config conf/default.yaml]
+    mlflow run . -e collect --env-manager local
+
+Connects to the bridge at ``bridge.host:bridge.port`` when one runs there (with the token of
+``bridge.token_env``), else starts one in this process for the session (a fresh token, the model in
+``promotion.deploy_dir``). Replays the bars (default: the held-out test split of
+``data.source``), fills each decision at the next bar's open with the instrument's slippage and
+commission (``env.instrument``), and reports the fills, so the bridge records experiences
+(source ``paper``) exactly as it does live. One MLflow run per session: PnL, trades,
+decisions/s and the model version(s) that decided.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import secrets
+import socket
+from dataclasses import dataclass
+
+import pandas as pd
+
+from mlproject.bridge.paper import PaperResult, paper_trade
+from mlproject.bridge.server import Bridge, BridgeThread, token_from_env
+from mlproject.cli import base_parser, optional_int, run_cli
+from mlproject.config import Config
+from mlproject.data import load_bars
+from mlproject.evaluation import default_bars
+from mlproject.experience import ExperienceBuffer
+from mlproject.instruments import resolve_instrument
+from mlproject.metrics import win_rate
+from mlproject.tracking import log_dataset, pipeline_run, setup_tracking
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CollectResult:
+    run_id: str
+    paper: PaperResult
+    address: str
+    own_bridge: bool
+
+
+def _bridge_running(host: str, port: int) -> bool:
+    if port == 0:
+        return False
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def _bars(cfg: Config, data: str | None, limit: int | None) -> pd.DataFrame:
+    bars = load_bars(data, tick_period=cfg.data.tick_period, tz=cfg.data.tz) if data else default_bars(cfg)
+    if limit is not None:
+        if limit < 2:
+            raise ValueError(f"--bars {limit}: at least 2 bars")
+        bars = bars.iloc[:limit]
+    return bars
+
+
+def main(cfg: Config, data: str | None = None, bars_limit: int | None = None, account: str | None = None) -> CollectResult:
+    """One paper session through the bridge; an MLflow run with its results."""
+    import mlflow
+
+    bars = _bars(cfg, data, bars_limit)
+    spec = resolve_instrument(cfg.env.instrument)
+    host, port = cfg.bridge.host, cfg.bridge.port
+    own = not _bridge_running(host, port)
+    thread = None
+    if own:
+        token = secrets.token_urlsafe(24)
+        thread = BridgeThread(Bridge(cfg, token=token, port=0))
+        host, port = thread.start()
+        log.info("no bridge at %s:%d: started one for this session on port %d", cfg.bridge.host, cfg.bridge.port, port)
+    else:
+        token = token_from_env(cfg)
+    setup_tracking(cfg)
+    try:
+        with pipeline_run(cfg, "collect") as run:
+            account = account or f"paper-{run.info.run_id[:8]}"
+            log_dataset(bars, "paper-bars", bars.attrs.get("path") or str(bars.attrs.get("source", "")), "paper")
+            mlflow.log_params({"collect.account": account, "collect.bars": len(bars),
+                               "collect.bridge": f"{host}:{port}", "collect.own_bridge": own})
+            step = max(1, len(bars) // 10)
+
+            def progress(done: int, total: int) -> None:
+                if done % step == 0 or done == total:
+                    log.info("paper: %d/%d bars", done, total)
+
+            paper = asyncio.run(paper_trade(host, port, token, bars, spec, account=account,
+                                            initial_equity=cfg.env.initial_equity, progress=progress))
+            if thread is not None:
+                thread.stop()  # writes every experience before the buffer stats below
+                thread = None
+            trades = paper.trades
+            metrics = {"collect/realised_pnl": paper.realised_pnl, "collect/equity": paper.equity,
+                       "collect/return": paper.equity / cfg.env.initial_equity - 1.0,
+                       "collect/trades": float(len(trades)), "collect/commission": paper.commission,
+                       "collect/decisions": float(paper.decisions), "collect/decisions_per_s": paper.decisions_per_s,
+                       "collect/kills": float(paper.kills)}
+            if len(trades):
+                metrics["collect/win_rate"] = float(win_rate(trades["pnl"].to_numpy()))
+            metrics.update({f"collect/guard_{k}": float(v) for k, v in paper.guards.items()})
+            mlflow.log_metrics(metrics)
+            mlflow.set_tag("collect.model_versions", ",".join(sorted(paper.model_versions)))
+            if len(trades):
+                mlflow.log_table(trades.astype({"entry_time": str, "exit_time": str}), "collect/trades.json")
+            ExperienceBuffer(cfg.continuous_learning.experience_storage).log_stats()
+            log.info("paper session %s: %d decisions (%.0f/s) by model version(s) %s, %d trades, PnL %.2f",
+                     account, paper.decisions, paper.decisions_per_s, dict(paper.model_versions), len(trades),
+                     paper.realised_pnl)
+            return CollectResult(run.info.run_id, paper, f"{host}:{port}", own)
+    finally:
+        if thread is not None:
+            thread.stop()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--data", default="", help="bar file to replay (default: the test split of data.source)")
+    parser.add_argument("--bars", type=optional_int, default=None, help="replay only the first N bars")
+    parser.add_argument("--account", default="", help="session account name (default: paper-<run id>)")
+    return parser
+
+
+if __name__ == "__main__":
+    run_cli(build_parser(), lambda cfg, args: main(cfg, args.data or None, args.bars, args.account or None))

@@ -1,0 +1,573 @@
+"""The NT8 bridge and the paper trader: protocol, auth, bad input, guards, kill switch, reload
+under traffic, observations equal to the env's, paper accounting equal to the env's, flushing.
+
+Real parts: a real RLModule (untrained, of the training shape) logged as the pyfunc policy,
+registered in a sqlite registry, deployed by ``reconcile``; a real asyncio server on loopback;
+the experiences in a real Parquet buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import ROOT, fresh_store, run_module, visit_store
+from envs import FuturesTradingEnv
+from mlproject.bridge.paper import PaperError, paper_trade, period_text
+from mlproject.bridge.server import Bridge, BridgeThread
+from mlproject.config import EnvConfig, load_config
+from mlproject.data import synthetic_bars
+from mlproject.deploy import reconcile
+from mlproject.experience import ExperienceBuffer
+from mlproject.features import FeatureStream, bar_features
+from mlproject.instruments import resolve_instrument
+from mlproject.policy import PolicySettings, fresh_module
+from mlproject.registry import promote
+from mlproject.trades import PositionBook
+from pipelines.train import log_policy_model
+
+TOKEN = "test-token-0123456789abcdef"
+ENV = {"instrument": {"preset": "MES", "max_contracts": 2}, "window": 8, "vol_window": 10, "norm_window": 30}
+SPEC = resolve_instrument(EnvConfig.model_validate(ENV).instrument)
+
+
+def env_for(bars: pd.DataFrame) -> FuturesTradingEnv:
+    return FuturesTradingEnv({**ENV, "bars": bars, "random_start": False, "episode_bars": None,
+                              "max_episode_steps": None, "reward_scale": 1.0, "risk_penalty": 0.0})
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    """nt8-agent v1 and v2 (two untrained policies of the training shape, different weights),
+    v1 in Production and deployed. Yields (store uri, folder, bars)."""
+    tmp = tmp_path_factory.mktemp("bridge")
+    bars = synthetic_bars(1200, seed=11)  # a little over three sessions of 1-minute bars
+    env_cfg = EnvConfig.model_validate(ENV)
+    settings = PolicySettings.from_env(env_cfg, bars)
+    env = env_for(bars)
+    obs, _ = env.reset()
+    example = np.stack([obs] + [env.step(a)[0] for a in (0, 4, 2)])
+    with fresh_store(tmp) as uri:
+        for seed in (1, 2):
+            folder = tmp / f"module{seed}"
+            fresh_module(settings.obs_size, 2 * SPEC.max_contracts + 1, (16, 16), seed=seed).save_to_path(str(folder))
+            with mlflow.start_run():
+                info = log_policy_model(folder, example, settings)
+            mlflow.register_model(info.model_uri, "nt8-agent")
+        promote("nt8-agent", "1", "bridge tests")
+        reconcile("nt8-agent", tmp / "deploy")
+    yield uri, tmp, bars
+
+
+def config(tmp: Path, *overrides: str):
+    return load_config(None, [f"continuous_learning.experience_storage={tmp / 'buffer'}",
+                              f"promotion.deploy_dir={tmp / 'deploy'}", "bridge.port=0", "bridge.flush_interval_s=0.2",
+                              "bridge.reload_poll_s=0.05", "env.instrument.preset=MES", "env.instrument.max_contracts=2",
+                              *overrides])
+
+
+@pytest.fixture
+def bridge(deployed, tmp_path):
+    """A running bridge over the deployed v1, with its own buffer and kill file; yields
+    (BridgeThread, (host, port), buffer folder)."""
+    cfg = config(deployed[1], f"continuous_learning.experience_storage={tmp_path / 'buffer'}",
+                 f"bridge.kill_file={tmp_path / 'KILL'}")
+    thread = BridgeThread(Bridge(cfg, token=TOKEN))
+    address = thread.start()
+    yield thread, address, tmp_path / "buffer"
+    thread.stop()
+
+
+class Client:
+    """A blocking line client of the protocol."""
+
+    def __init__(self, address, context: ssl.SSLContext | None = None) -> None:
+        sock = socket.create_connection(address, timeout=30)
+        self.sock = context.wrap_socket(sock, server_hostname="localhost") if context else sock
+        self.lines = self.sock.makefile("rb")
+        self.pushed: list[dict] = []
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def send(self, msg: dict) -> None:
+        self.send_raw((json.dumps(msg) + "\n").encode())
+
+    def recv(self) -> dict | None:
+        line = self.lines.readline()
+        return json.loads(line) if line else None
+
+    def request(self, msg: dict) -> dict:
+        self.send(msg)
+        while True:
+            reply = self.recv()
+            if reply is None or reply.get("type") != "kill":
+                return reply
+            self.pushed.append(reply)
+
+    def hello(self, account: str = "acct", token: str = TOKEN, source: str = "paper", **extra) -> dict:
+        return self.request({"type": "hello", "protocol": 1, "token": token, "instrument": "MES", "bar_period": "1min",
+                             "account": account, "source": source, **extra})
+
+    def close(self) -> None:
+        self.lines.close()  # the socket closes only when its file object does too
+        self.sock.close()
+
+
+def bar_msg(bars: pd.DataFrame, i: int, **extra) -> dict:
+    row = bars.iloc[i]
+    return {"type": "bar", "time": bars.index[i].isoformat(), **{k: float(row[k]) for k in
+                                                                  ("open", "high", "low", "close", "volume")}, **extra}
+
+
+def rows_of(buffer_dir: Path, timeout: float = 10.0, at_least: int = 1) -> pd.DataFrame:
+    deadline = time.time() + timeout
+    while True:
+        frame = ExperienceBuffer(buffer_dir).query() if buffer_dir.exists() else pd.DataFrame()
+        if len(frame) >= at_least or time.time() > deadline:
+            return frame
+        time.sleep(0.05)
+
+
+# -- features, book ------------------------------------------------------------------------------
+
+
+def test_feature_stream_equals_bar_features_bit_for_bit():
+    bars = synthetic_bars(700, seed=5)
+    bars.iloc[100:160, bars.columns.get_loc("volume")] = 9.0  # a flat volume stretch: std exactly 0
+    bars.iloc[300:340, :4] = 4500.0  # flat prices: sigma exactly 0
+    expected = bar_features(bars, vol_window=10, norm_window=30)
+    for start in (0, 200):  # from the first bar, and from a later one once the windows have filled
+        stream = FeatureStream(vol_window=10, norm_window=30)
+        rows = np.stack([stream.push(t.hour, t.minute, t.second, h, lo, c, v) for t, h, lo, c, v in
+                         zip(bars.index[start:], bars["high"][start:], bars["low"][start:], bars["close"][start:],
+                             bars["volume"][start:])])
+        skip = 0 if start == 0 else 31
+        assert np.array_equal(rows[skip:], expected[start + skip:])
+
+
+def test_position_book_matches_the_env_account():
+    bars = synthetic_bars(400, seed=2)
+    env = env_for(bars)
+    env.reset(options={"start": 10})
+    rng = np.random.default_rng(0)
+    for action in rng.integers(0, 5, 300):
+        env.step(int(action))
+    book = PositionBook(SPEC.point_value, SPEC.commission_per_side)
+    previous = 0
+    for _, q, price in env.fills:
+        book.fill(q - previous, price)
+        previous = q
+    assert book.position == env._pos and book.avg == env._avg and book.realised == env._realised
+    assert book.closed == env._n_closed
+
+
+# -- protocol ------------------------------------------------------------------------------------
+
+
+def test_protocol_round_trip(bridge, deployed):
+    thread, address, _ = bridge
+    bars = deployed[2]
+    c = Client(address)
+    welcome = c.hello(id=7)
+    assert welcome["type"] == "welcome" and welcome["id"] == 7 and welcome["model_version"] == "1"
+    assert welcome["bars_needed"] == 11 and welcome["max_position"] == 2 and welcome["position"] == 0
+    assert c.request({"type": "heartbeat", "id": "h1"})["id"] == "h1"
+    decisions = [c.request(bar_msg(bars, i)) for i in range(12)]
+    assert all(d["type"] == "decision" and d["model_version"] == "1" for d in decisions)
+    assert [d["guard"] for d in decisions[:10]] == ["warmup"] * 10 and decisions[10]["guard"] in (None, "max_position")
+    assert decisions[11]["reference_price"] == float(bars["close"].iloc[11])
+    again = c.request(bar_msg(bars, 11))  # a resend after a lost reply: the same decision
+    assert again["repeat"] is True and again["decision_id"] == decisions[11]["decision_id"]
+    target = decisions[11]["target_position"]
+    if target:
+        ack = c.request({"type": "fill", "decision_id": decisions[11]["decision_id"], "time": bars.index[12].isoformat(),
+                         "price": float(bars["open"].iloc[12]), "quantity": target})
+        assert ack == {"type": "ack", "ref": "fill", "position": target, "model_version": "1"}
+    ack = c.request({"type": "position", "position": target, "avg_price": float(bars["open"].iloc[12])})
+    assert ack["position"] == target
+    assert c.request({"type": "bye"})["type"] == "bye"
+    assert c.recv() is None  # closed after bye
+
+
+def test_auth_is_refused_without_or_with_a_wrong_token(bridge):
+    _, address, _ = bridge
+    for token in ("", "wrong-token-0123456789", TOKEN[:-1]):
+        c = Client(address)
+        reply = c.hello(token=token)
+        assert reply["type"] == "error" and reply["code"] == "unauthorized"
+        assert c.recv() is None
+    c = Client(address)
+    reply = c.request({"type": "bar", "time": "2024-01-02T09:31:00", "open": 1, "high": 1, "low": 1, "close": 1,
+                       "volume": 1})
+    assert reply["code"] == "not_authenticated" and c.recv() is None
+    c = Client(address)
+    assert c.hello(protocol=2)["code"] == "protocol"
+    c = Client(address)
+    assert c.hello(instrument="ES")["code"] == "mismatch"
+    c = Client(address)
+    assert c.hello(bar_period="5min")["code"] == "mismatch"
+    c = Client(address)
+    assert c.hello(account="same")["type"] == "welcome"
+    other = Client(address)
+    assert other.hello(account="same")["code"] == "session_busy"
+
+
+def test_malformed_and_oversized_messages_leave_the_connection_usable(deployed, tmp_path):
+    cfg = config(deployed[1], f"continuous_learning.experience_storage={tmp_path / 'b'}", "bridge.max_message_bytes=1024",
+                 f"bridge.kill_file={tmp_path / 'KILL'}")
+    bars = deployed[2]
+    with BridgeThread(Bridge(cfg, token=TOKEN)) as thread:
+        c = Client(thread.bridge.address)
+        assert c.hello()["type"] == "welcome"
+        good = bar_msg(bars, 0)
+        cases = [
+            (b"x" * 5000 + b"\n", "too_large"),
+            (b'{"type": "bar", "pad": "' + b"y" * 300_000 + b'"}\n', "too_large"),
+            (b"{not json\n", "bad_json"),
+            (b"[1, 2]\n", "bad_json"),
+            (b'{"no_type": 1}\n', "bad_json"),
+            (b'{"type": "launch_missiles"}\n', "unknown_type"),
+            (json.dumps({**good, "close": "4500"}).encode() + b"\n", "bad_value"),
+            (json.dumps(good).replace('"close": ' + json.dumps(good["close"]), '"close": NaN').encode() + b"\n",
+             "bad_json"),
+            (json.dumps({**good, "high": good["low"] - 1}).encode() + b"\n", "bad_value"),
+            (json.dumps({**good, "volume": -1}).encode() + b"\n", "bad_value"),
+            (json.dumps({**good, "open": 0}).encode() + b"\n", "bad_value"),
+            (json.dumps({**good, "time": "yesterday"}).encode() + b"\n", "bad_value"),
+            (json.dumps({**good, "historical": "yes"}).encode() + b"\n", "bad_value"),
+            (json.dumps({"type": "fill", "quantity": True, "price": 1.0}).encode() + b"\n", "bad_value"),
+            (json.dumps({"type": "fill", "quantity": 10**9, "price": 1.0}).encode() + b"\n", "bad_value"),
+            (json.dumps({"type": "fill", "quantity": 1, "price": -1.0}).encode() + b"\n", "bad_value"),
+            (json.dumps({"type": "position", "position": 1.5}).encode() + b"\n", "bad_value"),
+            (json.dumps({"type": "heartbeat", "id": ["list"]}).encode() + b"\n", "bad_value"),
+            (b"\xff\xfe\n", "bad_json"),
+            (json.dumps({"type": "hello"}).encode() + b"\n", "bad_value"),
+        ]
+        for raw, code in cases:
+            c.send_raw(raw)
+            reply = c.recv()
+            assert reply["type"] == "error" and reply["code"] == code, (raw[:60], reply)
+            assert c.request({"type": "heartbeat"})["type"] == "heartbeat"  # still usable
+        assert c.request(good)["type"] == "decision"
+        c.request(bar_msg(bars, 1))
+        reply = c.request(bar_msg(bars, 0))  # back in time
+        assert reply["code"] == "bad_value" and "before the previous bar" in reply["message"]
+
+
+def test_a_silent_client_is_dropped_and_its_session_resumes(deployed, tmp_path):
+    cfg = config(deployed[1], f"continuous_learning.experience_storage={tmp_path / 'b'}",
+                 "bridge.heartbeat_timeout_s=0.5", "bridge.hello_timeout_s=0.5", f"bridge.kill_file={tmp_path / 'K'}")
+    bars = deployed[2]
+    with BridgeThread(Bridge(cfg, token=TOKEN)) as thread:
+        silent = Client(thread.bridge.address)  # never says hello
+        assert silent.recv()["code"] == "timeout" and silent.recv() is None
+        c = Client(thread.bridge.address)
+        c.hello(account="resume")
+        decisions = [c.request(bar_msg(bars, i)) for i in range(15)]
+        time.sleep(1.0)
+        assert c.recv()["code"] == "timeout" and c.recv() is None
+        again = Client(thread.bridge.address)
+        welcome = again.hello(account="resume")
+        assert welcome["type"] == "welcome"
+        resumed = again.request(bar_msg(bars, 15))  # history kept: no second warm-up
+        assert resumed["guard"] != "warmup" and decisions[-1]["guard"] != "warmup"
+
+
+def test_server_busy_beyond_max_sessions(deployed, tmp_path):
+    cfg = config(deployed[1], f"continuous_learning.experience_storage={tmp_path / 'b'}", "bridge.max_sessions=2",
+                 f"bridge.kill_file={tmp_path / 'K'}")
+    with BridgeThread(Bridge(cfg, token=TOKEN)) as thread:
+        first, second = Client(thread.bridge.address), Client(thread.bridge.address)
+        assert first.hello(account="a")["type"] == "welcome" and second.hello(account="b")["type"] == "welcome"
+        third = Client(thread.bridge.address)
+        assert third.recv()["code"] == "server_busy" and third.recv() is None
+
+
+# -- the loop: observations, decisions, accounting -----------------------------------------------
+
+
+def test_paper_trading_equals_the_env_bit_for_bit_and_decisions_equal_the_pyfunc_model(bridge, deployed):
+    thread, (host, port), buffer_dir = bridge
+    bars = deployed[2].iloc[:600]
+    result = asyncio.run(paper_trade(host, port, TOKEN, bars, SPEC, account="exact"))
+    assert result.decisions == len(bars) and result.model_versions == {"1": len(bars)}
+    thread.call(thread.bridge.flush)
+    rows = rows_of(buffer_dir)
+    env = env_for(bars)
+    start = env.market.t_min
+    assert len(rows) == len(bars) - start - 1  # one per decision after the warm-up; the last has no next bar
+    obs, _ = env.reset(options={"start": start})
+    rewards = []
+    for row in rows.itertuples():
+        assert np.array_equal(row.observation, obs), f"observation differs at {row.time}"
+        obs, reward, terminated, truncated, info = env.step(int(row.action))
+        assert np.array_equal(row.next_observation, obs)
+        assert row.position == info["position"]
+        rewards.append(reward)
+    assert np.allclose(rows["reward"], rewards, rtol=0, atol=1e-6)
+    assert rows["equity"].iloc[-1] == pytest.approx(info["equity"], abs=1e-6)
+    assert rows["realised_pnl"].sum() == pytest.approx(info["realised_pnl"], abs=1e-6)
+    assert result.realised_pnl == pytest.approx(info["realised_pnl"], abs=1e-6)
+    pd.testing.assert_frame_equal(result.trades, env.trades_frame())
+    assert len(result.trades) > 5  # the untrained policy trades: the accounting is exercised
+    assert (rows["source"] == "paper").all() and rows["guard"].isna().all()
+    closing = rows[rows["realised_pnl"] != 0]
+    assert closing["trade_id"].notna().all()
+    # Slippage against the decision's close: (fill - close) * signed quantity * point value.
+    traded = rows[rows["fill_price"].notna()]
+    assert len(traded) and traded["slippage"].notna().all()
+    model = mlflow.pyfunc.load_model(str(deployed[1] / "deploy" / "current" / "model"))
+    assert np.array_equal(model.predict(np.stack(rows["observation"].to_numpy())), rows["action"].to_numpy())
+
+
+def test_reload_under_traffic_switches_models_between_requests(bridge, deployed, monkeypatch):
+    thread, (host, port), buffer_dir = bridge
+    uri, folder, bars = deployed
+    results, errors = [], []
+
+    def traffic(account: str) -> None:
+        try:
+            results.append(asyncio.run(paper_trade(host, port, TOKEN, bars, SPEC, account=account)))
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    clients = [threading.Thread(target=traffic, args=(f"reload{i}",)) for i in range(4)]
+    for c in clients:
+        c.start()
+    gen = visit_store(monkeypatch, uri, folder, None)
+    next(gen)
+    try:
+        time.sleep(0.5)
+        promote("nt8-agent", "2", "reload test")
+        reconcile("nt8-agent", folder / "deploy")
+        for c in clients:
+            c.join(timeout=300)
+    finally:
+        promote("nt8-agent", "1", "back to v1 for the other tests")
+        reconcile("nt8-agent", folder / "deploy")
+        gen.close()
+    assert not errors, errors
+    assert len(results) == 4 and all(r.decisions == len(bars) for r in results)  # nothing failed or dropped
+    assert all(set(r.model_versions) == {"1", "2"} for r in results), [r.model_versions for r in results]
+    thread.call(thread.bridge.flush)
+    rows = rows_of(buffer_dir, at_least=4 * (len(bars) - 11))
+    assert len(rows) == 4 * (len(bars) - 11)
+    for r in results:  # each session: v1, then v2 from the switch on, never back
+        switch = r.versions.index("2")
+        assert set(r.versions[:switch]) == {"1"} and set(r.versions[switch:]) == {"2"}
+    assert set(rows["model_version"]) == {"1", "2"}
+    v2 = rows[rows["model_version"] == "2"]
+    model2 = mlflow.pyfunc.load_model(str(_release_of(folder / "deploy", "2") / "model"))
+    assert np.array_equal(model2.predict(np.stack(v2["observation"].to_numpy())), v2["action"].to_numpy())
+
+
+def _release_of(deploy: Path, version: str) -> Path:
+    return next(p for p in (deploy / "releases").iterdir() if p.name.startswith(f"v{version}-"))
+
+
+# -- the risk guard ------------------------------------------------------------------------------
+
+
+def test_stale_bars_get_no_decision_on_a_live_session(bridge, deployed):
+    _, address, buffer_dir = bridge
+    bars = deployed[2]
+    c = Client(address)
+    c.hello(account="live-stale", source="live")
+    decisions = [c.request(bar_msg(bars, i)) for i in range(14)]  # 2024 bars: hours old
+    assert [d["guard"] for d in decisions[10:]] == ["stale_bar"] * 4
+    assert all(d["target_position"] == 0 for d in decisions)
+    now = pd.Timestamp.now(tz="UTC").floor("s")
+    fresh = {**bar_msg(bars, 14), "time": now.isoformat()}
+    assert c.request(fresh)["guard"] in (None, "max_position")
+    historical = c.request({**bar_msg(bars, 15), "time": (now + pd.Timedelta("1min")).isoformat(), "historical": True})
+    assert historical["guard"] == "historical"
+    c.request({"type": "bye"})
+    rows = rows_of(buffer_dir)
+    assert (rows["guard"] == "stale_bar").sum() >= 2 and rows["policy_action"].notna().sum() >= 2
+
+
+def test_daily_loss_flattens_and_stops_entries_until_the_next_day(deployed, tmp_path):
+    cfg = config(deployed[1], f"continuous_learning.experience_storage={tmp_path / 'b'}", "bridge.max_daily_loss=20.0",
+                 f"bridge.kill_file={tmp_path / 'K'}")
+    bars = deployed[2]
+    with BridgeThread(Bridge(cfg, token=TOKEN)) as thread:
+        host, port = thread.bridge.address
+        result = asyncio.run(paper_trade(host, port, TOKEN, bars, SPEC, account="loss"))
+    rows = ExperienceBuffer(tmp_path / "b").query()
+    assert result.guards["daily_loss"] > 0
+    days = rows["time"].dt.date
+    stop_days = []
+    for day, group in rows.groupby(days):
+        stopped = np.flatnonzero((group["guard"] == "daily_loss").to_numpy())
+        if len(stopped):
+            stop_days.append(day)
+            after = group.iloc[stopped[0]:]
+            assert (after["guard"] == "daily_loss").all(), f"{day}: entries after the stop"
+            assert (after["action"] == SPEC.max_contracts).all() and (after["position"].iloc[1:] == 0).all()
+            assert group["equity"].iloc[:stopped[0]].min() < group["equity"].iloc[0]  # it lost first
+    later = rows[days > stop_days[0]]
+    assert len(later) and later["guard"].isna().any()  # the next day trades again
+
+
+def test_max_position_clips_the_policy(deployed, tmp_path):
+    cfg = config(deployed[1], f"continuous_learning.experience_storage={tmp_path / 'b'}", "bridge.max_position=1",
+                 f"bridge.kill_file={tmp_path / 'K'}")
+    bars = deployed[2].iloc[:300]
+    with BridgeThread(Bridge(cfg, token=TOKEN)) as thread:
+        host, port = thread.bridge.address
+        result = asyncio.run(paper_trade(host, port, TOKEN, bars, SPEC, account="clip"))
+    rows = ExperienceBuffer(tmp_path / "b").query()
+    assert rows["position"].abs().max() <= 1 and result.guards["max_position"] > 0
+    clipped = rows[rows["guard"] == "max_position"]
+    assert set(clipped["policy_action"]) <= {0, 4} and set(clipped["action"]) <= {1, 3}
+
+
+def test_kill_switch_by_message_and_by_file(bridge, deployed, tmp_path):
+    thread, address, buffer_dir = bridge
+    bars = deployed[2]
+    a, b = Client(address), Client(address)
+    a.hello(account="ka")
+    b.hello(account="kb")
+    for i in range(30):
+        a.request(bar_msg(bars, i))
+        b.request(bar_msg(bars, i))
+    assert a.request({"type": "kill", "reason": "news"})["ref"] == "kill"
+    assert b.recv()["type"] == "kill"  # pushed to every connected client
+    assert (tmp_path / "KILL").exists()  # holds over a restart
+    for i in range(30, 40):
+        for c in (a, b):
+            d = c.request(bar_msg(bars, i))
+            assert d["guard"] == "kill_switch" and d["target_position"] == 0
+    a.request({"type": "resume"})
+    assert not (tmp_path / "KILL").exists()
+    assert a.request(bar_msg(bars, 40))["guard"] != "kill_switch"
+    (tmp_path / "KILL").write_text("operator\n")  # the file alone (python -m pipelines.bridge kill)
+    assert a.request(bar_msg(bars, 41))["guard"] == "kill_switch"
+    (tmp_path / "KILL").unlink()
+    assert a.request(bar_msg(bars, 42))["guard"] != "kill_switch"
+
+
+# -- durability ----------------------------------------------------------------------------------
+
+
+def test_disconnect_and_stop_flush_what_the_bridge_holds(deployed, tmp_path):
+    cfg = config(deployed[1], f"continuous_learning.experience_storage={tmp_path / 'b'}", "bridge.flush_every=100000",
+                 "bridge.flush_interval_s=3600", f"bridge.kill_file={tmp_path / 'K'}")
+    bars = deployed[2].iloc[:100]
+    thread = BridgeThread(Bridge(cfg, token=TOKEN))
+    host, port = thread.start()
+    try:
+        asyncio.run(paper_trade(host, port, TOKEN, bars, SPEC, account="bye"))  # ends with bye
+        assert len(rows_of(tmp_path / "b", at_least=len(bars) - 11)) == len(bars) - 11
+        c = Client((host, port))
+        c.hello(account="abrupt")
+        for i in range(50):
+            c.request(bar_msg(bars, i))
+        c.close()  # no bye: the connection just drops
+        assert len(rows_of(tmp_path / "b", at_least=len(bars) - 11 + 39)) == len(bars) - 11 + 39
+        c = Client((host, port))
+        c.hello(account="at-stop")
+        for i in range(30):
+            c.request(bar_msg(bars, i))
+    finally:
+        thread.stop()
+    assert len(ExperienceBuffer(tmp_path / "b").query()) == len(bars) - 11 + 39 + 19
+
+
+def test_tls(deployed, tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                           str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                          capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    cfg = config(deployed[1], f"continuous_learning.experience_storage={tmp_path / 'b'}", f"bridge.tls_cert={cert}",
+                 f"bridge.tls_key={key}", f"bridge.kill_file={tmp_path / 'K'}")
+    context = ssl.create_default_context(cafile=str(cert))
+    with BridgeThread(Bridge(cfg, token=TOKEN)) as thread:
+        host, port = thread.bridge.address
+        c = Client((host, port), context)
+        assert c.hello()["type"] == "welcome"
+        plain = Client((host, port))
+        plain.send({"type": "hello"})
+        assert plain.recv() is None  # no TLS, no talk
+        result = asyncio.run(paper_trade(host, port, TOKEN, deployed[2].iloc[:50], SPEC, account="tls",
+                                         ssl_context=context))
+        assert result.decisions == 50
+
+
+def test_refusals_are_clear(deployed, tmp_path):
+    cfg = config(tmp_path, f"promotion.deploy_dir={tmp_path / 'empty'}")
+    with pytest.raises(ValueError, match="at least 16"):
+        Bridge(cfg, token="short")
+    with BridgeThread(Bridge(cfg, token=TOKEN)) as thread:  # nothing deployed: hello is refused
+        assert Client(thread.bridge.address).hello()["code"] == "no_model"
+        with pytest.raises(PaperError, match="no_model"):
+            asyncio.run(paper_trade(*thread.bridge.address, TOKEN, deployed[2].iloc[:20], SPEC))
+    assert period_text(deployed[2]) == "1min"
+
+
+# -- the commands --------------------------------------------------------------------------------
+
+
+def test_collect_command_runs_a_paper_session_into_mlflow_and_the_buffer(deployed, tmp_path):
+    uri, folder, bars = deployed
+    data = tmp_path / "bars.csv"
+    bars.iloc[:200].reset_index().to_csv(data, index=False)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = [f"continuous_learning.experience_storage={tmp_path / 'buffer'}", f"promotion.deploy_dir={folder / 'deploy'}",
+            "bridge.port=0", "env.instrument.preset=MES", "env.instrument.max_contracts=2"]
+    out = run_module(["python", "-m", "pipelines.collect", "--data", str(data), *sum((["--set", s] for s in sets), [])],
+                     tmp_path, env={"MLFLOW_TRACKING_URI": store})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(ExperienceBuffer(tmp_path / "buffer").query()) == 200 - 11
+    client = mlflow.MlflowClient(store)
+    run = client.search_runs([client.get_experiment_by_name("nt8-rl").experiment_id],
+                             "tags.`pipeline.step` = 'collect'")[0]
+    assert run.data.metrics["collect/decisions"] == 200 and run.data.tags["collect.model_versions"] == "1"
+    assert "collect/realised_pnl" in run.data.metrics and run.data.metrics["buffer/experiences"] == 189
+    bad = run_module(["python", "-m", "pipelines.collect", "--data", str(tmp_path / "missing.csv"),
+                      *sum((["--set", s] for s in sets), [])], tmp_path, env={"MLFLOW_TRACKING_URI": store})
+    assert bad.returncode == 2 and "missing.csv" in bad.stderr
+
+
+def test_bridge_command_serves_kills_and_resumes(deployed, tmp_path):
+    folder, bars = deployed[1], deployed[2]
+    sets = [f"continuous_learning.experience_storage={tmp_path / 'buffer'}", f"promotion.deploy_dir={folder / 'deploy'}",
+            f"bridge.kill_file={tmp_path / 'KILL'}"]
+    args = sum((["--set", s] for s in sets), [])
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    refused = run_module(["python", "-m", "pipelines.bridge", *args], tmp_path, env={**env, "NT8_BRIDGE_TOKEN": ""})
+    assert refused.returncode == 2 and "NT8_BRIDGE_TOKEN" in refused.stderr
+    proc = subprocess.Popen(["python", "-m", "pipelines.bridge", "--port", "0", *args], cwd=tmp_path,
+                            env={**os.environ, **env, "NT8_BRIDGE_TOKEN": TOKEN, "PYTHONPATH": str(ROOT),
+                                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "listening on" in line, proc.stderr.read() if proc.poll() is not None else line
+        port = int(line.rsplit(":", 1)[1])
+        assert run_module(["python", "-m", "pipelines.bridge", "kill", "--reason", "test", *args], tmp_path,
+                          env=env).returncode == 0
+        result = asyncio.run(paper_trade("127.0.0.1", port, TOKEN, bars.iloc[:30], SPEC, account="cmd"))
+        assert result.guards["kill_switch"] == 30 - 10
+        assert run_module(["python", "-m", "pipelines.bridge", "resume", *args], tmp_path, env=env).returncode == 0
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert len(ExperienceBuffer(tmp_path / "buffer").query()) == 30 - 11  # SIGTERM wrote what it held
