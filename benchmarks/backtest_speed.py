@@ -20,18 +20,7 @@ import warnings
 
 import numpy as np
 
-
-def make_module(obs_dim: int, n_actions: int):
-    """A PPO RLModule built the way RLlib builds it for training (no Ray needed)."""
-    import gymnasium as gym
-    from ray.rllib.algorithms.ppo.torch.default_ppo_torch_rl_module import DefaultPPOTorchRLModule
-    from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
-    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
-
-    space = gym.spaces.Box(-10, 10, (obs_dim,), np.float32)
-    return RLModuleSpec(module_class=DefaultPPOTorchRLModule, observation_space=space,
-                        action_space=gym.spaces.Discrete(n_actions),
-                        model_config=DefaultModelConfig(fcnet_hiddens=[64, 64], fcnet_activation="tanh")).build()
+from mlproject.policy import fresh_module
 
 
 def log_pyfunc(module, example: np.ndarray) -> str:
@@ -70,7 +59,7 @@ def main() -> None:
     torch.manual_seed(0)
     env = {"instrument": "ES", "window": 32}
     bars = synthetic_bars(args.bars, seed=0)
-    module = make_module(32 * 5 + 2, 3)
+    module = fresh_module(32 * 5 + 2, 3)
 
     start = time.perf_counter()
     report = backtest(module_policy(module), bars, env, args.windows, name="rlmodule")

@@ -11,13 +11,13 @@ def policy_model_versions(work: Path, count: int, obs_dim: int = 32 * 5 + 2) -> 
     import mlflow
     import numpy as np
 
-    from backtest_speed import make_module
+    from mlproject.policy import fresh_module
     from mlproject.registry import register_version
     from pipelines.train import log_policy_model
 
     versions = []
     for i in range(count):
-        module = make_module(obs_dim, 3)
+        module = fresh_module(obs_dim, 3, seed=i)
         module.save_to_path(str(work / f"module{i}"))
         with mlflow.start_run():
             info = log_policy_model(work / f"module{i}", np.zeros((4, obs_dim), np.float32))

@@ -552,14 +552,8 @@ def test_bridge_command_serves_kills_and_resumes(deployed, tmp_path):
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     refused = run_module(["python", "-m", "pipelines.bridge", *args], tmp_path, env={**env, "NT8_BRIDGE_TOKEN": ""})
     assert refused.returncode == 2 and "NT8_BRIDGE_TOKEN" in refused.stderr
-    proc = subprocess.Popen(["python", "-m", "pipelines.bridge", "--port", "0", *args], cwd=tmp_path,
-                            env={**os.environ, **env, "NT8_BRIDGE_TOKEN": TOKEN, "PYTHONPATH": str(ROOT),
-                                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, port = _serve(args, tmp_path, env)
     try:
-        line = proc.stdout.readline()
-        assert "listening on" in line, proc.stderr.read() if proc.poll() is not None else line
-        port = int(line.rsplit(":", 1)[1])
         assert run_module(["python", "-m", "pipelines.bridge", "kill", "--reason", "test", *args], tmp_path,
                           env=env).returncode == 0
         result = asyncio.run(paper_trade("127.0.0.1", port, TOKEN, bars.iloc[:30], SPEC, account="cmd"))
@@ -571,3 +565,64 @@ def test_bridge_command_serves_kills_and_resumes(deployed, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert len(ExperienceBuffer(tmp_path / "buffer").query()) == 30 - 11  # SIGTERM wrote what it held
+
+
+def _serve(args: list[str], cwd: Path, env: dict) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen(["python", "-m", "pipelines.bridge", "--port", "0", *args], cwd=cwd,
+                            env={**os.environ, **env, "NT8_BRIDGE_TOKEN": TOKEN, "PYTHONPATH": str(ROOT),
+                                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert "listening on" in line, proc.stderr.read() if proc.poll() is not None else line
+    return proc, int(line.rsplit(":", 1)[1])
+
+
+def test_a_bridge_killed_with_sigkill_loses_only_its_last_flush_interval(deployed, tmp_path):
+    """kill -9 at a random moment of a busy session, three times into one buffer: the buffer stays
+    readable (no torn file), no experience is there twice, and everything older than the flush
+    interval when the kill came is there."""
+    import random
+    import signal
+
+    folder, bars = deployed[1], deployed[2]
+    sets = [f"continuous_learning.experience_storage={tmp_path / 'buffer'}", f"promotion.deploy_dir={folder / 'deploy'}",
+            f"bridge.kill_file={tmp_path / 'KILL'}", "bridge.flush_interval_s=0.2", "bridge.flush_every=25"]
+    args = sum((["--set", s] for s in sets), [])
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    rng = random.Random(4)
+    kept = 0
+    for round_ in range(3):
+        proc, port = _serve(args, tmp_path, env)
+        c = Client(("127.0.0.1", port))
+        c.hello(account=f"crash{round_}")
+        sent = 11 + rng.randrange(20, 200)
+        for i in range(sent):
+            c.request(bar_msg(bars, i))
+        time.sleep(0.6)  # three flush intervals: all of it is durable now ...
+        for i in range(sent, sent + rng.randrange(0, 150)):
+            c.request(bar_msg(bars, i))  # ... and this part may or may not be
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        c.close()
+        buffer = ExperienceBuffer(tmp_path / "buffer")
+        assert buffer.check() == []
+        rows = buffer.query(columns=["experience_id", "time"])
+        assert rows["experience_id"].is_unique
+        assert len(rows) >= kept + (sent - 11)  # every experience completed before the pause is there
+        kept = len(rows)
+
+
+def test_a_second_bridge_on_the_same_port_is_refused(deployed, tmp_path):
+    folder = deployed[1]
+    sets = [f"continuous_learning.experience_storage={tmp_path / 'buffer'}", f"promotion.deploy_dir={folder / 'deploy'}",
+            f"bridge.kill_file={tmp_path / 'KILL'}"]
+    args = sum((["--set", s] for s in sets), [])
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc, port = _serve(args, tmp_path, env)
+    try:
+        second = run_module(["python", "-m", "pipelines.bridge", "--port", str(port), *args], tmp_path,
+                            env={**env, "NT8_BRIDGE_TOKEN": TOKEN}, timeout=120)
+        assert second.returncode == 2 and "address already in use" in second.stderr.lower(), second.stderr[-2000:]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

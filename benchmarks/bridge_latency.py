@@ -1,0 +1,240 @@
+"""Bridge decision round trip against a bare asyncio JSON echo server, in the same run.
+
+    python benchmarks/bridge_latency.py [--blocks 7] [--block 400] [--clients 16]
+
+Both servers run in their own process (one core each on a 2-core machine); this process is the
+client. The bridge serves the default-config policy (window 32, 162 inputs, 64x64 PPO module,
+deployed through the registry) and writes every experience to a Parquet buffer, so a round trip is
+bar in -> observation -> policy inference -> experience recorded -> decision out. The echo server
+parses each line as JSON and answers a decision-shaped JSON line: the floor any line-JSON server
+over loopback has.
+
+1. One client: blocks of ``--block`` requests, alternating echo and bridge; p50, p99, p99.9 per
+   block, median over blocks, and the bridge's overhead over the echo as a ratio.
+2. ``--clients`` concurrent clients: decisions/s per block, alternating; median and ratio.
+Goals (issue 12): p99 <= 1 ms with one client; >= 5,000 decisions/s with 16 clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "benchmark-token-0123456789"
+
+
+# -- the servers (run with --serve in a child process) -------------------------------------------
+
+
+async def echo_server() -> None:
+    async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        n = 0
+        while line := await reader.readline():
+            msg = json.loads(line)
+            n += 1
+            writer.write((json.dumps({"type": "decision", "decision_id": str(n), "time": msg.get("time"),
+                                      "target_position": 0, "action": 1, "model_name": "echo", "model_version": "0",
+                                      "reference_price": msg.get("close"), "guard": None, "policy_target": None},
+                                     separators=(",", ":")) + "\n").encode())
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(client, "127.0.0.1", 0)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await server.serve_forever()
+
+
+async def bridge_server(work: Path) -> None:
+    import torch
+
+    from mlproject.bridge.server import Bridge
+    from mlproject.config import load_config
+
+    torch.set_num_threads(1)
+    cfg = load_config(None, [f"promotion.deploy_dir={work / 'deploy'}", "bridge.port=0",
+                             f"continuous_learning.experience_storage={work / 'buffer'}",
+                             f"bridge.kill_file={work / 'KILL'}"])
+    bridge = Bridge(cfg, token=TOKEN)
+    _, port = await bridge.start()
+    print(port, flush=True)
+    await asyncio.Event().wait()
+
+
+def deploy(work: Path) -> None:
+    """nt8-agent v1 (default settings, untrained weights) in Production, deployed to work/deploy."""
+    import mlflow
+
+    from envs import FuturesTradingEnv
+    from mlproject.config import EnvConfig
+    from mlproject.data import synthetic_bars
+    from mlproject.deploy import reconcile
+    from mlproject.policy import PolicySettings, fresh_module
+    from mlproject.registry import promote, register_version
+    from pipelines.train import log_policy_model
+
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+    bars = synthetic_bars(2000, seed=1)
+    settings = PolicySettings.from_env(EnvConfig(), bars)
+    env = FuturesTradingEnv({"bars": bars, "random_start": False})
+    example = np.stack([env.reset()[0]] * 4)
+    fresh_module(settings.obs_size, 2 * settings.max_contracts + 1).save_to_path(str(work / "module"))
+    os.chdir(work)
+    with mlflow.start_run():
+        info = log_policy_model(work / "module", example, settings)
+    version = register_version(info.model_uri, "nt8-agent", {}).version
+    promote("nt8-agent", version, "benchmark")
+    reconcile("nt8-agent", work / "deploy")
+
+
+# -- the client ----------------------------------------------------------------------------------
+
+
+class Conn:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int, account: str) -> Conn:
+        conn = cls(*await asyncio.open_connection("127.0.0.1", port))
+        reply = await conn.request({"type": "hello", "protocol": 1, "token": TOKEN, "instrument": "ES",
+                                    "bar_period": "1min", "account": account, "source": "paper"})
+        assert reply["type"] in ("welcome", "decision"), reply
+        return conn
+
+    async def request(self, msg: dict) -> dict:
+        self.writer.write((json.dumps(msg, separators=(",", ":")) + "\n").encode())
+        return json.loads(await self.reader.readline())
+
+
+class Feed:
+    """Bars for one session, as the messages a client sends."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        from mlproject.data import synthetic_bars
+
+        bars = synthetic_bars(n, seed=seed)
+        self.messages = [{"type": "bar", "time": t.isoformat(), "open": o, "high": h, "low": lo, "close": c,
+                          "volume": v} for t, o, h, lo, c, v in
+                         zip(bars.index, *(bars[k].tolist() for k in ("open", "high", "low", "close", "volume")))]
+        self.next = 0
+
+    def take(self) -> dict:
+        msg = self.messages[self.next]
+        self.next += 1
+        return msg
+
+
+async def latency_block(conn: Conn, feed: Feed, count: int) -> np.ndarray:
+    out = np.empty(count)
+    for i in range(count):
+        msg = feed.take()
+        t = time.perf_counter()
+        reply = await conn.request(msg)
+        out[i] = time.perf_counter() - t
+        assert reply["type"] == "decision", reply
+    return out
+
+
+async def throughput_block(conns: list[Conn], feeds: list[Feed], count: int) -> float:
+    async def one(conn: Conn, feed: Feed) -> None:
+        for _ in range(count):
+            reply = await conn.request(feed.take())
+            assert reply["type"] == "decision", reply
+
+    t = time.perf_counter()
+    await asyncio.gather(*(one(c, f) for c, f in zip(conns, feeds)))
+    return len(conns) * count / (time.perf_counter() - t)
+
+
+async def measure(ports: dict[str, int], blocks: int, block: int, clients: int) -> None:
+    warm = 200  # past the bridge's warm-up (bars_needed 33) and the first inferences
+    n_bars = warm + blocks * block + 10
+    single = {name: (await Conn.open(port, f"single-{name}"), Feed(n_bars, 1)) for name, port in ports.items()}
+    for conn, feed in single.values():
+        await latency_block(conn, feed, warm)
+    stats: dict[str, list[tuple[float, float, float]]] = {name: [] for name in ports}
+    for _ in range(blocks):
+        for name, (conn, feed) in single.items():
+            lat = await latency_block(conn, feed, block)
+            stats[name].append(tuple(np.percentile(lat, [50, 99, 99.9]) * 1e6))
+    print(f"\n1 client, {blocks} blocks of {block} round trips (microseconds, median over blocks):")
+    print(f"{'server':8} {'p50':>8} {'p99':>8} {'p99.9':>8}")
+    med = {name: [statistics.median(s[k] for s in rows) for k in range(3)] for name, rows in stats.items()}
+    for name in ports:
+        print(f"{name:8} {med[name][0]:8.0f} {med[name][1]:8.0f} {med[name][2]:8.0f}")
+    ratios = [b[1] / e[1] for b, e in zip(stats["bridge"], stats["echo"])]
+    print(f"bridge p99 / echo p99: median ratio {statistics.median(ratios):.2f} "
+          f"(p50 ratio {statistics.median(b[0] / e[0] for b, e in zip(stats['bridge'], stats['echo'])):.2f}); "
+          f"goal p99 <= 1000 us: {'met' if med['bridge'][1] <= 1000 else 'NOT met'}")
+
+    per_client = max(20, block // clients * 4)
+    n_bars = warm + blocks * per_client + 10
+    many = {name: ([await Conn.open(port, f"c{i}-{name}") for i in range(clients)],
+                   [Feed(n_bars, 10 + i) for i in range(clients)]) for name, port in ports.items()}
+    for conns, feeds in many.values():
+        await asyncio.gather(*(latency_block(c, f, warm) for c, f in zip(conns, feeds)))
+    rates: dict[str, list[float]] = {name: [] for name in ports}
+    for _ in range(blocks):
+        for name, (conns, feeds) in many.items():
+            rates[name].append(await throughput_block(conns, feeds, per_client))
+    print(f"\n{clients} clients, {blocks} blocks of {clients}x{per_client} round trips (decisions/s, median):")
+    for name in ports:
+        print(f"{name:8} {statistics.median(rates[name]):10.0f}")
+    ratio = statistics.median(b / e for b, e in zip(rates["bridge"], rates["echo"]))
+    rate = statistics.median(rates["bridge"])
+    print(f"bridge / echo throughput: median ratio {ratio:.2f}; goal >= 5000/s: {'met' if rate >= 5000 else 'NOT met'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", type=int, default=7)
+    parser.add_argument("--block", type=int, default=400)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--serve", choices=("echo", "bridge", "deploy"), help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve == "echo":
+        asyncio.run(echo_server())
+        return
+    if args.serve == "bridge":
+        asyncio.run(bridge_server(Path(args.work)))
+        return
+    if args.serve == "deploy":
+        deploy(Path(args.work))
+        return
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LOGLEVEL": "WARNING", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    with tempfile.TemporaryDirectory(prefix="bridge-bench-") as tmp:
+        work = Path(tmp)
+        print("deploying a policy (default settings, 162 inputs, 64x64) ...", flush=True)
+        subprocess.run([sys.executable, __file__, "--serve", "deploy", "--work", tmp], check=True, env=env,
+                       stdout=subprocess.DEVNULL)
+        procs, ports = [], {}
+        try:
+            for name in ("echo", "bridge"):
+                proc = subprocess.Popen([sys.executable, __file__, "--serve", name, "--work", tmp], env=env,
+                                        stdout=subprocess.PIPE, text=True)
+                procs.append(proc)
+                ports[name] = int(proc.stdout.readline())
+            asyncio.run(measure(ports, args.blocks, args.block, args.clients))
+        finally:
+            for proc in procs:
+                proc.terminate()
+                proc.wait(timeout=30)
+        buffer = work / "buffer"
+        files = list(buffer.rglob("*.parquet"))
+        print(f"\nthe bridge wrote {len(files)} buffer files under {buffer.name}/ during the run")
+
+
+if __name__ == "__main__":
+    main()
