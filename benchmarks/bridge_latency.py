@@ -56,15 +56,13 @@ async def echo_server() -> None:
 
 
 async def bridge_server(work: Path) -> None:
-    import torch
-
-    from mlproject.bridge.server import Bridge
+    from mlproject.bridge.server import Bridge, tune_process
     from mlproject.config import load_config
 
-    torch.set_num_threads(1)
+    tune_process()  # as pipelines.bridge does
     cfg = load_config(None, [f"promotion.deploy_dir={work / 'deploy'}", "bridge.port=0",
                              f"continuous_learning.experience_storage={work / 'buffer'}",
-                             f"bridge.kill_file={work / 'KILL'}"])
+                             f"bridge.kill_file={work / 'KILL'}", *os.environ.get("BENCH_SET", "").split()])
     bridge = Bridge(cfg, token=TOKEN)
     _, port = await bridge.start()
     print(port, flush=True)

@@ -115,10 +115,12 @@ PARTITIONING = pads.partitioning(pa.schema([("date", pa.string())]), flavor="hiv
 
 
 WRITE_OPTIONS = {"use_dictionary": ["symbol", "bar_period", "model_name", "model_version", "source", "annotator",
-                                    "annotator_version"]}
+                                    "annotator_version", "guard"],
+                 "write_statistics": [name for name in COLUMNS if name not in ("observation", "next_observation")]}
 """Dictionary-encode the repetitive strings only: pyarrow's default also dictionary-encodes the
 float observations, which made a 1,000-row file 4x slower to write and 50% larger
-(benchmarks/buffer_speed.py)."""
+(benchmarks/buffer_speed.py). No min/max statistics for the observation vectors (no filter
+uses them; computing them was a fifth of a bridge flush)."""
 
 
 class ExperienceError(ValueError):
@@ -150,48 +152,67 @@ def _filesystem(root: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(text).resolve())
 
 
-def to_table(records: pd.DataFrame | Sequence[Mapping[str, Any]]) -> pa.Table:
-    """Validated Arrow table of experiences in :data:`EXPERIENCE_SCHEMA` (missing optional
-    columns filled; ids generated). ``ExperienceError`` names the column or row at fault."""
-    frame = records.copy(deep=False) if isinstance(records, pd.DataFrame) else pd.DataFrame(list(records))
-    missing = [c for c in REQUIRED if c not in frame.columns]
+def _columns(records: pd.DataFrame | Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The experiences as columns (name -> sequence), whatever shape they came in."""
+    if isinstance(records, pd.DataFrame):
+        return {str(name): records[name] for name in records.columns}
+    if isinstance(records, Mapping):  # already columns (the bridge hands them so: no DataFrame in between)
+        return {str(name): list(values) for name, values in records.items()}
+    rows = list(records)
+    names = dict.fromkeys(rows[0]) if rows else {}
+    for row in rows:  # the usual case, every row with the same keys, costs one comparison per row
+        if row.keys() != names.keys():
+            names.update(dict.fromkeys(row))
+    return {str(name): [row.get(name) for row in rows] for name in names}
+
+
+def to_table(records: pd.DataFrame | Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]]) -> pa.Table:
+    """Validated Arrow table of experiences in :data:`EXPERIENCE_SCHEMA` from a DataFrame, a
+    list of row dicts or a dict of columns (missing optional columns filled; ids generated).
+    ``ExperienceError`` names the column or row at fault."""
+    columns = _columns(records)
+    missing = [c for c in REQUIRED if c not in columns]
     if missing:
         raise ExperienceError(f"experiences lack required column(s) {', '.join(missing)}")
-    unknown = sorted(set(frame.columns) - set(COLUMNS))
+    unknown = sorted(set(columns) - set(COLUMNS))
     if unknown:
         raise ExperienceError(f"unknown experience column(s) {', '.join(unknown)}; columns: {', '.join(COLUMNS)}")
-    bad = ~frame["source"].isin(SOURCES)
-    if bad.any():
-        i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise ExperienceError(f"row {i}: source {frame['source'].iloc[i]!r} is not one of {', '.join(SOURCES)}")
-    if "experience_id" not in frame.columns:
-        frame["experience_id"] = [uuid.uuid4().hex for _ in range(len(frame))]
-    if "tags" not in frame.columns:
-        frame["tags"] = [[] for _ in range(len(frame))]
+    n = len(columns["time"])
+    short = [name for name, values in columns.items() if len(values) != n]
+    if short:
+        raise ExperienceError(f"column(s) {', '.join(short)} have another length than time ({n})")
+    sources = list(columns["source"])
+    for i, source in enumerate(sources):
+        if source not in SOURCES:
+            raise ExperienceError(f"row {i}: source {source!r} is not one of {', '.join(SOURCES)}")
+    if "experience_id" not in columns:
+        columns["experience_id"] = [uuid.uuid4().hex for _ in range(n)]
+    if "tags" not in columns:
+        columns["tags"] = [[] for _ in range(n)]
     try:
-        frame["time"] = pd.to_datetime(frame["time"], utc=True)
+        columns["time"] = pd.to_datetime(columns["time"], utc=True)
     except (ValueError, TypeError) as exc:
         raise ExperienceError(f"column time: not timestamps ({exc})") from None
     arrays = []
     try:
         for name, (typ, _) in COLUMNS.items():
-            if name not in frame.columns:
-                arrays.append(pa.nulls(len(frame), typ))
+            if name not in columns:
+                arrays.append(pa.nulls(n, typ))
             elif name in ("observation", "next_observation"):
-                arrays.append(_vectors(frame[name], typ))
+                arrays.append(_vectors(columns[name], typ))
             else:
-                arrays.append(pa.array(frame[name], type=typ, from_pandas=True))
+                arrays.append(pa.array(columns[name], type=typ, from_pandas=True))
         return pa.Table.from_arrays(arrays, schema=EXPERIENCE_SCHEMA)
     except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError, TypeError) as exc:
         raise ExperienceError(f"experiences do not fit the schema (column {name}): {exc}") from None
 
 
-def _vectors(column: pd.Series, typ: pa.DataType) -> pa.Array:
+def _vectors(column: Sequence[Any], typ: pa.DataType) -> pa.Array:
     """A column of observation vectors as list<float32>: one stacked copy when every row is a
     vector of the same length (the usual case, several times faster than row by row)."""
-    values = column.to_numpy()
+    values = list(column)
     try:  # the usual case: equal-length vectors (None, NaN or ragged rows raise and go the slow way)
-        stacked = np.stack(values).astype(np.float32, copy=False) if values.size else None
+        stacked = np.stack(values).astype(np.float32, copy=False) if values else None
     except (ValueError, TypeError):
         stacked = None
     if stacked is not None and stacked.ndim == 2:
@@ -219,7 +240,7 @@ class ExperienceBuffer:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def add(self, records: pd.DataFrame | Sequence[Mapping[str, Any]]) -> int:
+    def add(self, records: pd.DataFrame | Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]]) -> int:
         """Validate and queue experiences; returns how many. Flushes by itself every
         ``flush_every`` rows when that is set."""
         table = to_table(records)

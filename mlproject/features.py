@@ -8,8 +8,6 @@ changing every bar after t.
 from __future__ import annotations
 
 import math
-from collections import deque
-
 import numpy as np
 import pandas as pd
 
@@ -108,10 +106,15 @@ def bar_features(bars: pd.DataFrame, *, vol_window: int = 20, norm_window: int =
 
 
 class _Trailing:
-    """:func:`trailing_mean_std` for one new value at a time, with the same operations in the same order."""
+    """:func:`trailing_mean_std` for one new value at a time: the window's values in order in a
+    ring, summed oldest first by ``np.add.accumulate`` (sequential by definition, the order of
+    the vectorised loop), so the bits are the same."""
 
     def __init__(self, window: int, min_periods: int) -> None:
-        self.values: deque[float] = deque(maxlen=window)
+        self.ring = np.zeros(window)
+        self.window = window
+        self.count = 0
+        self.next = 0
         self.min_periods = min_periods
         self.run = 0
         self.last: float | None = None
@@ -119,21 +122,19 @@ class _Trailing:
     def push(self, value: float) -> tuple[float, float]:
         self.run = self.run + 1 if value == self.last else 1
         self.last = value
-        self.values.append(value)
-        count = float(len(self.values))
-        total = 0.0
-        for v in self.values:
-            total += v
-        mean = total / count
+        self.ring[self.next] = value
+        self.next = (self.next + 1) % self.window
+        self.count = min(self.count + 1, self.window)
+        values = self.ring[:self.count] if self.count < self.window else np.concatenate(
+            (self.ring[self.next:], self.ring[:self.next]))
+        count = float(self.count)
+        mean = float(np.add.accumulate(values)[-1]) / count
         if count < max(self.min_periods, 2):
             return (mean if count >= self.min_periods else math.nan), math.nan
         if self.run >= count:
             return mean, 0.0
-        squares = 0.0
-        for v in self.values:
-            d = v - mean
-            squares += d * d
-        return mean, float(np.sqrt(squares / (count - 1.0)))
+        d = values - mean
+        return mean, math.sqrt(float(np.add.accumulate(d * d)[-1]) / (count - 1.0))
 
 
 def _ratio(num: float, den: float) -> float:

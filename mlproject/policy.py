@@ -207,33 +207,65 @@ def module_weights(module: Any) -> dict[str, np.ndarray]:
 
 
 def fast_greedy(module: Any) -> Callable[[np.ndarray], np.ndarray]:
-    """:func:`greedy_actions` through the module's plain torch layers (the actor's MLP, then the
-    policy head), about 5x faster than ``forward_inference`` for one observation (75 us vs 350 us
-    here), which the bridge needs. Used only when its logits equal ``forward_inference``'s
-    exactly on random batches; otherwise (another module layout) the slow path is returned."""
+    """:func:`greedy_actions` without RLlib's per-call overhead, for the bridge: the actor's MLP
+    and the policy head evaluated in float64 numpy (about 12 us for one observation, against
+    ~80 us for torch and ~350 us for ``forward_inference`` here). Where the two best logits are
+    too close for float64 to be sure of float32 torch's choice, that row goes through the torch
+    layers themselves, so the action is always the one ``forward_inference`` picks. Used only
+    for a plain Linear/Tanh/ReLU stack whose torch layers reproduce ``forward_inference``'s
+    logits exactly on random batches; otherwise the slow path is returned."""
     import torch
     from ray.rllib.core.columns import Columns
 
+    slow = lambda obs: greedy_actions(module, obs)  # noqa: E731
     encoder = getattr(module, "encoder", None)
     actor = getattr(encoder, "actor_encoder", None) or getattr(encoder, "encoder", None)
     layers = [getattr(getattr(part, "net", None), "mlp", None) for part in (actor, getattr(module, "pi", None))]
     if any(layer is None for layer in layers):
-        return lambda obs: greedy_actions(module, obs)
+        return slow
     net = torch.nn.Sequential(*layers)
+    steps: list[tuple[str, Any, Any]] = []
+    for layer in net.modules():
+        if isinstance(layer, torch.nn.Linear):
+            bias = layer.bias.detach().double().numpy() if layer.bias is not None else 0.0
+            steps.append(("linear", layer.weight.detach().double().numpy().T.copy(), bias))
+        elif isinstance(layer, (torch.nn.Tanh, torch.nn.ReLU)):
+            steps.append((type(layer).__name__.lower(), None, None))
+        elif not isinstance(layer, torch.nn.Sequential):
+            return slow
     size = int(np.prod(module.observation_space.shape))
     rng = np.random.default_rng(0)
     with torch.no_grad():
         for rows in (1, 3, 16):
             batch = torch.from_numpy(rng.normal(0.0, 2.0, (rows, size)).astype(np.float32))
             if not torch.equal(net(batch), module.forward_inference({Columns.OBS: batch})[Columns.ACTION_DIST_INPUTS]):
-                return lambda obs: greedy_actions(module, obs)
+                return slow
+
+    def torch_act(obs: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return torch.argmax(net(torch.from_numpy(obs)), dim=-1).numpy().astype(np.int64)
 
     def act(obs: np.ndarray) -> np.ndarray:
-        batch = torch.from_numpy(np.ascontiguousarray(obs, dtype=np.float32))
-        if batch.ndim == 1:
-            batch = batch[None]
-        with torch.no_grad():
-            return torch.argmax(net(batch), dim=-1).numpy().astype(np.int64)
+        obs = np.ascontiguousarray(obs, dtype=np.float32)
+        if obs.ndim == 1:
+            obs = obs[None]
+        h = obs.astype(np.float64)
+        for kind, weight, bias in steps:
+            if kind == "linear":
+                h = h @ weight + bias
+            elif kind == "tanh":
+                h = np.tanh(h)
+            else:
+                h = np.maximum(h, 0.0)
+        actions = np.argmax(h, axis=-1)
+        if h.shape[-1] > 1:
+            rows = np.arange(len(h))
+            best = h[rows, actions]
+            h[rows, actions] = -np.inf
+            close = best - h.max(axis=-1) <= 1e-4 * (1.0 + np.abs(best))
+            if close.any():  # float32 rounding could decide these: ask torch itself
+                actions[close] = torch_act(obs[close])
+        return actions.astype(np.int64)
 
     return act
 

@@ -21,7 +21,7 @@ import signal
 from pathlib import Path
 
 from mlproject.atomic import atomic_write_text
-from mlproject.bridge.server import Bridge, kill_file_of, token_from_env
+from mlproject.bridge.server import Bridge, kill_file_of, token_from_env, tune_process
 from mlproject.cli import base_parser, optional_int, run_cli
 from mlproject.config import Config
 from mlproject.tracking import pipeline_run, setup_tracking
@@ -43,6 +43,7 @@ async def serve(cfg: Config, port: int | None = None, host: str | None = None) -
     import mlflow
 
     bridge = Bridge(cfg, token=token_from_env(cfg), host=host, port=port)
+    tune_process()
     setup_tracking(cfg)
     with pipeline_run(cfg, "bridge"):
         address = await bridge.start()

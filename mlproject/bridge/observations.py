@@ -9,7 +9,6 @@ entries use the env's formulas (``mlproject.trades.PositionBook``). A model's ow
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable
 
 import numpy as np
@@ -41,13 +40,17 @@ class ObservationBuilder:
         self.max_contracts = settings.max_contracts
         self.needed = bars_needed(settings)
         self._stream = FeatureStream(vol_window=settings.vol_window, norm_window=settings.norm_window)
-        self._rows: deque[np.ndarray] = deque(maxlen=self.window)
-        self.bars = 0
         self._n = len(FEATURE_NAMES)
+        # The observation without its two account entries: the last `window` feature rows, oldest
+        # first, zeros in front while fewer (as the env's zero-padded window view).
+        self._features = np.zeros(self.window * self._n, np.float32)
+        self.bars = 0
 
     def push(self, bar: Bar) -> None:
         t = bar.time
-        self._rows.append(self._stream.push(t.hour, t.minute, t.second, bar.high, bar.low, bar.close, bar.volume))
+        row = self._stream.push(t.hour, t.minute, t.second, bar.high, bar.low, bar.close, bar.volume)
+        self._features[:-self._n] = self._features[self._n:]
+        self._features[-self._n:] = row
         self.bars += 1
 
     def replay(self, bars: Iterable[Bar]) -> None:
@@ -61,10 +64,8 @@ class ObservationBuilder:
     def observation(self, book: PositionBook, close: float) -> np.ndarray:
         """float32 (window * features + 2,): the features of the last ``window`` bars (zeros in
         front while fewer), position / max_contracts, open PnL % of the entry (clipped)."""
-        obs = np.zeros(self.window * self._n + 2, np.float32)
-        rows = len(self._rows)
-        if rows:
-            obs[(self.window - rows) * self._n:self.window * self._n] = np.concatenate(self._rows)
+        obs = np.empty(self.window * self._n + 2, np.float32)
+        obs[:-2] = self._features
         obs[-2] = max(-1.0, min(1.0, book.position / self.max_contracts))  # a broker position beyond the model's
         obs[-1] = book.open_pnl_pct(close, OPEN_PNL_CLIP)
         return obs
