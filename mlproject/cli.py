@@ -12,7 +12,7 @@ from typing import Any
 
 from mlproject.config import Config, ConfigError, load_config
 from mlproject.data import DataError
-from mlproject.registry import RegistryBusy
+from mlproject.locks import LockBusy
 
 log = logging.getLogger("pipelines")
 
@@ -51,7 +51,7 @@ def run_cli(parser: argparse.ArgumentParser, main: Callable[[Config, argparse.Na
     args = parser.parse_args()
     try:
         main(config_from_args(args), args)
-    except (ConfigError, DataError, OSError, ValueError, MlflowException, RegistryBusy) as exc:
+    except (ConfigError, DataError, OSError, ValueError, MlflowException, LockBusy) as exc:
         # Bad input (a file, a key, a model URI, a path that is a folder, a busy registry): one
         # message that names it. LOGLEVEL=DEBUG in the environment also prints the traceback.
         log.debug("traceback", exc_info=True)

@@ -1,35 +1,64 @@
-"""Run the learning cycle.
+"""Run the continuous-learning cycle.
 
-    python -m pipelines.orchestrate --mode all [--config conf/smoke.yaml]
-    mlflow run . --env-manager local                       # the `main` entry point
+    python -m pipelines.orchestrate --mode all [--config conf/smoke.yaml] [--force]
+    mlflow run . --env-manager local                       # the `main` entry point (mode all)
+    mlflow run . -e maintenance|retrain|finetune --env-manager local
 
-What exists today (``--mode all``): ingest the configured bars (synthetic by default), train
-the agent with RLlib PPO (warm-started from the Production policy when there is one) and
-register it as a new ``nt8-agent`` version, evaluate it against
-flat and buy-and-hold on the held-out test split, then run the promotion gate against the
-current Production version (promote + deploy, or refuse with reasons), all under one parent
-MLflow run with a child run per step. Experience collection and fine-tuning join this cycle as
-their pipelines land; until then the run says so in its ``cycle.pending`` tag and in the log.
+Modes:
+
+- ``maintenance``: compact the experience buffer down to ``experience_buffer_size``, annotate the
+  closed trades not annotated yet (``pipelines.annotate``), reconcile the deployment with the
+  registry, check the thresholds; logs and prints what is due.
+- ``retrain``: when at least ``retrain_frequency`` experiences arrived since the last retrain and
+  the buffer holds at least ``min_experiences`` (or ``--force``): ingest the market data, train
+  warm-started from the Production policy, evaluate, and run the promotion gate against
+  Production on the same held-out bars. A refusal is a normal outcome, logged with its reasons.
+- ``finetune``: when enough new annotated experiences exist, LLM fine-tuning (not built yet: the
+  mode says so and exits 0).
+- ``all``: when nothing is in Production yet, a first model (ingest, train, evaluate, promote);
+  then paper trading through the bridge when ``continuous_learning.paper_bars`` is set (the demo);
+  then maintenance, retrain if due, fine-tune if due. Ends with a summary.
+
+Each mode is one parent MLflow run with a child run per step, tagged with what it did
+(``cycle.*``). Watermarks (the experience ids the last retrain saw, when, which version it made)
+are written atomically under ``continuous_learning.state_dir``, only after the step succeeded, so
+a re-run does not retrain on the same experiences twice and a failed step leaves them as they were;
+a lock there stops two orchestrators. A failed step never touches Production (promotion is the
+last step and is itself atomic); the run is FAILED with ``cycle.failed_step`` naming the step.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mlproject.atomic import atomic_write, atomic_write_text
 from mlproject.cli import base_parser, run_cli
 from mlproject.config import Config
+from mlproject.deploy import reconcile
+from mlproject.experience import ExperienceBuffer
 from mlproject.features import FEATURE_NAMES
+from mlproject.locks import file_lock
 from mlproject.policy import PolicySettings, load_module, resolve_init_from
-from mlproject.registry import production_version
+from mlproject.registry import production_version, status
 from mlproject.tracking import pipeline_run, setup_tracking
-from pipelines import evaluate, ingest, promote, train
+from pipelines import annotate, collect, evaluate, ingest, promote, train
 
 log = logging.getLogger(__name__)
 
-MODES = ("all",)
-PENDING_STEPS = ("collect", "annotate", "finetune")
+MODES = ("maintenance", "retrain", "finetune", "all")
+LOCK_TIMEOUT_S = 5.0
+STATE_FILE = "state.json"
+RETRAIN_IDS = "retrain_ids.parquet"
+FINETUNE_IDS = "finetune_ids.parquet"
 
 
 def warm_start_uri(cfg: Config) -> str | None:
@@ -55,34 +84,221 @@ def warm_start_uri(cfg: Config) -> str | None:
     return uri
 
 
-def main(cfg: Config, mode: str = "all") -> dict[str, Any]:
-    """Run ``mode`` of the cycle; returns what each step produced."""
+# -- durable state -------------------------------------------------------------------------------
+
+
+class CycleState:
+    """Watermarks under ``continuous_learning.state_dir``: ``state.json`` (when and what the last
+    retrain and fine-tune did) and the experience ids each one had seen (Parquet). Experience
+    ids, not times: paper replays record old bar times, and compaction rewrites files."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.data: dict[str, Any] = json.loads((self.folder / STATE_FILE).read_text())
+        except FileNotFoundError:
+            self.data = {}
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{self.folder / STATE_FILE}: not the orchestrator's state ({exc}); move it aside "
+                             "to start the watermarks afresh") from None
+
+    def seen(self, name: str) -> set[str]:
+        path = self.folder / name
+        return set(pq.read_table(path).column("experience_id").to_pylist()) if path.exists() else set()
+
+    def advance(self, key: str, ids_file: str, ids: set[str], record: dict[str, Any]) -> None:
+        """The ids first, then the JSON that points at them (a crash between keeps the old watermark)."""
+        table = pa.table({"experience_id": pa.array(sorted(ids), pa.string())})
+        atomic_write(self.folder / ids_file, lambda p: pq.write_table(table, p))
+        self.data[key] = {**record, "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                          "experiences_seen": len(ids)}
+        atomic_write_text(self.folder / STATE_FILE, json.dumps(self.data, indent=2))
+
+
+def thresholds(cfg: Config, buffer: ExperienceBuffer, state: CycleState) -> dict[str, Any]:
+    """What the buffer holds against the watermarks, and what is due."""
+    cl = cfg.continuous_learning
+    rows = buffer.query(columns=["experience_id", "quality"])
+    ids = set(rows["experience_id"])
+    annotated = set(rows.loc[rows["quality"].notna(), "experience_id"])
+    new = len(ids - state.seen(RETRAIN_IDS))
+    new_annotated = len(annotated - state.seen(FINETUNE_IDS))
+    return {"experiences": len(ids), "new_since_retrain": new, "annotated": len(annotated),
+            "new_annotated_since_finetune": new_annotated,
+            "retrain_due": new >= cl.retrain_frequency and len(ids) >= cl.min_experiences,
+            "finetune_due": new_annotated >= cl.min_annotated_for_finetune,
+            "ids": ids, "annotated_ids": annotated}
+
+
+# -- steps ---------------------------------------------------------------------------------------
+
+
+def _step(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run one step; a failure tags the cycle run with the step and the error, then propagates."""
+    import mlflow
+
+    try:
+        return fn(*args, **kwargs)
+    except BaseException as exc:
+        mlflow.set_tags({"cycle.failed_step": name, "cycle.error": f"{type(exc).__name__}: {exc}"[:5000]})
+        log.error("cycle step %s failed: %s (Production is as it was)", name, exc)
+        raise
+
+
+def train_evaluate_promote(cfg: Config, ingested: Any = None) -> dict[str, Any]:
+    """Ingest (unless given), train (warm start from Production when it reads these observations),
+    evaluate and gate."""
+    ingested = ingested or _step("ingest", ingest.main, cfg)
+    data_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": str(ingested.path)})})
+    trained = _step("train", train.main, data_cfg, init_from=warm_start_uri(cfg))
+    model_uri = (f"models:/{cfg.train.register_model}/{trained.registered_version}"
+                 if trained.registered_version else trained.model_uri)
+    evaluated = _step("evaluate", evaluate.main, data_cfg, [model_uri])
+    decision = _step("promote", promote.main, data_cfg, model_uri) if trained.registered_version else None
+    return {"ingest": ingested, "train": trained, "model_uri": model_uri, "evaluate": evaluated, "promote": decision}
+
+
+def maintenance(cfg: Config, buffer: ExperienceBuffer, state: CycleState) -> dict[str, Any]:
+    import mlflow
+
+    cl, p = cfg.continuous_learning, cfg.promotion
+    out: dict[str, Any] = {}
+    if len(buffer) > cl.experience_buffer_size:
+        out["compaction"] = _step("compact", buffer.compact, cl.experience_buffer_size)
+    out["annotate"] = _step("annotate", annotate.main, cfg)
+    if production_version(p.model_name) is not None:
+        out["reconcile"] = _step("reconcile", reconcile, p.model_name, p.deploy_dir, p.keep_releases,
+                                 lock_file=p.lock_file)
+    due = thresholds(cfg, buffer, state)
+    out["thresholds"] = due
+    mlflow.log_metrics({f"cycle/{k}": float(v) for k, v in due.items() if isinstance(v, (int, float))})
+    mlflow.set_tags({"cycle.retrain_due": str(due["retrain_due"]).lower(),
+                     "cycle.finetune_due": str(due["finetune_due"]).lower()})
+    log.info("thresholds: %d experiences (%d new since the last retrain; retrain needs %d new and %d in all): "
+             "retrain %s; %d annotated (%d new; fine-tuning needs %d): fine-tune %s", due["experiences"],
+             due["new_since_retrain"], cl.retrain_frequency, cl.min_experiences,
+             "DUE" if due["retrain_due"] else "not due", due["annotated"], due["new_annotated_since_finetune"],
+             cl.min_annotated_for_finetune, "DUE" if due["finetune_due"] else "not due")
+    return out
+
+
+def retrain(cfg: Config, buffer: ExperienceBuffer, state: CycleState, force: bool,
+            ingested: Any = None) -> dict[str, Any] | None:
+    import mlflow
+
+    due = thresholds(cfg, buffer, state)
+    if not (due["retrain_due"] or force):
+        log.info("retrain not due: %d new experiences since the last retrain (needs %d), %d in all (needs %d)",
+                 due["new_since_retrain"], cfg.continuous_learning.retrain_frequency, due["experiences"],
+                 cfg.continuous_learning.min_experiences)
+        mlflow.set_tag("cycle.retrain", "not due")
+        return None
+    if due["experiences"]:
+        mlflow.log_input(buffer.snapshot(), context="experiences")
+    result = train_evaluate_promote(cfg, ingested)
+    decision = result["promote"]
+    state.advance("retrain", RETRAIN_IDS, due["ids"], {
+        "version": result["train"].registered_version, "decision": decision.decision if decision else "not registered",
+        "run_id": mlflow.active_run().info.run_id})
+    mlflow.set_tags({"cycle.retrain": decision.decision if decision else "trained (not registered)",
+                     "cycle.challenger": result["model_uri"]})
+    return result
+
+
+def finetune(cfg: Config, buffer: ExperienceBuffer, state: CycleState, force: bool) -> str:
+    import mlflow
+
+    due = thresholds(cfg, buffer, state)
+    if not (due["finetune_due"] or force):
+        mlflow.set_tag("cycle.finetune", "not due")
+        return "not due"
+    log.info("fine-tuning is due (%d new annotated experiences) but not available yet: the QLoRA entry point "
+             "comes with its own issue", due["new_annotated_since_finetune"])
+    mlflow.set_tag("cycle.finetune", "not available yet")
+    return "not available yet"
+
+
+def summary(cfg: Config, result: dict[str, Any]) -> str:
+    """What a person reads at the end: versions, Production and why, key metrics, where to look."""
+    lines = [f"cycle {result['mode']} done (MLflow run {result['run_id']}, experiment {cfg.mlflow.experiment})"]
+
+    def trained(step: dict[str, Any]) -> str:
+        d = step.get("promote")
+        if d is None:
+            return f"trained {step['model_uri']} (not registered, not gated)"
+        why = f": {'; '.join(d.reasons)[:300]}" if d.reasons else ""
+        return f"trained {step['model_uri']}, {d.decision}{why}"
+
+    if result.get("bootstrap"):
+        lines.append(f"  first model: {trained(result['bootstrap'])}")
+    if result.get("collect"):
+        paper = result["collect"].paper
+        lines.append(f"  paper trading: {paper.decisions} bars through the bridge, version(s) "
+                     f"{', '.join(sorted(paper.model_versions))}, {len(paper.trades)} trades, PnL {paper.realised_pnl:.2f}")
+    if result.get("maintenance"):
+        due = result["maintenance"]["thresholds"]
+        lines.append(f"  buffer: {due['experiences']} experiences ({due['new_since_retrain']} new), "
+                     f"{due['annotated']} annotated")
+    if "retrain" in result:
+        lines.append(f"  retrain: {trained(result['retrain']) if result['retrain'] else 'not due'}")
+    if "finetune" in result:
+        lines.append(f"  fine-tuning: {result['finetune']}")
+    try:
+        lines.append(status(cfg.promotion.model_name))
+    except ValueError:  # nothing registered yet
+        lines.append(f"no {cfg.promotion.model_name} version registered yet")
+    lines.append("open the MLflow UI on this store: make ui   (http://127.0.0.1:5000)")
+    return "\n".join(lines)
+
+
+# -- the cycle -----------------------------------------------------------------------------------
+
+
+def main(cfg: Config, mode: str = "all", force: bool = False) -> dict[str, Any]:
+    """Run ``mode`` of the cycle under the orchestrator lock; returns what each step produced."""
     import mlflow
 
     if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; available now: {', '.join(MODES)}")
+        raise ValueError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
+    cl = cfg.continuous_learning
     setup_tracking(cfg)
-    with pipeline_run(cfg, f"cycle-{mode}") as run:
-        mlflow.set_tag("cycle.pending", ",".join(PENDING_STEPS))
-        ingested = ingest.main(cfg)
-        data_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": str(ingested.path)})})
-        trained = train.main(data_cfg, init_from=warm_start_uri(cfg))
-        model_uri = (f"models:/{cfg.train.register_model}/{trained.registered_version}"
-                     if trained.registered_version else trained.model_uri)
-        evaluated = evaluate.main(data_cfg, [model_uri])
-        decision = promote.main(data_cfg, model_uri) if trained.registered_version else None
-        log.info("cycle done (run %s): trained and evaluated %s, promotion %s. Steps not built yet, so not run: %s",
-                 run.info.run_id, model_uri, decision.decision if decision else "skipped (not registered)",
-                 ", ".join(PENDING_STEPS))
-        return {"run_id": run.info.run_id, "ingest": ingested, "train": trained, "model_uri": model_uri,
-                "evaluate": evaluated, "promote": decision}
+    with file_lock(Path(cl.state_dir) / "orchestrator.lock", LOCK_TIMEOUT_S, "another orchestrator run"), \
+            pipeline_run(cfg, f"cycle-{mode}") as run:
+        state = CycleState(cl.state_dir)
+        buffer = ExperienceBuffer(cl.experience_storage)
+        result: dict[str, Any] = {"run_id": run.info.run_id, "mode": mode}
+        ingested = None
+        if mode == "all" and production_version(cfg.promotion.model_name) is None:
+            log.info("nothing in Production yet: training a first model")
+            result["bootstrap"] = train_evaluate_promote(cfg)
+            ingested = result["bootstrap"]["ingest"]
+        if mode == "all" and cl.paper_bars and production_version(cfg.promotion.model_name) is not None:
+            result["collect"] = _step("collect", collect.main, cfg, None, cl.paper_bars)
+        if mode in ("maintenance", "all"):
+            result["maintenance"] = maintenance(cfg, buffer, state)
+        if mode in ("retrain", "all"):
+            result["retrain"] = retrain(cfg, buffer, state, force, ingested)
+        if mode in ("finetune", "all"):
+            result["finetune"] = finetune(cfg, buffer, state, force)
+        text = summary(cfg, result)
+        mlflow.log_text(text, "cycle/summary.txt")
+        result["summary"] = text
+        log.info("cycle %s done: %s", mode, run.info.run_id)
+        return result
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--mode", default="all", choices=MODES, help="which part of the cycle to run")
+    parser.add_argument("--force", action="store_true", help="retrain / fine-tune even when not due")
     return parser
 
 
+def _cli(cfg: Config, args: argparse.Namespace) -> None:
+    result = main(cfg, args.mode, args.force)
+    print(result["summary"])
+
+
 if __name__ == "__main__":
-    run_cli(build_parser(), lambda cfg, args: main(cfg, args.mode))
+    run_cli(build_parser(), _cli)

@@ -57,51 +57,132 @@ SECOND_CYCLE = ("refused", ["sharpe -64.09 vs Production -47.1: improvement -17 
 """What the seeded second cycle decides (training, evaluation and the gate are all seeded)."""
 
 
-def test_orchestrate_all_runs_the_existing_cycle(tmp_path, mlflow_store, monkeypatch, ray_session):
-    from pipelines import orchestrate
+def test_the_whole_cycle_bootstraps_paper_trades_annotates_retrains_and_gates(tmp_path, mlflow_store, monkeypatch,
+                                                                               ray_session):
+    """``--mode all`` on a fresh store with the demo profile: a first model (promoted, deployed),
+    300 bars paper-traded through the bridge, annotated, a retrain warm-started from Production
+    that the gate refuses (seeded numbers), fine-tuning reported unavailable; then a re-run of
+    ``retrain`` does nothing (the watermark), a failing step leaves Production as it was."""
+    from pipelines import orchestrate, train
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(ROOT / "conf" / "smoke.yaml", ["train.iterations=2"])
     result = orchestrate.main(cfg, "all")
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    names = {r.info.run_name: r for r in runs}
-    assert {"cycle-all", "ingest", "train", "evaluate", "promote"} <= set(names)
-    for step in ("ingest", "train", "evaluate", "promote"):
-        assert names[step].data.tags["mlflow.parentRunId"] == result["run_id"]
-    assert result["model_uri"] == "models:/nt8-agent/1"
-    evaluated = names["evaluate"]
-    assert evaluated.data.tags["model_uri"] == "models:/nt8-agent/1"
-    report = result["evaluate"].reports["models:/nt8-agent/1"]
+    by_name: dict[str, list] = {}
+    for r in runs:
+        by_name.setdefault(r.info.run_name, []).append(r)
+    assert {"cycle-all", "ingest", "train", "evaluate", "promote", "collect", "annotate"} <= set(by_name)
+    assert len(by_name["train"]) == len(by_name["promote"]) == 2 and len(by_name["ingest"]) == 1  # bars loaded once
+    assert all(r.data.tags["mlflow.parentRunId"] == result["run_id"] for r in runs if r.info.run_name != "cycle-all")
+    first = result["bootstrap"]
+    assert first["model_uri"] == "models:/nt8-agent/1"
+    report = first["evaluate"].reports["models:/nt8-agent/1"]
+    evaluated = next(r for r in by_name["evaluate"] if r.data.tags["model_uri"] == "models:/nt8-agent/1")
     assert evaluated.data.metrics["eval/total_return"] == pytest.approx(report.summary()["total_return"])
     assert evaluated.data.metrics["baseline/flat/total_return"] == 0.0
-    decision = result["promote"]
     # Seeded: the first valid candidate is promoted (nothing in Production) and deployed.
-    assert (decision.decision, decision.reasons) == ("promoted", ["nothing in Production: first valid candidate"])
-    assert names["promote"].data.tags["decision"] == "promoted"
-    assert json.loads((tmp_path / "deploy" / "current" / "manifest.json").read_text())["version"] == "1"
-    train_inputs = {i.dataset.name for i in names["train"].inputs.dataset_inputs}
-    assert train_inputs == {"train-split", "validation-split"}
-    assert "parent_version" not in names["train"].data.tags  # nothing deployed yet: trained from scratch
-    again = orchestrate.main(cfg, "all")  # the next cycle continues from the deployed policy
+    assert (first["promote"].decision, first["promote"].reasons) == ("promoted", ["nothing in Production: first valid candidate"])
+    assert first["train"].registered_version == "1"
+    assert "parent_version" not in mlflow.MlflowClient().get_model_version("nt8-agent", "1").tags  # from scratch
+    assert {i.dataset.name for i in next(r for r in by_name["train"] if r.info.run_id == first["train"].run_id)
+            .inputs.dataset_inputs} == {"train-split", "validation-split"}
+    # Paper trading through the bridge with v1, annotated.
+    paper = result["collect"].paper
+    assert paper.decisions == 300 and set(paper.model_versions) == {"1"}
+    due = result["maintenance"]["thresholds"]
+    # window 16, vol_window 20: decisions from the 21st bar; the last one has no next bar
+    assert due["experiences"] == 300 - 21 and due["retrain_due"] and due["annotated"] > 0
+    # The retrain continues from the deployed policy; the gate refuses it (seeded).
+    again = result["retrain"]
     child = mlflow.MlflowClient().get_model_version("nt8-agent", again["train"].registered_version)
-    assert child.tags["parent_version"] == "1" and child.tags["parent_uri"] == "models:/nt8-agent/Production"
+    assert str(child.version) == "2" and child.tags["parent_version"] == "1"
+    assert child.tags["parent_uri"] == "models:/nt8-agent/Production"
     assert (again["promote"].decision, again["promote"].reasons) == SECOND_CYCLE
+    assert json.loads((tmp_path / "deploy" / "current" / "manifest.json").read_text())["version"] == "1"
+    assert result["finetune"] == "not available yet"
+    cycle = mlflow.get_run(result["run_id"])
+    assert cycle.data.tags["cycle.retrain"] == "refused" and cycle.data.tags["cycle.finetune"] == "not available yet"
+    assert "experiences" in {i.tags[0].value for i in cycle.inputs.dataset_inputs if i.tags}
+    assert "refused" in result["summary"] and "make ui" in result["summary"]
+    state = json.loads((tmp_path / "data" / "orchestrator" / "state.json").read_text())
+    assert state["retrain"]["version"] == "2" and state["retrain"]["experiences_seen"] == 279
+
+    # A re-run finds nothing new: no retrain twice on the same experiences.
+    rerun = orchestrate.main(cfg, "retrain")
+    assert rerun["retrain"] is None
+    assert mlflow.get_run(rerun["run_id"]).data.tags["cycle.retrain"] == "not due"
+    assert len(mlflow.MlflowClient().search_model_versions("name='nt8-agent'")) == 2
+
+    # A failing step: Production untouched, the watermark untouched, the run says which step.
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected training failure")
+
+    monkeypatch.setattr(train, "main", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        orchestrate.main(cfg, "retrain", force=True)
+    failed = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
+              if r.info.run_name == "cycle-retrain" and r.info.status == "FAILED"]
+    assert len(failed) == 1 and failed[0].data.tags["cycle.failed_step"] == "train"
+    assert json.loads((tmp_path / "data" / "orchestrator" / "state.json").read_text()) == state
+    assert json.loads((tmp_path / "deploy" / "current" / "manifest.json").read_text())["version"] == "1"
+
+
+def test_thresholds_below_do_nothing_and_a_second_orchestrator_is_refused(tmp_path, mlflow_store):
+    import subprocess
+    import sys
+    import time
+
+    from mlproject.experience import ExperienceBuffer
+    from pipelines import orchestrate
+    from test_experience import experiences
+
+    cfg = load_config(ROOT / "conf" / "smoke.yaml", [f"continuous_learning.experience_storage={tmp_path / 'b'}",
+                                                     f"continuous_learning.state_dir={tmp_path / 'state'}"])
+    buffer = ExperienceBuffer(tmp_path / "b")
+    buffer.add(experiences(49))  # retrain_frequency is 50 in the demo profile
+    buffer.flush()
+    result = orchestrate.main(cfg, "retrain")
+    assert result["retrain"] is None
+    state = orchestrate.CycleState(tmp_path / "state")
+    due = orchestrate.thresholds(cfg, buffer, state)
+    assert (due["new_since_retrain"], due["retrain_due"]) == (49, False)
+    buffer.add(experiences(1, prefix="x"))
+    buffer.flush()
+    assert orchestrate.thresholds(cfg, buffer, state)["retrain_due"]  # 50: due (the retrain itself is tested above)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                               "from mlproject.locks import file_lock; "
+                               "ctx = file_lock(sys.argv[2], 5, 'test'); ctx.__enter__(); print('held', flush=True); "
+                               "time.sleep(60)", str(ROOT), str(tmp_path / "state" / "orchestrator.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started = time.time()
+        out = run_module(["python", "-m", "pipelines.orchestrate", "--mode", "maintenance", "--config",
+                          str(ROOT / "conf" / "smoke.yaml"), "--set", f"continuous_learning.state_dir={tmp_path / 'state'}",
+                          "--set", f"continuous_learning.experience_storage={tmp_path / 'b'}"], tmp_path)
+        assert out.returncode == 2 and "another orchestrator run" in out.stderr, out.stderr[-2000:]
+        assert time.time() - started < 60
+    finally:
+        holder.kill()
 
 
 @pytest.mark.parametrize("entry, params", [
     ("ingest", ["-P", "source=synthetic", "-P", "overrides=data.synthetic.n_bars=500 env.window=8"]),
-    ("main", ["-P", "overrides=data.synthetic.n_bars=800 train.iterations=1"]),
+    ("main", ["-P", "overrides=data.synthetic.n_bars=800 train.iterations=1 continuous_learning.paper_bars=60"]),
 ])
 def test_mlflow_run_entry_points(tmp_path, mlflow_store, entry, params):
     # `mlflow run` runs the entry point in the project directory: outputs go to tmp_path explicitly.
     params = [p + f" data.output_dir={tmp_path / 'bars'} promotion.deploy_dir={tmp_path / 'deploy'}"
+              f" continuous_learning.experience_storage={tmp_path / 'buffer'} continuous_learning.state_dir={tmp_path / 'state'}"
               if p.startswith("overrides=") else p for p in params]
     out = run_module(["mlflow", "run", str(ROOT), "-e", entry, "--env-manager", "local", *params], cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert runs and all(r.info.status == "FINISHED" for r in runs)
     if entry == "main":  # the steps are child runs in their parent's experiment
-        assert len({r.info.experiment_id for r in runs}) == 1 and len(runs) == 5
+        assert len({r.info.experiment_id for r in runs}) == 1
+        assert {"cycle-all", "ingest", "train", "evaluate", "promote", "collect", "annotate"} <= {r.info.run_name for r in runs}
     if entry == "ingest":
         assert runs[0].data.metrics["data/n_bars"] == 500
         assert runs[0].data.params["env.window"] == "8"

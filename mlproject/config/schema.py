@@ -310,6 +310,11 @@ class ContinuousLearningConfig(_Strict):
     """Annotated experiences of at least this quality (or tagged high_value) are high-value."""
     failed_max_quality: float = Field(default=0.3, ge=0, le=1)
     """Experiences of at most this quality (or tagged failed, or closing a loss) are failed."""
+    state_dir: str = "data/orchestrator"
+    """The orchestrator's durable watermarks (last retrain, last fine-tune) and its lock."""
+    paper_bars: int | None = Field(default=None, ge=2)
+    """The cycle paper-trades this many bars of the test split through the bridge before its
+    threshold checks (the demo, a simulation); null: experiences come from the live bridge."""
 
 
 class AnnotationConfig(_Strict):
