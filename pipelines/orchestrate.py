@@ -15,9 +15,15 @@ Modes:
   Production on the same held-out bars. A refusal is a normal outcome, logged with its reasons.
 - ``finetune``: when enough new annotated experiences exist, LLM fine-tuning (not built yet: the
   mode says so and exits 0).
+- ``review`` (the seed's monthly task): every live version evaluated on the same recent bars (a
+  comparison table and plot), then old and refused versions archived (never Production nor its
+  rollback target; ``continuous_learning.keep_versions`` kept).
 - ``all``: when nothing is in Production yet, a first model (ingest, train, evaluate, promote);
   then paper trading through the bridge when ``continuous_learning.paper_bars`` is set (the demo);
   then maintenance, retrain if due, fine-tune if due. Ends with a summary.
+
+``--loop`` runs maintenance, the retrain check and the review forever, each at its cadence
+(``continuous_learning.maintenance_every``, ``retrain_every``, ``review_every``: 1d, 1w, 30d).
 
 Each mode is one parent MLflow run with a child run per step, tagged with what it did
 (``cycle.*``). Watermarks (the experience ids the last retrain saw, when, which version it made)
@@ -32,6 +38,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,19 +50,20 @@ import pyarrow.parquet as pq
 
 from mlproject.atomic import atomic_write, atomic_write_text
 from mlproject.cli import base_parser, run_cli
-from mlproject.config import Config
+from mlproject.config import Config, parse_duration
 from mlproject.deploy import reconcile
 from mlproject.experience import ExperienceBuffer
 from mlproject.features import FEATURE_NAMES
 from mlproject.locks import file_lock
 from mlproject.policy import PolicySettings, load_module, resolve_init_from
-from mlproject.registry import production_version, status
+from mlproject.registry import cleanup, production_version, rollback_target, status
 from mlproject.tracking import pipeline_run, setup_tracking
 from pipelines import annotate, collect, evaluate, ingest, promote, train
 
 log = logging.getLogger(__name__)
 
-MODES = ("maintenance", "retrain", "finetune", "all")
+MODES = ("maintenance", "retrain", "finetune", "review", "all")
+LOOP_MODES = ("maintenance", "retrain", "review")
 LOCK_TIMEOUT_S = 5.0
 STATE_FILE = "state.json"
 RETRAIN_IDS = "retrain_ids.parquet"
@@ -219,6 +228,27 @@ def finetune(cfg: Config, buffer: ExperienceBuffer, state: CycleState, force: bo
     return "not available yet"
 
 
+def review(cfg: Config) -> dict[str, Any]:
+    """The seed's monthly task: every live version (not archived, plus Production and its rollback
+    target; the newest ten) evaluated on the same recent bars, a comparison table and plot (the
+    compare run), then old and refused versions archived (never Production nor its rollback target)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    name = cfg.promotion.model_name
+    versions = sorted(MlflowClient().search_model_versions(f"name='{name}'"), key=lambda v: int(v.version), reverse=True)
+    protected = {production_version(name), rollback_target(name)}
+    live = [str(v.version) for v in versions if v.current_stage != "Archived" or str(v.version) in protected][:10]
+    out: dict[str, Any] = {"versions": live}
+    if live:
+        out["evaluate"] = _step("evaluate", evaluate.main, cfg, [f"models:/{name}/{v}" for v in live])
+    out["archived"] = _step("cleanup", cleanup, name, cfg.continuous_learning.keep_versions,
+                            lock_file=cfg.promotion.lock_file)
+    mlflow.set_tags({"cycle.review.versions": ",".join(live) or "none",
+                     "cycle.review.archived": ",".join(out["archived"]) or "none"})
+    return out
+
+
 def summary(cfg: Config, result: dict[str, Any]) -> str:
     """What a person reads at the end: versions, Production and why, key metrics, where to look."""
     lines = [f"cycle {result['mode']} done (MLflow run {result['run_id']}, experiment {cfg.mlflow.experiment})"]
@@ -244,6 +274,10 @@ def summary(cfg: Config, result: dict[str, Any]) -> str:
         lines.append(f"  retrain: {trained(result['retrain']) if result['retrain'] else 'not due'}")
     if "finetune" in result:
         lines.append(f"  fine-tuning: {result['finetune']}")
+    if result.get("review"):
+        rev = result["review"]
+        lines.append(f"  review: compared versions {', '.join(rev['versions']) or 'none'}; archived "
+                     f"{', '.join(rev['archived']) or 'none'}")
     try:
         lines.append(status(cfg.promotion.model_name))
     except ValueError:  # nothing registered yet
@@ -281,6 +315,8 @@ def main(cfg: Config, mode: str = "all", force: bool = False) -> dict[str, Any]:
             result["retrain"] = retrain(cfg, buffer, state, force, ingested)
         if mode in ("finetune", "all"):
             result["finetune"] = finetune(cfg, buffer, state, force)
+        if mode == "review":
+            result["review"] = review(cfg)
         text = summary(cfg, result)
         mlflow.log_text(text, "cycle/summary.txt")
         result["summary"] = text
@@ -288,14 +324,66 @@ def main(cfg: Config, mode: str = "all", force: bool = False) -> dict[str, Any]:
         return result
 
 
+def loop(cfg: Config, max_rounds: int | None = None, tick_s: float = 60.0) -> list[tuple[str, str]]:
+    """Run forever: maintenance, the retrain check and the review, each when its cadence
+    (``continuous_learning.*_every``) has passed since it last ran (the times are kept in the
+    state, so a restart does not run everything again). A failed mode is logged and retried at its
+    next turn; SIGTERM/SIGINT stop the loop between modes. Returns (mode, outcome) per run."""
+    cl = cfg.continuous_learning
+    every = {"maintenance": parse_duration(cl.maintenance_every), "retrain": parse_duration(cl.retrain_every),
+             "review": parse_duration(cl.review_every)}
+    stop = {"now": False}
+
+    def request_stop(signum: int, frame: Any) -> None:
+        log.info("stopping the loop after the current mode (signal %d)", signum)
+        stop["now"] = True
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    done: list[tuple[str, str]] = []
+    rounds = 0
+    try:
+        while not stop["now"] and (max_rounds is None or rounds < max_rounds):
+            rounds += 1
+            for mode in LOOP_MODES:
+                last = CycleState(cl.state_dir).data.get("loop", {}).get(mode)
+                if stop["now"] or (last is not None and time.time() - last < every[mode]):
+                    continue
+                try:
+                    main(cfg, mode)
+                    outcome = "ok"
+                except Exception as exc:  # noqa: BLE001 - the loop outlives a failed mode; the run says why
+                    log.exception("loop: mode %s failed; next try at its next turn", mode)
+                    outcome = f"failed: {exc}"
+                with file_lock(Path(cl.state_dir) / "orchestrator.lock", LOCK_TIMEOUT_S, "another orchestrator run"):
+                    state = CycleState(cl.state_dir)
+                    state.data.setdefault("loop", {})[mode] = time.time()
+                    atomic_write_text(state.folder / STATE_FILE, json.dumps(state.data, indent=2))
+                done.append((mode, outcome))
+            if max_rounds is not None and rounds >= max_rounds:
+                break
+            waited = 0.0
+            while not stop["now"] and waited < tick_s:
+                time.sleep(min(1.0, tick_s))
+                waited += 1.0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return done
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--mode", default="all", choices=MODES, help="which part of the cycle to run")
     parser.add_argument("--force", action="store_true", help="retrain / fine-tune even when not due")
+    parser.add_argument("--loop", action="store_true", help="run maintenance, retrain and review forever, each "
+                        "at its cadence (continuous_learning.*_every)")
     return parser
 
 
 def _cli(cfg: Config, args: argparse.Namespace) -> None:
+    if args.loop:
+        loop(cfg)
+        return
     result = main(cfg, args.mode, args.force)
     print(result["summary"])
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import time
 from typing import Any
 
@@ -26,6 +25,7 @@ from mlproject.deploy import (  # noqa: F401 - re-exported: the names a deploy s
     reconcile,
     tree_checksum,
 )
+from mlproject.config import parse_duration
 from mlproject.tracking import setup_tracking
 
 log = logging.getLogger(__name__)
@@ -37,10 +37,10 @@ MIN_EVERY_S = 1.0
 
 def parse_every(text: str) -> float:
     """'30s', '5m', '1h' or plain seconds -> seconds (at least MIN_EVERY_S)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
-    if not match:
-        raise ValueError(f"--every {text!r}: expected a duration such as 30s, 5m or 1h")
-    seconds = float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
+    try:
+        seconds = parse_duration(text)
+    except ValueError:
+        raise ValueError(f"--every {text!r}: expected a duration such as 30s, 5m or 1h") from None
     if seconds < MIN_EVERY_S:
         raise ValueError(f"--every {text!r}: at least {MIN_EVERY_S:g} s between passes")
     return seconds

@@ -23,8 +23,9 @@ from mlproject.config.schema import (
     SyntheticConfig,
     TrainConfig,
     flatten,
+    parse_duration,
 )
 
 __all__ = ["AnnotationConfig", "BridgeConfig", "Config", "ConfigError", "ContinuousLearningConfig", "DataChecksConfig", "DataConfig", "EnvConfig",
            "GateMetric", "InstrumentConfig", "MlflowConfig", "PromotionConfig", "SplitConfig", "SyntheticConfig",
-           "TrainConfig", "config_from_dict", "describe_validation_error", "flatten", "load_config"]
+           "TrainConfig", "config_from_dict", "describe_validation_error", "flatten", "load_config", "parse_duration"]

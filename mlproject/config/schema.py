@@ -8,6 +8,8 @@ the key, the file and the line.
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -15,6 +17,20 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mlproject.instruments import resolve_instrument
+
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*")
+_UNITS = {None: 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def parse_duration(text: str | float | int) -> float:
+    """'30s', '5m', '1h', '1d', '1w' or plain seconds -> seconds; ValueError naming the text."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    match = _DURATION.fullmatch(str(text))
+    if not match:
+        raise ValueError(f"{text!r} is not a duration such as 30s, 5m, 1h, 1d or 1w")
+    return float(match[1]) * _UNITS[match[2]]
 
 
 class ConfigError(ValueError):
@@ -315,6 +331,22 @@ class ContinuousLearningConfig(_Strict):
     paper_bars: int | None = Field(default=None, ge=2)
     """The cycle paper-trades this many bars of the test split through the bridge before its
     threshold checks (the demo, a simulation); null: experiences come from the live bridge."""
+    maintenance_every: str = "1d"
+    """``orchestrate --loop``: how often maintenance runs (30s, 5m, 1h, 1d, 1w)."""
+    retrain_every: str = "1w"
+    """``orchestrate --loop``: how often the retrain check runs (it retrains only when due)."""
+    review_every: str = "30d"
+    """``orchestrate --loop``: how often the review runs (every live version compared, cleanup)."""
+    keep_versions: int = Field(default=5, ge=1)
+    """Review: newest versions kept un-archived (refused ones are archived first; never Production
+    nor its rollback target)."""
+
+    @field_validator("maintenance_every", "retrain_every", "review_every")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        if parse_duration(value) < 1.0:
+            raise ValueError(f"{value!r}: at least 1 s")
+        return value
 
 
 class AnnotationConfig(_Strict):
