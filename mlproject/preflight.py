@@ -29,11 +29,12 @@ def _source(bars: pd.DataFrame, cfg: Any) -> str:
 
 def split_needs(cfg: Any) -> dict[str, tuple[int, str]]:
     """Bars each split needs, and why, for ``cfg``."""
-    env, n = cfg.env, cfg.continuous_learning.evaluation_episodes
+    env, n, v = cfg.env, cfg.continuous_learning.evaluation_episodes, cfg.train.val_windows
     history = f"{Market.first_bar(env)} bars of history (env.window={env.window}, env.vol_window={env.vol_window})"
     return {
         "train": (Market.first_bar(env) + 2, f"{history} and 2 bars to trade"),
-        "validation": (Market.first_bar(env) + 2, f"{history} and 2 bars for the validation backtest"),
+        "validation": (bars_needed(Market.first_bar(env), v), f"{history} and {v} validation windows of 2+ bars "
+                                                            f"(train.val_windows={v})"),
         "test": (bars_needed(Market.first_bar(env), n), f"{history} and {n} evaluation windows of 2+ bars "
                                                  f"(continuous_learning.evaluation_episodes={n})"),
     }

@@ -33,10 +33,10 @@ import pandas as pd
 
 import envs
 from envs.futures_env import FuturesTradingEnv
-from mlproject.backtest import play_episode
 from mlproject.cli import base_parser, optional_int, run_cli
 from mlproject.config import Config
 from mlproject.data import load_source, split_bars
+from mlproject.evaluation import backtest
 from mlproject.metrics import periods_per_year
 from mlproject.policy import (
     MODULE_SUBDIR,
@@ -159,9 +159,25 @@ def iteration_metrics(result: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in picks.items() if v is not None and math.isfinite(float(v))}
 
 
+SELECTION = "selection"
+"""The validation metric the best checkpoint is chosen on (``val/selection``)."""
+
+
+def selection_rule(cfg: Config) -> str:
+    return (f"median {cfg.train.val_metric} over {cfg.train.val_windows} equal windows of the validation split "
+            f"(deterministic backtests, every {cfg.train.eval_every} iterations)")
+
+
 def validate(algo: Any, bars: pd.DataFrame, cfg: Config) -> dict[str, float]:
-    """Deterministic backtest of the current policy over the whole validation split (money)."""
-    return play_episode(module_policy(algo.get_module()), bars, cfg.env.model_dump(), cfg.seed).metrics
+    """Deterministic backtest of the current policy on ``train.val_windows`` windows of the
+    validation split: every metric's mean over the windows, and ``selection``, the median of
+    ``train.val_metric`` over them (NaN windows, such as no trades, count as the worst)."""
+    report = backtest(module_policy(algo.get_module()), bars, cfg.env.model_dump(), cfg.train.val_windows,
+                      seed=cfg.seed, name="validation")
+    metrics = {k: v for k, v in report.summary().items() if not k.endswith("_std")}
+    per_window = report.per_window()[cfg.train.val_metric].to_numpy(dtype=float)
+    metrics[SELECTION] = float(np.median(np.where(np.isfinite(per_window), per_window, -np.inf)))
+    return metrics
 
 
 def _score(metrics: dict[str, float], name: str) -> float:
@@ -247,19 +263,19 @@ def train_loop(algo: Any, cfg: Config, iterations: int, val_bars: pd.DataFrame, 
         if it % t.eval_every == 0 or it == iterations:
             val = validate(algo, val_bars, cfg)
             metrics.update({f"val/{k}": v for k, v in val.items() if math.isfinite(v)})
-            if _score(val, t.val_metric) > best["score"] or best["iteration"] == 0:
-                best.update(score=_score(val, t.val_metric), metrics=val, iteration=it)
+            if _score(val, SELECTION) > best["score"] or best["iteration"] == 0:
+                best.update(score=_score(val, SELECTION), metrics=val, iteration=it)
                 shutil.rmtree(best["dir"], ignore_errors=True)
                 algo.save_to_path(str(best["dir"]))
         mlflow.log_metrics(metrics, step=it)
         history.append(metrics)
         elapsed = time.perf_counter() - started
-        log.info("iter %d/%d env_steps=%d return_mean=%.4g val_%s=%.4g (best %.4g @%d) steps/s=%.0f eta=%.0fs",
+        log.info("iter %d/%d env_steps=%d return_mean=%.4g val median %s=%.4g (best %.4g @%d) steps/s=%.0f eta=%.0fs",
                  it, iterations, metrics.get("train/env_steps", 0), metrics.get("train/episode_return_mean", math.nan),
-                 t.val_metric, metrics.get(f"val/{t.val_metric}", math.nan), best["score"], best["iteration"],
+                 t.val_metric, metrics.get(f"val/{SELECTION}", math.nan), best["score"], best["iteration"],
                  metrics.get("train/steps_per_s", math.nan), elapsed / it * (iterations - it))
         if it - best["iteration"] >= t.patience:
-            log.info("early stop: no better val_%s for %d iterations", t.val_metric, t.patience)
+            log.info("early stop: no better median val %s for %d iterations", t.val_metric, t.patience)
             break
     best["iterations_run"] = it
     best["history"] = history
@@ -282,7 +298,7 @@ def preflight(cfg: Config, bars: pd.DataFrame) -> tuple[Any, str, Any]:
         mlflow.set_tag("data.warnings", " | ".join(found)[:5000])
     settings = PolicySettings.from_env(cfg.env, splits.train)
     mlflow.log_params({"periods_per_year": periods_per_year(splits.validation.index),
-                       "train.bar_period": settings.bar_period})
+                       "train.bar_period": settings.bar_period, "train.selection_rule": selection_rule(cfg)})
     return splits, source, settings
 
 
@@ -342,10 +358,10 @@ def _train(cfg: Config, run: Any, splits: Any, source: str, settings: Any, itera
     registered = None
     if cfg.train.register_model:
         version_tags = {**tags, "git_commit": git_commit() or "unknown", "run_id": run.info.run_id,
-                        f"val_{cfg.train.val_metric}": best["score"]}
+                        f"val_median_{cfg.train.val_metric}": best["score"]}
         registered = str(register_version(info.model_uri, cfg.train.register_model, version_tags,
                                           description=f"PPO trained on {tags['data.train_window']}").version)
-    log.info("best val_%s=%.4g at iteration %d; model %s%s", cfg.train.val_metric, best["score"],
+    log.info("best median val %s=%.4g at iteration %d; model %s%s", cfg.train.val_metric, best["score"],
              best["iteration"], info.model_uri, f", registered version {registered}" if registered else "")
     return TrainResult(run.info.run_id, info.model_uri, registered, best["score"], best["iteration"],
                        best["iterations_run"], f"runs:/{run.info.run_id}/checkpoint", best["history"])

@@ -52,8 +52,8 @@ def test_ingest_cli_bad_file_exits_nonzero_with_line(tmp_path, mlflow_store):
     assert run.info.status == "FAILED" and "line 2" in run.data.tags["error"]
 
 
-SECOND_CYCLE = ("refused", ["sharpe -64.09 vs Production -47.1: improvement -17 is not > min_improvement 0",
-                            "PSR vs Production's Sharpe 0.142 < min_psr 0.5"])
+SECOND_CYCLE = ("refused", ["sharpe -72.55 vs Production -47.1: improvement -25.45 is not > min_improvement 0",
+                            "PSR vs Production's Sharpe 0.081 < min_psr 0.5"])
 """What the seeded second cycle decides (training, evaluation and the gate are all seeded)."""
 
 

@@ -33,8 +33,8 @@ def test_training_on_too_few_bars_fails_before_any_iteration(tmp_path, mlflow_st
     path = _monthly_csv(tmp_path / "ES_monthly.csv")
     cfg = load_config(ROOT / "conf" / "default.yaml", [f"data.source={path}"])
     with pytest.raises(DataError, match=r"ES_monthly\.csv: the validation split has 23 bars "
-                                        r"\(data\.splits\.validation=0\.15 of 156\); it needs at least 34: 32 bars of "
-                                        r"history \(env\.window=32, env\.vol_window=20\)"):
+                                        r"\(data\.splits\.validation=0\.15 of 156\); it needs at least 49: 32 bars of "
+                                        r"history \(env\.window=32, env\.vol_window=20\) and 8 validation windows"):
         train.main(cfg)
     run = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
     assert run.info.status == "FAILED" and "validation split has 23 bars" in run.data.tags["error"]
@@ -45,17 +45,19 @@ def test_split_checks_name_the_split_and_warn_below_norm_window(tmp_path, caplog
     from mlproject.preflight import check_splits
 
     bars = load_bars(_monthly_csv(tmp_path / "m.csv"))
-    cfg = load_config(None, ["env.window=8", "env.vol_window=8", "continuous_learning.evaluation_episodes=10"])
+    cfg = load_config(None, ["env.window=8", "env.vol_window=8", "continuous_learning.evaluation_episodes=10",
+                             "train.val_windows=4"])
     splits = split_bars(bars, 0.7, 0.15, 0.15)
     with pytest.raises(DataError, match=r"the test split has 24 bars .* needs at least 29: 8 bars of history .* "
                                         r"10 evaluation windows of 2\+ bars \(continuous_learning\.evaluation_episodes"):
         check_splits(splits, cfg, "m.csv")
-    cfg = load_config(None, ["env.window=8", "env.vol_window=8", "continuous_learning.evaluation_episodes=3"])
+    cfg = load_config(None, ["env.window=8", "env.vol_window=8", "continuous_learning.evaluation_episodes=3",
+                             "train.val_windows=4"])
     with caplog.at_level(logging.WARNING):
         warnings = check_splits(splits, cfg, "m.csv")
     assert len(warnings) == 2 and "the validation split has 23 bars, fewer than env.norm_window=100" in warnings[0]
     assert "env.norm_window=100" in caplog.text
-    no_test = load_config(None, ["env.window=8", "env.vol_window=8",
+    no_test = load_config(None, ["env.window=8", "env.vol_window=8", "train.val_windows=4",
                                  "data.splits={train: 0.85, validation: 0.15, test: 0.0}"])
     check_splits(split_bars(bars, 0.85, 0.15, 0.0), no_test, "m.csv")  # an unused split is not checked
 

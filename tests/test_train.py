@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import json
 import textwrap
 
@@ -167,8 +169,8 @@ def test_early_stopping_keeps_the_best_checkpoint(ray_session, mlflow_store, sma
         algo.stop()
     assert best["iterations_run"] < 40  # a validation without improvement came before the budget ran out
     assert best["iterations_run"] - best["iteration"] == cfg.train.patience
-    scores = [h["val/sharpe"] for h in best["history"] if "val/sharpe" in h]
-    assert best["score"] == max(scores) == best["history"][best["iteration"] - 1]["val/sharpe"]
+    scores = [h.get("val/selection", -math.inf) for h in best["history"] if "val/sharpe" in h]
+    assert best["score"] == max(scores) == best["history"][best["iteration"] - 1].get("val/selection", -math.inf)
     saved = load_module(best["dir"])
     assert saved.observation_space.shape == (cfg.env.window * 5 + 2,)
 

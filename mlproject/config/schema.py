@@ -242,6 +242,10 @@ class TrainConfig(_Strict):
     default networks on a 2-core machine (benchmarks/train_throughput.py --threads 1)."""
     eval_every: int = Field(default=5, ge=1)
     """Run the validation backtest every K iterations."""
+    val_windows: int = Field(default=8, ge=1)
+    """The validation backtest plays this many equal windows of the validation split; the best
+    checkpoint is the one with the best median of val_metric over them (one long window let a
+    single lucky stretch pick the checkpoint)."""
     val_metric: Literal["sharpe", "sortino", "total_return", "profit_factor", "calmar"] = "sharpe"
     """Validation metric that picks the best checkpoint: sharpe, sortino, total_return, profit_factor, calmar."""
     patience: int = Field(default=50, ge=1)
