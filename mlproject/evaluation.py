@@ -278,13 +278,17 @@ def baselines(bars: pd.DataFrame, env_config: Mapping[str, Any], n_windows: int,
 # -- comparing ---------------------------------------------------------------------------------
 
 
-def default_bars(cfg: Any) -> pd.DataFrame:
-    """The held-out test split of ``cfg.data.source``."""
+def test_split(bars: pd.DataFrame, cfg: Any) -> pd.DataFrame:
+    """The held-out test split of ``bars`` (``data.splits``), with the bars' attrs (source, format)."""
     sp = cfg.data.splits
-    bars = load_source(cfg)
     test = split_bars(bars, sp.train, sp.validation, sp.test, gap=sp.gap).test
     test.attrs.update(bars.attrs)
     return test
+
+
+def default_bars(cfg: Any) -> pd.DataFrame:
+    """The held-out test split of ``cfg.data.source``."""
+    return test_split(load_source(cfg), cfg)
 
 
 def evaluate_models(uris: Sequence[str], bars: pd.DataFrame | None = None, cfg: Any = None) -> dict[str, EvalReport]:

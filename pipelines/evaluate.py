@@ -138,27 +138,31 @@ def _log_parquet(frame: pd.DataFrame, artifact_file: str) -> None:
 
 
 def main(cfg: Config, model_uris: list[str], data: str | None = None, start: str | None = None,
-         end: str | None = None, metric: str = "sharpe") -> EvaluateResult:
+         end: str | None = None, metric: str = "sharpe", *, bars: pd.DataFrame | None = None,
+         policies: list[Any] | None = None, evaluation: Any = None) -> EvaluateResult:
     """Evaluate each model (and the baselines) on the same bars and windows; log to MLflow.
 
     Each model's observations are built from its own recorded settings (window, normalisation,
-    contract size); the bars and the account come from ``cfg``.
+    contract size); the bars and the account come from ``cfg``. The cycle hands on what it has:
+    ``bars`` (the test split it loaded), ``policies`` (loaded models) and ``evaluation`` (an
+    ``Evaluation`` with baselines that covers these models: logged, not computed again; the gate
+    then uses the same reports).
     """
     import mlflow
 
     if not model_uris:
         raise ValueError("give at least one --model-uri")
     setup_tracking(cfg)
-    bars = select_bars(cfg, data, start, end)
+    bars = select_bars(cfg, data, start, end) if bars is None else bars
     compare = len(model_uris) > 1
-    policies = [load_policy_model(uri) for uri in model_uris]
+    policies = policies or [load_policy_model(uri) for uri in model_uris]
     with pipeline_run(cfg, "compare" if compare else "evaluate") as run:
         warn_if_instrument_misfits(bars, cfg)
         source = bars.attrs.get("path") or str(bars.attrs.get("source", ""))
         dataset = log_dataset(bars, "evaluation-bars", source, "evaluation")
         log.info("evaluating %s on %d bars (%s .. %s), %d windows", ", ".join(p.label for p in policies), len(bars),
                  bars.index[0], bars.index[-1], cfg.continuous_learning.evaluation_episodes)
-        result = evaluate_policies(policies, bars, cfg)
+        result = evaluation if evaluation is not None else evaluate_policies(policies, bars, cfg)
         mlflow.log_params({"periods_per_year": result.periods_per_year, "eval.first_bar": result.first_bar})
         rows = {}
         for policy in policies:

@@ -52,10 +52,11 @@ from mlproject.atomic import atomic_write, atomic_write_text
 from mlproject.cli import base_parser, run_cli
 from mlproject.config import Config, parse_duration
 from mlproject.deploy import reconcile
+from mlproject.evaluation import evaluate_policies, policy_env_config, test_split
 from mlproject.experience import ExperienceBuffer
 from mlproject.features import FEATURE_NAMES
 from mlproject.locks import file_lock
-from mlproject.policy import PolicySettings, load_module, resolve_init_from
+from mlproject.policy import ModelMismatch, PolicySettings, load_module, load_policy_model, resolve_init_from
 from mlproject.registry import cleanup, production_version, rollback_target, status
 from mlproject.tracking import pipeline_run, setup_tracking
 from pipelines import annotate, collect, evaluate, ingest, promote, train
@@ -157,14 +158,32 @@ def _step(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 def train_evaluate_promote(cfg: Config, ingested: Any = None) -> dict[str, Any]:
     """Ingest (unless given), train (warm start from Production when it reads these observations),
-    evaluate and gate."""
+    evaluate and gate, in one pass: the bars are loaded once and handed on, the challenger and
+    Production are loaded once and backtested once on the same windows, and that one evaluation
+    is what the evaluate run logs and what the gate decides on."""
     ingested = ingested or _step("ingest", ingest.main, cfg)
     data_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": str(ingested.path)})})
-    trained = _step("train", train.main, data_cfg, init_from=warm_start_uri(cfg))
+    bars = ingested.bars.copy(deep=False)
+    bars.attrs.update(source=str(ingested.path), path=str(ingested.path))
+    trained = _step("train", train.main, data_cfg, init_from=warm_start_uri(cfg), bars=bars)
     model_uri = (f"models:/{cfg.train.register_model}/{trained.registered_version}"
                  if trained.registered_version else trained.model_uri)
-    evaluated = _step("evaluate", evaluate.main, data_cfg, [model_uri])
-    decision = _step("promote", promote.main, data_cfg, model_uri) if trained.registered_version else None
+    test = test_split(bars, data_cfg)
+    challenger = load_policy_model(model_uri)
+    policies = [challenger]
+    before = production_version(cfg.promotion.model_name)
+    if before is not None and trained.registered_version:
+        production = load_policy_model(f"models:/{cfg.promotion.model_name}/{before}")
+        try:
+            policy_env_config(production, data_cfg.env, test)
+            policies.append(production)
+        except ModelMismatch:  # the gate says why it cannot compare; the evaluation goes on without it
+            pass
+    evaluation = _step("evaluate", evaluate_policies, policies, test, data_cfg)
+    evaluated = _step("evaluate", evaluate.main, data_cfg, [model_uri], bars=test, policies=[challenger],
+                      evaluation=evaluation)
+    decision = (_step("promote", promote.main, data_cfg, model_uri, bars=test, challenger=challenger,
+                      evaluation=evaluation) if trained.registered_version else None)
     return {"ingest": ingested, "train": trained, "model_uri": model_uri, "evaluate": evaluated, "promote": decision}
 
 

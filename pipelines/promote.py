@@ -147,10 +147,18 @@ def resolve_candidate(name: str, candidate: str, dry_run: bool) -> tuple[str, st
     return str(register_version(text, name, {"registered_by": "promote"}).version), text
 
 
-def evaluate_and_gate(challenger: Any, before: str | None, bars: Any, cfg: Config) -> GateResult:
+def evaluate_and_gate(challenger: Any, before: str | None, bars: Any, cfg: Config,
+                      evaluation: Any = None) -> GateResult:
     """Backtest the challenger (a ``LoadedPolicy``) and Production version ``before`` on the same
-    bars and windows, each with its own observation settings, and apply the gate."""
+    bars and windows, each with its own observation settings, and apply the gate. An
+    ``evaluation`` that already holds both (the cycle's) is used as it is."""
     p = cfg.promotion
+    production_uri = f"models:/{p.model_name}/{before}" if before is not None else None
+    if evaluation is not None and challenger.uri in evaluation.reports and (
+            production_uri is None or production_uri in evaluation.reports):
+        _log_windows(evaluation)
+        reports = evaluation.reports
+        return gate(reports[challenger.uri], reports[production_uri] if production_uri else None, p)
     policies = [challenger]
     policy_env_config(challenger, cfg.env, bars)  # a candidate that cannot run here is bad input: said first
     if before is not None:
@@ -167,16 +175,21 @@ def evaluate_and_gate(challenger: Any, before: str | None, bars: Any, cfg: Confi
         raise
     except ValueError as exc:  # NaN or out-of-range actions: refused, not crashed
         return GateResult(False, [f"invalid policy output: {exc}"])
+    _log_windows(result)
+    reports = [result.reports[q.uri] for q in policies]
+    return gate(reports[0], reports[1] if before is not None else None, p)
+
+
+def _log_windows(result: Any) -> None:
     import mlflow
 
     logged = mlflow.get_run(mlflow.active_run().info.run_id).data.params
     if "eval.first_bar" not in logged:  # a re-check under the lock evaluates again: params are written once
         mlflow.log_params({"periods_per_year": result.periods_per_year, "eval.first_bar": result.first_bar})
-    reports = [result.reports[q.uri] for q in policies]
-    return gate(reports[0], reports[1] if before is not None else None, p)
 
 
-def main(cfg: Config, candidate: str, dry_run: bool = False) -> PromoteResult:
+def main(cfg: Config, candidate: str, dry_run: bool = False, *, bars: Any = None, challenger: Any = None,
+         evaluation: Any = None) -> PromoteResult:
     """Evaluate, gate, promote or refuse; always an MLflow run.
 
     The evaluation runs outside the registry lock; the decision is re-checked under it: if
@@ -189,12 +202,12 @@ def main(cfg: Config, candidate: str, dry_run: bool = False) -> PromoteResult:
     p = cfg.promotion
     version, uri = resolve_candidate(p.model_name, candidate, dry_run)
     before = production_version(p.model_name)
-    bars = default_bars(cfg)
+    bars = default_bars(cfg) if bars is None else bars
     with pipeline_run(cfg, "promote") as run:
         warn_if_instrument_misfits(bars, cfg)
         log_dataset(bars, "evaluation-bars", bars.attrs.get("path") or str(bars.attrs.get("source", "")), "evaluation")
-        challenger = load_policy_model(uri)
-        verdict, note = _verdict(challenger, version, before, bars, cfg), ""
+        challenger = challenger if challenger is not None and challenger.uri == uri else load_policy_model(uri)
+        verdict, note = _verdict(challenger, version, before, bars, cfg, evaluation), ""
         if verdict.passed and not dry_run:
             with registry_lock(p.lock_file):
                 now = production_version(p.model_name)
@@ -229,10 +242,11 @@ def main(cfg: Config, candidate: str, dry_run: bool = False) -> PromoteResult:
         return PromoteResult(decision, version, before, verdict.reasons, run.info.run_id, verdict.metrics)
 
 
-def _verdict(challenger: Any, version: str, before: str | None, bars: Any, cfg: Config) -> GateResult:
+def _verdict(challenger: Any, version: str, before: str | None, bars: Any, cfg: Config,
+             evaluation: Any = None) -> GateResult:
     if version == before:
         return GateResult(False, [f"version {version} is already Production"])
-    verdict = evaluate_and_gate(challenger, before, bars, cfg)
+    verdict = evaluate_and_gate(challenger, before, bars, cfg, evaluation)
     if verdict.passed and before is None:
         verdict.reasons.append("nothing in Production: first valid candidate")
     return verdict

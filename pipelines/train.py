@@ -303,8 +303,9 @@ def preflight(cfg: Config, bars: pd.DataFrame) -> tuple[Any, str, Any]:
 
 
 def main(cfg: Config, data: str | None = None, iterations: int | None = None, init_from: str | None = None,
-         seed: int | None = None) -> TrainResult:
-    """Train on ``data`` (default ``cfg.data.source``) and register the best policy."""
+         seed: int | None = None, bars: pd.DataFrame | None = None) -> TrainResult:
+    """Train on ``data`` (default ``cfg.data.source``; ``bars``: already loaded, as the cycle
+    hands them on) and register the best policy."""
     import torch
 
     if data:
@@ -315,7 +316,7 @@ def main(cfg: Config, data: str | None = None, iterations: int | None = None, in
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
     setup_tracking(cfg)
-    bars = load_source(cfg)
+    bars = load_source(cfg) if bars is None else bars
     with pipeline_run(cfg, "train") as run:
         # Before Ray starts and before any iteration: too few bars in a split fails here (a
         # FAILED run saying which split needs how many bars), not at the first validation.

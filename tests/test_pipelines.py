@@ -99,6 +99,10 @@ def test_the_whole_cycle_bootstraps_paper_trades_annotates_retrains_and_gates(tm
     assert str(child.version) == "2" and child.tags["parent_version"] == "1"
     assert child.tags["parent_uri"] == "models:/nt8-agent/Production"
     assert (again["promote"].decision, again["promote"].reasons) == SECOND_CYCLE
+    # One pass: the gate decided on the very reports the evaluate run logged (one backtest of each).
+    gate_run = mlflow.get_run(again["promote"].run_id).data.metrics
+    eval_run = next(r for r in by_name["evaluate"] if r.data.tags["model_uri"] == "models:/nt8-agent/2").data.metrics
+    assert gate_run["challenger/sharpe"] == eval_run["eval/sharpe"]
     assert json.loads((tmp_path / "deploy" / "current" / "manifest.json").read_text())["version"] == "1"
     assert result["finetune"] == "not available yet"
     cycle = mlflow.get_run(result["run_id"])
