@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The whole learning cycle on embedded defaults (tiny profile, synthetic bars, sqlite MLflow store).
+# A bigger profile is one flag away: make demo DEMO_CONFIG=conf/default.yaml
+DEMO_CONFIG ?= conf/smoke.yaml
 demo: $(STAMP)
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pipelines.orchestrate --mode all --config conf/smoke.yaml
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pipelines.orchestrate --mode all --config $(DEMO_CONFIG)
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q

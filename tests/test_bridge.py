@@ -192,6 +192,9 @@ def test_protocol_round_trip(bridge, deployed):
     assert decisions[11]["reference_price"] == float(bars["close"].iloc[11])
     again = c.request(bar_msg(bars, 11))  # a resend after a lost reply: the same decision
     assert again["repeat"] is True and again["decision_id"] == decisions[11]["decision_id"]
+    replayed = c.request(bar_msg(bars, 3, historical=True))  # NT8 replaying its chart after a re-enable
+    assert replayed["guard"] == "historical" and replayed["repeat"] is True and replayed["decision_id"] is None
+    assert c.request(bar_msg(bars, 3))["code"] == "bad_value"  # a live bar back in time is an error
     target = decisions[11]["target_position"]
     if target:
         ack = c.request({"type": "fill", "decision_id": decisions[11]["decision_id"], "time": bars.index[12].isoformat(),

@@ -170,6 +170,11 @@ def test_thresholds_below_do_nothing_and_a_second_orchestrator_is_refused(tmp_pa
     buffer.add(experiences(1, prefix="x"))
     buffer.flush()
     assert orchestrate.thresholds(cfg, buffer, state)["retrain_due"]  # 50: due (the retrain itself is tested above)
+    buffer.add(experiences(500, start="2024-01-05 14:31", prefix="y"))  # 550 > experience_buffer_size 500
+    buffer.flush()
+    done = orchestrate.main(cfg, "maintenance")["maintenance"]
+    assert done["compaction"]["kept"] == 500 and len(buffer) == 500
+    assert done["thresholds"]["experiences"] == 500 and "reconcile" not in done  # nothing in Production
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
                                "from mlproject.locks import file_lock; "
                                "ctx = file_lock(sys.argv[2], 5, 'test'); ctx.__enter__(); print('held', flush=True); "

@@ -255,6 +255,7 @@ class Bridge:
                 writer.write(message)
 
     def kill(self, reason: str = "") -> None:
+        self.kill_file.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.kill_file, f"{datetime.now(timezone.utc).isoformat()} {reason}\n")
         self._push_kill(reason or "kill message")
         self._killed = True
@@ -481,6 +482,13 @@ class Bridge:
 
     async def _bar(self, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
         bar = parse_bar(msg, self.zone)
+        last = session.last_bar
+        if bar.historical and last is not None and bar.time < last.time:
+            # NinjaTrader replays the chart's history when the strategy is re-enabled: those bars
+            # are already in the session; acknowledged, nothing changes.
+            return {"type": "decision", "decision_id": None, "time": bar.time.isoformat(),
+                    "target_position": session.book.position, "action": None, "guard": "historical",
+                    "policy_target": None, "reference_price": bar.close, "repeat": True}
         if session.is_repeat(bar):
             return {**session.last_decision, "repeat": True}
         policy = self.policy
