@@ -383,8 +383,12 @@ class Bridge:
             self.stats[f"error_{exc.code}"] += 1
             log.warning("bridge: %s refused: %s", peer, exc.message)
             self._send(writer, {"type": "error", "code": exc.code, "message": exc.message, "ref": exc.ref})
-        except (ConnectionError, OSError, asyncio.CancelledError):
-            pass
+        except (ConnectionError, OSError, EOFError, asyncio.CancelledError):
+            pass  # the peer went away (or the sweeper closed a silent one mid-line)
+        except Exception:  # noqa: BLE001 - a bug must cost one connection, not the server; logged in full
+            self.stats["error_internal"] += 1
+            log.exception("bridge: %s: internal error; connection closed", peer)
+            self._send(writer, {"type": "error", "code": "internal", "message": "internal error (logged)"})
         finally:
             self.connections.discard(writer)
             self._seen.pop(writer, None)
