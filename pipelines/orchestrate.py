@@ -38,24 +38,33 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mlproject.atomic import atomic_write, atomic_write_text
 from mlproject.cli import base_parser, run_cli
 from mlproject.config import Config, parse_duration
+from envs.market import Market
+from mlproject.backtest import constant_policy
+from mlproject.data import load_source
 from mlproject.deploy import reconcile
-from mlproject.evaluation import evaluate_policies, policy_env_config, test_split
+from mlproject.evaluation import EvalReport, backtest, evaluate_policies, paired_comparison, policy_env_config, test_split
 from mlproject.experience import ExperienceBuffer
 from mlproject.features import FEATURE_NAMES
+from mlproject.instruments import resolve_instrument
 from mlproject.locks import file_lock
+from mlproject.metrics import max_drawdown, periods_per_year, sharpe_ratio, total_return
 from mlproject.policy import ModelMismatch, PolicySettings, load_module, load_policy_model, resolve_init_from
 from mlproject.registry import cleanup, production_version, rollback_target, status
 from mlproject.tracking import pipeline_run, setup_tracking
@@ -63,7 +72,7 @@ from pipelines import annotate, collect, evaluate, ingest, promote, train
 
 log = logging.getLogger(__name__)
 
-MODES = ("maintenance", "retrain", "finetune", "review", "all")
+MODES = ("maintenance", "retrain", "finetune", "review", "all", "simulate")
 LOOP_MODES = ("maintenance", "retrain", "review")
 LOCK_TIMEOUT_S = 5.0
 STATE_FILE = "state.json"
@@ -163,7 +172,9 @@ def train_evaluate_promote(cfg: Config, ingested: Any = None) -> dict[str, Any]:
     is what the evaluate run logs and what the gate decides on."""
     ingested = ingested or _step("ingest", ingest.main, cfg)
     data_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": str(ingested.path)})})
-    bars = ingested.bars.copy(deep=False)
+    recent = cfg.continuous_learning.retrain_history_bars
+    bars = (ingested.bars.iloc[-recent:] if recent else ingested.bars).copy(deep=False)
+    bars.attrs.update(ingested.bars.attrs)
     bars.attrs.update(source=str(ingested.path), path=str(ingested.path))
     trained = _step("train", train.main, data_cfg, init_from=warm_start_uri(cfg), bars=bars)
     model_uri = (f"models:/{cfg.train.register_model}/{trained.registered_version}"
@@ -268,6 +279,120 @@ def review(cfg: Config) -> dict[str, Any]:
     return out
 
 
+@dataclass
+class _Loaded:
+    """What ingest hands on (the bars and the file they are in), for the simulation's history slices."""
+
+    path: Path
+    bars: pd.DataFrame
+
+
+def _sim_config(cfg: Config, work: Path, name: str) -> Config:
+    """The simulation's own registered model, deploy folder, buffer and state: it never touches the
+    real Production."""
+    return cfg.model_copy(update={
+        "promotion": cfg.promotion.model_copy(update={"model_name": name, "deploy_dir": str(work / "deploy"),
+                                                      "lock_file": str(work / "registry.lock")}),
+        "train": cfg.train.model_copy(update={"register_model": name}),
+        "data": cfg.data.model_copy(update={"output_dir": str(work / "bars")}),
+        "continuous_learning": cfg.continuous_learning.model_copy(update={
+            "experience_storage": str(work / "buffer"), "state_dir": str(work / "state"), "paper_bars": None})})
+
+
+def simulate(cfg: Config, periods: int, start_fraction: float) -> dict[str, Any]:
+    """Walk forward through ``data.source`` as if live: at each of ``periods`` decision points
+    the model is retrained (warm-started from the Production of that time) on the bars before the
+    point only and gated on the last held-out part of them; the period up to the next point is
+    traded by the Production of that time (the learning agent), by the first Production (never
+    retrained) and by buy-and-hold, each a deterministic backtest through the env (the paper path
+    gives the same bits: tests/test_bridge.py). Out-of-sample equity, metrics, a paired test and a
+    plot in the run. Versions are registered under their own name (``<model>-sim-<run>``)."""
+    import tempfile
+
+    import mlflow
+
+    if periods < 1 or not 0 < start_fraction < 1:
+        raise ValueError(f"simulate: --periods >= 1 and 0 < --start-fraction < 1 (got {periods}, {start_fraction})")
+    bars = load_source(cfg)
+    n = len(bars)
+    first = int(n * start_fraction)
+    step = (n - first) // periods
+    points = [first + k * step for k in range(periods)] + [n]
+    run_id = mlflow.active_run().info.run_id
+    name = f"{cfg.promotion.model_name}-sim-{run_id[:8]}"
+    history_bars = Market.first_bar(cfg.env)
+    reports = {agent: EvalReport(agent) for agent in ("learning", "never_retrained", "buy_hold")}
+    decisions = []
+    with tempfile.TemporaryDirectory(prefix="nt8-sim-") as tmp:
+        sim = _sim_config(cfg, Path(tmp), name)
+        frozen = None
+        for k, point in enumerate(points[:-1]):
+            seen = bars.iloc[:point].copy()  # nothing at or after the decision point
+            seen.attrs.update(bars.attrs)
+            path = Path(tmp) / f"bars-until-{k}.parquet"
+            seen.to_parquet(path)
+            step_result = train_evaluate_promote(sim, _Loaded(path, seen))
+            verdict = step_result["promote"]
+            decisions.append(verdict.decision if verdict else "not registered")
+            production = production_version(name)
+            if production is None:
+                raise ValueError(f"simulate: no model passed the gate at the first decision point "
+                                 f"({'; '.join(verdict.reasons) if verdict else 'not registered'})")
+            frozen = frozen or production
+            period = bars.iloc[point - history_bars:points[k + 1]]
+            env = sim.env.model_dump()
+            for agent, policy in (("learning", load_policy_model(f"models:/{name}/{production}")),
+                                  ("never_retrained", load_policy_model(f"models:/{name}/{frozen}"))):
+                result = backtest(policy.predict, period, policy_env_config(policy, sim.env, period), 1,
+                                  seed=cfg.seed, name=agent, first_bar=history_bars)
+                reports[agent].windows.extend(result.windows)
+            max_c = resolve_instrument(sim.env.instrument).max_contracts
+            reports["buy_hold"].windows.extend(backtest(constant_policy(2 * max_c), period, env, 1, name="buy_hold",
+                                                        first_bar=history_bars).windows)
+            log.info("simulate: period %d/%d (%s .. %s) traded by v%s (never retrained: v%s)", k + 1, periods,
+                     period.index[history_bars], period.index[-1], production, frozen)
+        ppy = periods_per_year(bars.index)
+        equity, out = {}, {}
+        for agent, report in reports.items():
+            returns = report.returns()
+            equity[agent] = cfg.env.initial_equity * np.cumprod(np.r_[1.0, 1.0 + returns])
+            out[agent] = {"total_return": total_return(equity[agent]), "sharpe": sharpe_ratio(returns, ppy),
+                          "max_drawdown": max_drawdown(equity[agent]),
+                          "n_trades": float(sum(len(w.trades) for w in report.windows))}
+            for k, window in enumerate(report.windows):
+                mlflow.log_metric(f"sim/{agent}/period_return", float(window.metrics["total_return"]), step=k)
+        paired = paired_comparison(reports["learning"], reports["never_retrained"])
+        mlflow.log_metrics({f"sim/{agent}/{k}": v for agent, m in out.items() for k, v in m.items()
+                            if math.isfinite(v)})
+        mlflow.log_metrics({f"sim/paired/{k}": v for k, v in paired.items() if math.isfinite(v)})
+        mlflow.set_tags({"sim.points": ",".join(str(bars.index[p]) for p in points[:-1]),
+                         "sim.decisions": ",".join(decisions), "sim.model_name": name})
+        mlflow.log_figure(_sim_figure(equity), "sim/equity.png")
+    log.info("simulate: learning %s vs never retrained %s vs buy-and-hold %s (total return); paired p=%.3g",
+             f"{out['learning']['total_return']:.4f}", f"{out['never_retrained']['total_return']:.4f}",
+             f"{out['buy_hold']['total_return']:.4f}", paired.get("p_value", math.nan))
+    return {"metrics": out, "paired": paired, "decisions": decisions, "points": points, "equity": equity,
+            "reports": reports, "model_name": name}
+
+
+def _sim_figure(equity: dict[str, np.ndarray]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for agent, curve in equity.items():
+        ax.plot(curve, label=agent.replace("_", " "))
+    ax.set_xlabel("out-of-sample bar")
+    ax.set_ylabel("equity")
+    ax.set_title("walk-forward: continuously learning vs never retrained vs buy-and-hold")
+    ax.legend()
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
 def summary(cfg: Config, result: dict[str, Any]) -> str:
     """What a person reads at the end: versions, Production and why, key metrics, where to look."""
     lines = [f"cycle {result['mode']} done (MLflow run {result['run_id']}, experiment {cfg.mlflow.experiment})"]
@@ -293,14 +418,20 @@ def summary(cfg: Config, result: dict[str, Any]) -> str:
         lines.append(f"  retrain: {trained(result['retrain']) if result['retrain'] else 'not due'}")
     if "finetune" in result:
         lines.append(f"  fine-tuning: {result['finetune']}")
+    if result.get("simulate"):
+        m = result["simulate"]["metrics"]
+        lines.append("  walk-forward (out of sample): " + ", ".join(
+            f"{agent.replace('_', ' ')} {m[agent]['total_return']:+.2%}" for agent in m)
+            + f"; gate at each point: {', '.join(result['simulate']['decisions'])}")
     if result.get("review"):
         rev = result["review"]
         lines.append(f"  review: compared versions {', '.join(rev['versions']) or 'none'}; archived "
                      f"{', '.join(rev['archived']) or 'none'}")
+    name = result["simulate"]["model_name"] if result.get("simulate") else cfg.promotion.model_name
     try:
-        lines.append(status(cfg.promotion.model_name))
+        lines.append(status(name))
     except ValueError:  # nothing registered yet
-        lines.append(f"no {cfg.promotion.model_name} version registered yet")
+        lines.append(f"no {name} version registered yet")
     lines.append("open the MLflow UI on this store: make ui   (http://127.0.0.1:5000)")
     return "\n".join(lines)
 
@@ -308,7 +439,8 @@ def summary(cfg: Config, result: dict[str, Any]) -> str:
 # -- the cycle -----------------------------------------------------------------------------------
 
 
-def main(cfg: Config, mode: str = "all", force: bool = False) -> dict[str, Any]:
+def main(cfg: Config, mode: str = "all", force: bool = False, periods: int = 4,
+         start_fraction: float = 0.5) -> dict[str, Any]:
     """Run ``mode`` of the cycle under the orchestrator lock; returns what each step produced."""
     import mlflow
 
@@ -336,6 +468,8 @@ def main(cfg: Config, mode: str = "all", force: bool = False) -> dict[str, Any]:
             result["finetune"] = finetune(cfg, buffer, state, force)
         if mode == "review":
             result["review"] = review(cfg)
+        if mode == "simulate":
+            result["simulate"] = simulate(cfg, periods, start_fraction)
         text = summary(cfg, result)
         mlflow.log_text(text, "cycle/summary.txt")
         result["summary"] = text
@@ -394,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--mode", default="all", choices=MODES, help="which part of the cycle to run")
     parser.add_argument("--force", action="store_true", help="retrain / fine-tune even when not due")
+    parser.add_argument("--periods", type=int, default=4, help="simulate: decision points (retrain, gate, trade)")
+    parser.add_argument("--start-fraction", type=float, default=0.5,
+                        help="simulate: share of the bars before the first decision point")
     parser.add_argument("--loop", action="store_true", help="run maintenance, retrain and review forever, each "
                         "at its cadence (continuous_learning.*_every)")
     return parser
@@ -403,7 +540,7 @@ def _cli(cfg: Config, args: argparse.Namespace) -> None:
     if args.loop:
         loop(cfg)
         return
-    result = main(cfg, args.mode, args.force)
+    result = main(cfg, args.mode, args.force, args.periods, args.start_fraction)
     print(result["summary"])
 
 

@@ -102,19 +102,10 @@ def ray_session():
 
 
 def momentum_bars(n: int, seed: int, persist: float = 0.85):
-    """Bars with a planted, learnable signal: each bar moves in the direction of the previous
-    one with probability ``persist`` (1-minute bars, no gaps: the next open is this close)."""
-    import numpy as np
-    import pandas as pd
+    """Bars with a planted, learnable signal (``mlproject.data.momentum_bars``)."""
+    from mlproject.data import momentum_bars as planted
 
-    rng = np.random.default_rng(seed)
-    flips = rng.random(n) > persist
-    sign = np.cumprod(np.where(flips, -1.0, 1.0))
-    close = 4000.0 + np.cumsum(sign * (1 + rng.poisson(1.5, n))) * 0.25
-    open_ = np.r_[4000.0, close[:-1]]
-    index = pd.date_range("2024-01-02 09:31", periods=n, freq="1min", name="timestamp")
-    return pd.DataFrame({"open": open_, "high": np.maximum(open_, close) + 0.25,
-                         "low": np.minimum(open_, close) - 0.25, "close": close, "volume": 100.0}, index=index)
+    return planted(n, seed, persist)
 
 
 @pytest.fixture(scope="session")

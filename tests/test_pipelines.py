@@ -211,3 +211,38 @@ def test_mlflow_run_entry_points(tmp_path, mlflow_store, entry, params):
     if entry == "ingest":
         assert runs[0].data.metrics["data/n_bars"] == 500
         assert runs[0].data.params["env.window"] == "8"
+
+
+def test_the_walk_forward_simulation_never_reads_a_bar_before_its_time(tmp_path, mlflow_store, ray_session):
+    """Changing every bar after the second decision point changes nothing before it: not the
+    models trained at the first two points, not the first period's trading; the second period is
+    traded on the changed bars. The simulation's versions never touch the real model name."""
+    import numpy as np
+
+    from mlproject.data import load_source
+    from pipelines import orchestrate
+
+    sets = ["train.iterations=1", "data.synthetic.n_bars=1400", "continuous_learning.evaluation_episodes=2",
+            "train.val_windows=2", f"data.output_dir={tmp_path / 'bars'}"]
+    cfg = load_config(ROOT / "conf" / "smoke.yaml", sets)
+    first = orchestrate.main(cfg, "simulate", periods=2, start_fraction=0.6)
+    a = first["simulate"]
+    bars = load_source(cfg)
+    point = a["points"][1]
+    changed = bars.copy()
+    changed.iloc[point:, :4] *= 1.01  # a different future (still valid bars)
+    changed.to_parquet(tmp_path / "changed.parquet")
+    b = orchestrate.main(cfg.model_copy(update={"data": cfg.data.model_copy(update={
+        "source": str(tmp_path / "changed.parquet")})}), "simulate", periods=2, start_fraction=0.6)["simulate"]
+    assert a["points"] == b["points"] and a["decisions"] == b["decisions"]
+    for agent in a["reports"]:
+        before = [w.equity.to_numpy() for w in (a["reports"][agent].windows[0], b["reports"][agent].windows[0])]
+        assert np.array_equal(*before), agent
+    assert not np.array_equal(a["reports"]["buy_hold"].windows[1].equity.to_numpy(),
+                              b["reports"]["buy_hold"].windows[1].equity.to_numpy())
+    run = mlflow.get_run(first["run_id"])
+    assert {"sim/learning/total_return", "sim/never_retrained/total_return", "sim/buy_hold/total_return"} <= set(
+        run.data.metrics)
+    assert "sim/equity.png" in {f.path for f in mlflow.MlflowClient().list_artifacts(first["run_id"], "sim")}
+    names = {m.name for m in mlflow.MlflowClient().search_registered_models()}
+    assert "nt8-agent" not in names and all(n.startswith("nt8-agent-sim-") for n in names)

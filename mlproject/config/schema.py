@@ -103,6 +103,12 @@ class EnvConfig(_Strict):
 class SyntheticConfig(_Strict):
     """Seeded synthetic futures bars (``mlproject.data.synthetic_bars``)."""
 
+    momentum: float | None = Field(default=None, ge=0, le=1)
+    """Instead of the regime model: 1-minute bars with a planted signal, each following the previous
+    bar's direction with this probability (``mlproject.data.momentum_bars``); null: the regime model."""
+    momentum_flip_at: float | None = Field(default=None, gt=0, lt=1)
+    """With ``momentum``: the fraction of the bars after which the signal reverses (a drifting market)."""
+
     n_bars: int = Field(default=20_000, ge=10)
     """Number of bars."""
     seed: int = 0
@@ -335,6 +341,9 @@ class ContinuousLearningConfig(_Strict):
     paper_bars: int | None = Field(default=None, ge=2)
     """The cycle paper-trades this many bars of the test split through the bridge before its
     threshold checks (the demo, a simulation); null: experiences come from the live bridge."""
+    retrain_history_bars: int | None = Field(default=None, ge=10)
+    """A retrain (and each simulation step) trains, validates and gates on only the newest this many
+    bars of the market data (null: all of them): a market that drifted is learned from its recent past."""
     maintenance_every: str = "1d"
     """``orchestrate --loop``: how often maintenance runs (30s, 5m, 1h, 1d, 1w)."""
     retrain_every: str = "1w"

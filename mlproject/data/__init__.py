@@ -20,16 +20,21 @@ import pandas as pd
 
 from mlproject.data.formats import detect_format, load_bars
 from mlproject.data.splits import Splits, split_bars, walk_forward
-from mlproject.data.synthetic import synthetic_bars
+from mlproject.data.synthetic import momentum_bars, synthetic_bars
 from mlproject.data.validation import BAR_COLUMNS, DataError, aggregate_ticks, infer_bar_period, validate_bars
 
 __all__ = ["BAR_COLUMNS", "DataError", "Splits", "aggregate_ticks", "detect_format", "infer_bar_period",
-           "load_bars", "load_source", "split_bars", "synthetic_bars", "validate_bars", "walk_forward"]
+           "load_bars", "load_source", "momentum_bars", "split_bars", "synthetic_bars", "validate_bars", "walk_forward"]
 
 
 def load_source(cfg: Any) -> pd.DataFrame:
     """The bars named by ``cfg.data.source`` (a file or 'synthetic'), validated."""
     data = cfg.data
+    if data.source == "synthetic" and data.synthetic.momentum is not None:
+        s = data.synthetic
+        bars = momentum_bars(s.n_bars, s.seed, s.momentum, s.momentum_flip_at)
+        bars.attrs.update(source="synthetic-momentum", format="synthetic")
+        return bars
     if data.source == "synthetic":
         s = data.synthetic
         bars = synthetic_bars(s.n_bars, seed=s.seed, bar_minutes=s.bar_minutes, tick_size=s.tick_size,

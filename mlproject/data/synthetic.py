@@ -145,3 +145,21 @@ def _intraday_volume(
     regime = np.array([1.0, 1.5])[vol_state]
     volume = 500.0 * bar_minutes * u_shape * regime * rng.lognormal(0.0, 0.4, len(position))
     return np.maximum(np.round(volume), 1.0)
+
+
+def momentum_bars(n: int, seed: int = 0, persist: float = 0.85, flip_at: float | None = None) -> pd.DataFrame:
+    """Bars with a planted, learnable signal: each 1-minute bar moves in the direction of the
+    previous one with probability ``persist`` (the next open is this close). ``flip_at`` (a fraction
+    of the bars) makes the signal drift: from there on it is ``1 - persist`` (mean reversion), the
+    case where a model that keeps learning must beat one that does not."""
+    rng = np.random.default_rng(seed)
+    keep = np.full(n, persist)
+    if flip_at is not None:
+        keep[int(n * flip_at):] = 1.0 - persist
+    flips = rng.random(n) > keep
+    sign = np.cumprod(np.where(flips, -1.0, 1.0))
+    close = 4000.0 + np.cumsum(sign * (1 + rng.poisson(1.5, n))) * 0.25
+    open_ = np.r_[4000.0, close[:-1]]
+    index = pd.date_range("2024-01-02 09:31", periods=n, freq="1min", name="timestamp")
+    return pd.DataFrame({"open": open_, "high": np.maximum(open_, close) + 0.25,
+                         "low": np.minimum(open_, close) - 0.25, "close": close, "volume": 100.0}, index=index)
