@@ -195,6 +195,12 @@ def train_evaluate_promote(cfg: Config, ingested: Any = None) -> dict[str, Any]:
                       evaluation=evaluation)
     decision = (_step("promote", promote.main, data_cfg, model_uri, bars=test, challenger=challenger,
                       evaluation=evaluation) if trained.registered_version else None)
+    import mlflow
+
+    tags = mlflow.get_run(mlflow.active_run().info.run_id).data.tags  # the active run object's tags are stale
+    created = [v for v in tags.get("cycle.created_versions", "").split(",") if v]
+    mlflow.set_tags({"cycle.created_versions": ",".join([*created, trained.registered_version or model_uri]),
+                     "cycle.compared_with": f"v{before}" if before else "none (first model)"})
     return {"ingest": ingested, "train": trained, "model_uri": model_uri, "evaluate": evaluated, "promote": decision}
 
 

@@ -107,6 +107,7 @@ def test_the_whole_cycle_bootstraps_paper_trades_annotates_retrains_and_gates(tm
     assert result["finetune"] == "not available yet"
     cycle = mlflow.get_run(result["run_id"])
     assert cycle.data.tags["cycle.retrain"] == "refused" and cycle.data.tags["cycle.finetune"] == "not available yet"
+    assert cycle.data.tags["cycle.created_versions"] == "1,2" and cycle.data.tags["cycle.compared_with"] == "v1"
     assert "experiences" in {i.tags[0].value for i in cycle.inputs.dataset_inputs if i.tags}
     assert "refused" in result["summary"] and "make ui" in result["summary"]
     state = json.loads((tmp_path / "data" / "orchestrator" / "state.json").read_text())
