@@ -458,12 +458,11 @@ def test_kill_switch_by_message_and_by_file(bridge, deployed, tmp_path):
     a.request({"type": "resume"})
     assert not (tmp_path / "KILL").exists()
     assert a.request(bar_msg(bars, 40))["guard"] != "kill_switch"
-    (tmp_path / "KILL").write_text("operator\n")  # the file alone (python -m pipelines.bridge kill) ...
-    time.sleep(0.3)  # ... is seen within bridge.reload_poll_s (0.05 here)
+    (tmp_path / "KILL").write_text("operator\n")  # the file alone (python -m pipelines.bridge kill): the next bar
     assert a.request(bar_msg(bars, 41))["guard"] == "kill_switch"
     assert a.pushed and a.pushed[-1]["type"] == "kill"
     (tmp_path / "KILL").unlink()
-    time.sleep(0.3)
+    time.sleep(0.3)  # the file's removal is seen by the watcher (bridge.reload_poll_s, 0.05 here)
     assert a.request(bar_msg(bars, 42))["guard"] != "kill_switch"
 
 

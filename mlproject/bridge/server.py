@@ -502,7 +502,11 @@ class Bridge:
         action = None
         if obs is not None:
             action = await self._infer(policy, obs)
-        killed = self._killed  # the watcher looks at the kill file every reload_poll_s; a kill message sets it at once
+        # The kill file is looked at on every bar (a stat, ~2 us): `pipelines.bridge kill` takes effect
+        # at the next decision, not at the watcher's next poll; the watcher pushes the kill to clients.
+        killed = self._killed or self.kill_file.exists()
+        if killed != self._killed:
+            self._check_kill_file()
         stale = (session.source == "live" and self.bcfg.max_bar_age_s is not None and not bar.historical
                  and (datetime.now(timezone.utc) - bar.utc).total_seconds() > self.bcfg.max_bar_age_s)
         decision = session.decide(bar, obs, policy, action, guard, killed=killed, stale=stale)
