@@ -324,9 +324,13 @@ def simulate(cfg: Config, periods: int, start_fraction: float) -> dict[str, Any]
     first = int(n * start_fraction)
     step = (n - first) // periods
     points = [first + k * step for k in range(periods)] + [n]
+    history_bars = Market.first_bar(cfg.env)
+    if first < history_bars + 2 or step < 2:
+        raise ValueError(f"simulate: {n} bars split at {start_fraction:g} into {periods} periods leave {first} bars "
+                         f"before the first decision point and {step} per period; need at least {history_bars + 2} "
+                         "and 2: a larger --start-fraction, fewer --periods or more bars")
     run_id = mlflow.active_run().info.run_id
     name = f"{cfg.promotion.model_name}-sim-{run_id[:8]}"
-    history_bars = Market.first_bar(cfg.env)
     reports = {agent: EvalReport(agent) for agent in ("learning", "never_retrained", "buy_hold")}
     decisions = []
     with tempfile.TemporaryDirectory(prefix="nt8-sim-") as tmp:

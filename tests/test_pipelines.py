@@ -263,3 +263,5 @@ def test_on_a_drifting_market_the_learning_agent_beats_the_never_retrained_one(t
     assert result["decisions"] == ["promoted", "promoted"]
     assert m["learning"]["total_return"] > m["never_retrained"]["total_return"] + 0.1, m
     assert result["paired"]["p_value"] < 0.01
+    with pytest.raises(ValueError, match="before the first decision point"):
+        orchestrate.main(cfg, "simulate", periods=2, start_fraction=0.001)
