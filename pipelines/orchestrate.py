@@ -229,10 +229,10 @@ def maintenance(cfg: Config, buffer: ExperienceBuffer, state: CycleState) -> dic
 
 
 def retrain(cfg: Config, buffer: ExperienceBuffer, state: CycleState, force: bool,
-            ingested: Any = None) -> dict[str, Any] | None:
+            ingested: Any = None, due: dict[str, Any] | None = None) -> dict[str, Any] | None:
     import mlflow
 
-    due = thresholds(cfg, buffer, state)
+    due = due or thresholds(cfg, buffer, state)  # maintenance's, when it just ran: the buffer is as it was
     if not (due["retrain_due"] or force):
         log.info("retrain not due: %d new experiences since the last retrain (needs %d), %d in all (needs %d)",
                  due["new_since_retrain"], cfg.continuous_learning.retrain_frequency, due["experiences"],
@@ -251,10 +251,11 @@ def retrain(cfg: Config, buffer: ExperienceBuffer, state: CycleState, force: boo
     return result
 
 
-def finetune(cfg: Config, buffer: ExperienceBuffer, state: CycleState, force: bool) -> str:
+def finetune(cfg: Config, buffer: ExperienceBuffer, state: CycleState, force: bool,
+             due: dict[str, Any] | None = None) -> str:
     import mlflow
 
-    due = thresholds(cfg, buffer, state)
+    due = due or thresholds(cfg, buffer, state)  # a retrain in between moves only the retrain watermark
     if not (due["finetune_due"] or force):
         mlflow.set_tag("cycle.finetune", "not due")
         return "not due"
@@ -473,9 +474,11 @@ def main(cfg: Config, mode: str = "all", force: bool = False, periods: int = 4,
         if mode in ("maintenance", "all"):
             result["maintenance"] = maintenance(cfg, buffer, state)
         if mode in ("retrain", "all"):
-            result["retrain"] = retrain(cfg, buffer, state, force, ingested)
+            known = result["maintenance"]["thresholds"] if "maintenance" in result else None
+            result["retrain"] = retrain(cfg, buffer, state, force, ingested, known)
         if mode in ("finetune", "all"):
-            result["finetune"] = finetune(cfg, buffer, state, force)
+            known = result["maintenance"]["thresholds"] if "maintenance" in result else None
+            result["finetune"] = finetune(cfg, buffer, state, force, known)
         if mode == "review":
             result["review"] = review(cfg)
         if mode == "simulate":
