@@ -385,16 +385,32 @@ class ExperienceBuffer:
         rows = np.sort(np.random.default_rng(seed).choice(len(frame), size=n, replace=False))
         return frame.iloc[rows].reset_index(drop=True)
 
-    def export_rllib(self, path: str | os.PathLike[str], query: Query | None = None) -> Path:
+    def export_rllib(self, path: str | os.PathLike[str], query: Query | None = None, *,
+                     obs_size: int | None = None, repeat: Mapping[str, int] | None = None) -> Path:
         """The experiences as a Parquet file in the column layout RLlib's offline API reads
         (``eps_id, obs, actions, rewards, new_obs, terminateds, truncateds, t``: one single-step
-        episode per experience), for offline BC/MARWIL; returns the file."""
+        episode per experience), for offline BC/MARWIL; returns the file. ``obs_size``: only
+        experiences whose observation has this length (a model with another window recorded the
+        others). ``repeat``: experience id -> times it is written (weighting, e.g. high-value ones;
+        the copies get ids ``<id>#2``, ``<id>#3``, ...)."""
         frame = self.query(query, ["experience_id", "observation", "action", "reward", "next_observation",
                                    "terminated", "truncated"])
+        if obs_size is not None and not frame.empty:
+            sizes = frame["observation"].map(lambda v: -1 if v is None else len(v)).to_numpy()
+            if (sizes != obs_size).any():
+                log.info("export: %d of %d experiences have observations of another size than %d: left out",
+                         int((sizes != obs_size).sum()), len(frame), obs_size)
+            frame = frame[sizes == obs_size]
         if frame.empty:
-            raise ExperienceError(f"{self.root}: no experiences to export" + (f" for {query}" if query else ""))
+            raise ExperienceError(f"{self.root}: no experiences to export" + (f" for {query}" if query else "")
+                                  + (f" with observations of size {obs_size}" if obs_size is not None else ""))
+        ids = frame["experience_id"].tolist()
+        if repeat:
+            times = np.array([max(1, int(repeat.get(i, 1))) for i in ids])
+            ids = [i if k == 0 else f"{i}#{k + 1}" for i, n in zip(ids, times) for k in range(n)]
+            frame = frame.iloc[np.repeat(np.arange(len(frame)), times)]
         table = pa.table({
-            "eps_id": pa.array(frame["experience_id"], pa.string()),
+            "eps_id": pa.array(ids, pa.string()),
             "obs": _vectors(frame["observation"], pa.list_(pa.float32())),
             "actions": pa.array(frame["action"].astype(np.int64)),
             "rewards": pa.array(frame["reward"].astype(np.float64)),

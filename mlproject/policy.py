@@ -106,15 +106,16 @@ def model_label(uri: str) -> str:
     return f"{mv.name} v{mv.version}" if mv is not None else uri
 
 
-def load_policy_model(uri: str) -> LoadedPolicy:
-    """Load an MLflow policy model (registry URI, ``models:/m-...``, ``runs:/``, a local path)."""
+def load_policy_model(uri: str, local: str | Path | None = None) -> LoadedPolicy:
+    """Load an MLflow policy model (registry URI, ``models:/m-...``, ``runs:/``, a local path);
+    ``local``: a folder ``uri`` was already downloaded to (loaded from there, named by ``uri``)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     label = model_label(uri)
     quiet_rllib()
     try:
-        model = mlflow.pyfunc.load_model(uri)
+        model = mlflow.pyfunc.load_model(str(local) if local is not None else uri)
     except MlflowException as exc:  # unknown name/version/run: a bad input, said with the URI
         raise ValueError(f"{uri}: {exc.message}") from None
     meta = model.metadata

@@ -10,9 +10,12 @@ Modes:
   closed trades not annotated yet (``pipelines.annotate``), reconcile the deployment with the
   registry, check the thresholds; logs and prints what is due.
 - ``retrain``: when at least ``retrain_frequency`` experiences arrived since the last retrain and
-  the buffer holds at least ``min_experiences`` (or ``--force``): ingest the market data, train
-  warm-started from the Production policy, evaluate, and run the promotion gate against
-  Production on the same held-out bars. A refusal is a normal outcome, logged with its reasons.
+  the buffer holds at least ``min_experiences`` (or ``--force``): ingest the market data, take
+  the bars the new experiences came from plus ``retrain_history_bars`` of history, optionally an
+  offline pass (``offline_pass``: RLlib MARWIL/BC on the buffer, high-value experiences weighted),
+  train warm-started from the Production policy (or the offline pass's result), evaluate, and run
+  the promotion gate against Production on the same held-out bars. A refusal is a normal outcome,
+  logged with its reasons.
 - ``finetune``: when enough new annotated experiences exist, LLM fine-tuning (not built yet: the
   mode says so and exits 0).
 - ``review`` (the seed's monthly task): every live version evaluated on the same recent bars (a
@@ -40,6 +43,7 @@ import json
 import logging
 import math
 import signal
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,7 +69,15 @@ from mlproject.features import FEATURE_NAMES
 from mlproject.instruments import resolve_instrument
 from mlproject.locks import file_lock
 from mlproject.metrics import max_drawdown, periods_per_year, sharpe_ratio, total_return
-from mlproject.policy import ModelMismatch, PolicySettings, load_module, load_policy_model, resolve_init_from
+from mlproject.offline import BETA, OfflineResult, offline_pass
+from mlproject.policy import (
+    ModelMismatch,
+    PolicySettings,
+    find_module_dir,
+    load_module,
+    load_policy_model,
+    read_settings,
+)
 from mlproject.registry import cleanup, production_version, rollback_target, status
 from mlproject.tracking import pipeline_run, setup_tracking
 from pipelines import annotate, collect, evaluate, ingest, promote, train
@@ -80,27 +92,73 @@ RETRAIN_IDS = "retrain_ids.parquet"
 FINETUNE_IDS = "finetune_ids.parquet"
 
 
-def warm_start_uri(cfg: Config) -> str | None:
-    """``models:/<name>/Production`` when a Production policy exists that reads this config's
-    observations (continuous learning goes on from the deployed policy), else None (fresh)."""
+@dataclass
+class ProductionModel:
+    """The Production version, downloaded once per cycle: the warm start, the offline pass's
+    start and the gate's comparison all read this one copy."""
+
+    version: str
+    uri: str
+    local: Path
+    warm_start: bool
+    """It reads this config's observations (and is the model this config trains), so training
+    goes on from it; otherwise training starts fresh (logged why)."""
+
+    def tags(self) -> dict[str, str]:
+        return {"parent_uri": self.uri, "parent_version": self.version}
+
+
+def production_model(cfg: Config) -> ProductionModel | None:
+    """The Production version of ``promotion.model_name`` downloaded, or None when there is none."""
+    import mlflow
+
     name = cfg.promotion.model_name
-    if cfg.train.register_model != name or production_version(name) is None:
+    version = production_version(name)
+    if version is None:
         return None
-    uri = f"models:/{name}/Production"
-    module_dir, _, settings = resolve_init_from(uri)
+    uri = f"models:/{name}/{version}"
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    return ProductionModel(str(version), uri, local, cfg.train.register_model == name and _reads_config(local, cfg))
+
+
+def _reads_config(local: Path, cfg: Config) -> bool:
+    settings = read_settings(local) if (local / "MLmodel").is_file() else None
     if settings is not None:
         differ = settings.observation_differences(PolicySettings.from_env(cfg.env))
         if differ:
             log.warning("the Production policy was trained with other observation settings (Production vs this "
                         "config: %s): training from scratch", "; ".join(differ))
-            return None
-        return uri
-    shape = tuple(load_module(module_dir).observation_space.shape)
+        return not differ
+    shape = tuple(load_module(find_module_dir(local)).observation_space.shape)
     if shape != (cfg.env.window * len(FEATURE_NAMES) + 2,):
         log.warning("Production policy takes observations of shape %s, this config makes %d: training from scratch",
                     shape, cfg.env.window * len(FEATURE_NAMES) + 2)
-        return None
-    return uri
+        return False
+    return True
+
+
+def retrain_window(bars: pd.DataFrame, history: int | None, since: pd.Timestamp | None) -> tuple[pd.DataFrame, str]:
+    """The bars a retrain learns from: from ``history`` bars before the bar of ``since`` (the
+    first new experience; at least the newest ``history`` bars) to the newest bar; all bars when
+    ``history`` is None. Returns the slice and a note for when the experiences are not in the
+    market data (newer than its last bar: export the bars they traded and ingest them)."""
+    note = ""
+    if since is not None and len(bars):
+        index = bars.index
+        since = pd.Timestamp(since)
+        if index.tz is not None:
+            since = since.tz_localize(index.tz) if since.tz is None else since.tz_convert(index.tz)
+        elif since.tz is not None:
+            since = since.tz_convert("UTC").tz_localize(None)
+        if since > index[-1]:
+            note = (f"the new experiences start at {since}, after the market data ends ({index[-1]}): the retrain "
+                    "learns from the market data it has; export and ingest the bars they traded to learn from them")
+    if history is None:
+        return bars, note
+    start = len(bars) - history
+    if since is not None and not note:
+        start = min(start, int(bars.index.searchsorted(since)) - history)
+    return bars.iloc[max(0, start):], note
 
 
 # -- durable state -------------------------------------------------------------------------------
@@ -138,15 +196,17 @@ class CycleState:
 def thresholds(cfg: Config, buffer: ExperienceBuffer, state: CycleState) -> dict[str, Any]:
     """What the buffer holds against the watermarks, and what is due."""
     cl = cfg.continuous_learning
-    rows = buffer.query(columns=["experience_id", "quality"])
+    rows = buffer.query(columns=["experience_id", "time", "quality"])
     ids = set(rows["experience_id"])
     annotated = set(rows.loc[rows["quality"].notna(), "experience_id"])
-    new = len(ids - state.seen(RETRAIN_IDS))
+    fresh = ~rows["experience_id"].isin(state.seen(RETRAIN_IDS))
+    new = len(set(rows.loc[fresh, "experience_id"]))
     new_annotated = len(annotated - state.seen(FINETUNE_IDS))
     return {"experiences": len(ids), "new_since_retrain": new, "annotated": len(annotated),
             "new_annotated_since_finetune": new_annotated,
             "retrain_due": new >= cl.retrain_frequency and len(ids) >= cl.min_experiences,
             "finetune_due": new_annotated >= cl.min_annotated_for_finetune,
+            "first_new_time": rows.loc[fresh, "time"].min() if new else None,
             "ids": ids, "annotated_ids": annotated}
 
 
@@ -165,29 +225,46 @@ def _step(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         raise
 
 
-def train_evaluate_promote(cfg: Config, ingested: Any = None) -> dict[str, Any]:
-    """Ingest (unless given), train (warm start from Production when it reads these observations),
-    evaluate and gate, in one pass: the bars are loaded once and handed on, the challenger and
-    Production are loaded once and backtested once on the same windows, and that one evaluation
-    is what the evaluate run logs and what the gate decides on."""
+def train_evaluate_promote(cfg: Config, ingested: Any = None, since: pd.Timestamp | None = None,
+                           buffer: ExperienceBuffer | None = None) -> dict[str, Any]:
+    """Ingest (unless given), train (warm start from Production when it reads these observations,
+    after the offline pass on ``buffer`` when configured), evaluate and gate, in one pass: the
+    bars are loaded once and handed on, Production is downloaded once, the challenger and
+    Production are backtested once on the same windows, and that one evaluation is what the
+    evaluate run logs and what the gate decides on. ``since``: the time of the first new
+    experience (the retrain learns from its bar on, plus ``retrain_history_bars`` of history)."""
+    import mlflow
+
     ingested = ingested or _step("ingest", ingest.main, cfg)
     data_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": str(ingested.path)})})
-    recent = cfg.continuous_learning.retrain_history_bars
-    bars = (ingested.bars.iloc[-recent:] if recent else ingested.bars).copy(deep=False)
+    bars, note = retrain_window(ingested.bars, cfg.continuous_learning.retrain_history_bars, since)
+    if note:
+        log.warning("retrain: %s", note)
+        mlflow.set_tag("cycle.data_warning", note)
+    bars = bars.copy(deep=False)
     bars.attrs.update(ingested.bars.attrs)
     bars.attrs.update(source=str(ingested.path), path=str(ingested.path))
-    trained = _step("train", train.main, data_cfg, init_from=warm_start_uri(cfg), bars=bars)
+    production = production_model(cfg)
+    init, parent_tags = (str(production.local), production.tags()) if production and production.warm_start else (None, None)
+    with train.ray_session(cfg), tempfile.TemporaryDirectory(prefix="nt8-cycle-") as tmp:
+        offline = None
+        if buffer is not None and cfg.continuous_learning.offline_pass != "none":
+            offline = _step("offline", _offline, cfg, buffer, production if init else None, bars, Path(tmp))
+            init, parent_tags = str(offline.module_dir), {
+                **(parent_tags or {}), "parent_uri": f"offline pass ({cfg.continuous_learning.offline_pass}) from "
+                f"{parent_tags['parent_uri'] if parent_tags else 'fresh weights'}"}
+        trained = _step("train", train.main, data_cfg, init_from=init, bars=bars, parent_tags=parent_tags)
     model_uri = (f"models:/{cfg.train.register_model}/{trained.registered_version}"
                  if trained.registered_version else trained.model_uri)
     test = test_split(bars, data_cfg)
     challenger = load_policy_model(model_uri)
     policies = [challenger]
-    before = production_version(cfg.promotion.model_name)
-    if before is not None and trained.registered_version:
-        production = load_policy_model(f"models:/{cfg.promotion.model_name}/{before}")
+    before = production.version if production else None
+    if production is not None and trained.registered_version:
+        compared = load_policy_model(production.uri, production.local)
         try:
-            policy_env_config(production, data_cfg.env, test)
-            policies.append(production)
+            policy_env_config(compared, data_cfg.env, test)
+            policies.append(compared)
         except ModelMismatch:  # the gate says why it cannot compare; the evaluation goes on without it
             pass
     evaluation = _step("evaluate", evaluate_policies, policies, test, data_cfg)
@@ -195,13 +272,34 @@ def train_evaluate_promote(cfg: Config, ingested: Any = None) -> dict[str, Any]:
                       evaluation=evaluation)
     decision = (_step("promote", promote.main, data_cfg, model_uri, bars=test, challenger=challenger,
                       evaluation=evaluation) if trained.registered_version else None)
-    import mlflow
-
     tags = mlflow.get_run(mlflow.active_run().info.run_id).data.tags  # the active run object's tags are stale
     created = [v for v in tags.get("cycle.created_versions", "").split(",") if v]
     mlflow.set_tags({"cycle.created_versions": ",".join([*created, trained.registered_version or model_uri]),
                      "cycle.compared_with": f"v{before}" if before else "none (first model)"})
-    return {"ingest": ingested, "train": trained, "model_uri": model_uri, "evaluate": evaluated, "promote": decision}
+    return {"ingest": ingested, "train": trained, "model_uri": model_uri, "evaluate": evaluated, "promote": decision,
+            "offline": offline}
+
+
+def _offline(cfg: Config, buffer: ExperienceBuffer, production: ProductionModel | None, bars: pd.DataFrame,
+             work: Path) -> OfflineResult:
+    """The offline pass as a child run (params, ``offline/...`` curves, the experiences it read)."""
+    import mlflow
+
+    market = Market.from_config({**cfg.env.model_dump(), "bars": bars})
+    cl = cfg.continuous_learning
+    with pipeline_run(cfg, "offline"):
+        mlflow.log_params({"offline.algorithm": f"MARWIL (beta {BETA[cl.offline_pass]:g})",
+                           "offline.iterations": cl.offline_iterations,
+                           "offline.high_value_weight": cl.high_value_weight,
+                           "offline.start": production.uri if production else "fresh weights"})
+        mlflow.log_input(buffer.snapshot(), context="offline")
+        result = offline_pass(cfg, buffer, find_module_dir(production.local) if production else None,
+                              market.observation_space(), market.action_space(), work)
+        for it, metrics in enumerate(result.history, 1):
+            mlflow.log_metrics(metrics, step=it)
+        mlflow.log_metrics({"offline/experiences": result.experiences, "offline/high_value": result.high_value,
+                            "offline/rows": result.rows})
+    return result
 
 
 def maintenance(cfg: Config, buffer: ExperienceBuffer, state: CycleState) -> dict[str, Any]:
@@ -241,7 +339,7 @@ def retrain(cfg: Config, buffer: ExperienceBuffer, state: CycleState, force: boo
         return None
     if due["experiences"]:
         mlflow.log_input(buffer.snapshot(), context="experiences")
-    result = train_evaluate_promote(cfg, ingested)
+    result = train_evaluate_promote(cfg, ingested, since=due["first_new_time"], buffer=buffer)
     decision = result["promote"]
     state.advance("retrain", RETRAIN_IDS, due["ids"], {
         "version": result["train"].registered_version, "decision": decision.decision if decision else "not registered",
@@ -314,8 +412,6 @@ def simulate(cfg: Config, periods: int, start_fraction: float) -> dict[str, Any]
     retrained) and by buy-and-hold, each a deterministic backtest through the env (the paper path
     gives the same bits: tests/test_bridge.py). Out-of-sample equity, metrics, a paired test and a
     plot in the run. Versions are registered under their own name (``<model>-sim-<run>``)."""
-    import tempfile
-
     import mlflow
 
     if periods < 1 or not 0 < start_fraction < 1:

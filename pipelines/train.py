@@ -303,9 +303,11 @@ def preflight(cfg: Config, bars: pd.DataFrame) -> tuple[Any, str, Any]:
 
 
 def main(cfg: Config, data: str | None = None, iterations: int | None = None, init_from: str | None = None,
-         seed: int | None = None, bars: pd.DataFrame | None = None) -> TrainResult:
+         seed: int | None = None, bars: pd.DataFrame | None = None,
+         parent_tags: dict[str, str] | None = None) -> TrainResult:
     """Train on ``data`` (default ``cfg.data.source``; ``bars``: already loaded, as the cycle
-    hands them on) and register the best policy."""
+    hands them on) and register the best policy. ``parent_tags``: what ``init_from`` (a local
+    folder the cycle prepared) stands for, tagged on the run and the version."""
     import torch
 
     if data:
@@ -322,11 +324,11 @@ def main(cfg: Config, data: str | None = None, iterations: int | None = None, in
         # FAILED run saying which split needs how many bars), not at the first validation.
         splits, source, settings = preflight(cfg, bars)
         with ray_session(cfg), tempfile.TemporaryDirectory(prefix="nt8-train-") as tmp:
-            return _train(cfg, run, splits, source, settings, iterations, init_from, Path(tmp))
+            return _train(cfg, run, splits, source, settings, iterations, init_from, Path(tmp), parent_tags)
 
 
 def _train(cfg: Config, run: Any, splits: Any, source: str, settings: Any, iterations: int, init_from: str | None,
-           tmp: Path) -> TrainResult:
+           tmp: Path, parent_tags: dict[str, str] | None = None) -> TrainResult:
     """Build the algorithm, train, log and register the best policy (inside the train run)."""
     import mlflow
     import ray
@@ -344,10 +346,11 @@ def _train(cfg: Config, run: Any, splits: Any, source: str, settings: Any, itera
         module_dir, parent, parent_settings = resolve_init_from(init_from)
         warm_start(algo, module_dir, algo.get_module().observation_space.shape, parent_settings, settings)
         tags.update(parent)
+        tags.update(parent_tags or {})
     mlflow.set_tags(tags)
     log.info("training %s on %d bars (%s), validating on %d, device=%s%s", cfg.train.algorithm,
              len(splits.train), tags["data.train_window"], len(splits.validation), device,
-             f", warm start from {init_from}" if init_from else "")
+             f", warm start from {tags.get('parent_uri', init_from)}" if init_from else "")
     try:
         best = train_loop(algo, cfg, iterations, splits.validation, tmp)
     finally:

@@ -298,3 +298,22 @@ def test_rllib_offline_bc_trains_on_the_export(tmp_path):
     assert np.isfinite(loss)
     with pytest.raises(ExperienceError, match="no experiences to export"):
         buffer.export_rllib(tmp_path / "none.parquet", Query(model_version="9"))
+
+
+def test_the_export_keeps_one_observation_size_and_repeats_what_is_weighted(filled, tmp_path):
+    import pyarrow.parquet as pq
+
+    other = experiences(4, start="2024-01-05 14:31", prefix="w")
+    for row in other:  # recorded by a model with another window
+        row["observation"], row["next_observation"] = [0.0] * 5, [0.0] * 5
+    filled.add(other)
+    filled.flush()
+    path = filled.export_rllib(tmp_path / "x.parquet", obs_size=3, repeat={"b0": 3, "w1": 2})
+    table = pq.read_table(path)
+    ids = table.column("eps_id").to_pylist()
+    assert len(ids) == 32 and not any(i.startswith("w") for i in ids)
+    assert ids.count("b0") == ids.count("b0#2") == ids.count("b0#3") == 1
+    copies = [k for k, i in enumerate(ids) if i.startswith("b0")]
+    assert len({tuple(table.column("obs")[k].as_py()) for k in copies}) == 1
+    with pytest.raises(ExperienceError, match="observations of size 7"):
+        filled.export_rllib(tmp_path / "y.parquet", obs_size=7)

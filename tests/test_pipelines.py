@@ -97,7 +97,7 @@ def test_the_whole_cycle_bootstraps_paper_trades_annotates_retrains_and_gates(tm
     again = result["retrain"]
     child = mlflow.MlflowClient().get_model_version("nt8-agent", again["train"].registered_version)
     assert str(child.version) == "2" and child.tags["parent_version"] == "1"
-    assert child.tags["parent_uri"] == "models:/nt8-agent/Production"
+    assert child.tags["parent_uri"] == "models:/nt8-agent/1"  # Production then, downloaded once per cycle
     assert (again["promote"].decision, again["promote"].reasons) == SECOND_CYCLE
     # One pass: the gate decided on the very reports the evaluate run logged (one backtest of each).
     gate_run = mlflow.get_run(again["promote"].run_id).data.metrics
@@ -138,6 +138,7 @@ def test_the_whole_cycle_bootstraps_paper_trades_annotates_retrains_and_gates(tm
     def broken(*args, **kwargs):
         raise RuntimeError("injected training failure")
 
+    real_train = train.main
     monkeypatch.setattr(train, "main", broken)
     with pytest.raises(RuntimeError, match="injected"):
         orchestrate.main(cfg, "retrain", force=True)
@@ -147,6 +148,41 @@ def test_the_whole_cycle_bootstraps_paper_trades_annotates_retrains_and_gates(tm
     after = json.loads((tmp_path / "data" / "orchestrator" / "state.json").read_text())
     assert after["retrain"] == state["retrain"]
     assert json.loads((tmp_path / "deploy" / "current" / "manifest.json").read_text())["version"] == "1"
+
+    # The offline pass: MARWIL on the buffer's 279 experiences (high-value ones x3) from Production
+    # v1, then PPO from its result, in one Ray session; its own child run says what it read.
+    monkeypatch.setattr(train, "main", real_train)
+    offline_cfg = load_config(ROOT / "conf" / "smoke.yaml", [
+        "train.iterations=1", "continuous_learning.offline_pass=marwil", "continuous_learning.offline_iterations=2"])
+    done = orchestrate.main(offline_cfg, "retrain", force=True)["retrain"]
+    high = len(orchestrate.ExperienceBuffer("data/experience_buffer").high_value(0.7, ["experience_id"]))
+    assert 0 < high < 279
+    assert (done["offline"].experiences, done["offline"].high_value, done["offline"].rows) == (279, high, 279 + 2 * high)
+    offline_run = next(r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
+                       if r.info.run_name == "offline")
+    assert offline_run.data.params["offline.start"] == "models:/nt8-agent/1"
+    assert offline_run.data.metrics["offline/rows"] == 279 + 2 * high and "offline/policy_loss" in offline_run.data.metrics
+    grandchild = mlflow.MlflowClient().get_model_version("nt8-agent", done["train"].registered_version)
+    assert grandchild.tags["parent_uri"] == "offline pass (marwil) from models:/nt8-agent/1"
+    assert grandchild.tags["parent_version"] == "1"
+
+
+def test_a_retrain_learns_from_the_bars_its_experiences_came_from_plus_history():
+    from mlproject.data import synthetic_bars
+    from pipelines.orchestrate import retrain_window
+
+    bars = synthetic_bars(1000, seed=1)
+    assert retrain_window(bars, None, bars.index[100]) == (bars, "")  # null: every bar
+    newest, note = retrain_window(bars, 200, None)
+    assert newest.index[0] == bars.index[800] and note == ""  # forced, no new experiences: the newest 200
+    # Experiences from bar 500 on: their bars plus 200 bars of history, to the newest bar.
+    window, _ = retrain_window(bars, 200, bars.index[500])
+    assert window.index[0] == bars.index[300] and window.index[-1] == bars.index[-1]
+    assert retrain_window(bars, 200, bars.index[950])[0].index[0] == bars.index[750]  # at least the newest 200
+    naive = bars.index[500].tz_convert("UTC").tz_localize(None) if bars.index.tz else bars.index[500]
+    assert retrain_window(bars, 200, naive)[0].index[0] == bars.index[300]  # a naive time is read as UTC
+    later, note = retrain_window(bars, 200, bars.index[-1] + pd.Timedelta("1D"))
+    assert later.index[0] == bars.index[800] and "after the market data ends" in note
 
 
 def test_thresholds_below_do_nothing_and_a_second_orchestrator_is_refused(tmp_path, mlflow_store):

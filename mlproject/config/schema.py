@@ -342,8 +342,18 @@ class ContinuousLearningConfig(_Strict):
     """The cycle paper-trades this many bars of the test split through the bridge before its
     threshold checks (the demo, a simulation); null: experiences come from the live bridge."""
     retrain_history_bars: int | None = Field(default=None, ge=10)
-    """A retrain (and each simulation step) trains, validates and gates on only the newest this many
-    bars of the market data (null: all of them): a market that drifted is learned from its recent past."""
+    """A retrain trains, validates and gates on the bars its new experiences came from plus this
+    many bars of history before them (at least the newest this many bars); each simulation step on
+    the newest this many. Null: all of the market data. A market that drifted is learned from its
+    recent past."""
+    offline_pass: Literal["none", "bc", "marwil"] = "none"
+    """Before a retrain's PPO run: RLlib MARWIL on the buffer's experiences (``bc``: beta 0,
+    behaviour cloning; ``marwil``: advantage-weighted), starting from the Production policy; PPO
+    then starts from its result."""
+    offline_iterations: int = Field(default=5, ge=1)
+    """Offline pass: MARWIL training iterations."""
+    high_value_weight: int = Field(default=3, ge=1)
+    """Offline pass: each high-value experience counts this many times (1: no weighting)."""
     maintenance_every: str = "1d"
     """``orchestrate --loop``: how often maintenance runs (30s, 5m, 1h, 1d, 1w)."""
     retrain_every: str = "1w"
