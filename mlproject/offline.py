@@ -14,6 +14,7 @@ offline settings are those of shared/API-NOTES.md: without them offline RLlib ha
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
@@ -104,4 +105,8 @@ def offline_pass(cfg: Config, buffer: ExperienceBuffer, parent_module: Path | No
         algo.save_to_path(str(work / "offline-checkpoint"))
     finally:
         algo.stop()
+        # The learner's Ray Data iterator is a generator in a reference cycle: collected later,
+        # after Ray has shut down, it prints "Ray is not initialized" with a traceback.
+        del algo
+        gc.collect()
     return OfflineResult(work / "offline-checkpoint" / MODULE_SUBDIR, experiences, len(high), rows, history)
