@@ -7,7 +7,8 @@ Reads the experiences of ``continuous_learning.experience_storage`` that are not
 rebuilds their closed trades and appends one annotation per experience (the rule-based
 annotator of ``mlproject.reflection``). An MLflow run with the counts (``annotate/...``), the
 buffer's stats (``buffer/...``) and a sample of reflections as a table artifact.
-``annotation.annotator: llm`` asks an OpenAI-compatible endpoint instead, with the rules as the
+``annotation.annotator: llm`` asks an OpenAI-compatible endpoint instead, ``reasoner`` the
+Production ``nt8-reasoner`` in this process (the reasoning engine), each with the rules as the
 fallback for every trade it cannot annotate (counted as ``annotate/llm_fallbacks``).
 """
 
@@ -22,6 +23,7 @@ import pandas as pd
 from mlproject.cli import base_parser, run_cli
 from mlproject.config import Config
 from mlproject.experience import ExperienceBuffer, Query
+from mlproject.reasoner.engine import ReasonerAnnotator, ReasonerUnavailable, ReasoningEngine
 from mlproject.reflection import TRADE_COLUMNS, LLMAnnotator, annotate_trades
 from mlproject.tracking import pipeline_run, setup_tracking
 
@@ -52,7 +54,7 @@ def main(cfg: Config) -> AnnotateResult:
     buffer = ExperienceBuffer(cl.experience_storage)
     with pipeline_run(cfg, "annotate") as run:
         rows = buffer.query(Query(annotated=False), TRADE_COLUMNS)
-        llm = LLMAnnotator.from_config(cfg.annotation) if cfg.annotation.annotator == "llm" else None
+        llm = annotator(cfg)
         notes = annotate_trades(rows, cl.high_value_min_quality, cl.failed_max_quality, llm)
         buffer.annotate(notes)
         per_trade = notes.drop_duplicates("reflection") if len(notes) else notes
@@ -70,6 +72,22 @@ def main(cfg: Config) -> AnnotateResult:
                  counts["experiences"], counts["high_value"], counts["failed"])
         return AnnotateResult(run.info.run_id, counts["trades"], counts["experiences"], counts["high_value"],
                               counts["failed"], notes)
+
+
+def annotator(cfg: Config) -> LLMAnnotator | None:
+    """The model annotator ``annotation.annotator`` names (None: the rules alone). A reasoner
+    that cannot be loaded (none in Production yet) falls back to the rules, said once."""
+    if cfg.annotation.annotator == "llm":
+        return LLMAnnotator.from_config(cfg.annotation)
+    if cfg.annotation.annotator == "reasoner":
+        engine = ReasoningEngine.from_config(cfg)
+        try:
+            engine.ensure_loaded()
+        except ReasonerUnavailable as exc:
+            log.warning("annotation.annotator is reasoner but %s: annotating with the rules", exc)
+            return None
+        return ReasonerAnnotator(engine, retries=0)
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,8 +16,9 @@ Modes:
   train warm-started from the Production policy (or the offline pass's result), evaluate, and run
   the promotion gate against Production on the same held-out bars. A refusal is a normal outcome,
   logged with its reasons.
-- ``finetune``: when enough new annotated experiences exist, LLM fine-tuning (not built yet: the
-  mode says so and exits 0).
+- ``finetune``: when enough new annotated experiences exist, the fine-tuning entry point
+  (``pipelines.finetune``: QLoRA on the annotated trades, ``nt8-reasoner`` gated on validation
+  loss), then the reasoning engine reflects on a trade with the Production adapter.
 - ``review`` (the seed's monthly task): every live version evaluated on the same recent bars (a
   comparison table and plot), then old and refused versions archived (never Production nor its
   rollback target; ``continuous_learning.keep_versions`` kept).
@@ -78,9 +79,12 @@ from mlproject.policy import (
     load_policy_model,
     read_settings,
 )
+from mlproject.reasoner.engine import ReasoningEngine
+from mlproject.reflection import PROMPT
 from mlproject.registry import cleanup, production_version, rollback_target, status
 from mlproject.tracking import pipeline_run, setup_tracking
 from pipelines import annotate, collect, evaluate, ingest, promote, train
+from pipelines import finetune as finetune_step
 
 log = logging.getLogger(__name__)
 
@@ -350,17 +354,35 @@ def retrain(cfg: Config, buffer: ExperienceBuffer, state: CycleState, force: boo
 
 
 def finetune(cfg: Config, buffer: ExperienceBuffer, state: CycleState, force: bool,
-             due: dict[str, Any] | None = None) -> str:
+             due: dict[str, Any] | None = None) -> dict[str, Any] | str:
+    """When enough new annotated experiences exist (or ``--force``): the fine-tuning entry point
+    (``pipelines.finetune``: QLoRA, register, gate on validation loss), then the reasoning engine
+    with the Production adapter reflects on the newest validation trade (logged as
+    ``cycle/reasoner_sample.json``). The watermark moves only after both succeeded."""
     import mlflow
 
     due = due or thresholds(cfg, buffer, state)  # a retrain in between moves only the retrain watermark
     if not (due["finetune_due"] or force):
         mlflow.set_tag("cycle.finetune", "not due")
         return "not due"
-    log.info("fine-tuning is due (%d new annotated experiences) but not available yet: the QLoRA entry point "
-             "comes with its own issue", due["new_annotated_since_finetune"])
-    mlflow.set_tag("cycle.finetune", "not available yet")
-    return "not available yet"
+    tuned = _step("finetune", finetune_step.main, cfg)
+    engine = ReasoningEngine.from_config(cfg)
+    sample = tuned.prepared.validation.iloc[-1]
+    facts = sample["facts"] if "facts" in sample.index else _facts_of(sample["prompt"])
+    reply = _step("reasoner", engine.generate, PROMPT.format(facts=facts))
+    mlflow.log_dict({"version": engine.version, "trade_id": sample["trade_id"], "reasoning": reply.reasoning,
+                     "answer": reply.answer, "think_closed": reply.closed}, "cycle/reasoner_sample.json")
+    state.advance("finetune", FINETUNE_IDS, due["annotated_ids"], {
+        "version": tuned.version, "decision": tuned.decision, "val_loss": tuned.val_loss,
+        "run_id": mlflow.active_run().info.run_id})
+    mlflow.set_tags({"cycle.finetune": tuned.decision, "cycle.reasoner": f"v{engine.version}"})
+    return {"finetune": tuned, "engine_version": engine.version, "sample": reply}
+
+
+def _facts_of(prompt: str) -> str:
+    """The trade facts inside a rendered fine-tuning prompt (the line after the annotator's first)."""
+    lines = prompt.split("\n")
+    return lines[1] if len(lines) > 1 else prompt
 
 
 def review(cfg: Config) -> dict[str, Any]:
@@ -523,7 +545,11 @@ def summary(cfg: Config, result: dict[str, Any]) -> str:
                      f"{due['annotated']} annotated")
     if "retrain" in result:
         lines.append(f"  retrain: {trained(result['retrain']) if result['retrain'] else 'not due'}")
-    if "finetune" in result:
+    if isinstance(result.get("finetune"), dict):
+        tuned = result["finetune"]["finetune"]
+        lines.append(f"  fine-tuning: {cfg.finetune.register_model} v{tuned.version} {tuned.decision} (validation loss "
+                     f"{tuned.val_loss:.4f}); the reasoning engine answered with v{result['finetune']['engine_version']}")
+    elif "finetune" in result:
         lines.append(f"  fine-tuning: {result['finetune']}")
     if result.get("simulate"):
         m = result["simulate"]["metrics"]

@@ -61,7 +61,7 @@ def test_the_whole_cycle_bootstraps_paper_trades_annotates_retrains_and_gates(tm
                                                                                ray_session):
     """``--mode all`` on a fresh store with the demo profile: a first model (promoted, deployed),
     300 bars paper-traded through the bridge, annotated, a retrain warm-started from Production
-    that the gate refuses (seeded numbers), fine-tuning reported unavailable; then a re-run of
+    that the gate refuses (seeded numbers), a first reasoner adapter fine-tuned; then a re-run of
     ``retrain`` does nothing (the watermark), a failing step leaves Production as it was."""
     from pipelines import orchestrate, train
 
@@ -104,9 +104,13 @@ def test_the_whole_cycle_bootstraps_paper_trades_annotates_retrains_and_gates(tm
     eval_run = next(r for r in by_name["evaluate"] if r.data.tags["model_uri"] == "models:/nt8-agent/2").data.metrics
     assert gate_run["challenger/sharpe"] == eval_run["eval/sharpe"]
     assert json.loads((tmp_path / "deploy" / "current" / "manifest.json").read_text())["version"] == "1"
-    assert result["finetune"] == "not available yet"
+    # Fine-tuning: the first nt8-reasoner adapter (the tiny base of the demo profile), promoted, and
+    # the reasoning engine answered with it.
+    tuned = result["finetune"]
+    assert (tuned["finetune"].version, tuned["finetune"].decision, tuned["engine_version"]) == ("1", "promoted", "1")
     cycle = mlflow.get_run(result["run_id"])
-    assert cycle.data.tags["cycle.retrain"] == "refused" and cycle.data.tags["cycle.finetune"] == "not available yet"
+    assert cycle.data.tags["cycle.retrain"] == "refused" and cycle.data.tags["cycle.finetune"] == "promoted"
+    assert "cycle/reasoner_sample.json" in {f.path for f in mlflow.MlflowClient().list_artifacts(result["run_id"], "cycle")}
     assert cycle.data.tags["cycle.created_versions"] == "1,2" and cycle.data.tags["cycle.compared_with"] == "v1"
     assert "experiences" in {i.tags[0].value for i in cycle.inputs.dataset_inputs if i.tags}
     assert "refused" in result["summary"] and "make ui" in result["summary"]

@@ -375,9 +375,11 @@ class ContinuousLearningConfig(_Strict):
 class AnnotationConfig(_Strict):
     """Who writes the post-trade reflections (``pipelines.annotate``)."""
 
-    annotator: Literal["rules", "llm"] = "rules"
+    annotator: Literal["rules", "llm", "reasoner"] = "rules"
     """rules: deterministic, no network. llm: an OpenAI-compatible chat endpoint (a local Ollama
-    serving deepseek-r1:8b, say), falling back to the rules for any trade it cannot annotate."""
+    serving deepseek-r1:8b, say). reasoner: the Production ``nt8-reasoner`` (the fine-tuned
+    adapter on its base) in this process. Both fall back to the rules for any trade they cannot
+    annotate."""
     endpoint: str | None = None
     """Base URL of the OpenAI-compatible API, e.g. http://127.0.0.1:11434/v1 (needed for llm)."""
     model: str = "deepseek-r1:8b"
@@ -394,6 +396,46 @@ class AnnotationConfig(_Strict):
         if self.annotator == "llm" and not self.endpoint:
             raise ValueError("annotator llm needs annotation.endpoint (an OpenAI-compatible base URL)")
         return self
+
+
+class FinetuneConfig(_Strict):
+    """QLoRA fine-tuning of the reasoning model (``pipelines.finetune``) and the reasoning engine."""
+
+    base_model: str = "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"
+    """Hub id (already in the local Hugging Face cache: nothing is downloaded at run time), a local
+    model folder, or ``tiny``: a tiny R1-shaped Llama built locally (tests, the CPU demo)."""
+    tiny_dir: str = "data/finetune/tiny-base"
+    """Where ``base_model: tiny`` is built."""
+    output_dir: str = "data/finetune"
+    """The prepared JSONL datasets (``train.jsonl``, ``validation.jsonl``)."""
+    quantization: Literal["4bit", "8bit", "none"] = "4bit"
+    """4bit: bitsandbytes NF4 with double quantisation (QLoRA); 8bit: LLM.int8; none: full precision."""
+    lora_r: int = Field(default=16, ge=1)
+    lora_alpha: int = Field(default=32, ge=1)
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: str = "all-linear"
+    """PEFT target modules (``all-linear``: every linear layer but the output head)."""
+    max_steps: int = Field(default=200, ge=1)
+    learning_rate: float = Field(default=2e-4, gt=0)
+    batch_size: int = Field(default=1, ge=1)
+    """Sequences per device step."""
+    gradient_accumulation: int = Field(default=8, ge=1)
+    max_length: int = Field(default=2048, ge=16)
+    """Longest training sequence in tokens (longer ones are truncated)."""
+    eval_steps: int = Field(default=50, ge=1)
+    """Validation loss every this many steps."""
+    validation_fraction: float = Field(default=0.2, gt=0, lt=1)
+    """The newest this share of the examples (by trade time) is the validation set."""
+    min_quality: float = Field(default=0.0, ge=0, le=1)
+    """Annotations of trades with a lower quality score are left out of the training data."""
+    min_examples: int = Field(default=4, ge=2)
+    """Fewer distinct examples than this: no fine-tuning (a clear error)."""
+    register_model: str = "nt8-reasoner"
+    """Registered model of the adapters; Production reasons."""
+    temperature: float = Field(default=0.6, ge=0)
+    """Reasoning engine: sampling temperature (DeepSeek recommends 0.5-0.7 for R1 distills)."""
+    max_new_tokens: int = Field(default=512, ge=1)
+    """Reasoning engine: longest reply."""
 
 
 class BridgeConfig(_Strict):
@@ -458,6 +500,7 @@ class Config(_Strict):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     continuous_learning: ContinuousLearningConfig = Field(default_factory=ContinuousLearningConfig)
     annotation: AnnotationConfig = Field(default_factory=AnnotationConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     bridge: BridgeConfig = Field(default_factory=BridgeConfig)
 
     def to_dict(self) -> dict[str, Any]:
