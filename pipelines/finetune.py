@@ -38,6 +38,7 @@ from mlproject.reasoner.data import Prepared, prepare, read_jsonl
 from mlproject.reasoner.engine import (
     ADAPTER_DIR,
     BASE_TAG,
+    ReasonerUnavailable,
     adapter_base,
     load_adapter_model,
     load_base,
@@ -140,6 +141,9 @@ def _callback(history: list[dict[str, float]]) -> Any:
     class ToMlflow(TrainerCallback):
         started = time.perf_counter()
 
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.started = time.perf_counter()  # tokens/s of training, not of loading the model
+
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
             logs = logs or {}
             names = {"loss": "loss", "eval_loss": "eval_loss", "learning_rate": "learning_rate",
@@ -182,7 +186,7 @@ def train_adapter(cfg: Config, base: str, prepared: Prepared, work: Path, histor
         output_dir=str(work), max_steps=f.max_steps, learning_rate=f.learning_rate, warmup_steps=0.03,
         per_device_train_batch_size=f.batch_size, per_device_eval_batch_size=f.batch_size,
         gradient_accumulation_steps=f.gradient_accumulation, max_length=f.max_length, completion_only_loss=True,
-        eval_strategy="steps", eval_steps=f.eval_steps, logging_steps=max(1, min(10, f.eval_steps)),
+        eval_strategy="steps", eval_steps=f.eval_steps, logging_steps=max(1, min(10, f.eval_steps, f.max_steps)),
         save_strategy="no", report_to="none", seed=cfg.seed, use_cpu=not on_gpu,
         # bf16 with 4-bit on the CPU is ~10x slower (API-NOTES); paged 8-bit Adam needs CUDA.
         bf16=on_gpu, activation_checkpointing=on_gpu, optim="paged_adamw_8bit" if on_gpu else "adamw_torch",
@@ -228,7 +232,11 @@ def production_loss(cfg: Config, model: Any, tokenizer: Any, base: str, validati
         finally:
             model.set_adapter("default")
             model.delete_adapter("production")
-    other, other_tok = load_adapter_model(local, cfg.finetune.quantization)
+    try:
+        other, other_tok = load_adapter_model(local, cfg.finetune.quantization)
+    except ReasonerUnavailable as exc:  # its base is gone: it cannot be compared, so nothing is promoted
+        log.warning("Production %s v%s cannot be evaluated: %s", name, current, exc)
+        return current, math.nan
     return current, completion_loss(other, other_tok, validation, cfg.finetune.max_length)
 
 
@@ -283,6 +291,9 @@ def _gate_and_promote(cfg: Config, result: FinetuneResult, model: Any, tokenizer
         if now != before:
             before, prod_loss = production_loss(cfg, model, tokenizer, base, result.prepared.validation)
         result.production_val_loss = prod_loss
+        if before is not None and math.isnan(prod_loss):
+            return "refused", (f"Production v{before} cannot be evaluated here (its base model is not on this "
+                               "machine), so the new adapter cannot be shown better")
         if before is not None and not result.val_loss < prod_loss:
             return "refused", (f"validation loss {result.val_loss:.4f} is not below Production v{before}'s "
                                f"{prod_loss:.4f} on the same {len(result.prepared.validation)} validation trades")

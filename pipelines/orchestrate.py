@@ -27,7 +27,8 @@ Modes:
   then maintenance, retrain if due, fine-tune if due. Ends with a summary.
 
 ``--loop`` runs maintenance, the retrain check and the review forever, each at its cadence
-(``continuous_learning.maintenance_every``, ``retrain_every``, ``review_every``: 1d, 1w, 30d).
+(``continuous_learning.maintenance_every``, ``retrain_every``, ``finetune_every``, ``review_every``:
+1d, 1w, 1w, 30d); retrain and fine-tune run only when due.
 
 Each mode is one parent MLflow run with a child run per step, tagged with what it did
 (``cycle.*``). Watermarks (the experience ids the last retrain saw, when, which version it made)
@@ -79,7 +80,7 @@ from mlproject.policy import (
     load_policy_model,
     read_settings,
 )
-from mlproject.reasoner.engine import ReasoningEngine
+from mlproject.reasoner.engine import ReasonerUnavailable, ReasoningEngine
 from mlproject.reflection import PROMPT
 from mlproject.registry import cleanup, production_version, rollback_target, status
 from mlproject.tracking import pipeline_run, setup_tracking
@@ -89,7 +90,7 @@ from pipelines import finetune as finetune_step
 log = logging.getLogger(__name__)
 
 MODES = ("maintenance", "retrain", "finetune", "review", "all", "simulate")
-LOOP_MODES = ("maintenance", "retrain", "review")
+LOOP_MODES = ("maintenance", "retrain", "finetune", "review")
 LOCK_TIMEOUT_S = 5.0
 STATE_FILE = "state.json"
 RETRAIN_IDS = "retrain_ids.parquet"
@@ -365,7 +366,12 @@ def finetune(cfg: Config, buffer: ExperienceBuffer, state: CycleState, force: bo
     if not (due["finetune_due"] or force):
         mlflow.set_tag("cycle.finetune", "not due")
         return "not due"
-    tuned = _step("finetune", finetune_step.main, cfg)
+    try:
+        tuned = _step("finetune", finetune_step.main, cfg)
+    except ReasonerUnavailable as exc:  # a base model not downloaded: a setup problem, not a failed cycle
+        log.error("fine-tuning is due but skipped: %s", exc)
+        mlflow.set_tag("cycle.finetune", f"skipped: {exc}"[:5000])
+        return f"skipped: {exc}"
     engine = ReasoningEngine.from_config(cfg)
     sample = tuned.prepared.validation.iloc[-1]
     facts = sample["facts"] if "facts" in sample.index else _facts_of(sample["prompt"])
@@ -619,7 +625,7 @@ def loop(cfg: Config, max_rounds: int | None = None, tick_s: float = 60.0) -> li
     next turn; SIGTERM/SIGINT stop the loop between modes. Returns (mode, outcome) per run."""
     cl = cfg.continuous_learning
     every = {"maintenance": parse_duration(cl.maintenance_every), "retrain": parse_duration(cl.retrain_every),
-             "review": parse_duration(cl.review_every)}
+             "finetune": parse_duration(cl.finetune_every), "review": parse_duration(cl.review_every)}
     stop = {"now": False}
 
     def request_stop(signum: int, frame: Any) -> None:

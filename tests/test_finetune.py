@@ -152,6 +152,16 @@ def test_adapters_register_promote_on_validation_loss_reload_and_merge(tmp_path,
     reply = json.loads(out.stdout.strip().splitlines()[-1])
     assert reply["v"] == "2" and (reply["answer"] or reply["reasoning"])
 
+    # The engine as the buffer's annotator: the tiny model cannot answer in the LESSON/QUALITY
+    # form, so each trade keeps the rules' note, marked as a fallback.
+    from mlproject.reflection import closed_trades, reflect
+    from pipelines import annotate
+
+    llm = annotate.annotator(_cfg(tmp_path, tiny, **{"annotation.annotator": "reasoner"}))
+    trade = closed_trades(ExperienceBuffer(tmp_path / "buffer").query(columns=None))[0]
+    note = llm.reflect(trade, reflect(trade, 1.0, 0.7, 0.3), 0.7, 0.3)
+    assert llm.engine.version == "2" and note["annotator"].startswith("rules (fallback: ValueError")
+
     # Merge: base + adapter as one folder that computes what the adapter on its base computes.
     import torch
     from transformers import AutoModelForCausalLM
@@ -202,3 +212,15 @@ def test_finetune_entry_point_through_mlflow_run(tmp_path, tiny, mlflow_store):
     assert mlflow.MlflowClient().get_model_version("nt8-reasoner", "1").current_stage == "Production"
     with pytest.raises(FileNotFoundError, match="nowhere"):
         finetune.main(cfg, data=str(tmp_path / "nowhere"))
+
+
+def test_a_cycle_without_the_base_model_skips_fine_tuning_and_says_why(tmp_path, tiny, mlflow_store):
+    from pipelines import orchestrate
+
+    trades_buffer(tmp_path / "buffer", 6)
+    cfg = _cfg(tmp_path, tiny, **{"finetune.base_model": "someone/not-downloaded-8B",
+                                  "continuous_learning.state_dir": str(tmp_path / "state")})
+    result = orchestrate.main(cfg, "finetune", force=True)
+    assert result["finetune"].startswith("skipped: base model 'someone/not-downloaded-8B' is not on this machine")
+    assert "huggingface-cli download" in mlflow.get_run(result["run_id"]).data.tags["cycle.finetune"]
+    assert "finetune" not in orchestrate.CycleState(tmp_path / "state").data  # the watermark did not move

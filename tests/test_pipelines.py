@@ -135,7 +135,7 @@ def test_the_whole_cycle_bootstraps_paper_trades_annotates_retrains_and_gates(tm
     # The loop runs each mode when its cadence has passed, and not again before.
     looped = load_config(ROOT / "conf" / "smoke.yaml", ["train.iterations=2", "continuous_learning.paper_bars=null",
                                                        "continuous_learning.review_every=30d"])
-    assert [m for m, _ in orchestrate.loop(looped, max_rounds=1, tick_s=0)] == ["maintenance", "retrain", "review"]
+    assert [m for m, _ in orchestrate.loop(looped, max_rounds=1, tick_s=0)] == ["maintenance", "retrain", "finetune", "review"]
     assert orchestrate.loop(looped, max_rounds=1, tick_s=0) == []
 
     # A failing step: Production untouched, the watermark untouched, the run says which step.

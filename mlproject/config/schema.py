@@ -358,13 +358,15 @@ class ContinuousLearningConfig(_Strict):
     """``orchestrate --loop``: how often maintenance runs (30s, 5m, 1h, 1d, 1w)."""
     retrain_every: str = "1w"
     """``orchestrate --loop``: how often the retrain check runs (it retrains only when due)."""
+    finetune_every: str = "1w"
+    """``orchestrate --loop``: how often the fine-tune check runs (it fine-tunes only when due)."""
     review_every: str = "30d"
     """``orchestrate --loop``: how often the review runs (every live version compared, cleanup)."""
     keep_versions: int = Field(default=5, ge=1)
     """Review: newest versions kept un-archived (refused ones are archived first; never Production
     nor its rollback target)."""
 
-    @field_validator("maintenance_every", "retrain_every", "review_every")
+    @field_validator("maintenance_every", "retrain_every", "finetune_every", "review_every")
     @classmethod
     def _duration(cls, value: str) -> str:
         if parse_duration(value) < 1.0:
