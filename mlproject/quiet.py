@@ -38,3 +38,14 @@ def quiet_env_reregistration() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*Overriding environment rllib-single-agent-env-v0")
         yield
+
+
+@contextmanager
+def quiet_checkpointing_rename() -> Iterator[None]:
+    """transformers 5.23 renamed gradient to activation checkpointing and warns on the old name
+    (``is_gradient_checkpointing``); PEFT 0.21's ``prepare_model_for_kbit_training`` and TRL 1.16
+    still use it. Nothing of ours does."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r"`gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield

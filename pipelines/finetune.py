@@ -24,6 +24,7 @@ import math
 import resource
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import version as package_version
 from pathlib import Path
@@ -34,6 +35,7 @@ import pandas as pd
 from mlproject.cli import base_parser, optional_int, run_cli
 from mlproject.config import Config
 from mlproject.experience import ExperienceBuffer
+from mlproject.quiet import quiet_checkpointing_rename
 from mlproject.reasoner.data import Prepared, prepare, read_jsonl
 from mlproject.reasoner.engine import (
     ADAPTER_DIR,
@@ -90,8 +92,11 @@ def prepare_data(cfg: Config, tokenizer: Any, data: str | None) -> Prepared:
         mlflow.log_metrics({f"finetune/dropped_{k}": float(v) for k, v in prepared.dropped.items()})
     for name, frame, path in (("train", prepared.train, prepared.train_path),
                               ("validation", prepared.validation, prepared.validation_path)):
-        dataset = mlflow.data.from_pandas(frame[["prompt", "completion"]], source=str(path.resolve()),
-                                          name=f"reasoner-{name}")
+        with warnings.catch_warnings():
+            # MLflow registers the local-file source twice and warns that a path is ambiguous.
+            warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
+            dataset = mlflow.data.from_pandas(frame[["prompt", "completion"]], source=str(path.resolve()),
+                                              name=f"reasoner-{name}")
         mlflow.log_input(dataset, context="training" if name == "train" else "validation")
         mlflow.log_metric(f"finetune/{name}_examples", float(len(frame)))
     mlflow.log_artifact(str(prepared.train_path), "data")
@@ -260,7 +265,7 @@ def main(cfg: Config, base_model: str | None = None, data: str | None = None, ma
         if prepare_only:
             log.info("prepared %s and %s", prepared.train_path, prepared.validation_path)
             return result
-        with tempfile.TemporaryDirectory(prefix="nt8-finetune-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="nt8-finetune-") as tmp, quiet_checkpointing_rename():
             started = time.perf_counter()
             model, tokenizer = train_adapter(cfg, base, prepared, Path(tmp), result.history)
             mlflow.log_metric("finetune/train_seconds", time.perf_counter() - started)

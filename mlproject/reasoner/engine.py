@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlproject.quiet import quiet_checkpointing_rename
 from mlproject.reasoner.chat import THINK_CLOSE, THINK_OPEN, Reply, parse_reply, render_prompt
 from mlproject.reflection import LLMAnnotator
 from mlproject.registry import production_version
@@ -95,7 +96,8 @@ def load_adapter_model(model_dir: Path, quantization: str) -> tuple[Any, Any]:
     from peft import PeftModel
 
     base, tokenizer = load_base(adapter_base(model_dir), quantization)
-    model = PeftModel.from_pretrained(base, str(model_dir / ADAPTER_DIR))
+    with quiet_checkpointing_rename():
+        model = PeftModel.from_pretrained(base, str(model_dir / ADAPTER_DIR))
     model.eval()
     return model, tokenizer
 
