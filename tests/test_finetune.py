@@ -126,11 +126,18 @@ def test_adapters_register_promote_on_validation_loss_reload_and_merge(tmp_path,
     from pipelines import finetune
 
     trades_buffer(tmp_path / "buffer", 10)
+    from mlproject.reasoner.engine import ReasoningEngine
+
     first = finetune.main(_cfg(tmp_path, tiny, **{"finetune.max_steps": 2}))
     assert (first.version, first.decision) == ("1", "promoted")
+    engine = ReasoningEngine(max_new_tokens=4, check_every_s=0.0, seed=0)
+    engine.generate("long 1 MES")
+    assert engine.version == "1"
     better = finetune.main(_cfg(tmp_path, tiny, **{"finetune.max_steps": 10}))
     assert better.val_loss < first.val_loss and better.production_val_loss == pytest.approx(first.val_loss, rel=1e-4)
     assert (better.version, better.decision) == ("2", "promoted")
+    engine.generate("long 1 MES")
+    assert engine.version == "2"  # the promoted adapter is used at the next reflection
     worse = finetune.main(_cfg(tmp_path, tiny, **{"finetune.max_steps": 2}))
     assert worse.decision == "refused" and "is not below Production v2" in mlflow.get_run(worse.run_id).data.tags["reasons"]
     assert production_version("nt8-reasoner") == "2" and [e["version"] for e in history("nt8-reasoner")] == ["1", "2"]
