@@ -42,6 +42,21 @@ def setup_tracking(cfg: Config) -> str:
     return mlflow.get_tracking_uri()
 
 
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+"""Without this tag MLflow 3.17's UI opens a new experiment in its GenAI view (an empty traces
+page); with it, in the model-training view that lists the runs."""
+
+
+def mark_model_training(experiment_id: str) -> None:
+    """Tag the experiment as model development (once: a tagged one is left alone)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    key, value = EXPERIMENT_KIND
+    if client.get_experiment(experiment_id).tags.get(key) != value:
+        client.set_experiment_tag(experiment_id, key, value)
+
+
 def git_commit() -> str | None:
     """Commit of the working tree this code runs from, or None outside a git checkout."""
     try:
@@ -83,6 +98,7 @@ def pipeline_run(cfg: Config, step: str, *, nested: bool | None = None) -> Itera
 
     nested = mlflow.active_run() is not None if nested is None else nested
     with mlflow.start_run(run_name=step, nested=nested) as run:
+        mark_model_training(run.info.experiment_id)
         mlflow.set_tags({"pipeline.step": step, "mlflow.source.git.commit": git_commit() or "unknown"})
         log_config(cfg)
         try:

@@ -62,8 +62,23 @@ def select_bars(cfg: Config, data: str | None, start: str | None, end: str | Non
     return window
 
 
-def equity_drawdown_png(report: Any) -> bytes:
-    """Equity (top) and drawdown (bottom) of every window, as a PNG."""
+def broken_at_gaps(series: pd.Series, factor: float = 3.0) -> pd.Series:
+    """``series`` with a NaN inserted after every time gap longer than ``factor`` x the median
+    bar spacing (a session close, a weekend), so a line plot breaks there instead of drawing a
+    straight line across the closed market."""
+    if len(series) < 3:
+        return series
+    steps = series.index.to_series().diff()
+    gaps = steps > factor * steps.median()
+    if not gaps.any():
+        return series
+    breaks = pd.Series(np.nan, index=series.index[gaps.to_numpy()] - pd.Timedelta(1, "ns"))
+    return pd.concat([series, breaks]).sort_index()
+
+
+def equity_drawdown_figure(report: Any) -> Any:
+    """Equity (top) and drawdown (bottom) of every window, lines broken at session gaps, a legend
+    naming the windows."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,16 +86,25 @@ def equity_drawdown_png(report: Any) -> bytes:
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 6), sharex=True, height_ratios=(2, 1))
     for w in report.windows:
-        top.plot(w.equity.index, w.equity.to_numpy(), lw=0.8)
-        peak = np.maximum.accumulate(w.equity.to_numpy())
-        bottom.fill_between(w.equity.index, -(peak - w.equity.to_numpy()) / peak * 100, 0, alpha=0.4)
+        equity = w.equity.astype(float)
+        peak = np.maximum.accumulate(equity.to_numpy())
+        drawdown = broken_at_gaps(pd.Series(-(peak - equity.to_numpy()) / peak * 100, index=equity.index))
+        line, = top.plot(broken_at_gaps(equity), lw=0.8, label=f"window {w.index} ({equity.index[0]:%Y-%m-%d %H:%M})")
+        bottom.plot(drawdown, lw=0.6, color=line.get_color())
+        bottom.fill_between(drawdown.index, drawdown.to_numpy(), 0, alpha=0.3, color=line.get_color())
     top.set_title(f"{report.name}: equity per evaluation window")
     top.set_ylabel("equity")
+    top.legend(fontsize=7, ncols=max(1, len(report.windows) // 6), loc="best")
     bottom.set_ylabel("drawdown %")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
+    return fig
+
+
+def equity_drawdown_png(report: Any) -> bytes:
+    """:func:`equity_drawdown_figure` as PNG bytes."""
+    buf = io.BytesIO()
+    equity_drawdown_figure(report).savefig(buf, format="png", dpi=90)
     return buf.getvalue()
 
 

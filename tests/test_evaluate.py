@@ -162,3 +162,22 @@ def test_evaluate_window_of_a_file(trained_store, tmp_path):
     with pytest.raises(ValueError, match="no bars between 2030-01-01"):
         evaluate.main(cfg, ["models:/nt8-agent/1"], data=str(path), start="2030-01-01")
     assert load_config(ROOT / "conf" / "smoke.yaml").continuous_learning.evaluation_episodes == len(report.windows)
+
+
+def test_the_equity_plot_breaks_at_session_gaps_and_names_its_windows(small_bars):
+    from pipelines.evaluate import broken_at_gaps, equity_drawdown_figure
+
+    env = {"window": 8, "instrument": {"preset": "ES", "max_contracts": 2}}
+    report = backtest(constant_policy(4), small_bars, env, n_windows=3)
+    steps = small_bars.index.to_series().diff()
+    sessions = int((steps > 3 * steps.median()).sum())
+    assert sessions >= 2  # the synthetic bars have overnight gaps, as real RTH exports do
+    fig = equity_drawdown_figure(report)
+    top, bottom = fig.axes
+    plotted = np.concatenate([line.get_ydata() for line in top.get_lines()])
+    assert np.isnan(plotted).sum() == sum(
+        int((w.equity.index.to_series().diff() > 3 * steps.median()).sum()) for w in report.windows) > 0
+    assert [t.get_text() for t in top.get_legend().get_texts()][0].startswith("window 0 (")
+    line = broken_at_gaps(pd.Series([1.0, 2.0, 3.0, 4.0], index=pd.to_datetime(
+        ["2024-01-02 15:58", "2024-01-02 15:59", "2024-01-03 09:30", "2024-01-03 09:31"])))
+    assert line.isna().tolist() == [False, False, True, False, False]

@@ -110,6 +110,8 @@ def test_the_whole_cycle_bootstraps_paper_trades_annotates_retrains_and_gates(tm
     assert (tuned["finetune"].version, tuned["finetune"].decision, tuned["engine_version"]) == ("1", "promoted", "1")
     cycle = mlflow.get_run(result["run_id"])
     assert cycle.data.tags["cycle.retrain"] == "refused" and cycle.data.tags["cycle.finetune"] == "promoted"
+    # The UI opens the experiment in its model-training view (runs list), not the GenAI one.
+    assert mlflow.get_experiment(cycle.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert "cycle/reasoner_sample.json" in {f.path for f in mlflow.MlflowClient().list_artifacts(result["run_id"], "cycle")}
     assert cycle.data.tags["cycle.created_versions"] == "1,2" and cycle.data.tags["cycle.compared_with"] == "v1"
     assert "experiences" in {i.tags[0].value for i in cycle.inputs.dataset_inputs if i.tags}
