@@ -57,6 +57,23 @@ def mark_model_training(experiment_id: str) -> None:
         client.set_experiment_tag(experiment_id, key, value)
 
 
+HEADLINE = ("sharpe", "total_return", "max_drawdown", "n_trades")
+"""The quantities users compare across steps; every run that has them logs them under these
+same names (train: the selected checkpoint on validation; evaluate: the test split; promote: the
+challenger), so the UI's run comparison lines them up instead of showing NaN."""
+
+
+def log_headline(metrics: Any, model_id: str | None = None) -> None:
+    """Log the :data:`HEADLINE` values found in ``metrics`` (unprefixed keys), linked to the model."""
+    import math
+
+    import mlflow
+
+    picked = {k: float(metrics[k]) for k in HEADLINE if k in metrics and math.isfinite(float(metrics[k]))}
+    if picked:
+        mlflow.log_metrics(picked, model_id=model_id)
+
+
 def git_commit() -> str | None:
     """Commit of the working tree this code runs from, or None outside a git checkout."""
     try:

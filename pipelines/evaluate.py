@@ -33,7 +33,7 @@ from mlproject.evaluation import LOWER_IS_BETTER, default_bars, evaluate_policie
 from mlproject.policy import load_policy_model
 from mlproject.preflight import warn_if_instrument_misfits
 from mlproject.registry import model_id_of
-from mlproject.tracking import log_dataset, pipeline_run, setup_tracking
+from mlproject.tracking import log_dataset, log_headline, pipeline_run, setup_tracking
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,7 @@ def log_report(report: Any, baselines: dict[str, Any], dataset: Any, model_uri: 
         summary[f"vs_buy_hold_{key}"] = value
     metrics = _finite(summary, "eval")
     mlflow.log_metrics(metrics, model_id=model_id_of(model_uri), dataset=dataset)
+    log_headline(summary, model_id_of(model_uri))
     for w in report.windows:
         mlflow.log_metrics(_finite(w.metrics, "eval_window"), step=w.index)
     for name, base in baselines.items():

@@ -29,6 +29,7 @@ from mlproject.evaluation import LOWER_IS_BETTER, default_bars, evaluate_policie
 from mlproject.policy import ModelMismatch, load_policy_model
 from mlproject.preflight import warn_if_instrument_misfits
 from mlproject.registry import (
+    model_id_of,
     production_version,
     promote,
     record_verdict,
@@ -36,7 +37,7 @@ from mlproject.registry import (
     registry_lock,
     resolve_version,
 )
-from mlproject.tracking import log_dataset, pipeline_run, setup_tracking
+from mlproject.tracking import log_dataset, log_headline, pipeline_run, setup_tracking
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,16 @@ def main(cfg: Config, candidate: str, dry_run: bool = False, *, bars: Any = None
         mlflow.set_tags({"decision": decision, "reasons": reason_text[:5000], "candidate": uri,
                          "candidate_version": version, "production_before": before or "none",
                          "dry_run": str(dry_run).lower()})
-        mlflow.log_metrics({k: v for k, v in verdict.metrics.items() if math.isfinite(v)})
+        # Each side's metrics linked to its logged model: the run page links the models compared.
+        linked = {"challenger/": model_id_of(uri),
+                  "production/": model_id_of(f"models:/{p.model_name}/{before}") if before else None}
+        for prefix in (*linked, None):
+            part = {k: v for k, v in verdict.metrics.items() if math.isfinite(v)
+                    and (k.startswith(prefix) if prefix else not k.startswith(tuple(linked)))}
+            if part:
+                mlflow.log_metrics(part, model_id=linked.get(prefix) if prefix else None)
+        log_headline({k.removeprefix("challenger/"): v for k, v in verdict.metrics.items()
+                      if k.startswith("challenger/")}, model_id_of(uri))
         if version != "unregistered" and not dry_run and version != before:
             record_verdict(p.model_name, version, decision, reason_text, run.info.run_id)
         log.info("%s version %s (Production before: %s): %s", decision, version, before or "none", reason_text)

@@ -50,7 +50,7 @@ from mlproject.policy import (
 from mlproject.preflight import check_splits, warn_if_instrument_misfits
 from mlproject.quiet import quiet_env_reregistration, quiet_rllib
 from mlproject.registry import register_version
-from mlproject.tracking import git_commit, log_dataset, pipeline_run, setup_tracking
+from mlproject.tracking import git_commit, log_dataset, log_headline, pipeline_run, setup_tracking
 
 log = logging.getLogger(__name__)
 
@@ -359,6 +359,7 @@ def _train(cfg: Config, run: Any, splits: Any, source: str, settings: Any, itera
     mlflow.log_metric("best/iteration", best["iteration"])
     mlflow.log_artifacts(str(best["dir"]), "checkpoint")
     info = log_policy_model(best["dir"] / MODULE_SUBDIR, _observations(splits.validation, cfg, 8), settings)
+    log_headline(best["metrics"], info.model_id)  # the selected checkpoint on validation, named as evaluate names it
     registered = None
     if cfg.train.register_model:
         version_tags = {**tags, "git_commit": git_commit() or "unknown", "run_id": run.info.run_id,

@@ -103,6 +103,16 @@ def test_the_whole_cycle_bootstraps_paper_trades_annotates_retrains_and_gates(tm
     gate_run = mlflow.get_run(again["promote"].run_id).data.metrics
     eval_run = next(r for r in by_name["evaluate"] if r.data.tags["model_uri"] == "models:/nt8-agent/2").data.metrics
     assert gate_run["challenger/sharpe"] == eval_run["eval/sharpe"]
+    # The quantities users compare across steps have the same names in the train, evaluate and
+    # promote runs; the promote run's metrics are linked to the models it compared.
+    from mlproject.registry import model_id_of
+
+    headline = {"sharpe", "total_return", "max_drawdown", "n_trades"}
+    assert headline <= set(gate_run) & set(eval_run) & set(mlflow.get_run(again["train"].run_id).data.metrics)
+    assert gate_run["sharpe"] == eval_run["sharpe"] == eval_run["eval/sharpe"]
+    for version, key in (("2", "challenger/sharpe"), ("1", "production/sharpe")):
+        model_id = model_id_of(f"models:/nt8-agent/{version}")
+        assert key in {m.key for m in mlflow.get_logged_model(model_id).metrics if m.run_id == again["promote"].run_id}
     assert json.loads((tmp_path / "deploy" / "current" / "manifest.json").read_text())["version"] == "1"
     # Fine-tuning: the first nt8-reasoner adapter (the tiny base of the demo profile), promoted, and
     # the reasoning engine answered with it.
