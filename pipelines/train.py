@@ -340,6 +340,7 @@ def _train(cfg: Config, run: Any, splits: Any, source: str, settings: Any, itera
         algo = algorithm_config(cfg, training_env_config(cfg, splits.train), cfg.seed).build_algo()
     device = "cuda" if gpus_per_learner(cfg) else "cpu"
     tags = {"ray_version": ray.__version__, "torch_version": torch.__version__, "device": device,
+            "ray.cluster": ray.get_runtime_context().gcs_address, "ray.env_runners": str(cfg.train.num_env_runners),
             "algorithm": cfg.train.algorithm, "config_digest": config_digest(cfg),
             "data.train_window": f"{splits.train.index[0]} .. {splits.train.index[-1]}"}
     if init_from:
