@@ -1,4 +1,5 @@
-"""Scale-out: training joins a running Ray cluster by address (a real `ray start --head`)."""
+"""Scale-out against real services on 127.0.0.1: a Ray cluster (`ray start --head`) that training
+joins by address, and an S3-compatible store (moto) holding the experience buffer."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
+import pytest
 
 from conftest import ROOT, run_module
 
@@ -45,3 +48,55 @@ def test_training_joins_a_ray_cluster_by_address_with_remote_env_runners(tmp_pat
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
+
+
+@pytest.fixture
+def s3_endpoint(tmp_path, monkeypatch):
+    """A local S3-compatible server (moto) on 127.0.0.1 with one bucket; credentials only in the
+    environment, as in real use."""
+    import pyarrow.fs as pafs
+
+    port = _free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.2)
+        pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
+                          allow_bucket_creation=True).create_dir("nt8")
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_the_experience_buffer_lives_on_an_s3_compatible_store(s3_endpoint, tmp_path, mlflow_store):
+    """Append, filtered reads, annotations, compaction, the integrity check and the MLflow
+    snapshot, through pyarrow's S3 filesystem against a real (local) S3 API."""
+    from mlproject.experience import ExperienceBuffer, Query
+    from test_experience import experiences
+
+    uri = f"s3://nt8/buffer?endpoint_override={s3_endpoint}&scheme=http&region=us-east-1"
+    buffer = ExperienceBuffer(uri)
+    buffer.add(experiences(30, version="1"))
+    buffer.flush()
+    buffer.add(experiences(20, start="2024-01-03 14:31", version="2", prefix="x", quality=0.9))
+    buffer.flush()
+    again = ExperienceBuffer(uri)  # another process's view: only whole files
+    assert len(again) == 50 and all(f.startswith("nt8/buffer/date=") for f in again.files())
+    assert len(again.query(Query(model_version="2"), ["experience_id"])) == 20
+    assert len(again.high_value(0.7, ["experience_id"])) == 20
+    assert buffer.check() == []
+    assert buffer.compact(25)["kept"] == 25 and len(ExperienceBuffer(uri)) == 25
+    with mlflow.start_run():
+        mlflow.log_input(buffer.snapshot(), context="experiences")
