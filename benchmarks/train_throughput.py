@@ -87,7 +87,7 @@ def main() -> None:
     bars = synthetic_bars(20_000, seed=0)
     reference = sb3_rate(bars, args, 8)
     rows = [("SB3 PPO, DummyVecEnv of 32 envs", sb3_rate(bars, args, 32))]
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         for runners, envs, mode in [(0, 8, "vector_entry_point"), (0, 32, "vector_entry_point"),
                                     (0, 64, "vector_entry_point"), (0, 32, "sync"),

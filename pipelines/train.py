@@ -90,7 +90,9 @@ def ray_session(cfg: Config) -> Iterator[None]:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=cfg.train.num_cpus, include_dashboard=False, configure_logging=False)
+        # address="local": a new Ray for this run. Without it ray.init joins any cluster already
+        # running on this machine (someone's `ray start`) and then refuses num_cpus.
+        ray.init(address="local", num_cpus=cfg.train.num_cpus, include_dashboard=False, configure_logging=False)
     try:
         yield
     finally:

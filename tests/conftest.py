@@ -96,7 +96,7 @@ def ray_session():
     """One local Ray for the whole test session (ray.init takes 6-12 s here)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     yield
     ray.shutdown()
 

@@ -255,7 +255,7 @@ BC_ONE_ITERATION = textwrap.dedent('''
     import gymnasium as gym, numpy as np, ray
     from ray.rllib.algorithms.bc import BCConfig
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     # The offline settings of shared/API-NOTES.md: without them offline BC hangs on 2 CPUs.
     config = (BCConfig().environment(observation_space=gym.spaces.Box(-10, 10, (6,), np.float32),
                                      action_space=gym.spaces.Discrete(3))

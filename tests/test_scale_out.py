@@ -45,6 +45,15 @@ def test_training_joins_a_ray_cluster_by_address_with_remote_env_runners(tmp_pat
                                  output_format="list")[0]
         assert run.data.tags["ray.cluster"].endswith(f":{port}") and run.data.tags["ray.env_runners"] == "1"
         assert run.data.metrics["train/env_steps"] == 1024
+        # Without an address a run starts its own Ray, even with a cluster on this machine (plain
+        # ray.init would join that cluster and then refuse num_cpus).
+        out = run_module(["python", "-m", "pipelines.train", "--config", str(ROOT / "conf" / "smoke.yaml"),
+                          "--iterations", "1", "--set", f"data.synthetic.n_bars=1500 data.output_dir={tmp_path / 'bars'}"],
+                         tmp_path, env={"RAY_AUTH_MODE": "disabled"}, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`pipeline.step` = 'train'",
+                                  output_format="list")
+        assert len(runs) == 2 and not runs[0].data.tags["ray.cluster"].endswith(f":{port}")
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
