@@ -528,6 +528,16 @@ def _sim_figure(equity: dict[str, np.ndarray]) -> Any:
     return fig
 
 
+def ui_link(run_id: str, base: str = "http://127.0.0.1:5000") -> str:
+    """The experiment's runs list in the MLflow UI. MLflow 3.17's UI picks its GenAI or model
+    training view from a per-browser switch (GenAI in a fresh browser), not from the experiment's
+    kind tag; ``workflowType=machine_learning`` in the link selects the runs list."""
+    import mlflow
+
+    experiment = mlflow.get_run(run_id).info.experiment_id
+    return f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+
+
 def summary(cfg: Config, result: dict[str, Any]) -> str:
     """What a person reads at the end: versions, Production and why, key metrics, where to look."""
     lines = [f"cycle {result['mode']} done (MLflow run {result['run_id']}, experiment {cfg.mlflow.experiment})"]
@@ -571,7 +581,7 @@ def summary(cfg: Config, result: dict[str, Any]) -> str:
         lines.append(status(name))
     except ValueError:  # nothing registered yet
         lines.append(f"no {name} version registered yet")
-    lines.append("open the MLflow UI on this store: make ui   (http://127.0.0.1:5000)")
+    lines.append(f"open the MLflow UI on this store: make ui, then {ui_link(result['run_id'])}")
     return "\n".join(lines)
 
 

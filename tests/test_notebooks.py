@@ -8,6 +8,61 @@ from conftest import ROOT
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
+FIXTURES = {"registry_and_runs.ipynb": "trained_store", "experience_buffer.ipynb": "filled_buffer",
+            "finetune_curves.ipynb": "finetuned_store", "walk_forward.ipynb": "simulated_store"}
+"""The data each notebook reads, made by the real pipelines under tmp_path (the kernel inherits
+MLFLOW_TRACKING_URI and NT8_EXPERIENCE_STORAGE)."""
+
+PLOTTED = ("experience_buffer.ipynb", "finetune_curves.ipynb", "walk_forward.ipynb")
+"""Notebooks that show their plots as PNGs: with data, they must show at least one."""
+
+SIM_SETTINGS = ["data.synthetic.n_bars=1200", "train.iterations=1", "train.train_batch_size=200",
+                "train.minibatch_size=100", "train.num_epochs=1", "train.val_windows=2",
+                "continuous_learning.retrain_history_bars=400", "continuous_learning.evaluation_episodes=2",
+                "promotion.beat_flat=false", "promotion.min_trades=0"]
+"""conf/simulate.yaml shrunk to a two-period walk forward of ~15-25 s: one PPO iteration per point,
+and a gate the first barely trained model always passes (simulate stops when none does)."""
+
+
+@pytest.fixture
+def filled_buffer(tmp_path, monkeypatch):
+    """A buffer of three days: paper trades of version 1 annotated by the rules, unannotated live
+    experiences and pre-annotated backtest ones of version 2."""
+    from test_experience import experiences
+    from test_finetune import trades_buffer
+
+    buffer = trades_buffer(tmp_path / "buffer", 12)
+    buffer.add(experiences(20, start="2024-01-03 14:31", version="2", source="live", prefix="l", pnl=-2.0))
+    buffer.add(experiences(10, start="2024-01-04 14:31", version="2", source="backtest", prefix="k", quality=0.9,
+                           pnl=3.0))
+    buffer.flush()
+    monkeypatch.setenv("NT8_EXPERIENCE_STORAGE", str(tmp_path / "buffer"))
+    return buffer
+
+
+@pytest.fixture
+def finetuned_store(tmp_path, mlflow_store):
+    """One fine-tuning run of the tiny model on rule-annotated trades, its adapter promoted."""
+    from mlproject.reasoner.tiny import build_tiny_model
+    from pipelines import finetune
+    from test_finetune import _cfg, trades_buffer
+
+    tiny = build_tiny_model(tmp_path / "tiny")
+    trades_buffer(tmp_path / "buffer", 10)
+    result = finetune.main(_cfg(tmp_path, tiny, **{"finetune.max_steps": 4, "finetune.eval_steps": 2}))
+    assert result.decision == "promoted"
+    return result
+
+
+@pytest.fixture
+def simulated_store(tmp_path, mlflow_store, ray_session):
+    """A two-period walk-forward simulation (conf/simulate.yaml shrunk: SIM_SETTINGS)."""
+    from mlproject.config import load_config
+    from pipelines import orchestrate
+
+    cfg = load_config(ROOT / "conf" / "simulate.yaml", [*SIM_SETTINGS, f"data.output_dir={tmp_path / 'bars'}"])
+    return orchestrate.main(cfg, "simulate", periods=2, start_fraction=0.5)["simulate"]
+
 
 def execute(notebook, cwd) -> list[str]:
     """Run every cell (on past an error, so every failing cell is reported); return one line
@@ -27,20 +82,53 @@ def execute(notebook, cwd) -> list[str]:
     return problems
 
 
+def outputs(notebook) -> list:
+    return [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+
+
+def shown_text(notebook) -> str:
+    return "\n".join(o.get("text", "") if o.output_type == "stream" else o.get("data", {}).get("text/plain", "")
+                     for o in outputs(notebook))
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_executes(path, monkeypatch, request):
-    """Each notebook runs top to bottom; the registry notebook against a store with a trained,
-    registered model (the kernel inherits MLFLOW_TRACKING_URI)."""
+    """Each notebook runs top to bottom against the data it reads (FIXTURES): the registry
+    notebook against a store with a trained, registered model, the buffer notebook against a
+    filled buffer, the fine-tuning one against a store with a fine-tuning run, the walk-forward
+    one against a store with a simulation."""
     import nbformat
 
-    if "registry" in path.name:
-        request.getfixturevalue("trained_store")
+    if path.name in FIXTURES:
+        request.getfixturevalue(FIXTURES[path.name])
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     notebook = nbformat.read(path, as_version=4)
     problems = execute(notebook, path.parent)
     assert not problems, problems
-    assert any(o.output_type in ("execute_result", "display_data") for c in notebook.cells
-               if c.cell_type == "code" for o in c.get("outputs", [])), "the notebook showed nothing"
+    assert any(o.output_type in ("execute_result", "display_data") for o in outputs(notebook)), \
+        "the notebook showed nothing"
+    if path.name in PLOTTED:  # it found the data: the empty-store messages show no plot
+        assert any("image/png" in o.get("data", {}) for o in outputs(notebook)), shown_text(notebook)[-2000:]
+
+
+@pytest.mark.parametrize(("name", "says"), [
+    pytest.param("experience_buffer.ipynb", "does not exist", id="experience_buffer.ipynb"),
+    pytest.param("finetune_curves.ipynb", "no fine-tuning run yet", id="finetune_curves.ipynb"),
+    pytest.param("walk_forward.ipynb", "--mode simulate --config conf/simulate.yaml --periods 5",
+                 id="walk_forward.ipynb"),
+])
+def test_notebooks_say_what_is_missing(name, says, tmp_path, mlflow_store, monkeypatch):
+    """On an empty store and a missing buffer the notebooks run through and say what is missing
+    (and which command makes it), and the buffer notebook does not create the buffer's folder."""
+    import nbformat
+
+    monkeypatch.setenv("NT8_EXPERIENCE_STORAGE", str(tmp_path / "no-buffer"))
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    notebook = nbformat.read(ROOT / "notebooks" / name, as_version=4)
+    problems = execute(notebook, ROOT / "notebooks")
+    assert not problems, problems
+    assert says in shown_text(notebook)
+    assert not (tmp_path / "no-buffer").exists()
 
 
 def test_a_failing_cell_is_reported(tmp_path, monkeypatch):

@@ -126,6 +126,7 @@ def test_the_whole_cycle_bootstraps_paper_trades_annotates_retrains_and_gates(tm
     assert cycle.data.tags["cycle.created_versions"] == "1,2" and cycle.data.tags["cycle.compared_with"] == "v1"
     assert "experiences" in {i.tags[0].value for i in cycle.inputs.dataset_inputs if i.tags}
     assert "refused" in result["summary"] and "make ui" in result["summary"]
+    assert f"/#/experiments/{cycle.info.experiment_id}/runs?workflowType=machine_learning" in result["summary"]
     state = json.loads((tmp_path / "data" / "orchestrator" / "state.json").read_text())
     assert state["retrain"]["version"] == "2" and state["retrain"]["experiences_seen"] == 279
 

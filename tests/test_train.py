@@ -68,7 +68,9 @@ def test_run_logs_metrics_params_data_checkpoint_and_version(trained_store):
     run = mlflow.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     history = mlflow.MlflowClient().get_metric_history(result.run_id, "train/env_steps")
-    assert [m.step for m in history] == [1, 2] and history[-1].value == 2 * cfg.train.train_batch_size
+    # Steps are env steps, so curves of runs with other batch sizes line up.
+    assert [m.step for m in history] == [cfg.train.train_batch_size, 2 * cfg.train.train_batch_size]
+    assert history[-1].value == 2 * cfg.train.train_batch_size
     for key in ("train/policy_loss", "train/vf_loss", "train/entropy", "train/kl", "train/steps_per_s",
                 "val/sharpe", "val/total_return", "val/max_drawdown"):
         assert key in run.data.metrics, key
