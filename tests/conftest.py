@@ -81,6 +81,15 @@ def small_bars():
     return synthetic_bars(3000, seed=3)
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for servers the tests start)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run_module(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600):
     """Run ``python -m ...`` (or a console script from this venv) in a subprocess."""
     import subprocess

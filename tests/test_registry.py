@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from conftest import ROOT, momentum_bars, run_module, use_store
+from conftest import ROOT, free_port, momentum_bars, run_module, use_store
 from mlproject import registry
 from mlproject.config import load_config
 from registry_hooks.reconcile import deployed_manifest, reconcile, tree_checksum
@@ -249,16 +248,10 @@ def test_mlflow_run_promote_and_rollback_entry_points(store):
 # -- webhook receiver with a real mlflow server -------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_webhook_from_a_real_mlflow_server_deploys_and_rejects_bad_signatures(tmp_path, monkeypatch):
     from registry_hooks.webhook import Receiver, make_server, register, signature
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
            "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)

@@ -14,20 +14,15 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import ROOT, run_module
+from conftest import ROOT, free_port, run_module
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_training_joins_a_ray_cluster_by_address_with_remote_env_runners(tmp_path, mlflow_store):
     """A head node on 127.0.0.1 (its own processes, stopped by SIGTERM to `ray start --block`, so
     the test session's own Ray is left alone); training connects by `train.ray_address` and samples
     with one remote env runner."""
-    port = _free_port()
+    port = free_port()
     ray_bin = Path(sys.executable).parent / "ray"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
@@ -65,7 +60,7 @@ def s3_endpoint(tmp_path, monkeypatch):
     environment, as in real use."""
     import pyarrow.fs as pafs
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",

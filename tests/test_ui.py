@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,16 +16,11 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, free_port
 from mlproject.config import load_config
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -57,7 +51,7 @@ def served_cycle(tmp_path, mlflow_store, monkeypatch, ray_session):
         "train.iterations=2", "data.synthetic.n_bars=1500", "continuous_learning.paper_bars=60",
         "continuous_learning.min_annotated_for_finetune=100000"])
     result = orchestrate.main(cfg, "all")
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", mlflow_store,
                                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
