@@ -254,6 +254,7 @@ def test_mlflow_run_entry_points(tmp_path, mlflow_store, entry, params):
     # `mlflow run` runs the entry point in the project directory: outputs go to tmp_path explicitly.
     params = [p + f" data.output_dir={tmp_path / 'bars'} promotion.deploy_dir={tmp_path / 'deploy'}"
               f" continuous_learning.experience_storage={tmp_path / 'buffer'} continuous_learning.state_dir={tmp_path / 'state'}"
+              f" finetune.tiny_dir={tmp_path / 'tiny'} finetune.output_dir={tmp_path / 'ft'}"
               if p.startswith("overrides=") else p for p in params]
     out = run_module(["mlflow", "run", str(ROOT), "-e", entry, "--env-manager", "local", *params], cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
