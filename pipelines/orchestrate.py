@@ -398,17 +398,28 @@ def review(cfg: Config) -> dict[str, Any]:
     import mlflow
     from mlflow import MlflowClient
 
+    def registered(model: str) -> bool:
+        return bool(MlflowClient().search_registered_models(filter_string=f"name='{model}'"))
+
     name = cfg.promotion.model_name
-    versions = sorted(MlflowClient().search_model_versions(f"name='{name}'"), key=lambda v: int(v.version), reverse=True)
-    protected = {production_version(name), rollback_target(name)}
-    live = [str(v.version) for v in versions if v.current_stage != "Archived" or str(v.version) in protected][:10]
-    out: dict[str, Any] = {"versions": live}
-    if live:
-        out["evaluate"] = _step("evaluate", evaluate.main, cfg, [f"models:/{name}/{v}" for v in live])
-    out["archived"] = _step("cleanup", cleanup, name, cfg.continuous_learning.keep_versions,
-                            lock_file=cfg.promotion.lock_file)
-    mlflow.set_tags({"cycle.review.versions": ",".join(live) or "none",
-                     "cycle.review.archived": ",".join(out["archived"]) or "none"})
+    out: dict[str, Any] = {"versions": [], "archived": []}
+    if registered(name):
+        versions = sorted(MlflowClient().search_model_versions(f"name='{name}'"), key=lambda v: int(v.version),
+                          reverse=True)
+        protected = {production_version(name), rollback_target(name)}
+        live = [str(v.version) for v in versions if v.current_stage != "Archived" or str(v.version) in protected][:10]
+        out["versions"] = live
+        if live:
+            out["evaluate"] = _step("evaluate", evaluate.main, cfg, [f"models:/{name}/{v}" for v in live])
+        out["archived"] = _step("cleanup", cleanup, name, cfg.continuous_learning.keep_versions,
+                                lock_file=cfg.promotion.lock_file)
+    reasoner = cfg.finetune.register_model  # the adapters too: refused and old ones, never Production
+    if registered(reasoner):
+        out["archived_reasoner"] = _step("cleanup", cleanup, reasoner, cfg.continuous_learning.keep_versions,
+                                         lock_file=cfg.promotion.lock_file)
+    mlflow.set_tags({"cycle.review.versions": ",".join(out["versions"]) or "none",
+                     "cycle.review.archived": ",".join(out["archived"]) or "none",
+                     "cycle.review.archived_reasoner": ",".join(out.get("archived_reasoner", [])) or "none"})
     return out
 
 

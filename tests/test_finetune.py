@@ -141,6 +141,13 @@ def test_adapters_register_promote_on_validation_loss_reload_and_merge(tmp_path,
     worse = finetune.main(_cfg(tmp_path, tiny, **{"finetune.max_steps": 2}))
     assert worse.decision == "refused" and "is not below Production v2" in mlflow.get_run(worse.run_id).data.tags["reasons"]
     assert production_version("nt8-reasoner") == "2" and [e["version"] for e in history("nt8-reasoner")] == ["1", "2"]
+    # The review archives the refused adapter (never Production nor its rollback target).
+    from pipelines import orchestrate
+
+    reviewed = orchestrate.main(_cfg(tmp_path, tiny, **{"continuous_learning.state_dir": str(tmp_path / "state")}),
+                                "review")["review"]
+    assert reviewed["archived_reasoner"] == ["3"]
+    assert mlflow.MlflowClient().get_model_version("nt8-reasoner", "3").current_stage == "Archived"
     run = mlflow.get_run(better.run_id)
     assert {"finetune/loss", "finetune/eval_loss", "finetune/tokens_per_s", "finetune/peak_rss_mb",
             "finetune/val_loss"} <= set(run.data.metrics)
