@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -43,6 +42,7 @@ import pyarrow.parquet as pq
 
 from mlproject.atomic import atomic_write
 from mlproject.locks import file_lock, temp_lock_path
+from mlproject.quiet import quiet_dataset_source
 
 log = logging.getLogger(__name__)
 
@@ -518,9 +518,7 @@ class ExperienceBuffer:
         frame = self.query(query, columns)
         frame["time"] = frame["time"].astype(str)
         frame["tags"] = frame["tags"].map(lambda t: ",".join(t) if t is not None else "")
-        with warnings.catch_warnings():
-            # MLflow registers the local-file source twice and warns that a path is ambiguous.
-            warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
+        with quiet_dataset_source():
             return mlflow.data.from_pandas(frame, source=self.root, name=name)
 
 

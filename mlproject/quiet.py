@@ -49,3 +49,13 @@ def quiet_checkpointing_rename() -> Iterator[None]:
         warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         warnings.filterwarnings("ignore", message=r"`gradient_checkpointing` is deprecated", category=FutureWarning)
         yield
+
+
+@contextmanager
+def quiet_dataset_source() -> Iterator[None]:
+    """``mlflow.data.from_pandas`` with a local path as source: MLflow 3.17 registers the local
+    file source twice and warns that the path "can be interpreted in multiple ways", then picks
+    the one it always picks."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
+        yield

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mlproject.config import Config
+from mlproject.quiet import quiet_dataset_source
 
 log = logging.getLogger(__name__)
 
@@ -128,13 +129,9 @@ def pipeline_run(cfg: Config, step: str, *, nested: bool | None = None) -> Itera
 def log_dataset(bars: Any, name: str, source: str, context: str) -> Any:
     """Log ``bars`` (a bar DataFrame) as an MLflow run input (digest, schema, profile) and return
     the dataset."""
-    import warnings
-
     import mlflow
 
-    with warnings.catch_warnings():
-        # MLflow registers the local-file source twice and warns that a path is ambiguous.
-        warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
+    with quiet_dataset_source():
         dataset = mlflow.data.from_pandas(bars.reset_index(), source=source, name=name)
     mlflow.log_input(dataset, context=context)
     return dataset

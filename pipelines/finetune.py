@@ -24,7 +24,6 @@ import math
 import resource
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import version as package_version
 from pathlib import Path
@@ -35,7 +34,7 @@ import pandas as pd
 from mlproject.cli import base_parser, optional_int, run_cli
 from mlproject.config import Config
 from mlproject.experience import ExperienceBuffer
-from mlproject.quiet import quiet_checkpointing_rename
+from mlproject.quiet import quiet_checkpointing_rename, quiet_dataset_source
 from mlproject.reasoner.data import Prepared, prepare, read_jsonl
 from mlproject.reasoner.engine import (
     ADAPTER_DIR,
@@ -92,9 +91,7 @@ def prepare_data(cfg: Config, tokenizer: Any, data: str | None) -> Prepared:
         mlflow.log_metrics({f"finetune/dropped_{k}": float(v) for k, v in prepared.dropped.items()})
     for name, frame, path in (("train", prepared.train, prepared.train_path),
                               ("validation", prepared.validation, prepared.validation_path)):
-        with warnings.catch_warnings():
-            # MLflow registers the local-file source twice and warns that a path is ambiguous.
-            warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
+        with quiet_dataset_source():
             dataset = mlflow.data.from_pandas(frame[["prompt", "completion"]], source=str(path.resolve()),
                                               name=f"reasoner-{name}")
         mlflow.log_input(dataset, context="training" if name == "train" else "validation")
