@@ -373,9 +373,8 @@ def finetune(cfg: Config, buffer: ExperienceBuffer, state: CycleState, force: bo
         mlflow.set_tag("cycle.finetune", f"skipped: {exc}"[:5000])
         return f"skipped: {exc}"
     engine = ReasoningEngine.from_config(cfg)
-    sample = tuned.prepared.validation.iloc[-1]
-    facts = sample["facts"] if "facts" in sample.index else _facts_of(sample["prompt"])
-    reply = _step("reasoner", engine.generate, PROMPT.format(facts=facts))
+    sample = tuned.prepared.validation.iloc[-1]  # prepared from the buffer here: it carries the facts
+    reply = _step("reasoner", engine.generate, PROMPT.format(facts=sample["facts"]))
     mlflow.log_dict({"version": engine.version, "trade_id": sample["trade_id"], "reasoning": reply.reasoning,
                      "answer": reply.answer, "think_closed": reply.closed}, "cycle/reasoner_sample.json")
     state.advance("finetune", FINETUNE_IDS, due["annotated_ids"], {
@@ -383,12 +382,6 @@ def finetune(cfg: Config, buffer: ExperienceBuffer, state: CycleState, force: bo
         "run_id": mlflow.active_run().info.run_id})
     mlflow.set_tags({"cycle.finetune": tuned.decision, "cycle.reasoner": f"v{engine.version}"})
     return {"finetune": tuned, "engine_version": engine.version, "sample": reply}
-
-
-def _facts_of(prompt: str) -> str:
-    """The trade facts inside a rendered fine-tuning prompt (the line after the annotator's first)."""
-    lines = prompt.split("\n")
-    return lines[1] if len(lines) > 1 else prompt
 
 
 def review(cfg: Config) -> dict[str, Any]:
