@@ -90,6 +90,41 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+"""What a local S3 server (moto) accepts; set in the environment of whoever talks to it, as in real use."""
+
+
+@contextlib.contextmanager
+def s3_server(bucket: str = "nt8") -> Iterator[str]:
+    """A local S3-compatible server (moto) on 127.0.0.1 with one bucket; yields ``host:port``."""
+    import socket
+    import subprocess
+    import time
+
+    import pyarrow.fs as pafs
+
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.2)
+        pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
+                          access_key=S3_KEYS["AWS_ACCESS_KEY_ID"], secret_key=S3_KEYS["AWS_SECRET_ACCESS_KEY"],
+                          allow_bucket_creation=True).create_dir(bucket)
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def run_module(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600):
     """Run ``python -m ...`` (or a console script from this venv) in a subprocess."""
     import subprocess

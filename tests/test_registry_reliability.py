@@ -55,18 +55,19 @@ WRITER = textwrap.dedent('''
     from mlproject.deploy import reconcile
 
     writer, rounds, deploy, versions, start = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4].split(","), float(sys.argv[5])
+    lock = sys.argv[6] if len(sys.argv) > 6 else None  # promotion.lock_file (None: the default place)
     rng = random.Random(writer)
     while time.time() < start:  # every writer starts at the same moment
         time.sleep(0.01)
     for k in range(rounds):
         try:
             if rng.random() < 0.6:
-                registry.promote("nt8-agent", rng.choice(versions), f"writer {writer} round {k}")
+                registry.promote("nt8-agent", rng.choice(versions), f"writer {writer} round {k}", lock_file=lock)
             else:
-                registry.rollback("nt8-agent", reason=f"writer {writer} round {k}")
+                registry.rollback("nt8-agent", reason=f"writer {writer} round {k}", lock_file=lock)
         except ValueError:
             pass  # "already Production", "nothing to roll back to": normal answers
-        reconcile("nt8-agent", deploy)
+        reconcile("nt8-agent", deploy, lock_file=lock)
 ''')
 
 
