@@ -4,8 +4,12 @@ The only module that calls MLflow's (deprecated) stage APIs, so that moving to a
 a one-file change (shared DESIGN: "Registry"). The stage is the source of truth; every
 transition also sets the alias ``production`` (aliases fire MLflow webhooks, stages do not).
 Every promotion and rollback is recorded twice: as tags on the promoted version (the latest
-promotion of that version) and as an event tag on the registered model
-(``production_event.<seq>``, JSON), from which :func:`history` prints who was Production when.
+promotion of that version) and as an event tag (``production_event.<seq>``, JSON) on the model's
+history run (one run per registered model, in the experiment ``nt8-registry``, that outlives
+deleted versions), from which :func:`history` prints who was Production when. The registered
+model carries two compact tags only: ``production_history`` (that run's id) and
+``production_latest`` (the latest event in one line), so its UI page stays readable. Stores
+written before the history run (events as tags on the registered model) read the same.
 
 Writes are serialised and crash-safe:
 
@@ -32,12 +36,16 @@ from typing import Any
 
 from mlproject.faults import fault_point
 from mlproject.locks import LockBusy, file_lock, temp_lock_path
+from mlproject.tracking import EXPERIMENT_KIND
 
 log = logging.getLogger(__name__)
 
 PRODUCTION = "Production"
 ALIAS = "production"
 EVENT_PREFIX = "production_event."
+HISTORY_EXPERIMENT = "nt8-registry"
+HISTORY_TAG = "production_history"
+LATEST_TAG = "production_latest"
 LOCK_TIMEOUT_S = 600.0
 """How long a registry write waits for another one before giving up with a clear error."""
 
@@ -157,8 +165,18 @@ def alias_version(name: str, alias: str = ALIAS) -> str | None:
 def history(name: str, *, include_unfinished: bool = False) -> list[dict[str, Any]]:
     """Every promotion and rollback, oldest first: seq, action, version, previous, at, reason,
     metrics, status. Only ``done`` events unless ``include_unfinished`` (pending, abandoned)."""
-    tags = _client().get_registered_model(name).tags
-    events = sorted((json.loads(v) for k, v in tags.items() if k.startswith(EVENT_PREFIX)), key=lambda e: e["seq"])
+    client = _client()
+    tags = client.get_registered_model(name).tags
+    by_seq = {}
+    sources = [tags]  # events of stores written before the history run, then the run's
+    if tags.get(HISTORY_TAG):
+        sources.append(client.get_run(tags[HISTORY_TAG]).data.tags)
+    for source in sources:
+        for key, value in source.items():
+            if key.startswith(EVENT_PREFIX):
+                event = json.loads(value)
+                by_seq[event["seq"]] = event
+    events = [by_seq[seq] for seq in sorted(by_seq)]
     return events if include_unfinished else [e for e in events if e.get("status", "done") == "done"]
 
 
@@ -179,8 +197,38 @@ def was_production(name: str, version: str | int) -> bool:
 # -- Production: change --------------------------------------------------------------------------
 
 
+def _history_run(name: str) -> str:
+    """The id of ``name``'s history run, created (with the experiment) on the first event. Under
+    the registry lock: a crash between creating the run and tagging the model leaves an empty run
+    that nothing points at, never an event without a home."""
+    client = _client()
+    run_id = client.get_registered_model(name).tags.get(HISTORY_TAG)
+    if run_id:
+        return run_id
+    experiment = client.get_experiment_by_name(HISTORY_EXPERIMENT)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+        HISTORY_EXPERIMENT, tags={EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1]})
+    run = client.create_run(experiment_id, run_name=f"{name} production history",
+                            tags={"registered_model": name, "mlflow.note.content":
+                                  f"Every promotion and rollback of the registered model `{name}`, one "
+                                  f"`{EVENT_PREFIX}<seq>` tag (JSON) each; `python -m pipelines.status` "
+                                  "prints them."})
+    client.set_terminated(run.info.run_id)  # a record, not a running job; tags can still be set
+    client.set_registered_model_tag(name, HISTORY_TAG, run.info.run_id)
+    return run.info.run_id
+
+
 def _write_event(name: str, event: dict[str, Any]) -> None:
-    _client().set_registered_model_tag(name, f"{EVENT_PREFIX}{event['seq']:06d}", json.dumps(event))
+    """Write (or rewrite, by seq) one event on the history run; a finished one also becomes the
+    model's one-line ``production_latest``. A reason too long for a run tag is shortened."""
+    client, text = _client(), json.dumps(event)
+    if len(text) > 7900:  # MLflow's run tag limit is 8,000 characters
+        event = {**event, "reason": event["reason"][: max(0, len(event["reason"]) - (len(text) - 7800))] + "..."}
+        text = json.dumps(event)
+    client.set_tag(_history_run(name), f"{EVENT_PREFIX}{event['seq']:06d}", text)
+    if event["status"] == "done":
+        client.set_registered_model_tag(name, LATEST_TAG, f"#{event['seq']} {event['action']} to v{event['version']} "
+                                        f"(was {event['previous'] or 'none'}) at {event['at']}: {event['reason'][:200]}")
 
 
 def _tag_promoted_version(name: str, event: dict[str, Any]) -> None:

@@ -8,8 +8,11 @@
 Default bars: the test split of ``data.source``. The bars are cut into
 ``continuous_learning.evaluation_episodes`` windows, played deterministically; every metric is
 logged as its mean over windows (``eval/<metric>``) and spread (``eval/<metric>_std``), per
-window (``eval_window/<metric>``, window number as step), and against flat and buy-and-hold on
-the same windows (``baseline/flat/...``, ``baseline/buy_hold/...``). The metrics are linked to
+window (``eval_window/<metric>``, step = the bar the window starts at, counted from the first
+evaluated bar), and against flat and buy-and-hold on the same windows (``baseline/flat/...``,
+``baseline/buy_hold/...``). ``backtest/equity`` and ``backtest/drawdown_pct`` are the windows
+played one after another, each window's return compounding (step = evaluated bar): the first
+charts of the run's metric page (MLflow orders its sections by name). The metrics are linked to
 the evaluated MLflow model and to the dataset. Several ``--model-uri``: one child run per model
 on identical bars and a comparison table on the parent run.
 """
@@ -123,8 +126,11 @@ def log_report(report: Any, baselines: dict[str, Any], dataset: Any, model_uri: 
     metrics = _finite(summary, "eval")
     mlflow.log_metrics(metrics, model_id=model_id_of(model_uri), dataset=dataset)
     log_headline(summary, model_id_of(model_uri))
+    offset = 0
     for w in report.windows:
-        mlflow.log_metrics(_finite(w.metrics, "eval_window"), step=w.index)
+        mlflow.log_metrics(_finite(w.metrics, "eval_window"), step=offset)
+        offset += len(w.equity)
+    _log_curves(chained_curve(report))
     for name, base in baselines.items():
         mlflow.log_metrics(_finite({k: v for k, v in base.summary().items() if not k.endswith("_std")},
                                    f"baseline/{name}"))
@@ -142,6 +148,44 @@ def log_report(report: Any, baselines: dict[str, Any], dataset: Any, model_uri: 
                            for w in report.windows])
     _log_parquet(positions.reset_index(), "eval/positions.parquet")
     return metrics
+
+
+CURVE_POINTS = 500
+"""At most this many points per ``backtest/`` curve (every k-th bar, the last one always)."""
+
+
+def chained_curve(report: Any, points: int = CURVE_POINTS) -> pd.DataFrame:
+    """The windows played one after another from the first window's starting equity, each
+    window's return compounding: ``equity`` and ``drawdown_pct`` (from the running peak, <= 0)
+    indexed by evaluated bar (0 = the first bar of the first window), thinned to ``points``."""
+    parts, level = [], None
+    for w in report.windows:
+        curve = w.equity.to_numpy(dtype=float)
+        level = curve[0] if level is None else level
+        parts.append(level * curve / curve[0])
+        level = parts[-1][-1]
+    equity = np.concatenate(parts) if parts else np.zeros(0)
+    peak = np.maximum.accumulate(equity) if len(equity) else equity
+    frame = pd.DataFrame({"equity": equity, "drawdown_pct": 100.0 * (equity / np.where(peak > 0, peak, 1.0) - 1.0)})
+    if len(frame) > points:
+        keep = np.unique(np.linspace(0, len(frame) - 1, points).round().astype(int))
+        frame = frame.iloc[keep]
+    return frame
+
+
+def _log_curves(curves: pd.DataFrame) -> None:
+    """Log each column as ``backtest/<column>`` with the bar as step, in batches."""
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"backtest/{key}", float(value), now, int(step))
+               for key in curves.columns for step, value in curves[key].items() if math.isfinite(value)]
+    run_id = mlflow.active_run().info.run_id
+    for start in range(0, len(metrics), 1000):  # MLflow takes at most 1,000 metrics a call
+        mlflow.MlflowClient().log_batch(run_id, metrics=metrics[start:start + 1000])
 
 
 def _png_image(data: bytes) -> Any:

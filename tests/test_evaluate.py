@@ -79,6 +79,19 @@ def test_psr_and_paired_comparison_prefer_the_better_policy():
     assert math.isnan(psr_against(base["flat"], base["buy_hold"]))  # flat has no variance: undefined
 
 
+def test_the_chained_curve_compounds_the_windows_and_measures_drawdown_from_the_running_peak():
+    from types import SimpleNamespace
+
+    from pipelines.evaluate import chained_curve
+
+    windows = [SimpleNamespace(equity=pd.Series(values)) for values in ([100.0, 110.0], [50.0, 45.0], [100.0, 120.0])]
+    curve = chained_curve(SimpleNamespace(windows=windows))
+    assert curve["equity"].tolist() == pytest.approx([100, 110, 110, 99, 99, 118.8])
+    assert curve["drawdown_pct"].tolist() == pytest.approx([0, 0, 0, -10, -10, 0])
+    thinned = chained_curve(SimpleNamespace(windows=windows), points=3)
+    assert thinned.index.tolist()[0] == 0 and thinned.index.tolist()[-1] == 5 and len(thinned) == 3
+
+
 def test_evaluate_logs_metrics_linked_to_the_model(trained_store):
     from pipelines import evaluate
 
@@ -93,8 +106,14 @@ def test_evaluate_logs_metrics_linked_to_the_model(trained_store):
         assert key in run.data.metrics, key
     assert run.data.metrics["baseline/flat/total_return"] == 0.0
     assert run.data.tags["eval.windows"] == str(cfg.continuous_learning.evaluation_episodes)
+    report = out.reports[uri]
     history = mlflow.MlflowClient().get_metric_history(out.run_id, "eval_window/total_return")
-    assert sorted(m.step for m in history) == list(range(cfg.continuous_learning.evaluation_episodes))
+    starts = np.cumsum([0] + [len(w.equity) for w in report.windows[:-1]])  # the bar each window starts at
+    assert sorted(m.step for m in history) == list(starts) and len(starts) == cfg.continuous_learning.evaluation_episodes
+    curve = mlflow.MlflowClient().get_metric_history(out.run_id, "backtest/equity")
+    assert len(curve) == min(evaluate.CURVE_POINTS, sum(len(w.equity) for w in report.windows))
+    assert curve[0].value == pytest.approx(report.windows[0].equity.iloc[0])
+    assert curve[-1].value == pytest.approx(curve[0].value * np.prod([1 + w.metrics["total_return"] for w in report.windows]))
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(out.run_id, "eval")}
     assert {"eval/equity_drawdown.png", "eval/windows.json", "eval/positions.parquet"} <= artifacts
     from mlproject.registry import model_id_of
@@ -109,7 +128,6 @@ def test_evaluate_logs_metrics_linked_to_the_model(trained_store):
 
     assert float(run.data.params["periods_per_year"]) == pytest.approx(periods_per_year(default_bars(cfg).index))
     assert run.data.params["eval.first_bar"] == "20"  # max(window 16, vol_window 20)
-    report = out.reports[uri]
     assert run.data.metrics["eval/total_return"] == pytest.approx(report.summary()["total_return"])
 
 

@@ -102,6 +102,43 @@ def test_promote_rollback_sequences_keep_stage_and_alias_together(store):
     assert "Production = 1" in text and "history (oldest first)" in text and "#6" in text
 
 
+def test_the_history_lives_on_a_history_run_and_the_model_keeps_two_compact_tags(store):
+    """The registered model's UI page shows `production_history` (the run) and `production_latest`,
+    not one JSON tag per event; the events outlive deleted versions; an over-long reason is cut to
+    fit a run tag."""
+    v1, v2, v3 = (register_constant(store, 1) for _ in range(3))
+    registry.promote(NAME, v1, "first")
+    registry.promote(NAME, v3, "x" * 12000)
+    tags = MlflowClient().get_registered_model(NAME).tags
+    assert set(tags) == {registry.HISTORY_TAG, registry.LATEST_TAG}
+    assert tags[registry.LATEST_TAG].startswith(f"#2 promote to v{v3} (was {v1}) at ")
+    run = mlflow.get_run(tags[registry.HISTORY_TAG])
+    assert mlflow.get_experiment(run.info.experiment_id).name == registry.HISTORY_EXPERIMENT
+    assert sorted(k for k in run.data.tags if k.startswith(registry.EVENT_PREFIX)) == [
+        "production_event.000001", "production_event.000002"]
+    long_reason = registry.history(NAME)[-1]["reason"]
+    assert long_reason.endswith("...") and 7000 < len(long_reason) < 8000
+    registry.delete_version(NAME, v2)
+    assert [e["version"] for e in registry.history(NAME)] == [v1, v3]
+
+
+def test_a_store_written_before_the_history_run_reads_the_same_and_goes_on(store):
+    """Events that older releases wrote as tags on the registered model still count: the next
+    event continues their numbering on the history run, and rollback finds its target in them."""
+    client = MlflowClient()
+    v1, v2 = register_constant(store, 1), register_constant(store, 2)
+    with registry._stage_api():
+        client.transition_model_version_stage(NAME, v1, "Production")
+    client.set_registered_model_alias(NAME, registry.ALIAS, v1)
+    old = {"seq": 1, "action": "promote", "version": v1, "previous": "", "at": "2026-01-02T00:00:00+00:00",
+           "reason": "before the history run", "metrics": {}, "status": "done"}
+    client.set_registered_model_tag(NAME, "production_event.000001", json.dumps(old))
+    registry.promote(NAME, v2, "after")
+    assert [(e["seq"], e["version"], e["previous"]) for e in registry.history(NAME)] == [(1, v1, ""), (2, v2, v1)]
+    registry.rollback(NAME, reason="back")
+    assert stage_and_alias() == (v1, v1) and registry.history(NAME)[-1]["seq"] == 3
+
+
 def test_rollback_with_nothing_before_is_a_clear_error(store):
     v = register_constant(store, 1)
     registry.promote(NAME, v, "first")

@@ -113,8 +113,17 @@ def test_the_ui_shows_the_cycle_runs_charts_equity_plot_and_production(browser, 
     assert sections and sections[0] == "train", sections
     browser.save_screenshot(str(shots / "train_charts.png"))
 
-    # The evaluate run's equity plot renders (the image loads from the server).
+    # The evaluate run's charts start with its equity and drawdown curves, not one-value bars.
     evaluate = by_name["evaluate"].info.run_id
+    browser.get(f"{base}/#/experiments/{experiment}/runs/{evaluate}/model-metrics?workflowType=machine_learning")
+    _wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")) >= 2,
+              "the evaluate run's charts")
+    lines = text(browser).split("\n")
+    sections = [lines[i - 1] for i in range(1, len(lines)) if re.fullmatch(r"\(\d+\)", lines[i])]
+    assert sections and sections[0] == "backtest", sections
+    browser.save_screenshot(str(shots / "evaluate_charts.png"))
+
+    # The evaluate run's equity plot renders (the image loads from the server).
     browser.get(f"{base}/#/experiments/{experiment}/runs/{evaluate}/artifacts/eval/equity_drawdown.png"
                 "?workflowType=machine_learning")
     # The artifact viewer shows the PNG from a blob the server's artifact download filled.
@@ -127,5 +136,8 @@ def test_the_ui_shows_the_cycle_runs_charts_equity_plot_and_production(browser, 
     # The registered model page: the Production version and its alias.
     browser.get(f"{base}/#/models/nt8-agent?workflowType=machine_learning")
     _wait_for(browser, lambda d: "@ production" in text(d) and "Production" in text(d), "Production and its alias")
+    # Its tags are two compact lines; the event history lives in the history run.
+    _wait_for(browser, lambda d: "production_latest" in text(d), "the production_latest tag")
+    assert "production_event" not in text(browser)
     browser.save_screenshot(str(shots / "model.png"))
     print(f"screenshots: {shots}")
