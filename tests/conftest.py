@@ -90,6 +90,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_for_mlflow_server(base: str, server: Any, timeout: float = 300.0, log: Path | None = None) -> None:
+    """Wait until the ``mlflow server`` process ``server`` answers ``base``/health (about 80 s on
+    2 cores); fail the test, with the end of ``log``, when it exits or the time is up."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"{base}/health", timeout=2)
+            return
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                tail = log.read_text()[-3000:] if log and log.exists() else ""
+                pytest.fail(f"mlflow server did not answer /health within {timeout:.0f} s {tail}")
+            time.sleep(2)
+
+
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 """What a local S3 server (moto) accepts; set in the environment of whoever talks to it, as in real use."""
 

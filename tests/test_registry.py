@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from conftest import ROOT, free_port, momentum_bars, run_module, use_store
+from conftest import ROOT, free_port, momentum_bars, run_module, use_store, wait_for_mlflow_server
 from mlproject import registry
 from mlproject.config import load_config
 from registry_hooks.reconcile import deployed_manifest, reconcile, tree_checksum
@@ -299,15 +299,7 @@ def test_webhook_from_a_real_mlflow_server_deploys_and_rejects_bad_signatures(tm
         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=(tmp_path / "server.log").open("w"))
     receiver_server = None
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(1)
-        else:
-            pytest.fail("mlflow server did not answer /health within 240 s")
+        wait_for_mlflow_server(f"http://127.0.0.1:{port}", server, log=tmp_path / "server.log")
         use_store(monkeypatch, f"http://127.0.0.1:{port}")
         (tmp_path / "constant_model.py").write_text(CONSTANT_MODEL)
         deploy = tmp_path / "deploy"

@@ -26,7 +26,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import ROOT, S3_KEYS, free_port, run_module, s3_server
+from conftest import ROOT, S3_KEYS, free_port, run_module, s3_server, wait_for_mlflow_server
 
 
 
@@ -188,15 +188,7 @@ def team_server(tmp_path_factory):
                                   cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         base = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.time() + 300
-            while True:
-                try:
-                    urllib.request.urlopen(f"{base}/health", timeout=2)
-                    break
-                except OSError:
-                    if time.time() > deadline or server.poll() is not None:
-                        pytest.fail(f"mlflow server did not answer /health: {(home / 'server.log').read_text()[-3000:]}")
-                    time.sleep(2)
+            wait_for_mlflow_server(base, server, log=home / "server.log")
             request = urllib.request.Request(
                 f"{base}/api/2.0/mlflow/users/create", method="POST",
                 data=json.dumps({"username": "trader", "password": trader_password}).encode(),

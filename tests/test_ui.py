@@ -9,14 +9,12 @@ import re
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, wait_for_mlflow_server
 from mlproject.config import load_config
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -58,15 +56,7 @@ def served_cycle(tmp_path, mlflow_store, monkeypatch, ray_session):
                               env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 240
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    pytest.fail("mlflow server did not answer /health within 240 s")
-                time.sleep(2)
+        wait_for_mlflow_server(base, server)
         yield base, result
     finally:
         server.terminate()
