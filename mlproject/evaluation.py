@@ -22,7 +22,7 @@ from envs.futures_vector_env import FuturesTradingVectorEnv
 from envs.market import Market
 from mlproject.backtest import BacktestResult, Policy, constant_policy, episode_metrics
 from mlproject.config import EnvConfig, load_config
-from mlproject.data import infer_bar_period, load_source, split_bars
+from mlproject.data import infer_bar_period, load_source, period_text, split_bars
 from mlproject.features import FEATURE_NAMES, FEATURE_SET_VERSION
 from mlproject.instruments import resolve_instrument
 from mlproject.metrics import equity_returns, periods_per_year, probabilistic_sharpe_ratio
@@ -199,26 +199,13 @@ def policy_env_config(policy: Any, env: Any, bars: pd.DataFrame) -> dict[str, An
     if s.bar_period is not None and len(bars) >= 2:
         period = infer_bar_period(bars)
         if period != pd.Timedelta(s.bar_period):
-            raise ModelMismatch(f"{who} was trained on {_period_text(pd.Timedelta(s.bar_period))} bars; the bars of "
-                                f"{_bars_source(bars)} are {_period_text(period)} bars (bar period)")
+            raise ModelMismatch(f"{who} was trained on {period_text(pd.Timedelta(s.bar_period))} bars; the bars of "
+                                f"{_bars_source(bars)} are {period_text(period)} bars (bar period)")
     base.update(window=s.window, vol_window=s.vol_window, norm_window=s.norm_window,
                 instrument={"symbol": spec.symbol, "tick_size": spec.tick_size, "point_value": spec.point_value,
                             "commission_per_side": spec.commission_per_side, "slippage_ticks": spec.slippage_ticks,
                             "max_contracts": s.max_contracts})
     return base
-
-
-def _period_text(period: pd.Timedelta) -> str:
-    """``1min``, ``1h``, ``1D`` rather than ``0 days 00:01:00``."""
-    from pandas.tseries.frequencies import to_offset
-
-    if period >= pd.Timedelta(days=1) and period % pd.Timedelta(days=1) == pd.Timedelta(0):
-        return f"{period.days}D"
-    try:
-        text = to_offset(period).freqstr
-    except ValueError:
-        return str(period)
-    return text if text[:1].isdigit() else f"1{text}"
 
 
 def _bars_source(bars: pd.DataFrame) -> str:

@@ -69,6 +69,7 @@ from mlproject.evaluation import EvalReport, backtest, evaluate_policies, paired
 from mlproject.experience import ExperienceBuffer
 from mlproject.features import FEATURE_NAMES
 from mlproject.instruments import resolve_instrument
+from mlproject.intake import new_bars_since, run_intake
 from mlproject.locks import file_lock
 from mlproject.metrics import max_drawdown, periods_per_year, sharpe_ratio, total_return
 from mlproject.offline import BETA, OfflineResult, offline_pass
@@ -189,6 +190,11 @@ class CycleState:
         path = self.folder / name
         return set(pq.read_table(path).column("experience_id").to_pylist()) if path.exists() else set()
 
+    def mark_bars(self, last_bar: Any) -> None:
+        """The newest bar a model was trained on (the intake's new bars count from there)."""
+        self.data["bars_trained_to"] = str(last_bar)
+        atomic_write_text(self.folder / STATE_FILE, json.dumps(self.data, indent=2))
+
     def advance(self, key: str, ids_file: str, ids: set[str], record: dict[str, Any]) -> None:
         """The ids first, then the JSON that points at them (a crash between keeps the old watermark)."""
         table = pa.table({"experience_id": pa.array(sorted(ids), pa.string())})
@@ -207,12 +213,48 @@ def thresholds(cfg: Config, buffer: ExperienceBuffer, state: CycleState) -> dict
     fresh = ~rows["experience_id"].isin(state.seen(RETRAIN_IDS))
     new = len(set(rows.loc[fresh, "experience_id"]))
     new_annotated = len(annotated - state.seen(FINETUNE_IDS))
+    new_bars, first_bar = (new_bars_since(cfg.data.intake.history, state.data.get("bars_trained_to"))
+                           if cfg.data.intake.folder else (0, None))
+    bars_due = cl.retrain_new_bars is not None and new_bars >= cl.retrain_new_bars
+    firsts = [t for t in (rows.loc[fresh, "time"].min() if new else None, first_bar if bars_due else None)
+              if t is not None]
     return {"experiences": len(ids), "new_since_retrain": new, "annotated": len(annotated),
-            "new_annotated_since_finetune": new_annotated,
-            "retrain_due": new >= cl.retrain_frequency and len(ids) >= cl.min_experiences,
+            "new_annotated_since_finetune": new_annotated, "new_bars_since_retrain": new_bars,
+            "retrain_due": (new >= cl.retrain_frequency and len(ids) >= cl.min_experiences) or bars_due,
             "finetune_due": new_annotated >= cl.min_annotated_for_finetune,
-            "first_new_time": rows.loc[fresh, "time"].min() if new else None,
+            "first_new_time": min(firsts, key=_utc) if firsts else None,
             "ids": ids, "annotated_ids": annotated}
+
+
+def _utc(t: Any) -> pd.Timestamp:
+    """A time comparable with any other: naive times are taken as UTC."""
+    t = pd.Timestamp(t)
+    return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
+
+
+def with_history(cfg: Config) -> Config:
+    """``cfg`` reading the intake's merged history instead of ``data.source`` once it exists."""
+    intake = cfg.data.intake
+    if intake.folder and Path(intake.history).exists() and cfg.data.source != intake.history:
+        return cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": intake.history})})
+    return cfg
+
+
+def intake(cfg: Config) -> Any:
+    """Take the new files of ``data.intake.folder`` into the history; log what happened."""
+    import mlflow
+
+    d = cfg.data
+    result = run_intake(d.intake.folder, d.intake.history, cfg.continuous_learning.state_dir,
+                        tick_period=d.tick_period, tz=d.tz, drop_duplicates=d.drop_duplicates,
+                        settle_seconds=d.intake.settle_seconds)
+    mlflow.log_metrics({"intake/files_ingested": len(result.ingested), "intake/files_rejected": len(result.rejected),
+                        "intake/new_bars": result.new_bars, "intake/history_bars": result.history_bars})
+    if result.rejected:
+        mlflow.set_tag("intake.rejected", "; ".join(f"{r['file']}: {r['error']}" for r in result.rejected)[:5000])
+    if result.ingested:
+        mlflow.set_tag("intake.ingested", ", ".join(i["file"] for i in result.ingested)[:5000])
+    return result
 
 
 # -- steps ---------------------------------------------------------------------------------------
@@ -312,6 +354,8 @@ def maintenance(cfg: Config, buffer: ExperienceBuffer, state: CycleState) -> dic
 
     cl, p = cfg.continuous_learning, cfg.promotion
     out: dict[str, Any] = {}
+    if cfg.data.intake.folder:
+        out["intake"] = _step("intake", intake, cfg)
     if len(buffer) > cl.experience_buffer_size:
         out["compaction"] = _step("compact", buffer.compact, cl.experience_buffer_size)
     out["annotate"] = _step("annotate", annotate.main, cfg)
@@ -323,9 +367,11 @@ def maintenance(cfg: Config, buffer: ExperienceBuffer, state: CycleState) -> dic
     mlflow.log_metrics({f"cycle/{k}": float(v) for k, v in due.items() if isinstance(v, (int, float))})
     mlflow.set_tags({"cycle.retrain_due": str(due["retrain_due"]).lower(),
                      "cycle.finetune_due": str(due["finetune_due"]).lower()})
-    log.info("thresholds: %d experiences (%d new since the last retrain; retrain needs %d new and %d in all): "
-             "retrain %s; %d annotated (%d new; fine-tuning needs %d): fine-tune %s", due["experiences"],
-             due["new_since_retrain"], cl.retrain_frequency, cl.min_experiences,
+    log.info("thresholds: %d experiences (%d new since the last retrain; retrain needs %d new and %d in all), "
+             "%d new bars (%s): retrain %s; %d annotated (%d new; fine-tuning needs %d): fine-tune %s",
+             due["experiences"], due["new_since_retrain"], cl.retrain_frequency, cl.min_experiences,
+             due["new_bars_since_retrain"], f"retrain_new_bars {cl.retrain_new_bars}" if cl.retrain_new_bars
+             else "not a trigger",
              "DUE" if due["retrain_due"] else "not due", due["annotated"], due["new_annotated_since_finetune"],
              cl.min_annotated_for_finetune, "DUE" if due["finetune_due"] else "not due")
     return out
@@ -345,6 +391,7 @@ def retrain(cfg: Config, buffer: ExperienceBuffer, state: CycleState, force: boo
     if due["experiences"]:
         mlflow.log_input(buffer.snapshot(), context="experiences")
     result = train_evaluate_promote(cfg, ingested, since=due["first_new_time"], buffer=buffer)
+    state.mark_bars(result["ingest"].bars.index[-1])
     decision = result["promote"]
     state.advance("retrain", RETRAIN_IDS, due["ids"], {
         "version": result["train"].registered_version, "decision": decision.decision if decision else "not registered",
@@ -561,6 +608,12 @@ def summary(cfg: Config, result: dict[str, Any]) -> str:
                      f"{', '.join(sorted(paper.model_versions))}, {len(paper.trades)} trades, PnL {paper.realised_pnl:.2f}")
     if result.get("maintenance"):
         due = result["maintenance"]["thresholds"]
+        taken = result["maintenance"].get("intake")
+        if taken is not None:
+            rejected = "".join(f"\n    rejected {r['file']}: {r['error']}" for r in taken.rejected)
+            lines.append(f"  intake: {len(taken.ingested)} new file(s), {taken.new_bars} new bars, history "
+                         f"{taken.history_bars} bars ({cfg.data.intake.history}), {len(taken.waiting)} still "
+                         f"being copied{rejected}")
         lines.append(f"  buffer: {due['experiences']} experiences ({due['new_since_retrain']} new), "
                      f"{due['annotated']} annotated")
     if "retrain" in result:
@@ -607,14 +660,19 @@ def main(cfg: Config, mode: str = "all", force: bool = False, periods: int = 4,
         buffer = ExperienceBuffer(cl.experience_storage)
         result: dict[str, Any] = {"run_id": run.info.run_id, "mode": mode}
         ingested = None
+        cfg = with_history(cfg)
         if mode == "all" and production_version(cfg.promotion.model_name) is None:
             log.info("nothing in Production yet: training a first model")
             result["bootstrap"] = train_evaluate_promote(cfg)
             ingested = result["bootstrap"]["ingest"]
+            state.mark_bars(ingested.bars.index[-1])
         if mode == "all" and cl.paper_bars and production_version(cfg.promotion.model_name) is not None:
             result["collect"] = _step("collect", collect.main, cfg, None, cl.paper_bars)
         if mode in ("maintenance", "all"):
             result["maintenance"] = maintenance(cfg, buffer, state)
+            taken = result["maintenance"].get("intake")
+            if taken is not None and taken.ingested:  # the next steps read the grown history
+                cfg, ingested = with_history(cfg), None
         if mode in ("retrain", "all"):
             known = result["maintenance"]["thresholds"] if "maintenance" in result else None
             result["retrain"] = retrain(cfg, buffer, state, force, ingested, known)

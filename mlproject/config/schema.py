@@ -155,6 +155,20 @@ class DataChecksConfig(_Strict):
     """Warn when more than this fraction of the prices is off the instrument's tick grid."""
 
 
+class IntakeConfig(_Strict):
+    """New market data dropped into a folder, picked up by the orchestrator's maintenance."""
+
+    folder: str | None = None
+    """Where new NT8 exports (or CSV/Parquet bar files) are dropped; None: no intake. Each file is
+    taken once (by content digest): merged into ``history`` and moved to ``<folder>/ingested/``,
+    or, when it does not validate, moved to ``<folder>/rejected/`` with ``<name>.error.txt``."""
+    history: str = "data/history/bars.parquet"
+    """The instrument's merged bar history (Parquet). Once it exists, the cycle trains and
+    evaluates on it instead of ``data.source``."""
+    settle_seconds: float = Field(default=30.0, ge=0)
+    """A file modified more recently than this is left for the next pass (still being copied)."""
+
+
 class DataConfig(_Strict):
     """Where the bars come from and how they are read."""
 
@@ -174,6 +188,8 @@ class DataConfig(_Strict):
     """Where ingest writes normalised Parquet."""
     checks: DataChecksConfig = Field(default_factory=DataChecksConfig)
     """Does the data fit the instrument (warnings)."""
+    intake: IntakeConfig = Field(default_factory=IntakeConfig)
+    """New exports dropped into a folder (``data.intake.folder``)."""
 
     @field_validator("tick_period")
     @classmethod
@@ -322,6 +338,9 @@ class ContinuousLearningConfig(_Strict):
 
     retrain_frequency: int = Field(default=1000, ge=1)
     """New experiences between retraining checks."""
+    retrain_new_bars: int | None = Field(default=None, ge=1)
+    """New bars in the intake history since the last retrain that make a retrain due on their
+    own (None: only experiences do)."""
     min_experiences: int = Field(default=500, ge=1)
     """Experiences needed before any retraining."""
     evaluation_episodes: int = Field(default=10, ge=1)

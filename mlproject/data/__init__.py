@@ -21,10 +21,11 @@ import pandas as pd
 from mlproject.data.formats import detect_format, load_bars
 from mlproject.data.splits import Splits, split_bars, walk_forward
 from mlproject.data.synthetic import momentum_bars, synthetic_bars
-from mlproject.data.validation import BAR_COLUMNS, DataError, aggregate_ticks, infer_bar_period, validate_bars
+from mlproject.data.validation import (BAR_COLUMNS, DataError, aggregate_ticks, infer_bar_period, period_text,
+                                      validate_bars)
 
 __all__ = ["BAR_COLUMNS", "DataError", "Splits", "aggregate_ticks", "detect_format", "infer_bar_period",
-           "load_bars", "load_source", "momentum_bars", "split_bars", "synthetic_bars", "validate_bars", "walk_forward"]
+           "load_bars", "load_source", "momentum_bars", "period_text", "split_bars", "synthetic_bars", "validate_bars", "walk_forward"]
 
 
 def load_source(cfg: Any) -> pd.DataFrame:

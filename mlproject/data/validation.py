@@ -412,3 +412,16 @@ def infer_bar_period(df: pd.DataFrame) -> pd.Timedelta:
     if median <= 0:
         raise DataError("<frame>: timestamps are not increasing; cannot infer the bar period")
     return pd.Timedelta(median, unit="ns")
+
+
+def period_text(period: pd.Timedelta) -> str:
+    """``1min``, ``1h``, ``1D`` rather than ``0 days 00:01:00``."""
+    from pandas.tseries.frequencies import to_offset
+
+    if period >= pd.Timedelta(days=1) and period % pd.Timedelta(days=1) == pd.Timedelta(0):
+        return f"{period.days}D"
+    try:
+        text = to_offset(period).freqstr
+    except ValueError:
+        return str(period)
+    return text if text[:1].isdigit() else f"1{text}"
