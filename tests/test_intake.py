@@ -145,3 +145,32 @@ def test_maintenance_takes_new_exports_and_new_bars_make_the_retrain_due(tmp_pat
     due = orchestrate.main(cfg, "maintenance")["maintenance"]["thresholds"]
     assert (due["new_bars_since_retrain"], due["retrain_due"]) == (100, True)
     assert due["first_new_time"] == market.index[500]
+
+
+def test_a_retrain_after_intake_learns_from_the_history_and_moves_the_bar_watermark(tmp_path, mlflow_store,
+                                                                                     ray_session):
+    import mlflow
+
+    from pipelines import orchestrate
+
+    bars = momentum_bars(1500, seed=5)
+    bars[["open", "high", "low", "close"]] = bars[["open", "high", "low", "close"]].round(2)
+    bars["volume"] = bars["volume"].round()
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    nt8_export(drop / "MES.txt", bars)
+    cfg = load_config(ROOT / "conf" / "smoke.yaml", [
+        f"data.intake.folder={drop}", f"data.intake.history={tmp_path / 'history.parquet'}",
+        "continuous_learning.retrain_new_bars=100", "train.iterations=1",
+        f"continuous_learning.state_dir={tmp_path / 'state'}", f"promotion.deploy_dir={tmp_path / 'deploy'}",
+        f"continuous_learning.experience_storage={tmp_path / 'buffer'}", f"data.output_dir={tmp_path / 'bars'}"])
+    assert orchestrate.main(cfg, "maintenance")["maintenance"]["thresholds"]["retrain_due"]
+    out = orchestrate.main(cfg, "retrain")
+    assert out["retrain"] is not None
+    ingest_run = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                    filter_string="tags.`pipeline.step` = 'ingest'")[0]
+    assert ingest_run.data.params["data.source"] == str(tmp_path / "history.parquet")
+    assert ingest_run.data.metrics["data/n_bars"] == 1500
+    state = orchestrate.CycleState(tmp_path / "state")
+    assert state.data["bars_trained_to"] == str(bars.index[-1])
+    assert orchestrate.thresholds(cfg, orchestrate.ExperienceBuffer(tmp_path / "buffer"), state)["new_bars_since_retrain"] == 0
