@@ -21,8 +21,22 @@ import numpy as np
 import pandas as pd
 
 from mlproject.metrics import max_drawdown, profit_factor, sharpe_ratio, win_rate
+from mlproject.registry import production_version
 
 PSI_FLOOR = 1e-4
+ALERT_TAG = "monitor.alert"
+"""Version tag the drift monitor sets when it acts; ``pipelines.status`` exits 1 while the
+Production version carries it (remove the tag, or move Production, to clear it)."""
+
+
+def monitor_alert(name: str) -> str | None:
+    """The drift monitor's alert on the Production version of ``name``, or None."""
+    from mlflow import MlflowClient
+
+    version = production_version(name)
+    if version is None:
+        return None
+    return MlflowClient().get_model_version(name, version).tags.get(ALERT_TAG)
 
 
 def trade_pnls(rows: pd.DataFrame) -> pd.Series:

@@ -296,9 +296,10 @@ def promote(name: str, version: str | int, reason: str, metrics: dict[str, float
 
 
 def rollback(name: str, to_version: str | int | None = None, reason: str = "", force: bool = False,
-             lock_file: str | Path | None = None) -> dict[str, Any]:
+             lock_file: str | Path | None = None, metrics: dict[str, float] | None = None) -> dict[str, Any]:
     """Back to the previous Production version (or ``to_version``, which must have been
-    Production before unless ``force`` with a reason); records why."""
+    Production before unless ``force`` with a reason); records why (and ``metrics``, such as the
+    drift monitor's)."""
     with registry_lock(lock_file):
         complete_pending(name, lock_file)
         current = production_version(name)
@@ -315,7 +316,7 @@ def rollback(name: str, to_version: str | int | None = None, reason: str = "", f
             if not reason:
                 raise ValueError(f"{name}: a forced rollback to version {target} needs a reason")
             reason = f"forced: {reason}"
-        return promote(name, target, reason or f"rollback from version {current}", action="rollback",
+        return promote(name, target, reason or f"rollback from version {current}", metrics, action="rollback",
                        lock_file=lock_file)
 
 

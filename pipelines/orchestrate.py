@@ -85,7 +85,7 @@ from mlproject.reasoner.engine import ReasonerUnavailable, ReasoningEngine
 from mlproject.reflection import PROMPT
 from mlproject.registry import cleanup, production_version, rollback_target, status
 from mlproject.tracking import pipeline_run, setup_tracking
-from pipelines import annotate, collect, evaluate, ingest, promote, train
+from pipelines import annotate, collect, evaluate, ingest, monitor, promote, train
 from pipelines import finetune as finetune_step
 
 log = logging.getLogger(__name__)
@@ -362,6 +362,7 @@ def maintenance(cfg: Config, buffer: ExperienceBuffer, state: CycleState) -> dic
     if production_version(p.model_name) is not None:
         out["reconcile"] = _step("reconcile", reconcile, p.model_name, p.deploy_dir, p.keep_releases,
                                  lock_file=p.lock_file)
+        out["monitor"] = _step("monitor", monitor.check, cfg)
     due = thresholds(cfg, buffer, state)
     out["thresholds"] = due
     mlflow.log_metrics({f"cycle/{k}": float(v) for k, v in due.items() if isinstance(v, (int, float))})
@@ -616,6 +617,13 @@ def summary(cfg: Config, result: dict[str, Any]) -> str:
                          f"being copied{rejected}")
         lines.append(f"  buffer: {due['experiences']} experiences ({due['new_since_retrain']} new), "
                      f"{due['annotated']} annotated")
+        watched = result["maintenance"].get("monitor")
+        if watched is not None and watched.version is not None:
+            lines.append(f"  monitor: v{watched.version}, {watched.stats.get('n_bars', 0):.0f} live/paper steps, "
+                         f"{watched.stats.get('n_trades', 0):.0f} trades: "
+                         f"{'; '.join(watched.breaches.values()) or 'no breach'}"
+                         f"{'' if watched.enough else ' (sample too small to act)'}"
+                         f"{f'; ACTION {watched.action}' if watched.action else ''}")
     if "retrain" in result:
         lines.append(f"  retrain: {trained(result['retrain']) if result['retrain'] else 'not due'}")
     if isinstance(result.get("finetune"), dict):

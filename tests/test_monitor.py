@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from mlproject.monitor import Hysteresis, consecutive_losses, feature_psi, live_stats, psi, trade_pnls
+from test_registry import store  # noqa: F401 (fixture)
 
 
 def rows_of(steps: list[tuple[str | None, int, float, float]]) -> pd.DataFrame:
@@ -58,3 +59,103 @@ def test_hysteresis_holds_through_a_short_dip_acts_once_and_rearms_after_clear_p
     assert [watch.update(True) for _ in range(3)] == [False, False, True]
     again = Hysteresis.from_dict(watch.to_dict(), confirm=3, clear=2)
     assert again == watch
+
+
+# -- the monitor against a real registry and buffer ---------------------------------------------
+
+
+class Paper:
+    """Writes paper-trading experiences of one version into a buffer: trades of three steps
+    (open, hold, close) with the given PnL, equity carried along, observations of smoke size."""
+
+    def __init__(self, path, version: str) -> None:
+        from mlproject.experience import ExperienceBuffer
+
+        self.buffer, self.version, self.equity, self.step = ExperienceBuffer(path), version, 100_000.0, 0
+        self.rng = np.random.default_rng(1)
+
+    def trades(self, pnls: list[float]) -> None:
+        rows = []
+        for pnl in pnls:
+            trade = f"t{self.step}"
+            for k, (position, realised) in enumerate(((1, 0.0), (1, 0.0), (0, pnl))):
+                self.equity += realised
+                rows.append({"experience_id": f"x{self.step}", "symbol": "ES", "bar_period": "1min",
+                             "time": pd.Timestamp("2024-03-04 14:31", tz="UTC") + pd.Timedelta(minutes=self.step),
+                             "model_name": "nt8-agent", "model_version": self.version, "source": "paper",
+                             "observation": self.rng.normal(0, 1, 82).tolist(), "action": 2 if position else 1,
+                             "reward": realised, "position": position, "equity": self.equity, "trade_id": trade,
+                             "realised_pnl": realised, "slippage": 12.5 if k != 1 else None})
+                self.step += 1
+        self.buffer.add(rows)
+        self.buffer.flush()
+
+
+@pytest.fixture
+def deployed(store, tmp_path):
+    """v1 then v2 promoted (v2 Production, v1 its rollback target), each with the evaluation it
+    was promoted on; a config whose monitor needs 10 trades, 30 steps and 2 bad passes in a row."""
+    from mlproject import registry
+    from test_registry import NAME, config, register_constant
+
+    evaluation = {"win_rate": 0.6, "sharpe": 1.0, "profit_factor": 1.5, "max_drawdown": 0.05}
+    v1, v2 = register_constant(store, 2), register_constant(store, 2)
+    registry.promote(NAME, v1, "first", evaluation)
+    registry.promote(NAME, v2, "second", evaluation)
+
+    def cfg(action: str = "rollback"):
+        return config(store, f"continuous_learning.experience_storage={tmp_path / 'buffer'}",
+                      f"continuous_learning.state_dir={tmp_path / 'state'}", f"monitoring.action={action}",
+                      "monitoring.min_trades=10", "monitoring.min_bars=30", "monitoring.confirm_passes=2",
+                      "monitoring.clear_passes=2", "monitoring.max_psi=1000")
+    return cfg, Paper(tmp_path / "buffer", v2), v1, v2
+
+
+def test_degrading_paper_results_roll_back_after_the_minimum_sample_with_an_audited_reason(deployed, tmp_path):
+    import mlflow
+
+    from mlproject import registry
+    from mlproject.deploy import deployed_manifest
+    from pipelines import monitor
+
+    cfg, paper, v1, v2 = deployed
+    paper.trades([-150.0] * 5)  # 5 trades: below min_trades, whatever they look like
+    for _ in range(3):
+        small = monitor.check(cfg())
+        assert small.breaches and not small.enough and small.action is None
+    assert registry.production_version("nt8-agent") == v2
+    paper.trades([-150.0, 40.0] * 5)  # 15 trades now, losing
+    first = monitor.check(cfg())
+    assert first.enough and {"win_rate", "sharpe", "profit_factor"} <= set(first.breaches) and first.action is None
+    second = monitor.check(cfg())
+    assert second.action == "rollback" and registry.production_version("nt8-agent") == v1
+    event = registry.history("nt8-agent")[-1]
+    assert event["action"] == "rollback" and event["reason"].startswith("drift monitor: win rate")
+    assert event["metrics"]["monitor/n_trades"] == 15
+    assert deployed_manifest(tmp_path / "deploy")["version"] == v1
+    history = mlflow.MlflowClient().get_metric_history(second.run_id, "monitor/win_rate")
+    assert [m.step for m in history] == [1, 2, 3, 4, 5]
+    logged = mlflow.get_run(second.run_id).data.metrics
+    assert logged["monitor/eval_win_rate"] == 0.6 and set(second.psi) == {"ret_z", "range_z", "volume_z", "tod_sin", "tod_cos"}
+    assert "monitor/psi/ret_z" in logged
+    assert monitor.check(cfg()).version == v1  # the next pass watches the version now in Production
+
+
+def test_a_short_dip_does_not_act_and_alert_changes_nothing_but_the_status(deployed, tmp_path):
+    from conftest import ROOT, run_module
+    from mlproject import registry
+    from pipelines import monitor
+
+    cfg, paper, _, v2 = deployed
+    paper.trades([-150.0, 40.0] * 6)  # 12 trades, losing
+    assert monitor.check(cfg("alert")).breaches
+    paper.trades([200.0, 90.0] * 12)  # the dip is over: the window looks fine again
+    good = monitor.check(cfg("alert"))
+    assert not good.breaches and good.action is None
+    paper.trades([-150.0] * 9)  # bad again: one bad pass, not two in a row
+    assert monitor.check(cfg("alert")).action is None
+    assert registry.production_version("nt8-agent") == v2
+    acted = monitor.check(cfg("alert"))  # the second bad pass in a row
+    assert acted.action == "alert" and registry.production_version("nt8-agent") == v2
+    out = run_module(["python", "-m", "pipelines.status", "--config", str(ROOT / "conf" / "smoke.yaml")], tmp_path)
+    assert out.returncode == 1 and "DRIFT MONITOR ALERT" in out.stdout, out.stderr[-2000:]

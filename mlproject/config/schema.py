@@ -459,6 +459,40 @@ class FinetuneConfig(_Strict):
     """Reasoning engine: longest reply."""
 
 
+class MonitoringConfig(_Strict):
+    """The drift monitor (``pipelines.monitor``): the Production version's live and paper results
+    against its own evaluation, and its live inputs against the training split."""
+
+    action: Literal["alert", "rollback", "pause"] = "alert"
+    """What a confirmed breach does: alert (logged, tagged on the version, ``pipelines.status``
+    exits 1), rollback (the audited registry rollback), pause (the bridge's kill switch)."""
+    window_bars: int = Field(default=2000, ge=10)
+    """The newest this many live/paper steps of the Production version are judged."""
+    min_trades: int = Field(default=20, ge=1)
+    """Closed trades needed before any check may breach."""
+    min_bars: int = Field(default=200, ge=2)
+    """Steps needed before any check may breach."""
+    max_win_rate_drop: float = Field(default=0.15, ge=0)
+    """Breach when the live win rate is this much (absolute) below the evaluation's."""
+    max_sharpe_drop: float = Field(default=1.5, ge=0)
+    """Breach when the live Sharpe is this much below the evaluation's."""
+    min_profit_factor_ratio: float = Field(default=0.5, ge=0)
+    """Breach when the live profit factor is below this fraction of the evaluation's."""
+    max_drawdown_ratio: float = Field(default=2.0, gt=0)
+    """Breach when the live max drawdown exceeds this multiple of the evaluation's."""
+    max_consecutive_losses: int = Field(default=8, ge=1)
+    """Breach at this many losing trades in a row."""
+    max_slippage_ratio: float = Field(default=2.0, gt=0)
+    """Breach when the average slippage per fill exceeds this multiple of the instrument's assumed
+    slippage per contract (``slippage_ticks`` x tick value); no check when that is 0."""
+    max_psi: float = Field(default=0.25, gt=0)
+    """Breach when a feature's population-stability index (live vs training split) exceeds this."""
+    confirm_passes: int = Field(default=3, ge=1)
+    """Monitor passes in a row that must breach before the action (hysteresis)."""
+    clear_passes: int = Field(default=3, ge=1)
+    """Good passes in a row after an action before the monitor may act again."""
+
+
 class BridgeConfig(_Strict):
     """The NT8 bridge (``pipelines.bridge``) and the paper trader (``pipelines.collect``);
     ``nt8/PROTOCOL.md`` describes what they speak."""
@@ -523,6 +557,7 @@ class Config(_Strict):
     annotation: AnnotationConfig = Field(default_factory=AnnotationConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     bridge: BridgeConfig = Field(default_factory=BridgeConfig)
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (what ``config.yaml`` holds)."""

@@ -1,0 +1,259 @@
+"""Drift monitor: the Production model's live and paper results against its own evaluation, and
+its live inputs against the training split; acts (alert, rollback, pause) on a confirmed breach.
+
+    python -m pipelines.monitor [--config conf/default.yaml] [--loop --every 15m]
+    mlflow run . -e monitor --env-manager local
+
+One pass: the newest ``monitoring.window_bars`` live/paper experiences of the Production version
+(from the experience buffer) give win rate, Sharpe, profit factor, max drawdown, the losing streak
+and the average slippage (``mlproject.monitor.live_stats``); the reference is the version's own
+evaluation (the ``eval/...`` metrics on its logged model, else the metrics recorded at its
+promotion); the latest bar's features of each live observation are compared with the training
+split's (population-stability index per feature, with the configured feature settings). Nothing
+breaches before ``min_trades`` closed trades and ``min_bars`` steps. A breach acts only after
+``confirm_passes`` breaching passes in a row and once per episode (``clear_passes`` good passes
+re-arm it): ``alert`` tags the version ``monitor.alert`` (``pipelines.status`` then exits 1),
+``rollback`` rolls back through the registry (its lock, the reason and the metrics in the
+history) and redeploys, ``pause`` switches the bridge's kill switch on (flat and hold).
+
+Every pass is logged as ``monitor/...`` metrics (live values, the evaluation's as
+``monitor/eval_...``, ``monitor/psi/<feature>``, ``monitor/breaches``) on one long-running MLflow
+run per Production version (``monitor <model> v<N>``), so the UI shows the live curve beside the
+evaluation; the hysteresis state is kept in ``<state_dir>/monitor.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mlproject.atomic import atomic_write_text
+from mlproject.bridge.server import kill_file_of
+from mlproject.cli import base_parser, run_cli
+from mlproject.config import Config, parse_duration
+from mlproject.data import load_source, split_bars
+from mlproject.deploy import reconcile
+from mlproject.experience import ExperienceBuffer, Query
+from mlproject.features import FEATURE_NAMES, bar_features
+from mlproject.instruments import resolve_instrument
+from mlproject.metrics import periods_per_year
+from mlproject.monitor import ALERT_TAG, Hysteresis, feature_psi, live_stats
+from mlproject.registry import production_version, registry_lock, rollback, version_model_id
+from mlproject.tracking import EXPERIMENT_KIND, setup_tracking
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "monitor.json"
+LIVE_COLUMNS = ["time", "model_name", "source", "trade_id", "position", "realised_pnl", "equity", "slippage",
+                "observation"]
+
+
+@dataclass
+class MonitorResult:
+    """One pass: the version judged, its live stats and reference, the breaches (check -> text),
+    whether the sample was big enough, and the action taken (None, alert, rollback, pause)."""
+
+    version: str | None
+    stats: dict[str, float] = field(default_factory=dict)
+    reference: dict[str, float] = field(default_factory=dict)
+    psi: dict[str, float] = field(default_factory=dict)
+    breaches: dict[str, str] = field(default_factory=dict)
+    enough: bool = False
+    action: str | None = None
+    run_id: str | None = None
+
+
+def reference_metrics(name: str, version: str) -> dict[str, float]:
+    """The version's own evaluation: the metrics recorded at its promotion, overlaid with the
+    ``eval/...`` metrics on its logged model (unprefixed names)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    mv = MlflowClient().get_model_version(name, version)
+    out = {k: float(v) for k, v in json.loads(mv.tags.get("promotion_metrics", "{}") or "{}").items()
+           if "/" not in k}
+    model_id = version_model_id(mv)
+    if model_id:
+        for m in mlflow.get_logged_model(model_id).metrics or []:
+            if m.key.startswith("eval/") and m.key.count("/") == 1:
+                out[m.key.removeprefix("eval/")] = float(m.value)
+    return out
+
+
+def breaches_of(stats: dict[str, float], ref: dict[str, float], cfg: Config) -> dict[str, str]:
+    """Each check that fails, with the numbers; checks without a reference value are skipped."""
+    m, out = cfg.monitoring, {}
+
+    def have(*values: float) -> bool:
+        return all(v is not None and math.isfinite(v) for v in values)
+
+    if have(stats["win_rate"], ref.get("win_rate", math.nan)) and stats["win_rate"] < ref["win_rate"] - m.max_win_rate_drop:
+        out["win_rate"] = f"win rate {stats['win_rate']:.2f} < evaluation {ref['win_rate']:.2f} - {m.max_win_rate_drop}"
+    if have(stats["sharpe"], ref.get("sharpe", math.nan)) and stats["sharpe"] < ref["sharpe"] - m.max_sharpe_drop:
+        out["sharpe"] = f"Sharpe {stats['sharpe']:.2f} < evaluation {ref['sharpe']:.2f} - {m.max_sharpe_drop}"
+    pf, ref_pf = stats["profit_factor"], ref.get("profit_factor", math.nan)
+    if have(pf, ref_pf) and pf < m.min_profit_factor_ratio * ref_pf:
+        out["profit_factor"] = f"profit factor {pf:.2f} < {m.min_profit_factor_ratio} x evaluation {ref_pf:.2f}"
+    dd, ref_dd = stats["max_drawdown"], ref.get("max_drawdown", math.nan)
+    if have(dd, ref_dd) and ref_dd > 0 and dd > m.max_drawdown_ratio * ref_dd:
+        out["max_drawdown"] = f"drawdown {dd:.2%} > {m.max_drawdown_ratio} x evaluation {ref_dd:.2%}"
+    if stats["consecutive_losses"] >= m.max_consecutive_losses:
+        out["consecutive_losses"] = f"{stats['consecutive_losses']:.0f} losing trades in a row (limit {m.max_consecutive_losses})"
+    assumed = resolve_instrument(cfg.env.instrument).slippage_cost
+    if have(stats["avg_slippage"]) and assumed > 0 and stats["avg_slippage"] > m.max_slippage_ratio * assumed:
+        out["slippage"] = (f"average slippage {stats['avg_slippage']:.2f} per fill > {m.max_slippage_ratio} x the "
+                           f"assumed {assumed:.2f}")
+    return out
+
+
+def reference_features(cfg: Config) -> np.ndarray:
+    """Features of the training split of ``data.source`` (the configured feature settings)."""
+    bars = load_source(cfg)
+    sp = cfg.data.splits
+    train = split_bars(bars, sp.train, sp.validation, sp.test, gap=sp.gap).train
+    feats = bar_features(train, vol_window=cfg.env.vol_window, norm_window=cfg.env.norm_window)
+    return feats[max(cfg.env.window, cfg.env.vol_window):]
+
+
+def live_features(observations: pd.Series) -> np.ndarray:
+    """The latest bar's features of each observation (the slots before position and open PnL)."""
+    n = len(FEATURE_NAMES)
+    rows = [np.asarray(o, dtype=float)[-2 - n:-2] for o in observations if o is not None and len(o) >= n + 2]
+    return np.vstack(rows) if rows else np.zeros((0, n))
+
+
+class MonitorState:
+    """``<state_dir>/monitor.json``: per version, the hysteresis and the monitor run's id."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.path = Path(folder) / STATE_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{self.path}: not the monitor's state ({exc}); move it aside to start afresh") from None
+
+    def save(self) -> None:
+        atomic_write_text(self.path, json.dumps(self.data, indent=2))
+
+
+def _monitor_run(cfg: Config, name: str, version: str, state: dict[str, Any]) -> str:
+    """The long-running monitor run of this version (created on its first pass)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    if state.get("run_id"):
+        return state["run_id"]
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+        cfg.mlflow.experiment, tags={EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1]})
+    run = client.create_run(experiment_id, run_name=f"monitor {name} v{version}",
+                            tags={"pipeline.step": "monitor", "model_name": name, "model_version": version})
+    state["run_id"] = run.info.run_id
+    return run.info.run_id
+
+
+def _log_pass(run_id: str, step: int, result: MonitorResult) -> None:
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    values = {**{f"monitor/{k}": v for k, v in result.stats.items()},
+              **{f"monitor/eval_{k}": v for k, v in result.reference.items()
+                 if k in ("win_rate", "sharpe", "profit_factor", "max_drawdown")},
+              **{f"monitor/psi/{k}": v for k, v in result.psi.items()},
+              "monitor/breaches": float(len(result.breaches)), "monitor/enough_sample": float(result.enough)}
+    metrics = [Metric(k, float(v), now, step) for k, v in values.items() if v is not None and math.isfinite(v)]
+    client = MlflowClient()
+    client.log_batch(run_id, metrics=metrics)
+    client.set_terminated(run_id)  # FINISHED between passes (its end time: the latest pass); the next pass logs on
+    if result.action:
+        client.set_tag(run_id, "monitor.last_action", f"{result.action}: {'; '.join(result.breaches.values())}"[:5000])
+
+
+def _act(cfg: Config, name: str, version: str, result: MonitorResult) -> None:
+    from mlflow import MlflowClient
+
+    p, why = cfg.promotion, "; ".join(result.breaches.values())
+    action = cfg.monitoring.action
+    MlflowClient().set_model_version_tag(name, version, ALERT_TAG, f"{action}: {why}"[:5000])
+    if action == "rollback":
+        metrics = {f"monitor/{k}": v for k, v in result.stats.items() if v is not None and math.isfinite(v)}
+        with registry_lock(p.lock_file):
+            rollback(name, reason=f"drift monitor: {why}", lock_file=p.lock_file, metrics=metrics)
+            reconcile(name, p.deploy_dir, p.keep_releases, lock_file=p.lock_file)
+    elif action == "pause":
+        kill = kill_file_of(cfg)
+        kill.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(kill, f"drift monitor, v{version}: {why}\n")
+    log.warning("monitor: %s v%s: %s (%s)", name, version, action, why)
+
+
+def check(cfg: Config) -> MonitorResult:
+    """One monitor pass over the Production version (see the module doc)."""
+    name, m = cfg.promotion.model_name, cfg.monitoring
+    version = production_version(name)
+    if version is None:
+        log.info("monitor: nothing in Production")
+        return MonitorResult(None)
+    buffer = ExperienceBuffer(cfg.continuous_learning.experience_storage)
+    rows = buffer.query(Query(model_version=version), LIVE_COLUMNS)
+    rows = rows[(rows["model_name"] == name) & rows["source"].isin(["live", "paper"])].tail(m.window_bars)
+    result = MonitorResult(version, reference=reference_metrics(name, version))
+    if len(rows) >= 2:
+        index = pd.DatetimeIndex(rows["time"])
+        result.stats = live_stats(rows, periods_per_year(index) if len(index) > 2 else 252.0)
+        result.breaches = breaches_of(result.stats, result.reference, cfg)
+        live = live_features(rows["observation"])
+        if len(live) >= m.min_bars:
+            result.psi = feature_psi(reference_features(cfg), live, list(FEATURE_NAMES))
+            for feature, value in result.psi.items():
+                if math.isfinite(value) and value > m.max_psi:
+                    result.breaches[f"psi/{feature}"] = f"{feature} drifted: PSI {value:.2f} > {m.max_psi}"
+    result.enough = result.stats.get("n_trades", 0) >= m.min_trades and result.stats.get("n_bars", 0) >= m.min_bars
+    state = MonitorState(cfg.continuous_learning.state_dir)
+    entry = state.data.setdefault(f"{name}/{version}", {"passes": 0})
+    watch = Hysteresis.from_dict(entry, m.confirm_passes, m.clear_passes)
+    due = watch.update(result.enough and bool(result.breaches))
+    entry.update(watch.to_dict())
+    entry["passes"] += 1
+    result.run_id = _monitor_run(cfg, name, version, entry)
+    state.save()
+    if due:
+        result.action = m.action
+        _act(cfg, name, version, result)
+    _log_pass(result.run_id, entry["passes"], result)
+    log.info("monitor: %s v%s: %d steps, %d trades, %s%s", name, version, len(rows),
+             int(result.stats.get("n_trades", 0)), "; ".join(result.breaches.values()) or "no breach",
+             "" if result.enough else f" (sample below min_trades {m.min_trades} / min_bars {m.min_bars}: no action)")
+    return result
+
+
+def main(cfg: Config, loop: bool = False, every: str = "15m", max_rounds: int | None = None) -> list[MonitorResult]:
+    setup_tracking(cfg)
+    results, wait = [], parse_duration(every)
+    while True:
+        results.append(check(cfg))
+        if not loop or (max_rounds is not None and len(results) >= max_rounds):
+            return results
+        time.sleep(wait)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--loop", action="store_true", help="run a pass every --every until stopped")
+    parser.add_argument("--every", default="15m", help="time between passes with --loop (e.g. 60s, 15m, 1h)")
+    return parser
+
+
+if __name__ == "__main__":
+    run_cli(build_parser(), lambda cfg, a: main(cfg, a.loop, a.every))
