@@ -28,6 +28,7 @@ import argparse
 import json
 import logging
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,6 +190,9 @@ def _act(cfg: Config, name: str, version: str, result: MonitorResult) -> None:
     if action == "rollback":
         metrics = {f"monitor/{k}": v for k, v in result.stats.items() if v is not None and math.isfinite(v)}
         with registry_lock(p.lock_file):
+            if production_version(name) != version:  # another writer moved Production meanwhile
+                log.warning("monitor: %s v%s is no longer Production; no rollback", name, version)
+                return
             rollback(name, reason=f"drift monitor: {why}", lock_file=p.lock_file, metrics=metrics)
             reconcile(name, p.deploy_dir, p.keep_releases, lock_file=p.lock_file)
     elif action == "pause":
@@ -227,10 +231,10 @@ def check(cfg: Config) -> MonitorResult:
     entry.update(watch.to_dict())
     entry["passes"] += 1
     result.run_id = _monitor_run(cfg, name, version, entry)
-    state.save()
-    if due:
+    if due:  # acted first, recorded after: a crash in between acts again at the next pass
         result.action = m.action
         _act(cfg, name, version, result)
+    state.save()
     _log_pass(result.run_id, entry["passes"], result)
     log.info("monitor: %s v%s: %d steps, %d trades, %s%s", name, version, len(rows),
              int(result.stats.get("n_trades", 0)), "; ".join(result.breaches.values()) or "no breach",
@@ -239,13 +243,35 @@ def check(cfg: Config) -> MonitorResult:
 
 
 def main(cfg: Config, loop: bool = False, every: str = "15m", max_rounds: int | None = None) -> list[MonitorResult]:
+    """One pass, or with ``loop`` a pass every ``every`` until SIGTERM/SIGINT (between passes)
+    or ``max_rounds`` passes; in the loop a failed pass is logged and the next one runs on
+    time. Returns the passes."""
     setup_tracking(cfg)
-    results, wait = [], parse_duration(every)
-    while True:
-        results.append(check(cfg))
-        if not loop or (max_rounds is not None and len(results) >= max_rounds):
-            return results
-        time.sleep(wait)
+    if not loop:
+        return [check(cfg)]
+    wait, stop, results = parse_duration(every), {"now": False}, []
+
+    def request_stop(signum: int, frame: Any) -> None:
+        log.info("monitor: stopping after the current pass (signal %d)", signum)
+        stop["now"] = True
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not stop["now"] and (max_rounds is None or len(results) < max_rounds):
+            started = time.time()
+            try:
+                results.append(check(cfg))
+            except Exception:  # noqa: BLE001 - the loop outlives a failed pass; the log says why
+                log.exception("monitor: pass failed; the next one runs in %s", every)
+                results.append(MonitorResult(None))
+            while not stop["now"] and (max_rounds is None or len(results) < max_rounds) \
+                    and time.time() - started < wait:
+                time.sleep(min(1.0, wait))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log.info("monitor: stopped after %d passes", len(results))
+    return results
 
 
 def build_parser() -> argparse.ArgumentParser:

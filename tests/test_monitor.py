@@ -159,3 +159,44 @@ def test_a_short_dip_does_not_act_and_alert_changes_nothing_but_the_status(deplo
     assert acted.action == "alert" and registry.production_version("nt8-agent") == v2
     out = run_module(["python", "-m", "pipelines.status", "--config", str(ROOT / "conf" / "smoke.yaml")], tmp_path)
     assert out.returncode == 1 and "DRIFT MONITOR ALERT" in out.stdout, out.stderr[-2000:]
+
+
+def test_pause_switches_the_bridge_kill_switch_on_through_the_loop(deployed, tmp_path):
+    from mlproject import registry
+    from mlproject.bridge.server import kill_file_of
+    from pipelines import monitor
+
+    cfg, paper, _, v2 = deployed
+    paper.trades([-150.0, 40.0] * 6)
+    kill = kill_file_of(cfg("pause"))
+    assert not kill.exists()
+    passes = monitor.main(cfg("pause"), loop=True, every="0s", max_rounds=2)
+    assert [p.action for p in passes] == [None, "pause"]
+    assert kill.exists() and kill.read_text().startswith(f"drift monitor, v{v2}: Sharpe")
+    assert registry.production_version("nt8-agent") == v2  # paused, not rolled back
+
+
+def test_the_monitor_command_loops_until_sigterm(deployed, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    cfg, paper, _, _ = deployed
+    paper.trades([40.0] * 3)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.monitor", "--config", str(ROOT / "conf" / "smoke.yaml"),
+                             "--loop", "--every", "1s", "--set",
+                             f"continuous_learning.experience_storage={tmp_path / 'buffer'} "
+                             f"continuous_learning.state_dir={tmp_path / 'state'}"],
+                            cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    lines, deadline = [], time.time() + 120
+    while time.time() < deadline and sum("monitor: nt8-agent v" in line for line in lines) < 2:
+        lines.append(proc.stderr.readline())
+    proc.send_signal(signal.SIGTERM)
+    _, rest = proc.communicate(timeout=60)
+    assert proc.returncode == 0, "".join(lines)[-3000:] + rest[-3000:]
+    assert "stopped after" in rest and sum("monitor: nt8-agent v" in line for line in lines) >= 2

@@ -295,9 +295,9 @@ def test_two_hosts_share_the_registry_lock_through_a_shared_folder(team_client, 
         (host / "tmp").mkdir(parents=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(hosts["b"] / "tmp")}
 
-    def host_b_promotes_while_a_holds_the_lock(version: str, *lock: str) -> bool:
+    def host_b_promotes_while_a_holds_the_lock(version: str, *lock: str, hold: float = 12) -> bool:
         """Whether host B's promote finished while this process (host A) held the shared lock (up
-        to 12 s; a promote takes 1-4 s here), B waiting for the lock before it starts."""
+        to ``hold`` s; a promote takes 1-4 s here), B waiting for the lock before it starts."""
         proc = subprocess.Popen([sys.executable, "-c", HOST_B, version, *lock], cwd=hosts["b"], env=env,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-3000:]
@@ -305,7 +305,7 @@ def test_two_hosts_share_the_registry_lock_through_a_shared_folder(team_client, 
             proc.stdin.write("go\n")
             proc.stdin.flush()
             try:
-                proc.wait(timeout=12)
+                proc.wait(timeout=hold)
                 finished = True
             except subprocess.TimeoutExpired:
                 finished = False
@@ -315,7 +315,7 @@ def test_two_hosts_share_the_registry_lock_through_a_shared_folder(team_client, 
 
     assert not host_b_promotes_while_a_holds_the_lock(versions[1], str(shared))  # B waited for A
     assert registry.production_version(NAME) == versions[1]
-    assert host_b_promotes_while_a_holds_the_lock(versions[2])  # B's default lock file: no exclusion across hosts
+    assert host_b_promotes_while_a_holds_the_lock(versions[2], hold=120)  # B's default lock: no exclusion across hosts
     assert registry.production_version(NAME) == versions[2], registry.history(NAME, include_unfinished=True)[-3:]
 
     (tmp_path / "writer.py").write_text(WRITER)
