@@ -2,7 +2,7 @@
 
 - :func:`live_stats`: a model version's live or paper results (experience-buffer rows) as the
   quantities its evaluation also has: win rate, Sharpe, profit factor, max drawdown, plus
-  consecutive losses at the end and the average slippage per fill.
+  consecutive losses at the end and the average slippage per contract filled.
 - :func:`psi`: the population-stability index of one feature, live against a reference (the
   training split): ``sum((live% - ref%) * ln(live% / ref%))`` over ``bins`` bins cut at the
   reference's quantiles, each share floored at 1e-4 so an empty bin stays finite. Rule of thumb:
@@ -69,12 +69,15 @@ def live_stats(rows: pd.DataFrame, periods_per_year: float) -> dict[str, float]:
     """The monitored quantities of experience-buffer ``rows`` (one model version, time order):
     ``n_bars``, ``n_trades``, ``win_rate``, ``sharpe`` (of per-bar equity returns, annualised),
     ``profit_factor``, ``max_drawdown`` (fraction of the peak), ``consecutive_losses`` and
-    ``avg_slippage`` (money per fill; nan without fills)."""
+    ``avg_slippage`` (money per contract filled: each fill's slippage over the change of position
+    it made, a reversal counting both legs; nan without fills)."""
     rows = rows.sort_values("time", kind="stable")
     equity = rows["equity"].to_numpy(dtype=float)
     returns = np.diff(equity) / equity[:-1] if len(equity) > 1 else np.zeros(0)
     pnls = trade_pnls(rows).to_numpy(dtype=float)
-    slippage = rows["slippage"].dropna().to_numpy(dtype=float)
+    contracts = rows["position"].astype(float).diff().abs().to_numpy()
+    filled = rows["slippage"].notna().to_numpy() & (contracts > 0)
+    slippage = rows["slippage"].to_numpy(dtype=float)[filled] / contracts[filled]
     return {"n_bars": float(len(rows)), "n_trades": float(len(pnls)), "win_rate": win_rate(pnls),
             "sharpe": sharpe_ratio(returns, periods_per_year), "profit_factor": profit_factor(pnls),
             "max_drawdown": max_drawdown(equity), "consecutive_losses": float(consecutive_losses(pnls)),

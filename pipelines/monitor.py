@@ -9,7 +9,8 @@ One pass: the newest ``monitoring.window_bars`` live/paper experiences of the Pr
 and the average slippage (``mlproject.monitor.live_stats``); the reference is the version's own
 evaluation (the ``eval/...`` metrics on its logged model, else the metrics recorded at its
 promotion); the latest bar's features of each live observation are compared with the training
-split's (population-stability index per feature, with the configured feature settings). Nothing
+split's (population-stability index per feature, with the configured feature settings; not the
+time-of-day features, which a few live hours never spread like the training split). Nothing
 breaches before ``min_trades`` closed trades and ``min_bars`` steps. A breach acts only after
 ``confirm_passes`` breaching passes in a row and once per episode (``clear_passes`` good passes
 re-arm it): ``alert`` tags the version ``monitor.alert`` (``pipelines.status`` then exits 1),
@@ -125,6 +126,11 @@ def reference_features(cfg: Config) -> np.ndarray:
     return feats[max(cfg.env.window, cfg.env.vol_window):]
 
 
+DRIFT_FEATURES = [name for name in FEATURE_NAMES if not name.startswith("tod_")]
+"""The features whose drift is watched: not the time of day (a few live hours are never spread
+over the session like the training split, whatever the market does)."""
+
+
 def live_features(observations: pd.Series) -> np.ndarray:
     """The latest bar's features of each observation (the slots before position and open PnL)."""
     n = len(FEATURE_NAMES)
@@ -219,7 +225,8 @@ def check(cfg: Config) -> MonitorResult:
         result.breaches = breaches_of(result.stats, result.reference, cfg)
         live = live_features(rows["observation"])
         if len(live) >= m.min_bars:
-            result.psi = feature_psi(reference_features(cfg), live, list(FEATURE_NAMES))
+            keep = [FEATURE_NAMES.index(name) for name in DRIFT_FEATURES]
+            result.psi = feature_psi(reference_features(cfg)[:, keep], live[:, keep], DRIFT_FEATURES)
             for feature, value in result.psi.items():
                 if math.isfinite(value) and value > m.max_psi:
                     result.breaches[f"psi/{feature}"] = f"{feature} drifted: PSI {value:.2f} > {m.max_psi}"
