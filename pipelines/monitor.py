@@ -47,6 +47,7 @@ from mlproject.deploy import reconcile
 from mlproject.experience import ExperienceBuffer, Query
 from mlproject.features import FEATURE_NAMES, bar_features
 from mlproject.instruments import resolve_instrument
+from mlproject.locks import file_lock
 from mlproject.metrics import periods_per_year
 from mlproject.monitor import ALERT_TAG, Hysteresis, feature_psi, live_stats
 from mlproject.registry import production_version, registry_lock, rollback, version_model_id
@@ -112,8 +113,8 @@ def breaches_of(stats: dict[str, float], ref: dict[str, float], cfg: Config) -> 
         out["consecutive_losses"] = f"{stats['consecutive_losses']:.0f} losing trades in a row (limit {m.max_consecutive_losses})"
     assumed = resolve_instrument(cfg.env.instrument).slippage_cost
     if have(stats["avg_slippage"]) and assumed > 0 and stats["avg_slippage"] > m.max_slippage_ratio * assumed:
-        out["slippage"] = (f"average slippage {stats['avg_slippage']:.2f} per fill > {m.max_slippage_ratio} x the "
-                           f"assumed {assumed:.2f}")
+        out["slippage"] = (f"average slippage {stats['avg_slippage']:.2f} per contract > {m.max_slippage_ratio} x "
+                           f"the assumed {assumed:.2f}")
     return out
 
 
@@ -231,18 +232,20 @@ def check(cfg: Config) -> MonitorResult:
                 if math.isfinite(value) and value > m.max_psi:
                     result.breaches[f"psi/{feature}"] = f"{feature} drifted: PSI {value:.2f} > {m.max_psi}"
     result.enough = result.stats.get("n_trades", 0) >= m.min_trades and result.stats.get("n_bars", 0) >= m.min_bars
-    state = MonitorState(cfg.continuous_learning.state_dir)
-    entry = state.data.setdefault(f"{name}/{version}", {"passes": 0})
-    watch = Hysteresis.from_dict(entry, m.confirm_passes, m.clear_passes)
-    due = watch.update(result.enough and bool(result.breaches))
-    entry.update(watch.to_dict())
-    entry["passes"] += 1
-    result.run_id = _monitor_run(cfg, name, version, entry)
-    if due:  # acted first, recorded after: a crash in between acts again at the next pass
-        result.action = m.action
-        _act(cfg, name, version, result)
-    state.save()
-    _log_pass(result.run_id, entry["passes"], result)
+    # One monitor at a time reads, updates and writes the hysteresis (a --loop beside maintenance).
+    with file_lock(Path(cfg.continuous_learning.state_dir) / "monitor.lock", 600, "another monitor pass"):
+        state = MonitorState(cfg.continuous_learning.state_dir)
+        entry = state.data.setdefault(f"{name}/{version}", {"passes": 0})
+        watch = Hysteresis.from_dict(entry, m.confirm_passes, m.clear_passes)
+        due = watch.update(result.enough and bool(result.breaches))
+        entry.update(watch.to_dict())
+        entry["passes"] += 1
+        result.run_id = _monitor_run(cfg, name, version, entry)
+        if due:  # acted first, recorded after: a crash in between acts again at the next pass
+            result.action = m.action
+            _act(cfg, name, version, result)
+        state.save()
+        _log_pass(result.run_id, entry["passes"], result)
     log.info("monitor: %s v%s: %d steps, %d trades, %s%s", name, version, len(rows),
              int(result.stats.get("n_trades", 0)), "; ".join(result.breaches.values()) or "no breach",
              "" if result.enough else f" (sample below min_trades {m.min_trades} / min_bars {m.min_bars}: no action)")

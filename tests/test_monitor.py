@@ -201,3 +201,31 @@ def test_the_monitor_command_loops_until_sigterm(deployed, tmp_path):
     _, rest = proc.communicate(timeout=60)
     assert proc.returncode == 0, "".join(lines)[-3000:] + rest[-3000:]
     assert "stopped after" in rest and sum("monitor: nt8-agent v" in line for line in lines) >= 2
+
+
+def test_two_monitors_at_once_lose_no_pass(deployed, tmp_path):
+    """A --loop monitor beside maintenance's pass: the hysteresis is read, updated and written by
+    one at a time (a lost update would count 1 pass, or make two monitor runs)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from conftest import ROOT
+
+    cfg, paper, _, v2 = deployed
+    paper.trades([-150.0, 40.0] * 6)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [sys.executable, "-m", "pipelines.monitor", "--config", str(ROOT / "conf" / "smoke.yaml"), "--set",
+            f"continuous_learning.experience_storage={tmp_path / 'buffer'} continuous_learning.state_dir={tmp_path / 'state'}"]
+    procs = [subprocess.Popen(args, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    entry = json.loads((tmp_path / "state" / "monitor.json").read_text())[f"nt8-agent/{v2}"]
+    assert entry["passes"] == 3
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string="tags.`pipeline.step` = 'monitor'")
+    assert len(runs) == 1
