@@ -6,6 +6,7 @@ Write to a temporary name in the same folder, flush and fsync it, rename it over
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -43,3 +44,15 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """``text`` (UTF-8) at ``path``, atomically."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def read_json_state(path: str | Path, owner: str, remedy: str) -> dict:
+    """The JSON object a component keeps at ``path`` ({} before it wrote one); a file that is not
+    JSON is a ValueError naming the file, its ``owner`` and the ``remedy``."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not the {owner}'s state ({exc}); {remedy}") from None

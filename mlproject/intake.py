@@ -31,7 +31,7 @@ from typing import Any
 
 import pandas as pd
 
-from mlproject.atomic import atomic_write, atomic_write_text
+from mlproject.atomic import atomic_write, atomic_write_text, read_json_state
 from mlproject.data import DataError, infer_bar_period, load_bars, period_text
 
 log = logging.getLogger(__name__)
@@ -131,11 +131,8 @@ def run_intake(folder: str | Path, history_path: str | Path, state_dir: str | Pa
         raise ValueError(f"data.intake.folder {folder}: no such folder")
     state_dir.mkdir(parents=True, exist_ok=True)
     state_path = state_dir / STATE_FILE
-    try:
-        taken: dict[str, Any] = json.loads(state_path.read_text()) if state_path.exists() else {}
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{state_path}: not the intake's record ({exc}); move it aside to take every file "
-                         "again (merging the same bars twice changes nothing)") from None
+    taken: dict[str, Any] = read_json_state(state_path, "intake", "move it aside to take every file again "
+                                            "(merging the same bars twice changes nothing)")
     now = time.time() if now is None else now
     history = read_history(history_path)
     result = IntakeResult()

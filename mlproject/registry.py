@@ -36,7 +36,7 @@ from typing import Any
 
 from mlproject.faults import fault_point
 from mlproject.locks import LockBusy, file_lock, temp_lock_path
-from mlproject.tracking import EXPERIMENT_KIND
+from mlproject.tracking import experiment_id
 
 log = logging.getLogger(__name__)
 
@@ -205,10 +205,7 @@ def _history_run(name: str) -> str:
     run_id = client.get_registered_model(name).tags.get(HISTORY_TAG)
     if run_id:
         return run_id
-    experiment = client.get_experiment_by_name(HISTORY_EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(
-        HISTORY_EXPERIMENT, tags={EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1]})
-    run = client.create_run(experiment_id, run_name=f"{name} production history",
+    run = client.create_run(experiment_id(HISTORY_EXPERIMENT), run_name=f"{name} production history",
                             tags={"registered_model": name, "mlflow.note.content":
                                   f"Every promotion and rollback of the registered model `{name}`, one "
                                   f"`{EVENT_PREFIX}<seq>` tag (JSON) each; `python -m pipelines.status` "

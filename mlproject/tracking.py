@@ -48,6 +48,31 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 page); with it, in the model-training view that lists the runs."""
 
 
+def experiment_id(name: str) -> str:
+    """The id of the experiment ``name``, created (tagged as model development) when missing."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(
+        name, tags={EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1]})
+
+
+def log_metric_batch(run_id: str, points: list[tuple[str, float, int]]) -> None:
+    """Log ``(key, value, step)`` points on ``run_id`` (not the active run), the finite ones, at
+    most 1,000 a request (MLflow's limit)."""
+    import math
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, int(step)) for k, v, step in points if v is not None and math.isfinite(v)]
+    for start in range(0, len(metrics), 1000):
+        MlflowClient().log_batch(run_id, metrics=metrics[start:start + 1000])
+
+
 def mark_model_training(experiment_id: str) -> None:
     """Tag the experiment as model development (once: a tagged one is left alone)."""
     from mlflow import MlflowClient

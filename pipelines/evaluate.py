@@ -36,7 +36,7 @@ from mlproject.evaluation import LOWER_IS_BETTER, default_bars, evaluate_policie
 from mlproject.policy import load_policy_model
 from mlproject.preflight import warn_if_instrument_misfits
 from mlproject.registry import model_id_of
-from mlproject.tracking import log_dataset, log_headline, pipeline_run, setup_tracking
+from mlproject.tracking import log_dataset, log_headline, log_metric_batch, pipeline_run, setup_tracking
 
 log = logging.getLogger(__name__)
 
@@ -175,17 +175,10 @@ def chained_curve(report: Any, points: int = CURVE_POINTS) -> pd.DataFrame:
 
 def _log_curves(curves: pd.DataFrame) -> None:
     """Log each column as ``backtest/<column>`` with the bar as step, in batches."""
-    import time
-
     import mlflow
-    from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
-    metrics = [Metric(f"backtest/{key}", float(value), now, int(step))
-               for key in curves.columns for step, value in curves[key].items() if math.isfinite(value)]
-    run_id = mlflow.active_run().info.run_id
-    for start in range(0, len(metrics), 1000):  # MLflow takes at most 1,000 metrics a call
-        mlflow.MlflowClient().log_batch(run_id, metrics=metrics[start:start + 1000])
+    log_metric_batch(mlflow.active_run().info.run_id,
+                     [(f"backtest/{key}", value, step) for key in curves.columns for step, value in curves[key].items()])
 
 
 def _png_image(data: bytes) -> Any:

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mlproject.atomic import atomic_write_text
+from mlproject.atomic import atomic_write_text, read_json_state
 from mlproject.bridge.server import kill_file_of
 from mlproject.cli import base_parser, run_cli
 from mlproject.config import Config, parse_duration
@@ -51,7 +51,7 @@ from mlproject.locks import file_lock
 from mlproject.metrics import periods_per_year
 from mlproject.monitor import ALERT_TAG, Hysteresis, feature_psi, live_stats
 from mlproject.registry import production_version, registry_lock, rollback, version_model_id
-from mlproject.tracking import EXPERIMENT_KIND, setup_tracking
+from mlproject.tracking import experiment_id, log_metric_batch, setup_tracking
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +145,7 @@ class MonitorState:
     def __init__(self, folder: str | Path) -> None:
         self.path = Path(folder) / STATE_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{self.path}: not the monitor's state ({exc}); move it aside to start afresh") from None
+        self.data: dict[str, Any] = read_json_state(self.path, "monitor", "move it aside to start afresh")
 
     def save(self) -> None:
         atomic_write_text(self.path, json.dumps(self.data, indent=2))
@@ -161,10 +158,7 @@ def _monitor_run(cfg: Config, name: str, version: str, state: dict[str, Any]) ->
     client = MlflowClient()
     if state.get("run_id"):
         return state["run_id"]
-    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(
-        cfg.mlflow.experiment, tags={EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1]})
-    run = client.create_run(experiment_id, run_name=f"monitor {name} v{version}",
+    run = client.create_run(experiment_id(cfg.mlflow.experiment), run_name=f"monitor {name} v{version}",
                             tags={"pipeline.step": "monitor", "model_name": name, "model_version": version})
     state["run_id"] = run.info.run_id
     return run.info.run_id
@@ -172,17 +166,14 @@ def _monitor_run(cfg: Config, name: str, version: str, state: dict[str, Any]) ->
 
 def _log_pass(run_id: str, step: int, result: MonitorResult) -> None:
     from mlflow import MlflowClient
-    from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
     values = {**{f"monitor/{k}": v for k, v in result.stats.items()},
               **{f"monitor/eval_{k}": v for k, v in result.reference.items()
                  if k in ("win_rate", "sharpe", "profit_factor", "max_drawdown")},
               **{f"monitor/psi/{k}": v for k, v in result.psi.items()},
               "monitor/breaches": float(len(result.breaches)), "monitor/enough_sample": float(result.enough)}
-    metrics = [Metric(k, float(v), now, step) for k, v in values.items() if v is not None and math.isfinite(v)]
+    log_metric_batch(run_id, [(k, v, step) for k, v in values.items()])
     client = MlflowClient()
-    client.log_batch(run_id, metrics=metrics)
     client.set_terminated(run_id)  # FINISHED between passes (its end time: the latest pass); the next pass logs on
     if result.action:
         client.set_tag(run_id, "monitor.last_action", f"{result.action}: {'; '.join(result.breaches.values())}"[:5000])

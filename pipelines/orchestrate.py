@@ -58,7 +58,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mlproject.atomic import atomic_write, atomic_write_text
+from mlproject.atomic import atomic_write, atomic_write_text, read_json_state
 from mlproject.cli import base_parser, run_cli
 from mlproject.config import Config, parse_duration
 from envs.market import Market
@@ -178,13 +178,8 @@ class CycleState:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        try:
-            self.data: dict[str, Any] = json.loads((self.folder / STATE_FILE).read_text())
-        except FileNotFoundError:
-            self.data = {}
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{self.folder / STATE_FILE}: not the orchestrator's state ({exc}); move it aside "
-                             "to start the watermarks afresh") from None
+        self.data: dict[str, Any] = read_json_state(self.folder / STATE_FILE, "orchestrator",
+                                                    "move it aside to start the watermarks afresh")
 
     def seen(self, name: str) -> set[str]:
         path = self.folder / name
