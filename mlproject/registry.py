@@ -29,7 +29,7 @@ import json
 import logging
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -181,12 +181,26 @@ def history(name: str, *, include_unfinished: bool = False) -> list[dict[str, An
 
 
 def rollback_target(name: str) -> str | None:
-    """The version that was Production just before the current one (None: nothing to go back to)."""
+    """The version a rollback goes back to (None: nothing to go back to).
+
+    The history is read as a stack: a promotion pushes its version, a rollback to a version on
+    the stack pops back to it (a forced one to another version pushes it). The target is the
+    version under the top, so a second rollback goes further back instead of returning to the
+    version the first one left (two rollbacks never cancel each other). Production moved outside
+    this tooling (not the top of the stack): the target is the top, the last version it deployed.
+    """
+    stack: list[str] = []
+    for event in history(name):
+        version = event["version"]
+        if event["action"] == "rollback" and version in stack:
+            del stack[len(stack) - stack[::-1].index(version):]
+        else:
+            stack.append(version)
     current = production_version(name)
-    for event in reversed(history(name)):
-        if event["version"] == current:
-            return event.get("previous") or None
-    return None
+    if stack and stack[-1] != current:
+        return stack[-1]
+    below = [v for v in stack[:-1] if v != current]
+    return below[-1] if below else None
 
 
 def was_production(name: str, version: str | int) -> bool:
@@ -293,17 +307,25 @@ def promote(name: str, version: str | int, reason: str, metrics: dict[str, float
 
 
 def rollback(name: str, to_version: str | int | None = None, reason: str = "", force: bool = False,
-             lock_file: str | Path | None = None, metrics: dict[str, float] | None = None) -> dict[str, Any]:
-    """Back to the previous Production version (or ``to_version``, which must have been
-    Production before unless ``force`` with a reason); records why (and ``metrics``, such as the
-    drift monitor's)."""
+             lock_file: str | Path | None = None, metrics: dict[str, float] | None = None,
+             expected_current: str | int | None = None,
+             check: Callable[[str, str], None] | None = None) -> dict[str, Any]:
+    """Back to the previous Production version (:func:`rollback_target`, or ``to_version``, which
+    must have been Production before unless ``force`` with a reason); records why (and
+    ``metrics``, such as the drift monitor's). ``expected_current``: refuse unless that version is
+    still Production (two operators rolling back the same bad version roll back once).
+    ``check(name, target)`` runs under the lock before anything moves (e.g. that the target still
+    loads and predicts: ``mlproject.deploy.check_version_deployable``)."""
     with registry_lock(lock_file):
         complete_pending(name, lock_file)
         current = production_version(name)
+        if expected_current is not None and str(expected_current) != current:
+            raise ValueError(f"{name}: Production is version {current or 'none'}, not {expected_current}: "
+                             "someone else moved it meanwhile; nothing rolled back")
         target = str(to_version) if to_version is not None else rollback_target(name)
         if target is None:
             raise ValueError(f"{name}: nothing to roll back to (Production is {current or 'empty'} and has no "
-                             "previous version); name one with to_version")
+                             "earlier version in its history); name one with to_version")
         if target == current:
             raise ValueError(f"{name}: version {target} is already Production")
         if to_version is not None and not was_production(name, target):
@@ -313,6 +335,8 @@ def rollback(name: str, to_version: str | int | None = None, reason: str = "", f
             if not reason:
                 raise ValueError(f"{name}: a forced rollback to version {target} needs a reason")
             reason = f"forced: {reason}"
+        if check is not None:
+            check(name, target)
         return promote(name, target, reason or f"rollback from version {current}", metrics, action="rollback",
                        lock_file=lock_file)
 

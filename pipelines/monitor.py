@@ -43,7 +43,7 @@ from mlproject.bridge.server import kill_file_of
 from mlproject.cli import base_parser, run_cli
 from mlproject.config import Config, parse_duration
 from mlproject.data import load_source, split_bars
-from mlproject.deploy import reconcile
+from mlproject.deploy import check_version_deployable, reconcile
 from mlproject.experience import ExperienceBuffer, Query
 from mlproject.features import FEATURE_NAMES, bar_features
 from mlproject.instruments import resolve_instrument
@@ -191,7 +191,8 @@ def _act(cfg: Config, name: str, version: str, result: MonitorResult) -> None:
             if production_version(name) != version:  # another writer moved Production meanwhile
                 log.warning("monitor: %s v%s is no longer Production; no rollback", name, version)
                 return
-            rollback(name, reason=f"drift monitor: {why}", lock_file=p.lock_file, metrics=metrics)
+            rollback(name, reason=f"drift monitor: {why}", lock_file=p.lock_file, metrics=metrics,
+                     check=check_version_deployable)
             reconcile(name, p.deploy_dir, p.keep_releases, lock_file=p.lock_file)
     elif action == "pause":
         kill = kill_file_of(cfg)

@@ -2,6 +2,7 @@
 
     python -m pipelines.rollback                     # to the version that was Production before
     python -m pipelines.rollback --version 3 --reason "slippage spike after v5"
+    python -m pipelines.rollback --from-version 5    # only if v5 is still Production
     mlflow run . -e rollback -P version=3 --env-manager local
 
 A "Production" stage transition (plus the alias) recorded with its reason, then
@@ -19,29 +20,31 @@ from typing import Any
 from mlproject.cli import base_parser, run_cli
 from mlproject.config import Config
 from mlproject.deploy import check_version_deployable, reconcile
-from mlproject.registry import registry_lock, rollback, was_production
+from mlproject.registry import registry_lock, rollback
 from mlproject.tracking import pipeline_run, setup_tracking
 
 log = logging.getLogger(__name__)
 
 
-def main(cfg: Config, version: str | None = None, reason: str = "", force: bool = False) -> dict[str, Any]:
+def main(cfg: Config, version: str | None = None, reason: str = "", force: bool = False,
+         from_version: str | None = None) -> dict[str, Any]:
     """Roll back and redeploy; returns the history event, the deployed release and the latency.
 
     ``version`` must have been Production before (the history says so) unless ``force`` with a
-    ``reason``; a forced target must load and predict valid actions before the stage moves.
+    ``reason``; ``from_version``: only if that version is still Production. Every target must
+    load and predict valid actions before the stage moves.
     """
     import mlflow
 
     started = time.perf_counter()
-    if version is not None and not (version.isdigit() and int(version) > 0):
-        raise ValueError(f"--version {version!r}: expected a version number such as 3")
+    for flag, value in (("--version", version), ("--from-version", from_version)):
+        if value is not None and not (value.isdigit() and int(value) > 0):
+            raise ValueError(f"{flag} {value!r}: expected a version number such as 3")
     setup_tracking(cfg)
     p = cfg.promotion
     with pipeline_run(cfg, "rollback"), registry_lock(p.lock_file):
-        if force and version is not None and not was_production(p.model_name, version):
-            check_version_deployable(p.model_name, version)
-        event = rollback(p.model_name, version, reason, force=force, lock_file=p.lock_file)
+        event = rollback(p.model_name, version, reason, force=force, lock_file=p.lock_file,
+                         expected_current=from_version, check=check_version_deployable)
         deployed = reconcile(p.model_name, p.deploy_dir, p.keep_releases, lock_file=p.lock_file)
         latency = time.perf_counter() - started
         mlflow.set_tags({"decision": "rolled back", "to_version": event["version"], "from_version": event["previous"],
@@ -59,10 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reason", default="", help="why (recorded in the registry history)")
     parser.add_argument("--force", action="store_true", help="allow a version that was never Production "
                         "(needs --reason; it must still load and predict valid actions)")
+    parser.add_argument("--from-version", default="", help="roll back only if this version is still Production "
+                        "(two people rolling back the same bad version roll back once)")
     parser.add_argument("--force-flag", default="false", choices=("true", "false"),
                         help="the same as a value (how MLproject passes -P force=true)")
     return parser
 
 
 if __name__ == "__main__":
-    run_cli(build_parser(), lambda cfg, a: main(cfg, a.version or None, a.reason, a.force or a.force_flag == "true"))
+    run_cli(build_parser(), lambda cfg, a: main(cfg, a.version or None, a.reason, a.force or a.force_flag == "true",
+                                                     a.from_version or None))

@@ -88,18 +88,18 @@ def test_promote_rollback_sequences_keep_stage_and_alias_together(store):
     registry.rollback(NAME, reason="bad fills")
     assert stage_and_alias() == ("2", "2")
     registry.rollback(NAME)
-    assert stage_and_alias() == ("3", "3")  # rolling back twice returns to where it started
-    registry.rollback(NAME, to_version=1, reason="known good")
-    assert stage_and_alias() == ("1", "1")
+    assert stage_and_alias() == ("1", "1")  # twice: two versions back, never to the version it left
+    registry.rollback(NAME, to_version=3, reason="known good")
+    assert stage_and_alias() == ("3", "3")
     events = registry.history(NAME)
     assert [e["action"] for e in events] == ["promote"] * 3 + ["rollback"] * 3
     assert events[3]["reason"] == "bad fills" and events[-1]["reason"] == "known good"
-    tags = MlflowClient().get_model_version(NAME, "1").tags
-    assert tags["previous_production"] == "3" and tags["promotion_action"] == "rollback"
+    tags = MlflowClient().get_model_version(NAME, "3").tags
+    assert tags["previous_production"] == "1" and tags["promotion_action"] == "rollback"
     with pytest.raises(ValueError, match="already Production"):
-        registry.rollback(NAME, to_version=1)
+        registry.rollback(NAME, to_version=3)
     text = registry.status(NAME)
-    assert "Production = 1" in text and "history (oldest first)" in text and "#6" in text
+    assert "Production = 3" in text and "history (oldest first)" in text and "#6" in text
 
 
 def test_the_history_lives_on_a_history_run_and_the_model_keeps_two_compact_tags(store):

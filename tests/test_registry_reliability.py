@@ -159,7 +159,9 @@ def test_a_killed_rollback_is_completed_and_can_be_rolled_back_again(store):
     reconcile(NAME, deploy)
     assert_consistent(deploy)
     assert registry.history(NAME)[-1]["action"] == "rollback" and registry.production_version(NAME) == v1
-    registry.rollback(NAME, reason="and back")
+    with pytest.raises(ValueError, match="nothing to roll back to"):  # a rollback never undoes a rollback
+        registry.rollback(NAME, reason="and back")
+    registry.rollback(NAME, to_version=v2, reason="and back")  # naming the version does
     assert stage_and_alias() == (v2, v2)
 
 
@@ -233,6 +235,55 @@ def test_rollback_only_to_a_former_production_version_unless_forced(store):
     assert deployed_manifest(deploy)["version"] == v3
     rollback.main(cfg, v1, "former Production")  # in the history: no force needed
     assert stage_and_alias() == (v1, v1)
+
+
+def test_rollbacks_go_further_back_and_never_return_to_the_version_they_left(store):
+    """Two rollbacks used to cancel each other: the second went back to the version the first had
+    just rolled back from. The history reads as a stack now."""
+    v1, v2, v3, v4 = (register_constant(store, a) for a in (1, 2, 1, 2))
+    for v in (v1, v2, v3):
+        registry.promote(NAME, v, f"promote {v}")
+    assert registry.rollback(NAME)["version"] == v2
+    assert registry.rollback(NAME)["version"] == v1
+    with pytest.raises(ValueError, match="nothing to roll back to"):
+        registry.rollback(NAME)
+    registry.promote(NAME, v3, "again")
+    assert registry.rollback_target(NAME) == v1
+    registry.rollback(NAME, to_version=v4, reason="hotfix", force=True)  # pushed: back from it goes to v3
+    assert registry.rollback_target(NAME) == v3
+    with registry._stage_api():  # Production moved by hand in the UI: back to what the tooling deployed
+        MlflowClient().transition_model_version_stage(NAME, v2, "Production", archive_existing_versions=True)
+    assert registry.rollback_target(NAME) == v4
+
+
+def test_two_rollbacks_of_the_same_version_at_once_roll_back_once(store):
+    """Two operators (or an operator and the drift monitor) both rolling back bad v3: with
+    --from-version the second is refused instead of rolling back v2 as well."""
+    v1, v2, v3 = (register_constant(store, a) for a in (1, 2, 1))
+    for v in (v1, v2, v3):
+        registry.promote(NAME, v, f"promote {v}")
+    (store / "conf.yaml").write_text(f"promotion:\n  deploy_dir: {store / 'deploy'}\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
+    procs = [subprocess.Popen([sys.executable, "-m", "pipelines.rollback", "--config", str(store / "conf.yaml"),
+                               "--from-version", v3, "--reason", "bad fills"],
+                              cwd=store, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(rc for rc, _ in results) == [0, 2], results
+    assert any(f"Production is version {v2}, not {v3}" in err for _, err in results)
+    assert stage_and_alias() == (v2, v2)
+    assert [e["action"] for e in registry.history(NAME)] == ["promote"] * 3 + ["rollback"]
+
+
+def test_a_rollback_target_that_no_longer_loads_is_refused_before_the_stage_moves(store):
+    from pipelines import rollback
+
+    good = register_constant(store, 1)
+    junk = str(MlflowClient().create_model_version(NAME, source=str(store / "gone")).version)
+    registry.promote(NAME, junk, "once Production (its files since lost)")
+    registry.promote(NAME, good, "now")
+    with pytest.raises(ValueError, match=f"nt8-agent v{junk}: (cannot be downloaded|does not load)"):
+        rollback.main(config(store))
+    assert stage_and_alias() == (good, good) and registry.history(NAME)[-1]["version"] == good
 
 
 def test_the_first_candidate_must_beat_flat(store):
