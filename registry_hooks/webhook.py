@@ -44,6 +44,11 @@ MIN_SECRET_LEN = 16
 """Shared secrets shorter than this (the empty one included) are refused at start."""
 BACKLOG = 2048
 """Listen backlog: bursts of connections queue instead of being reset."""
+HEADER_TIMEOUT_S = 10.0
+"""A connection that has not sent a whole request head by then (after it opened, or after its
+previous response) is closed: idle and slow-header sockets do not stay open."""
+MAX_CONNECTIONS = 1000
+"""Open connections beyond this are answered 503 (uvicorn's ``limit_concurrency``)."""
 EVENTS = ("model_version_alias.created", "model_version_alias.deleted")
 MAX_SKEW_S = 300
 """Requests whose X-MLflow-Timestamp is further than this from now are rejected (replays)."""
@@ -156,15 +161,56 @@ def make_app(receiver: Receiver) -> Any:
     return Starlette(routes=[Route("/webhook", webhook, methods=["POST"])])
 
 
+def _deadline_protocol(header_timeout: float) -> type:
+    """uvicorn's h11 protocol with a request-head deadline. uvicorn times out only the idle time
+    after a response (keep-alive), so a socket that connects and sends nothing, or half a
+    request line, stayed open for good; this closes it ``header_timeout`` seconds after it opened
+    (or after its previous response), unless a whole request head has arrived."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadlineProtocol(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            if self._deadline is None:
+                self._deadline = self.loop.call_later(header_timeout, self.timeout_keep_alive_handler)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            before = self.cycle
+            super().data_received(data)
+            # No new request cycle began: still waiting for a whole head (or between requests).
+            if self.cycle is before and (before is None or before.response_complete):
+                self._arm()
+            else:
+                self._disarm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderDeadlineProtocol
+
+
 class WebhookServer:
     """uvicorn serving :func:`make_app` (``port=0``: any free port). ``serve_forever()`` blocks;
     ``start()`` runs it in a thread and returns once it listens; ``shutdown()`` stops it."""
 
-    def __init__(self, receiver: Receiver, host: str = "127.0.0.1", port: int = 8765) -> None:
+    def __init__(self, receiver: Receiver, host: str = "127.0.0.1", port: int = 8765,
+                 header_timeout: float = HEADER_TIMEOUT_S) -> None:
         import uvicorn
 
         config = uvicorn.Config(make_app(receiver), host=host, port=port, backlog=BACKLOG, log_level="warning",
-                                timeout_keep_alive=5, lifespan="off")
+                                timeout_keep_alive=5, lifespan="off", http=_deadline_protocol(header_timeout),
+                                limit_concurrency=MAX_CONNECTIONS)
         self.server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
@@ -191,9 +237,10 @@ class WebhookServer:
             self._thread.join(timeout=10)
 
 
-def make_server(receiver: Receiver, host: str = "127.0.0.1", port: int = 8765) -> WebhookServer:
+def make_server(receiver: Receiver, host: str = "127.0.0.1", port: int = 8765,
+                header_timeout: float = HEADER_TIMEOUT_S) -> WebhookServer:
     """A started-on-demand server for ``receiver`` (see :class:`WebhookServer`)."""
-    return WebhookServer(receiver, host, port)
+    return WebhookServer(receiver, host, port, header_timeout)
 
 
 def register(url: str, secret: str, name: str = "nt8-production-deploy") -> Any:

@@ -118,6 +118,36 @@ def test_stalled_bodies_time_out_and_do_not_block_others(hook):
             sock.close()
 
 
+def test_idle_and_slow_header_sockets_are_closed(mlflow_store, tmp_path):
+    """uvicorn times out only the idle time after a response: a socket that sent nothing, or half a
+    request head, stayed open (seen for 20 s and more). Each is closed after the head deadline."""
+    server = make_server(Receiver(SECRET, "nt8-agent", str(tmp_path / "deploy")), port=0, header_timeout=1.5).start()
+    port, body = server.server_port, json.dumps({"entity": "other", "action": "x", "data": {}})
+    try:
+        idle = socket.create_connection(("127.0.0.1", port), timeout=10)
+        partial = socket.create_connection(("127.0.0.1", port), timeout=10)
+        partial.sendall(b"POST /webh")
+        after = socket.create_connection(("127.0.0.1", port), timeout=10)  # one request, then half a head
+        head = signed(body)
+        after.sendall(("POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       + "".join(f"{k}: {v}\r\n" for k, v in head.items())
+                       + f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
+        assert after.recv(4096).startswith(b"HTTP/1.1 200")
+        after.sendall(b"POST /webhook HTTP/1.1\r\nHost:")
+        started = time.perf_counter()
+        for sock in (idle, partial, after):
+            try:
+                while sock.recv(4096):  # a 400/408 may come first; then the close
+                    pass
+            except ConnectionResetError:
+                pass
+            sock.close()
+        assert time.perf_counter() - started < 6  # closed by the server, not by the 10 s client timeout
+        assert post(port, body.encode(), signed(body, delivery="d-2"))[0] == 200  # still serving
+    finally:
+        server.shutdown()
+
+
 def test_500_requests_100_at_a_time_without_a_reset(hook):
     """Listen backlog 5 used to reset 59 of 100 concurrent connections."""
     body = json.dumps({"entity": "other", "action": "x", "data": {}})
