@@ -208,7 +208,13 @@ def main(cfg: Config, candidate: str, dry_run: bool = False, *, bars: Any = None
         warn_if_instrument_misfits(bars, cfg)
         log_dataset(bars, "evaluation-bars", bars.attrs.get("path") or str(bars.attrs.get("source", "")), "evaluation")
         challenger = challenger if challenger is not None and challenger.uri == uri else load_policy_model(uri)
-        verdict, note = _verdict(challenger, version, before, bars, cfg, evaluation), ""
+        try:
+            verdict, note = _verdict(challenger, version, before, bars, cfg, evaluation), ""
+        except ModelMismatch as exc:  # bad input, said as an error; the version is still marked refused
+            if version not in ("unregistered", before) and not dry_run:
+                record_verdict(p.model_name, version, "refused", f"cannot run on these bars: {exc}", run.info.run_id)
+                mlflow.set_tags({"decision": "refused", "reasons": f"cannot run on these bars: {exc}"[:5000]})
+            raise
         if verdict.passed and not dry_run:
             with registry_lock(p.lock_file):
                 now = production_version(p.model_name)

@@ -80,7 +80,10 @@ def test_promote_compares_models_with_different_windows(store):
     first = promote.main(cfg32, "1")  # window-16 candidate under a window-32 config: no schema error
     assert first.decision == "promoted"
     second = promote.main(cfg16, "2")  # window-32 candidate against the window-16 Production
-    assert second.decision in ("promoted", "refused") and "gate/psr" in second.metrics
+    # Seeded, so pinned: compared on the same windows, the window-32 model is not shown better.
+    assert second.decision == "refused" and len(second.reasons) == 1
+    assert second.reasons[0].startswith("PSR vs Production's Sharpe 0.29")
+    assert "gate/psr" in second.metrics
     run = mlflow.get_run(second.run_id)
     assert run.data.params["eval.first_bar"] == "32" and float(run.data.params["periods_per_year"]) > 0
 
@@ -93,6 +96,21 @@ def test_a_model_on_another_instrument_is_named_with_the_setting(store):
         None, ["env.instrument=ES"]).env.instrument})})
     with pytest.raises(ModelMismatch, match=r"nt8-agent v1 trades MES .* configured as ES .* by env\.instrument"):
         evaluate_policies([load_policy_model("models:/nt8-agent/1")], default_bars(es), es)
+
+
+def test_a_candidate_that_cannot_run_here_is_an_error_and_marked_refused(store):
+    """The error names the version and the setting; the version is tagged refused (cleanup takes
+    it first) instead of staying an ordinary registered version."""
+    from pipelines import promote
+
+    _, cfg16, _, _ = store
+    es = cfg16.model_copy(update={"env": cfg16.env.model_copy(update={"instrument": load_config(
+        None, ["env.instrument=ES"]).env.instrument})})
+    with pytest.raises(ModelMismatch, match=r"nt8-agent v2 trades MES"):
+        promote.main(es, "2")
+    tags = mlflow.MlflowClient().get_model_version("nt8-agent", "2").tags
+    assert tags["gate.decision"] == "refused" and "cannot run on these bars" in tags["gate.reasons"]
+    assert mlflow.get_run(tags["gate.run_id"]).data.tags["decision"] == "refused"
 
 
 def test_a_model_on_another_bar_period_is_named_with_the_setting(store):
