@@ -27,11 +27,13 @@ import numpy as np
 import pandas as pd
 
 from mlproject.features import FEATURE_NAMES
+from mlproject.reasoner.chat import parse_reply
 
 log = logging.getLogger(__name__)
 
 ANNOTATOR = "rules"
-ANNOTATOR_VERSION = "1"
+ANNOTATOR_VERSION = "2"
+"""2: quality scaled by the account at entry (1: by the median trade of the pass)."""
 
 TRADE_COLUMNS = ("experience_id", "time", "trade_id", "observation", "action", "position", "equity",
                  "realised_pnl", "symbol", "model_version")
@@ -89,8 +91,11 @@ def entry_context(observation: np.ndarray) -> dict[str, float | str]:
     return {"ret_z": float(ret_z), "range_z": float(range_z), "trend": trend, "regime": regime, "direction": direction}
 
 
-def reflect(trade: Trade, scale: float, high_value: float, failed: float) -> dict[str, object]:
-    """The annotation of one trade (``scale``: a typical trade's absolute PnL, > 0)."""
+def reflect(trade: Trade, quality_scale: float, high_value: float, failed: float) -> dict[str, object]:
+    """The annotation of one trade. Quality 0.5 + 0.5 tanh(PnL / (2 x scale)), the scale being
+    ``quality_scale`` of the account's equity at entry: a property of the trade alone, so the
+    same trade scores the same whichever trades are annotated with it."""
+    scale = quality_scale * abs(float(trade.rows["equity"].iloc[0])) or 1.0
     ctx = entry_context(trade.rows["observation"].iloc[0])
     side = "long" if trade.side > 0 else "short"
     with_trend = (trade.side > 0 and ctx["direction"] == "up") or (trade.side < 0 and ctx["direction"] == "down")
@@ -114,7 +119,7 @@ def reflect(trade: Trade, scale: float, high_value: float, failed: float) -> dic
 
 
 def annotate_trades(rows: pd.DataFrame, high_value: float = 0.7, failed: float = 0.3,
-                    llm: LLMAnnotator | None = None) -> pd.DataFrame:
+                    llm: LLMAnnotator | None = None, quality_scale: float = 0.001) -> pd.DataFrame:
     """Annotations (one row per experience of every closed trade in ``rows``), ready for
     ``ExperienceBuffer.annotate``; an empty frame when no trade closed. With ``llm``, each trade
     is reflected on by the model, and by the rules when the model fails."""
@@ -122,10 +127,9 @@ def annotate_trades(rows: pd.DataFrame, high_value: float = 0.7, failed: float =
     if not trades:
         return pd.DataFrame(columns=["experience_id", "reflection", "lesson", "quality", "tags", "annotator",
                                      "annotator_version"])
-    scale = float(np.median([abs(t.pnl) for t in trades])) or 1.0
     out = []
     for trade in trades:
-        note = reflect(trade, scale, high_value, failed)
+        note = reflect(trade, quality_scale, high_value, failed)
         if llm is not None:
             note = llm.reflect(trade, note, high_value, failed)
         out += [{"experience_id": eid, **note} for eid in trade.experience_ids]
@@ -138,7 +142,6 @@ Think it through, then answer with exactly two lines:
 LESSON: <one sentence the agent should learn>
 QUALITY: <a number from 0 (a bad decision) to 1 (an excellent one)>"""
 
-_THINK = re.compile(r"<think>(.*?)</think>", re.S)
 
 
 class LLMAnnotator:
@@ -181,14 +184,16 @@ class LLMAnnotator:
             except (OSError, urllib.error.URLError, TimeoutError, ValueError, KeyError, IndexError, TypeError) as exc:
                 problem = f"{type(exc).__name__}: {exc}"[:200]
                 log.warning("LLM annotator, trade %s, attempt %d: %s", trade.trade_id, attempt + 1, problem)
-                time.sleep(min(0.5 * 2 ** attempt, 5.0))
+                if attempt < self.retries:
+                    time.sleep(min(0.5 * 2 ** attempt, 5.0))
         self.failures += 1
         return {**rules_note, "annotator": f"{ANNOTATOR} (fallback: {problem})"}
 
     def _parse(self, answer: str, facts: str, high_value: float, failed: float) -> dict[str, Any]:
-        think = _THINK.search(answer)
-        reasoning = think.group(1).strip() if think else ""
-        rest = _THINK.sub("", answer)
+        # parse_reply: R1's chat template opens the think block in the prompt, so many answers
+        # carry only its closing tag; the LESSON/QUALITY lines are read from the answer alone.
+        reply = parse_reply(answer)
+        reasoning, rest = reply.reasoning, reply.answer
         lesson = re.search(r"LESSON:\s*(.+)", rest)
         quality = re.search(r"QUALITY:\s*([0-9]*\.?[0-9]+)", rest)
         if not lesson or not quality:

@@ -55,7 +55,8 @@ def main(cfg: Config) -> AnnotateResult:
     with pipeline_run(cfg, "annotate") as run:
         rows = buffer.query(Query(annotated=False), TRADE_COLUMNS)
         llm = annotator(cfg)
-        notes = annotate_trades(rows, cl.high_value_min_quality, cl.failed_max_quality, llm)
+        notes = annotate_trades(rows, cl.high_value_min_quality, cl.failed_max_quality, llm,
+                                cfg.annotation.quality_scale)
         buffer.annotate(notes)
         per_trade = notes.drop_duplicates("reflection") if len(notes) else notes
         counts = {"trades": len(per_trade), "experiences": len(notes),

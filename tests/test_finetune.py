@@ -28,7 +28,7 @@ def trades_buffer(root, n_trades: int, duplicate: int = 0) -> ExperienceBuffer:
     start = pd.Timestamp("2024-01-02 14:30", tz="UTC")
     for k in list(range(n_trades)) + list(range(duplicate)):
         side = 1 if k % 2 == 0 else -1
-        pnl = 12.5 if k % 3 else -7.5
+        pnl = 125.0 if k % 3 else -75.0  # 0.125% and 0.075% of the account
         obs = np.random.default_rng(k).standard_normal(OBS).astype(np.float32)  # a duplicate: the same market
         for j, position in enumerate((side, side, 0)):
             rows.append({"experience_id": f"t{k}-{len(rows)}", "time": start + pd.Timedelta(minutes=10 * k + j),

@@ -38,14 +38,25 @@ def test_rule_based_reflections_on_hand_made_trades():
     notes = annotate_trades(rows(), high_value=0.7, failed=0.3).set_index("experience_id")
     assert list(notes.index) == [f"e{i}" for i in range(6)]  # every row of the two closed trades
     win, loss = notes.loc["e0"], notes.loc["e3"]
-    # scale = median |PnL| = 135: quality 0.5 + 0.5 tanh(PnL / 270)
-    assert win["quality"] == pytest.approx(0.7087, abs=1e-4) and list(win["tags"]) == ["high_value"]
-    assert loss["quality"] == pytest.approx(0.2477, abs=1e-4) and list(loss["tags"]) == ["failed"]
+    # scale = 0.001 x the equity at entry (100,000 and 100,120): quality 0.5 + 0.5 tanh(PnL / (2 x scale))
+    assert win["quality"] == pytest.approx(0.76856, abs=1e-4) and list(win["tags"]) == ["high_value"]
+    assert loss["quality"] == pytest.approx(0.18269, abs=1e-4) and list(loss["tags"]) == ["failed"]
     assert win["lesson"].startswith("with the trend in low volatility paid")
     assert loss["lesson"].startswith("gave back an open profit larger than the loss")
     assert "long 1 MES" in win["reflection"] and "won +120.00" in win["reflection"]
     assert "short 1 MES" in loss["reflection"] and "best open +180.00" in loss["reflection"]
     assert set(notes["annotator"]) == {"rules"} and annotate_trades(rows().iloc[6:]).empty
+
+
+def test_a_trades_quality_does_not_depend_on_the_trades_annotated_with_it():
+    """Quality used to be scaled by the median trade of the pass: a lone winner always scored
+    0.731 (high_value) and a lone loser 0.269 (failed), a $1.20 win the same as a $120 one."""
+    both = annotate_trades(rows()).set_index("experience_id")
+    alone = annotate_trades(rows().iloc[:3]).set_index("experience_id")
+    assert alone.loc["e0", "quality"] == both.loc["e0", "quality"]
+    tiny = rows().iloc[:3].assign(equity=[100_000.0, 100_000.5, 100_001.2], realised_pnl=[0.0, 0.0, 1.2])
+    note = annotate_trades(tiny).set_index("experience_id").loc["e0"]
+    assert 0.5 < note["quality"] < 0.51 and list(note["tags"]) == []
 
 
 def test_annotate_pipeline_annotates_once(tmp_path, mlflow_store):
@@ -89,6 +100,9 @@ class FakeOpenAI:
                     time.sleep(1.5)
                 content = ("<think>The entry followed an up-trend; the exit was late.</think>\n"
                            "LESSON: trail the stop once the trade is a point ahead.\nQUALITY: 0.82")
+                if outer.mode == "opened":  # R1: the chat template opened the think block
+                    content = ("The entry followed an up-trend.\nLESSON: maybe hold longer. QUALITY: 0.1 hmm\n"
+                               "</think>\n\nLESSON: trail the stop once the trade is a point ahead.\nQUALITY: 0.82")
                 data = (b"not json" if outer.mode == "junk" else
                         json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode())
                 try:
@@ -110,10 +124,13 @@ class FakeOpenAI:
         self.server.shutdown()
 
 
-def test_llm_annotator_parses_the_think_block_and_the_answer():
+@pytest.mark.parametrize("mode", ["ok", "opened"])
+def test_llm_annotator_parses_the_think_block_and_the_answer(mode):
+    """With both tags, and with only the closing one (the reasoning's own LESSON/QUALITY words are
+    not the answer)."""
     from mlproject.reflection import LLMAnnotator
 
-    server = FakeOpenAI("ok")
+    server = FakeOpenAI(mode)
     try:
         llm = LLMAnnotator(server.url, "deepseek-r1:8b", timeout_s=5, retries=0)
         notes = annotate_trades(rows(), llm=llm).set_index("experience_id")

@@ -411,6 +411,9 @@ class AnnotationConfig(_Strict):
     """Further attempts after a failed request, before the rule-based fallback."""
     api_key_env: str = "OPENAI_API_KEY"
     """Environment variable holding the endpoint's key, if it needs one (never in config)."""
+    quality_scale: float = Field(default=0.001, gt=0)
+    """Rule-based quality: 0.5 + 0.5 tanh(PnL / (2 x quality_scale x equity at entry)); 0.001 makes
+    a trade that made 0.1% of the account score 0.73 (high_value at the default 0.7)."""
 
     @model_validator(mode="after")
     def _llm_needs_an_endpoint(self) -> AnnotationConfig:
