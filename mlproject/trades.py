@@ -64,6 +64,37 @@ def fills_from_positions(positions: np.ndarray, start: int, market: Any) -> list
     return list(zip((start + changed).tolist(), positions[changed].tolist(), prices.tolist()))
 
 
+def trade_columns(positions: np.ndarray, start: int, market: Any) -> dict[str, np.ndarray]:
+    """The closed trades of a per-bar position series that starts flat at bar ``start``, as
+    TRADE_COLUMNS arrays (times as bar indices): ``trades_from_fills(fills_from_positions(...))``
+    bit for bit, without the per-fill Python loop when no trade changes size on the way (entries,
+    exits and flips only: always so with max_contracts 1). Then the k-th exit closes the k-th
+    entry and every column is one array operation, in the loop's order of operations; a series
+    with adds or partial exits goes through the loop."""
+    spec = market.spec
+    positions = np.asarray(positions, dtype=np.int64)
+    steps = np.diff(positions)
+    changed = np.flatnonzero(steps) + 1
+    p, q = positions[changed - 1], positions[changed]
+    if ((p != 0) & (q != 0) & (np.sign(p) == np.sign(q))).any():  # a size change inside a trade
+        rows = trades_from_fills(fills_from_positions(positions, start, market), spec.point_value,
+                                 spec.commission_per_side, spec.slippage_cost)
+        return {name: np.array([row[k] for row in rows]) for k, name in enumerate(TRADE_COLUMNS)}
+    bars = start + changed
+    opens = market.open_[bars]
+    prices = np.where(steps[changed - 1] > 0, opens + spec.slippage_price, opens - spec.slippage_price)
+    exits = np.flatnonzero(p != 0)
+    entries = np.flatnonzero(q != 0)[: len(exits)]  # entries after the last exit are still open
+    avg, side, size = prices[entries], np.sign(q[entries]), np.abs(q[entries])
+    price, qty = prices[exits], np.abs(p[exits])
+    gross = 0.0 + (price - avg) * side * qty * spec.point_value
+    costs = size + qty
+    return {"entry_time": bars[entries], "exit_time": bars[exits], "side": side, "size": size, "entry_price": avg,
+            "exit_price": (0.0 + price * qty) / qty, "pnl": gross - costs * spec.commission_per_side,
+            "commission": costs * spec.commission_per_side, "slippage": costs * spec.slippage_cost,
+            "bars_held": bars[exits] - bars[entries]}
+
+
 class PositionBook:
     """The account of one instrument fed by fills (the bridge's book of a live or paper session).
 

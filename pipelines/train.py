@@ -45,6 +45,7 @@ from mlproject.policy import (
     greedy_actions,
     load_module,
     module_policy,
+    module_weights,
     resolve_init_from,
 )
 from mlproject.preflight import check_splits, warn_if_instrument_misfits
@@ -138,6 +139,12 @@ def algorithm_config(cfg: Config, env_config: dict[str, Any], seed: int) -> Any:
                   num_epochs=t.num_epochs, lr=t.lr, gamma=t.gamma, lambda_=t.gae_lambda,
                   entropy_coeff=t.entropy_coeff, clip_param=t.clip_param, vf_clip_param=t.vf_clip_param)
         .rl_module(model_config=DefaultModelConfig(fcnet_hiddens=list(t.hiddens), fcnet_activation=t.activation))
+        # torch_skip_nan_gradients: RLlib otherwise checks every gradient and every parameter
+        # for NaN/inf with two isfinite passes per minibatch (~8-10% of a CPU iteration here,
+        # benchmarks/train_throughput.py); the weights are bit-identical without them
+        # (tests/test_train.py). A non-finite update is caught once per iteration instead
+        # (check_finite in train_loop), which names the iteration rather than zeroing it silently.
+        .framework(torch_skip_nan_gradients=True)
         # log_sys_usage: RLlib's system-usage monitor is not used (MLflow records the run) and,
         # without the optional gputil package, only logs "Install gputil for GPU system monitoring".
         .debugging(seed=seed, log_sys_usage=False)
@@ -157,8 +164,27 @@ def iteration_metrics(result: dict[str, Any]) -> dict[str, float]:
         "train/kl": learner.get("mean_kl_loss"),
         "train/env_steps": result.get("num_env_steps_sampled_lifetime"),
         "train/steps_per_s": runners.get("num_env_steps_sampled", 0) / seconds,
+        "train/sgd_steps": sgd_steps(result),
     }
     return {k: float(v) for k, v in picks.items() if v is not None and math.isfinite(float(v))}
+
+
+def sgd_steps(result: dict[str, Any]) -> float | None:
+    """Minibatch updates of one RLlib iteration: rows trained over all epochs / minibatch size.
+    More than ``num_epochs * train_batch_size / minibatch_size`` because RLlib's learner connector
+    adds one masked row per episode chunk (64 envs: 2,112 rows for a 2,048-step batch)."""
+    learner = result.get("learners", {}).get("default_policy", {})
+    rows, size = learner.get("num_module_steps_trained"), learner.get("module_train_batch_size_mean")
+    return float(rows) / float(size) if rows is not None and size else None
+
+
+def check_finite(algo: Any, iteration: int) -> None:
+    """Raise if the policy's weights stopped being finite (a NaN/inf gradient reached them)."""
+    bad = [name for name, w in module_weights(algo.get_module()).items() if not np.isfinite(w).all()]
+    if bad:
+        raise FloatingPointError(
+            f"training diverged at iteration {iteration}: non-finite weights in {', '.join(bad[:3])}; "
+            "lower train.lr or look for extreme values in the bars")
 
 
 EPISODE_KEYS = ("train/episode_return_mean", "train/episode_len_mean")
@@ -266,6 +292,7 @@ def train_loop(algo: Any, cfg: Config, iterations: int, val_bars: pd.DataFrame, 
     episodes: dict[str, float] = {}
     for it in range(1, iterations + 1):
         metrics = iteration_metrics(algo.train())
+        check_finite(algo, it)
         # RLlib reports the episode means (a window over recent episodes) only on iterations in
         # which an episode ended; the window's value still holds in between, so the curve carries
         # it forward instead of showing dots (and nan in the log).

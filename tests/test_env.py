@@ -238,7 +238,7 @@ def test_registered_with_gymnasium_and_rllib(small_bars):
 
 def test_vector_env_per_env_starts(small_bars):
     """Batched windows: sub-env i starts at start[i] and matches a single env started there."""
-    from mlproject.evaluation import fills_from_positions
+    from mlproject.trades import fills_from_positions
 
     config = {"bars": small_bars, "window": 8, "episode_bars": 150,
               "instrument": {"preset": "ES", "max_contracts": 2}}

@@ -45,6 +45,67 @@ def test_batched_windows_equal_single_env_episodes(small_bars):
         assert window.metrics["total_return"] == pytest.approx(single.metrics["total_return"], abs=1e-12)
 
 
+def test_the_fast_backtest_path_gives_the_same_actions_trades_and_metrics(small_bars):
+    """The backtest's speed-ups change no result: the policy through its plain torch layers acts
+    as RLlib's forward_inference does, and the vectorised trades and metrics equal the fill-by-fill
+    replay of the same positions (max_contracts 2: adds and partial exits take the loop)."""
+    from envs.market import Market
+    from mlproject.backtest import episode_metrics
+    from mlproject.metrics import periods_per_year
+    from mlproject.policy import fresh_module, greedy_actions, module_policy, plain_net
+    from mlproject.trades import TRADE_COLUMNS, fills_from_positions, trades_from_fills
+
+    for contracts in (1, 2):
+        env = {"window": 8, "instrument": {"preset": "ES", "max_contracts": contracts}}
+        module = fresh_module(8 * 5 + 2, 2 * contracts + 1, seed=contracts)
+        assert plain_net(module) is not None  # the fast path is the one tested
+        fast = backtest(module_policy(module), small_bars, env, n_windows=4)
+        slow = backtest(lambda obs: greedy_actions(module, obs), small_bars, env, n_windows=4)
+        market = Market.from_config({**env, "bars": small_bars})
+        starts, _ = window_starts(len(small_bars), 20, 4)
+        trades = 0
+        for a, b, start in zip(fast.windows, slow.windows, starts):
+            pd.testing.assert_series_equal(a.positions, b.positions)
+            pd.testing.assert_frame_equal(a.trades, b.trades, check_exact=True)
+            positions = a.positions.to_numpy()
+            loop = pd.DataFrame(trades_from_fills(fills_from_positions(positions, start, market),
+                                                  market.spec.point_value, market.spec.commission_per_side,
+                                                  market.spec.slippage_cost), columns=list(TRADE_COLUMNS))
+            np.testing.assert_array_equal(a.trades["pnl"].to_numpy(), loop["pnl"].to_numpy(np.float64))
+            np.testing.assert_array_equal(a.trades["exit_price"].to_numpy(), loop["exit_price"].to_numpy(np.float64))
+            assert (a.trades["entry_time"] == small_bars.index[loop["entry_time"].to_numpy(np.int64)]).all()
+            assert (a.trades["size"].to_numpy() == loop["size"].to_numpy()).all()
+            reference = episode_metrics(a.equity.to_numpy(), positions, loop, periods_per_year(small_bars.index),
+                                        market.spec)
+            for key, value in reference.items():
+                assert value == a.metrics[key] or (math.isnan(value) and math.isnan(a.metrics[key])), key
+            trades += len(loop)
+        assert trades > 20
+
+
+def test_vectorised_trades_equal_the_fill_loop_bit_for_bit(small_bars):
+    from envs.market import Market
+    from mlproject.trades import TRADE_COLUMNS, fills_from_positions, trade_columns, trades_from_fills
+
+    rng = np.random.default_rng(0)
+    for contracts in (1, 2):
+        market = Market.from_config({"bars": small_bars, "window": 8,
+                                     "instrument": {"preset": "ES", "max_contracts": contracts}})
+        spec = market.spec
+        for _ in range(100):
+            n = int(rng.integers(2, 300))
+            positions = rng.integers(-contracts, contracts + 1, n) * (rng.random(n) < 0.7)
+            positions[0] = 0
+            start = int(rng.integers(20, 2500))
+            loop = trades_from_fills(fills_from_positions(positions, start, market), spec.point_value,
+                                     spec.commission_per_side, spec.slippage_cost)
+            fast = trade_columns(positions, start, market)
+            for k, name in enumerate(TRADE_COLUMNS):
+                expected = np.array([row[k] for row in loop])
+                assert np.array_equal(fast[name], expected) and fast[name].dtype.kind == expected.dtype.kind or \
+                    not loop, name
+
+
 def test_flat_and_buy_hold_baselines(small_bars):
     env = {"window": 8}
     base = baselines(small_bars, env, n_windows=4)
