@@ -137,7 +137,8 @@ def algorithm_config(cfg: Config, env_config: dict[str, Any], seed: int) -> Any:
         .learners(num_learners=0, num_gpus_per_learner=gpus_per_learner(cfg))
         .training(train_batch_size_per_learner=t.train_batch_size, minibatch_size=t.minibatch_size,
                   num_epochs=t.num_epochs, lr=t.lr, gamma=t.gamma, lambda_=t.gae_lambda,
-                  entropy_coeff=t.entropy_coeff, clip_param=t.clip_param, vf_clip_param=t.vf_clip_param)
+                  entropy_coeff=t.entropy_coeff, clip_param=t.clip_param, vf_clip_param=t.vf_clip_param,
+                  use_kl_loss=t.use_kl_loss)
         .rl_module(model_config=DefaultModelConfig(fcnet_hiddens=list(t.hiddens), fcnet_activation=t.activation))
         # torch_skip_nan_gradients: RLlib otherwise checks every gradient and every parameter
         # for NaN/inf with two isfinite passes per minibatch (~8-10% of a CPU iteration here,

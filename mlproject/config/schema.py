@@ -244,6 +244,9 @@ class TrainConfig(_Strict):
     """PPO ratio clip."""
     vf_clip_param: float = Field(default=10.0, gt=0)
     """Clip of the value-function loss (in scaled-reward units)."""
+    use_kl_loss: bool = True
+    """RLlib PPO's adaptive KL penalty on top of the clipped objective (RLlib's default); false
+    leaves the clipped objective alone, as Stable-Baselines3's PPO has it."""
     reward_scale: float = Field(default=0.01, gt=0)
     """Extra reward multiplier while training only (PPO's value function learns best on rewards
     of order 1; a 1-lot ES bar moves tens of dollars). Backtests report money."""
