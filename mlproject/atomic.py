@@ -12,7 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: str | Path) -> None:
+    """Make the names in ``folder`` (a rename, a new file or subfolder) durable."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -35,7 +36,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         with tmp.open("rb+") as fh:
             _sync_data(fh.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -17,15 +17,18 @@ metadata); :data:`COLUMNS` documents each one.
 Annotations (reflection, lesson, quality, tags, annotator) arrive after the trade closes; they are
 appended too, as files under ``<root>/_annotations/`` keyed by experience id (the newest wins), and
 overlaid on the rows at read time. :meth:`ExperienceBuffer.compact` folds them into the rows,
-keeps the newest ``experience_buffer_size`` experiences and merges small files. A file that is
+keeps the newest ``experience_buffer_size`` experiences and merges small files, switching readers
+from the old files to the new ones with one atomic record under ``<root>/_compaction/``. A file that is
 not a buffer file is named by :meth:`ExperienceBuffer.check` and moved aside by
 :meth:`ExperienceBuffer.quarantine` (``python -m pipelines.buffer check`` / ``quarantine FILE``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,7 +43,8 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from mlproject.atomic import atomic_write
+from mlproject.atomic import atomic_write, fsync_dir
+from mlproject.faults import fault_point
 from mlproject.locks import file_lock, temp_lock_path
 from mlproject.quiet import quiet_dataset_source
 
@@ -107,6 +111,13 @@ COMPACT_LOCK_TIMEOUT_S = 3600.0
 
 ANNOTATIONS_DIR = "_annotations"
 QUARANTINE_DIR = "_quarantine"
+COMPACTION_DIR = "_compaction"
+"""Records of compactions under way (JSON): the files a compaction replaces and its new files
+(written under hidden names first). Readers apply them, so a compaction switches the buffer
+from the old files to the new ones with one atomic write; the next compaction finishes one a
+crash interrupted."""
+STALE_TEMPORARY_S = 3600.0
+"""Hidden temporary files older than this (left by a killed writer) are removed by compaction."""
 
 REQUIRED = ("time", "symbol", "model_name", "model_version", "observation", "action", "reward", "source")
 """Columns every added experience must give; the others default to null (or empty tags)."""
@@ -259,13 +270,19 @@ class ExperienceBuffer:
         self._pending, self._pending_rows = [], 0
         return written
 
-    def _write_file(self, table: pa.Table, day: str | None) -> str:
+    def _write_file(self, table: pa.Table, day: str | None, prefix: str = "") -> str:
+        """Write ``table`` durably as a new file of ``day`` (None: an annotation file); returns its
+        path. ``prefix`` ``.``: a hidden name readers skip (a compaction's new files)."""
         folder = f"{self.path}/date={day}" if day is not None else f"{self.path}/{ANNOTATIONS_DIR}"
+        local = isinstance(self.fs, pafs.LocalFileSystem)
+        new_folder = local and not os.path.isdir(folder)
         self.fs.create_dir(folder, recursive=True)
+        if new_folder:  # the new day folder's name must survive a power cut too
+            fsync_dir(self.path)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-        name = f"part-{stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
+        name = f"{prefix}part-{stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
         tmp, final = f"{folder}/.tmp-{name}", f"{folder}/{name}"
-        if isinstance(self.fs, pafs.LocalFileSystem):
+        if local:
             atomic_write(final, lambda p: pq.write_table(table, p, **WRITE_OPTIONS))
         else:  # object stores: readers skip the hidden temporary name until the move
             with self.fs.open_output_stream(tmp) as out:
@@ -273,14 +290,93 @@ class ExperienceBuffer:
             self.fs.move(tmp, final)
         return final
 
+    def _write_record(self, record: dict[str, Any]) -> str:
+        """One compaction record, atomically (see :data:`COMPACTION_DIR`); returns its path."""
+        folder = f"{self.path}/{COMPACTION_DIR}"
+        self.fs.create_dir(folder, recursive=True)
+        path = f"{folder}/{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:8]}.json"
+        data = json.dumps(record).encode()
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            atomic_write(path, lambda p: Path(p).write_bytes(data))
+        else:
+            with self.fs.open_output_stream(f"{folder}/.tmp-{path.rsplit('/', 1)[-1]}") as out:
+                out.write(data)
+            self.fs.move(f"{folder}/.tmp-{path.rsplit('/', 1)[-1]}", path)
+        return path
+
+    def _records(self) -> list[tuple[str, dict[str, Any]]]:
+        """(path, record) of every compaction under way, oldest first."""
+        selector = pafs.FileSelector(f"{self.path}/{COMPACTION_DIR}", allow_not_found=True)
+        out = []
+        for info in sorted(self.fs.get_file_info(selector), key=lambda i: i.path):
+            if info.type == pafs.FileType.File and info.path.endswith(".json") and \
+                    not info.path.rsplit("/", 1)[-1].startswith("."):
+                with self.fs.open_input_stream(info.path) as fh:
+                    out.append((info.path, json.loads(fh.read())))
+        return out
+
+    def _live(self) -> list[str]:
+        """The files readers read: the visible ones, with every compaction record applied (the
+        files it replaces left out, its new files in, under their hidden name until renamed)."""
+        files = self.files()
+        records = self._records()
+        if not records:
+            return files
+        visible = set(files)
+        removed = {f"{self.path}/{rel}" for _, record in records for rel in record["remove"]}
+        live = [p for p in files if p not in removed]
+        for _, record in records:
+            for hidden, final in record["add"]:
+                if f"{self.path}/{final}" not in visible:
+                    live.append(f"{self.path}/{hidden}")
+        return sorted(live)
+
+    def _finish(self, path: str, record: dict[str, Any]) -> None:
+        """Carry out a compaction record: new files to their visible names, replaced files
+        deleted (annotations last), then the record. Every step can be repeated after a crash."""
+        for hidden, final in record["add"]:
+            if self.fs.get_file_info(f"{self.path}/{hidden}").type == pafs.FileType.File:
+                self.fs.move(f"{self.path}/{hidden}", f"{self.path}/{final}")
+        fault_point("compact:renamed")
+        for rel in sorted(record["remove"], key=lambda r: r.startswith(f"{ANNOTATIONS_DIR}/")):
+            if self.fs.get_file_info(f"{self.path}/{rel}").type == pafs.FileType.File:
+                self.fs.delete_file(f"{self.path}/{rel}")
+        fault_point("compact:deleted")
+        self.fs.delete_file(path)
+
+    def _sweep_temporaries(self) -> list[str]:
+        """Remove hidden files no compaction record names: a killed compaction's new files (any
+        age: this runs under the compaction lock) and temporary files older than
+        :data:`STALE_TEMPORARY_S` (a killed writer's); returns them."""
+        named = {f"{self.path}/{hidden}" for _, record in self._records() for hidden, _ in record["add"]}
+        cutoff = time.time() - STALE_TEMPORARY_S
+        gone = []
+        for info in self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True, allow_not_found=True)):
+            name = info.path.rsplit("/", 1)[-1]
+            old = info.mtime is not None and info.mtime.timestamp() < cutoff
+            if (info.type == pafs.FileType.File and name.startswith(".") and info.path not in named
+                    and (name.startswith(".compact-") or old)):
+                self.fs.delete_file(info.path)
+                gone.append(info.path)
+        return gone
+
     # -- reading -------------------------------------------------------------------------------
 
     def _dataset(self) -> pads.Dataset:
+        rows = [p for p in self._live() if not p[len(self.path) + 1:].startswith(f"{ANNOTATIONS_DIR}/")]
         try:
-            return pads.dataset(self.path, filesystem=self.fs, format="parquet", partitioning=PARTITIONING,
+            return pads.dataset(rows, filesystem=self.fs, format="parquet", partitioning=PARTITIONING,
+                                partition_base_dir=self.path,
                                 schema=EXPERIENCE_SCHEMA.append(pa.field("date", pa.string())))
         except (pa.ArrowInvalid, OSError) as exc:
             raise ExperienceError(f"{self.root}: cannot be read as an experience buffer: {exc}") from None
+
+    def _unreadable(self, detail: str) -> ExperienceError:
+        """The error for a buffer with a file that is not a buffer file, naming the file(s)."""
+        found = self.check()
+        named = "; ".join(f"{path}: {problem}" for path, problem in found[:3]) or detail
+        return ExperienceError(f"{self.root}: {named}; move a file aside with `python -m pipelines.buffer "
+                               "quarantine FILE` (`... check` lists them all)")
 
     def query(self, query: Query | None = None, columns: Iterable[str] | None = None) -> pd.DataFrame:
         """Experiences matching ``query`` (all, without one), oldest first, with their newest
@@ -296,8 +392,9 @@ class ExperienceBuffer:
         try:
             table = self._dataset().to_table(columns=sorted(needed), filter=_filter(q))
         except (pa.ArrowInvalid, OSError) as exc:
-            raise ExperienceError(f"{self.root}: a file cannot be read ({exc}); find it with `python -m "
-                                  "pipelines.buffer check`, move it aside with `... quarantine FILE`") from None
+            raise self._unreadable(f"a file cannot be read ({exc})") from None
+        if table["experience_id"].null_count or table["time"].null_count:  # rows of a foreign file
+            raise self._unreadable("rows without an experience id or time")
         frame = table.to_pandas()
         # A compaction killed between writing its files and deleting the old ones leaves rows twice.
         frame = frame.drop_duplicates("experience_id", keep="last")
@@ -353,10 +450,13 @@ class ExperienceBuffer:
 
     def annotations(self) -> pd.DataFrame:
         """The newest annotation of every annotated experience (empty frame: none)."""
-        folder = f"{self.path}/{ANNOTATIONS_DIR}"
-        if self.fs.get_file_info(folder).type == pafs.FileType.NotFound:
+        files = [p for p in self._live() if p[len(self.path) + 1:].startswith(f"{ANNOTATIONS_DIR}/")]
+        if not files:
             return pd.DataFrame(columns=ANNOTATION_SCHEMA.names)
-        table = pads.dataset(folder, filesystem=self.fs, format="parquet", schema=ANNOTATION_SCHEMA).to_table()
+        try:
+            table = pads.dataset(files, filesystem=self.fs, format="parquet", schema=ANNOTATION_SCHEMA).to_table()
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise self._unreadable(f"an annotation file cannot be read ({exc})") from None
         frame = table.to_pandas().sort_values("annotated_at", kind="stable")
         return frame.drop_duplicates("experience_id", keep="last").reset_index(drop=True)
 
@@ -374,7 +474,14 @@ class ExperienceBuffer:
         return frame[keep.to_numpy()].reset_index(drop=True)[_cols(columns)]
 
     def __len__(self) -> int:
-        return self._dataset().count_rows()
+        try:
+            dataset = self._dataset()
+            total = dataset.count_rows()
+            if total != dataset.count_rows(filter=pads.field("experience_id").is_valid()):
+                raise self._unreadable("rows without an experience id")  # a foreign file's
+            return total
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise self._unreadable(f"a file cannot be read ({exc})") from None
 
     def sample(self, n: int, seed: int = 0, query: Query | None = None,
                columns: Iterable[str] | None = None) -> pd.DataFrame:
@@ -432,7 +539,8 @@ class ExperienceBuffer:
         for info in self.fs.get_file_info(selector):
             rel = info.path[len(self.path) + 1:]
             name = rel.rsplit("/", 1)[-1]
-            if info.type == pafs.FileType.File and not name.startswith(".") and not rel.startswith(QUARANTINE_DIR):
+            if info.type == pafs.FileType.File and not name.startswith(".") and \
+                    not rel.startswith((f"{QUARANTINE_DIR}/", f"{COMPACTION_DIR}/")):
                 out.append(info.path)
         return sorted(out)
 
@@ -466,11 +574,19 @@ class ExperienceBuffer:
 
     def compact(self, max_rows: int) -> dict[str, int]:
         """Fold annotations into the rows, keep the newest ``max_rows`` experiences and rewrite
-        them as one file per day; then remove the files it read. Writers may go on meanwhile:
-        files that appear during the compaction are left alone. Returns counts."""
+        them as one file per day; then remove the files it read. Atomic for readers: the new files
+        are written under hidden names, then one record (:data:`COMPACTION_DIR`) switches the
+        buffer from the old files to them, then they are renamed and the old files deleted; a
+        crash anywhere leaves the old buffer or the new one, and the next compaction finishes the
+        job. Writers may go on meanwhile: files that appear during the compaction are left
+        alone. Also removes temporary files of killed writers. Returns counts."""
         if max_rows < 1:
             raise ExperienceError(f"compaction keeps at least 1 experience, got max_rows={max_rows}")
         with file_lock(_lock_path(self.root), COMPACT_LOCK_TIMEOUT_S, "another compaction of this buffer"):
+            for path, record in self._records():  # one a crash interrupted
+                log.warning("finishing the interrupted compaction %s", path)
+                self._finish(path, record)
+            self._sweep_temporaries()
             before = self.files()
             if not before:
                 return {"kept": 0, "evicted": 0, "files_before": 0, "files_after": 0}
@@ -478,11 +594,15 @@ class ExperienceBuffer:
             keep = rows.iloc[max(0, len(rows) - max_rows):]
             written = []
             if len(keep):
-                written = [self._write_file(part, day) for day, part in _split_by_day(to_table(keep))]
-            # The new files hold everything kept: the old ones can go, rows first and annotations
-            # last, so a crash in between leaves the annotations that still overlay old duplicates.
-            for path in sorted(before, key=lambda p: f"/{ANNOTATIONS_DIR}/" in p):
-                self.fs.delete_file(path)
+                written = [self._write_file(part, day, prefix=".compact-")
+                           for day, part in _split_by_day(to_table(keep))]
+            fault_point("compact:written")
+            rel = lambda p: p[len(self.path) + 1:]  # noqa: E731
+            record = {"remove": [rel(p) for p in before],
+                      "add": [[rel(p), rel(p).replace("/.compact-", "/")] for p in written]}
+            path = self._write_record(record)
+            fault_point("compact:recorded")
+            self._finish(path, record)
         log.info("compacted %s: kept %d, evicted %d, %d files -> %d", self.root, len(keep), len(rows) - len(keep),
                  len(before), len(written))
         return {"kept": len(keep), "evicted": len(rows) - len(keep), "files_before": len(before),

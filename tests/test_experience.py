@@ -226,13 +226,48 @@ def test_compaction_keeps_the_newest_with_their_annotations(filled, tmp_path):
     assert frame["observation"].iloc[0].tolist() == [4.0, 1.0, 2.0]
 
 
+@pytest.mark.parametrize("point", ["compact:written", "compact:recorded", "compact:renamed", "compact:deleted"])
+def test_a_compaction_killed_at_any_step_leaves_the_old_buffer_or_the_new_one(filled, tmp_path, point):
+    """Eviction used to delete the old files one by one after writing the new ones: a reader (or
+    a crash) in between saw evicted rows again and more rows than the cap. Now one record switches
+    the buffer; killed at each step (as kill -9), a reader sees 30 rows or the 12 kept, never a
+    mix, and the next compaction finishes the job."""
+    from mlproject.faults import FAULT_ENV, KILLED_EXIT_CODE
+
+    filled.annotate([{"experience_id": "c9", "reflection": "stopped out", "quality": 0.05}])
+    stale = tmp_path / "buffer" / "date=2024-01-02" / ".tmp-part-killed-writer.parquet"
+    stale.write_bytes(b"half a file")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    code = (f"from mlproject.experience import ExperienceBuffer; "
+            f"ExperienceBuffer(r'{tmp_path / 'buffer'}').compact(12)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), FAULT_ENV: point})
+    assert out.returncode == KILLED_EXIT_CODE, out.stderr[-2000:]
+    seen = filled.query(columns=["experience_id", "reflection"])
+    assert len(filled) == len(seen) == (30 if point == "compact:written" else 12)
+    assert seen.set_index("experience_id").loc["c9", "reflection"] == "stopped out"
+    assert not stale.exists()  # a killed writer's temporary file, an hour old, is swept first
+    counts = filled.compact(12)  # finishes what was killed, then compacts what is there
+    assert counts["kept"] == 12 and len(filled) == 12
+    assert not list((tmp_path / "buffer").rglob(".compact-*")) and not list((tmp_path / "buffer" / "_compaction").iterdir())
+    assert filled.query(columns=["experience_id"])["experience_id"].tolist() == seen["experience_id"].tolist()[-12:]
+
+
 def test_a_corrupt_or_foreign_file_is_named_and_quarantined(filled, tmp_path):
     root = tmp_path / "buffer"
+    foreign = root / "date=2024-01-02" / "part-foreign.parquet"
+    pd.DataFrame({"x": [1, 2]}).to_parquet(foreign)  # alone it used to read as two all-null experiences
+    for read in (filled.query, filled.__len__, filled.stats):
+        with pytest.raises(ExperienceError, match=f"{foreign}: foreign columns: x; .*pipelines.buffer quarantine"):
+            read()
+    clash = root / "date=2024-01-02" / "part-clash.parquet"  # our column names, other types
+    pd.DataFrame({"experience_id": [1.5], "time": ["yesterday"]}).to_parquet(clash)
+    with pytest.raises(ExperienceError, match=f"{clash}: foreign columns"):
+        filled.query()
+    clash.unlink()
     junk = root / "date=2024-01-03" / "part-junk.parquet"
     junk.write_bytes(b"not parquet at all")
-    foreign = root / "date=2024-01-02" / "part-foreign.parquet"
-    pd.DataFrame({"x": [1, 2]}).to_parquet(foreign)
-    with pytest.raises(ExperienceError, match="a file cannot be read .* pipelines.buffer check"):
+    with pytest.raises(ExperienceError, match=f"{junk}: not a Parquet file"):
         filled.query()
     problems = dict(filled.check())
     assert set(problems) == {str(junk), str(foreign)}
