@@ -60,6 +60,7 @@ import pyarrow.parquet as pq
 
 from mlproject.atomic import atomic_write, atomic_write_text, read_json_state
 from mlproject.cli import base_parser, run_cli
+from mlproject.cluster import ray_session
 from mlproject.config import Config, parse_duration
 from envs.market import Market
 from mlproject.backtest import constant_policy
@@ -288,7 +289,7 @@ def train_evaluate_promote(cfg: Config, ingested: Any = None, since: pd.Timestam
     bars.attrs.update(source=str(ingested.path), path=str(ingested.path))
     production = production_model(cfg)
     init, parent_tags = (str(production.local), production.tags()) if production and production.warm_start else (None, None)
-    with train.ray_session(cfg), tempfile.TemporaryDirectory(prefix="nt8-cycle-") as tmp:
+    with ray_session(cfg), tempfile.TemporaryDirectory(prefix="nt8-cycle-") as tmp:
         offline = None
         if buffer is not None and cfg.continuous_learning.offline_pass != "none":
             offline = _step("offline", _offline, cfg, buffer, production if init else None, bars, Path(tmp))

@@ -14,15 +14,12 @@ MLflow pyfunc model (no Ray needed to load it) and registered as a new version o
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -34,6 +31,7 @@ import pandas as pd
 import envs
 from envs.futures_env import FuturesTradingEnv
 from mlproject.cli import base_parser, optional_int, run_cli
+from mlproject.cluster import ray_session
 from mlproject.config import Config
 from mlproject.data import load_source, split_bars
 from mlproject.evaluation import backtest
@@ -75,29 +73,6 @@ class TrainResult:
 
 
 # -- pieces ------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def ray_session(cfg: Config) -> Iterator[None]:
-    """Use a running Ray, join the cluster named by config or RAY_ADDRESS, or start a local
-    one; shut down only what was started here."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    address = cfg.train.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        # address="local": a new Ray for this run. Without it ray.init joins any cluster already
-        # running on this machine (someone's `ray start`) and then refuses num_cpus.
-        ray.init(address="local", num_cpus=cfg.train.num_cpus, include_dashboard=False, configure_logging=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def gpus_per_learner(cfg: Config) -> int:

@@ -12,7 +12,8 @@ from conftest import ROOT
 LIBRARY = ("mlproject", "envs")
 APPLICATIONS = ("pipelines", "registry_hooks")
 DRIVER = "pipelines.orchestrate"
-"""Chains the steps: it may run other steps (their ``main``), and only it."""
+"""Chains the steps: it may run other steps (their ``main``, the monitor's ``check``), and only it."""
+DRIVER_USES = {"main", "check"}
 
 
 def _name(path: Path) -> str:
@@ -66,6 +67,25 @@ def test_applications_share_code_only_through_the_library():
             if _top(dep) in APPLICATIONS and dep != _top(module) and not (module == DRIVER and dep.startswith("pipelines.")):
                 wrong.append((module, dep))
     assert not wrong, wrong
+
+
+def test_the_driver_only_runs_other_steps():
+    """The driver imports steps to run them, never to borrow their helpers (those belong in the
+    library): every attribute it reads from a step module is the step's entry point."""
+    tree = ast.parse(MODULES[DRIVER].read_text())
+    steps = {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+             and node.module == "pipelines" for alias in node.names}
+    used = {(node.value.id, node.attr) for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name) and node.value.id in steps}
+    assert steps and used, (steps, used)
+    assert not [u for u in used if u[1] not in DRIVER_USES], sorted(used)
+
+
+def test_relative_imports_are_not_used():
+    """The import walk reads absolute imports; a relative one could hide an arrow or a cycle."""
+    relative = [name for name, path in MODULES.items() for node in ast.walk(ast.parse(path.read_text()))
+                if isinstance(node, ast.ImportFrom) and node.level > 0]
+    assert not relative, relative
 
 
 def test_no_import_cycles_in_the_library():
