@@ -91,7 +91,9 @@ def resolve_instrument(cfg: InstrumentConfig) -> InstrumentSpec:
     """Preset values overridden by the explicit fields of ``cfg``.
 
     Raises ValueError naming the missing fields when there is no preset and a field is unset,
-    and when ``symbol`` names another preset than ``preset`` (its values would be the preset's).
+    when ``symbol`` names another preset than ``preset`` (its values would be the preset's), and
+    when ``symbol`` is another instrument than the preset (or its contract month) and does not give
+    every field.
     """
     if cfg.preset is not None:
         name = cfg.preset.upper()
@@ -103,6 +105,12 @@ def resolve_instrument(cfg: InstrumentConfig) -> InstrumentSpec:
                              f"{name}'s tick size and point value; use preset: {symbol}")
         base = PRESETS[name]
         changes = {f: getattr(cfg, f) for f in FIELDS if getattr(cfg, f) is not None}
+        # Another instrument (not the preset, nor one of its contract months such as "ES 12-24")
+        # on a preset would silently keep the preset's money values: it must give them all.
+        missing = [f for f in FIELDS if f not in changes]
+        if symbol.split()[0] != name and missing:
+            raise ValueError(f"symbol {cfg.symbol!r} is not {name} (preset {cfg.preset!r}) but would keep {name}'s "
+                             f"{', '.join(missing)}; give those too, or use its own preset if it has one")
         return replace(base, symbol=cfg.symbol or base.symbol, **changes)
     missing = [f for f in FIELDS if getattr(cfg, f) is None]
     if missing:

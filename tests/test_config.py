@@ -141,6 +141,21 @@ def test_partial_instrument_in_a_file_is_an_error_with_its_line(tmp_path):
         load_config(path)
 
 
+def test_another_symbol_on_a_files_preset_must_give_every_field(tmp_path):
+    """The file names preset ES; --set symbol=EURUSD and a tick size used to keep ES's point value."""
+    path = tmp_path / "conf.yaml"
+    path.write_text("env:\n  instrument: {preset: ES}\n")
+    with pytest.raises(ConfigError, match=r"symbol 'EURUSD' is not ES .* would keep ES's point_value, "
+                                          r"commission_per_side, slippage_ticks, max_contracts"):
+        load_config(path, ["env.instrument.symbol=EURUSD", "env.instrument.tick_size=0.00005"])
+    month = load_config(path, ["env.instrument.symbol=ES 12-24"])  # a contract month of the preset
+    assert resolve_instrument(month.env.instrument).point_value == 50.0
+    full = load_config(path, ["env.instrument.symbol=EURUSD", "env.instrument.tick_size=0.00005",
+                              "env.instrument.point_value=100000", "env.instrument.commission_per_side=2",
+                              "env.instrument.slippage_ticks=1", "env.instrument.max_contracts=1"])
+    assert resolve_instrument(full.env.instrument).point_value == 100000.0
+
+
 @pytest.mark.parametrize("override, message", [
     ("promotion.metric=sharp", r"key 'promotion\.metric': Input should be 'sharpe', 'sortino'"),
     ("train.val_metric=sortino_ratio", r"key 'train\.val_metric': Input should be"),
