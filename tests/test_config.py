@@ -162,6 +162,7 @@ def test_another_symbol_on_a_files_preset_must_give_every_field(tmp_path):
     ("train.activation=gelu", r"key 'train\.activation': Input should be 'tanh', 'relu' or 'silu'"),
     ("data.tick_period=5 minutes", r"key 'data\.tick_period': tick_period '5 minutes' is not a pandas offset"),
     ("data.tz=Mars/Olympus", r"key 'data\.tz': tz 'Mars/Olympus' is not an IANA time zone"),
+    ("bridge.timezone=EST5", r"key 'bridge\.timezone': timezone 'EST5' is not an IANA time zone"),
     ("mlflow.experiment=", r"key 'mlflow\.experiment'"),
 ])
 def test_fixed_choices_are_validated(override, message):

@@ -195,6 +195,12 @@ def test_mlflow_run_train_entry_point(tmp_path, mlflow_store):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert "val/sharpe" in runs[0].data.metrics
     assert mlflow.MlflowClient().get_model_version("nt8-agent", "1").run_id == runs[0].info.run_id
+    # Third-party noise silenced at its source (quiet.py, tracking.py, log_sys_usage, the typed
+    # predict): none of it may come back in a training run's output.
+    output = out.stdout + out.stderr
+    for noise in ("Install gputil", "Add type hints to the `predict` method", "Downloading artifacts",
+                  "RLModule(config=", "new API stack"):
+        assert noise not in output, noise
 
 
 def test_early_stopping_keeps_the_best_checkpoint(ray_session, mlflow_store, small_bars, tmp_path):

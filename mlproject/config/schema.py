@@ -37,6 +37,17 @@ class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the key and the source."""
 
 
+def _check_time_zone(value: str | None, key: str) -> str | None:
+    if value is not None:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{key} {value!r} is not an IANA time zone such as America/New_York") from None
+    return value
+
+
 class _Strict(BaseModel):
     # strict: "5" is not an int and "yes" is not a bool; extra="forbid": a misspelt key is an error.
     model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
@@ -205,14 +216,7 @@ class DataConfig(_Strict):
     @field_validator("tz")
     @classmethod
     def _time_zone(cls, value: str | None) -> str | None:
-        if value is not None:
-            import zoneinfo
-
-            try:
-                zoneinfo.ZoneInfo(value)
-            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-                raise ValueError(f"tz {value!r} is not an IANA time zone such as America/New_York") from None
-        return value
+        return _check_time_zone(value, "tz")
 
 
 class TrainConfig(_Strict):
@@ -541,6 +545,11 @@ class BridgeConfig(_Strict):
     ``python -m pipelines.bridge kill`` creates it, ``... resume`` removes it."""
     timezone: str | None = None
     """Time zone of bar stamps sent without an offset, for the stale-bar check (null: this machine's)."""
+
+    @field_validator("timezone")
+    @classmethod
+    def _time_zone(cls, value: str | None) -> str | None:
+        return _check_time_zone(value, "timezone")
 
     @model_validator(mode="after")
     def _tls_needs_both(self) -> BridgeConfig:
