@@ -46,6 +46,16 @@ def _snapshot(root: Path) -> dict[str, tuple[str, int, int]]:
     return out
 
 
+SLOW_FIRST = ("test_scale_out.py", "test_pipelines.py", "test_registry.py", "test_experience.py")
+"""Files that take the longest (minutes each), started first: ``make test`` runs two workers
+(pytest-xdist, a file per worker at a time), and a long file left to the end would run alone."""
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: k for k, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def repo_stays_clean():
     """Fails the session if any test wrote mlruns/, mlflow.db, data/ or deploy/ into the repo."""
