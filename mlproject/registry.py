@@ -256,12 +256,12 @@ def complete_pending(name: str, lock_file: str | Path | None = None) -> list[dic
     transition never happened is marked ``abandoned``. Returns the events it touched."""
     from mlflow.exceptions import MlflowException
 
-    try:
-        events = history(name, include_unfinished=True)
-    except MlflowException:
-        return []  # no such registered model yet
     touched = []
     with registry_lock(lock_file):
+        try:
+            events = history(name, include_unfinished=True)  # read under the lock: no writer between
+        except MlflowException:
+            return []  # no such registered model yet
         current = production_version(name)
         for event in (e for e in events if e.get("status") == "pending"):
             if event["version"] == current:
