@@ -280,15 +280,25 @@ class ExperienceBuffer:
         if new_folder:  # the new day folder's name must survive a power cut too
             fsync_dir(self.path)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-        name = f"{prefix}part-{stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp, final = f"{folder}/.tmp-{name}", f"{folder}/{name}"
-        if local:
-            atomic_write(final, lambda p: pq.write_table(table, p, **WRITE_OPTIONS))
-        else:  # object stores: readers skip the hidden temporary name until the move
-            with self.fs.open_output_stream(tmp) as out:
-                pq.write_table(table, out, **WRITE_OPTIONS)
-            self.fs.move(tmp, final)
+        final = f"{folder}/{prefix}part-{stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
+        self._put(final, lambda sink: pq.write_table(table, sink, **WRITE_OPTIONS))
         return final
+
+    def _put(self, final: str, write: Any) -> None:
+        """Create ``final`` whole or not at all: ``write(sink)`` fills a binary output under a
+        hidden temporary name, which is then moved to ``final`` (locally :func:`atomic_write`:
+        fsynced, renamed, folder fsynced; on object stores readers skip the temporary name)."""
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            def to_file(tmp: Path) -> None:
+                with open(tmp, "wb") as fh:
+                    write(fh)
+
+            atomic_write(final, to_file)
+            return
+        folder, name = final.rsplit("/", 1)
+        with self.fs.open_output_stream(f"{folder}/.tmp-{name}") as out:
+            write(out)
+        self.fs.move(f"{folder}/.tmp-{name}", final)
 
     def _write_record(self, record: dict[str, Any]) -> str:
         """One compaction record, atomically (see :data:`COMPACTION_DIR`); returns its path."""
@@ -296,12 +306,7 @@ class ExperienceBuffer:
         self.fs.create_dir(folder, recursive=True)
         path = f"{folder}/{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:8]}.json"
         data = json.dumps(record).encode()
-        if isinstance(self.fs, pafs.LocalFileSystem):
-            atomic_write(path, lambda p: Path(p).write_bytes(data))
-        else:
-            with self.fs.open_output_stream(f"{folder}/.tmp-{path.rsplit('/', 1)[-1]}") as out:
-                out.write(data)
-            self.fs.move(f"{folder}/.tmp-{path.rsplit('/', 1)[-1]}", path)
+        self._put(path, lambda sink: sink.write(data))
         return path
 
     def _records(self) -> list[tuple[str, dict[str, Any]]]:
@@ -362,8 +367,10 @@ class ExperienceBuffer:
 
     # -- reading -------------------------------------------------------------------------------
 
-    def _dataset(self) -> pads.Dataset:
-        rows = [p for p in self._live() if not p[len(self.path) + 1:].startswith(f"{ANNOTATIONS_DIR}/")]
+    def _dataset(self, live: list[str] | None = None) -> pads.Dataset:
+        """The rows' dataset over ``live`` (default: :meth:`_live`, listed now)."""
+        live = self._live() if live is None else live
+        rows = [p for p in live if not p[len(self.path) + 1:].startswith(f"{ANNOTATIONS_DIR}/")]
         try:
             return pads.dataset(rows, filesystem=self.fs, format="parquet", partitioning=PARTITIONING,
                                 partition_base_dir=self.path,
@@ -390,7 +397,8 @@ class ExperienceBuffer:
         by_annotation = q.min_quality is not None or q.annotated is not None
         needed = set(wanted) | {"time", "experience_id"} | ({"quality"} if by_annotation else set())
         try:
-            table = self._dataset().to_table(columns=sorted(needed), filter=_filter(q))
+            live = self._live()  # listed once: the rows and the annotations overlaid on them
+            table = self._dataset(live).to_table(columns=sorted(needed), filter=_filter(q))
         except (pa.ArrowInvalid, OSError) as exc:
             raise self._unreadable(f"a file cannot be read ({exc})") from None
         if table["experience_id"].null_count or table["time"].null_count:  # rows of a foreign file
@@ -398,16 +406,16 @@ class ExperienceBuffer:
         frame = table.to_pandas()
         # A compaction killed between writing its files and deleting the old ones leaves rows twice.
         frame = frame.drop_duplicates("experience_id", keep="last")
-        frame = self._overlay(frame)
+        frame = self._overlay(frame, live)
         if q.min_quality is not None:
             frame = frame[frame["quality"] >= q.min_quality]
         if q.annotated is not None:
             frame = frame[frame["quality"].notna() == q.annotated]
         return frame.sort_values("time", kind="stable").reset_index(drop=True)[wanted]
 
-    def _overlay(self, frame: pd.DataFrame) -> pd.DataFrame:
+    def _overlay(self, frame: pd.DataFrame, live: list[str] | None = None) -> pd.DataFrame:
         """The newest annotation of each experience over its row's annotation columns."""
-        notes = self.annotations()
+        notes = self.annotations(live)
         if notes.empty or frame.empty:
             return frame
         notes = notes[notes["experience_id"].isin(frame["experience_id"])]
@@ -448,9 +456,10 @@ class ExperienceBuffer:
         table = pa.Table.from_pandas(frame[ANNOTATION_SCHEMA.names], schema=ANNOTATION_SCHEMA, preserve_index=False)
         return self._write_file(table, None)
 
-    def annotations(self) -> pd.DataFrame:
+    def annotations(self, live: list[str] | None = None) -> pd.DataFrame:
         """The newest annotation of every annotated experience (empty frame: none)."""
-        files = [p for p in self._live() if p[len(self.path) + 1:].startswith(f"{ANNOTATIONS_DIR}/")]
+        live = self._live() if live is None else live
+        files = [p for p in live if p[len(self.path) + 1:].startswith(f"{ANNOTATIONS_DIR}/")]
         if not files:
             return pd.DataFrame(columns=ANNOTATION_SCHEMA.names)
         try:
