@@ -6,7 +6,8 @@ recorded in this model's metadata (``nt8_policy``: window, normalisation, featur
 Output: int64 actions (target position + max_contracts). The RLlib RLModule checkpoint travels as the artifact
 ``rl_module``; loading it needs no running Ray. Self-contained on purpose (only mlflow, numpy,
 torch and ray[rllib]): a serving environment has the pinned packages, not this project.
-Mirrors ``mlproject.policy.load_module`` / ``greedy_actions``.
+Mirrors ``mlproject.policy.load_module`` / ``greedy_actions`` / ``plain_net`` (copied, not imported:
+the file must run where only the pinned packages are installed).
 """
 
 import mlflow
