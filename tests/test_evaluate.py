@@ -83,6 +83,30 @@ def test_the_fast_backtest_path_gives_the_same_actions_trades_and_metrics(small_
         assert trades > 20
 
 
+def test_backtest_results_are_the_recorded_ones():
+    """Fixed-seed backtests (a seeded 64x64 policy, 8 windows, 1 and 2 contracts) give the
+    positions, trades and metrics recorded in tests/golden/backtest.json: a speed-up of the env,
+    the policy path or the per-window results changes none of them. Positions and trades are
+    compared exactly (hashes); metrics to 1e-9 (libm and BLAS may round last bits differently on
+    another CPU)."""
+    import json
+
+    from backtest_golden import GOLDEN, fingerprint
+
+    recorded, now = json.loads(GOLDEN.read_text()), fingerprint()
+    assert now.keys() == recorded.keys()
+    for case, expected in recorded.items():
+        got = now[case]
+        assert got["n_trades"] == expected["n_trades"], case
+        assert got["positions_sha256"] == expected["positions_sha256"], f"{case}: positions changed"
+        assert got["trades_sha256"] == expected["trades_sha256"], f"{case}: trades changed"
+        for window, (a, b) in enumerate(zip(got["metrics"], expected["metrics"], strict=True)):
+            assert a.keys() == b.keys()
+            for key in b:
+                assert (a[key] is None and b[key] is None) or a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-12), \
+                    f"{case} window {window}: {key} {a[key]} != {b[key]}"
+
+
 def test_vectorised_trades_equal_the_fill_loop_bit_for_bit(small_bars):
     from envs.market import Market
     from mlproject.trades import TRADE_COLUMNS, fills_from_positions, trade_columns, trades_from_fills
