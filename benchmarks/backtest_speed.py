@@ -74,10 +74,10 @@ def phases(policy, bars, env: dict, windows: int) -> dict[str, float]:
         a = time.perf_counter()
         actions = policy(obs)
         b = time.perf_counter()
-        obs, _, _, _, info = vec.step(actions)
+        obs, _, _, _ = vec.step_arrays(actions)
         stepping += time.perf_counter() - b
         acting += b - a
-        equity[k], positions[k] = info["equity"], info["position"]
+        equity[k], positions[k] = vec.equity, vec.position
     out[f"policy ({length:,} calls of {windows})"] = acting
     out[f"env steps ({length:,})"] = stepping
     start = time.perf_counter()

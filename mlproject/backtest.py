@@ -63,14 +63,15 @@ def play_episode(policy: Policy, bars: pd.DataFrame, env_config: Mapping[str, An
     return BacktestResult(equity_s, pd.Series(positions, index=index, name="position"), trades, metrics)
 
 
-def episode_metrics(equity: np.ndarray, positions: np.ndarray, trades: pd.DataFrame, periods_per_year: float,
-                    spec: Any, traded: np.ndarray | None = None) -> dict[str, float]:
+def episode_metrics(equity: np.ndarray, positions: np.ndarray, trades: pd.DataFrame | Mapping[str, np.ndarray],
+                    periods_per_year: float, spec: Any, traded: np.ndarray | None = None) -> dict[str, float]:
     """Every trading metric of one episode that starts flat (``mlproject.metrics.trading_metrics``);
-    commissions and slippage are counted from the position changes of ``traded`` (default:
-    ``positions``; the positions up to a stop-out, when the account left the market without a fill)."""
+    ``trades``: its closed trades (a frame, or TRADE_COLUMNS arrays); commissions and slippage are
+    counted from the position changes of ``traded`` (default: ``positions``; the positions up to a
+    stop-out, when the account left the market without a fill)."""
     contracts = float(np.abs(np.diff(np.asarray(positions if traded is None else traded))).sum())
-    return trading_metrics(np.asarray(equity, dtype=np.float64), positions, trades["pnl"].to_numpy(np.float64),
-                           trades["bars_held"].to_numpy(np.float64), periods_per_year,
+    return trading_metrics(np.asarray(equity, dtype=np.float64), positions, np.asarray(trades["pnl"], np.float64),
+                           np.asarray(trades["bars_held"], np.float64), periods_per_year,
                            commissions=contracts * spec.commission_per_side,
                            slippage=contracts * spec.slippage_cost)
 

@@ -126,10 +126,31 @@ def load_policy_model(uri: str, local: str | Path | None = None) -> LoadedPolicy
     if schema is not None and schema.is_tensor_spec() and len(schema.inputs) == 1:
         input_size = int(schema.inputs[0].shape[-1])
 
+    own = _own_policy_model(model, input_size)
+
     def predict(obs: np.ndarray) -> np.ndarray:
-        return np.asarray(model.predict(np.ascontiguousarray(obs, dtype=np.float32)))
+        batch = np.ascontiguousarray(obs, dtype=np.float32)
+        if own is not None and batch.ndim == 2 and batch.shape[1] == input_size:
+            # What MLflow's schema check would pass (a float32 batch of the signature's width),
+            # straight to the model (its per-call check costs as much as a 256-row forward pass).
+            return np.asarray(own.predict(None, batch))
+        return np.asarray(model.predict(batch))
 
     return LoadedPolicy(uri, label, settings, input_size, predict)
+
+
+def _own_policy_model(model: Any, input_size: int | None) -> Any:
+    """The ``RLlibPolicy`` inside a pyfunc model that this project logged (``policy_model.py``)
+    with an unnamed float32 tensor signature, which a batch can be checked against without
+    MLflow; else None (every other model goes through ``model.predict``)."""
+    schema = model.metadata.get_input_schema()
+    if input_size is None or schema is None or np.dtype(schema.inputs[0].type) != np.float32:
+        return None
+    try:
+        inner = model.unwrap_python_model()
+    except Exception:  # not a python_model pyfunc: MLflow says so with an MlflowException
+        return None
+    return inner if type(inner).__name__ == "RLlibPolicy" and hasattr(inner, "module") else None
 
 
 def read_settings(model_dir: str | Path) -> PolicySettings | None:
@@ -200,19 +221,34 @@ def greedy_actions(module: Any, obs: np.ndarray) -> np.ndarray:
 def module_policy(module: Any):
     """A backtest policy (``mlproject.backtest.Policy``: observation batch -> actions) from an
     RLModule: :func:`greedy_actions`, through the module's own torch layers under
-    ``torch.inference_mode`` when they reproduce ``forward_inference`` exactly (:func:`plain_net`;
-    ~40% less per batch of 256 than RLlib's wrapper, which also switches the module to eval mode on
-    every call), else through ``forward_inference``."""
+    ``torch.inference_mode`` when they reproduce ``forward_inference`` exactly (:func:`plain_net`),
+    called as the functions those layers call (``F.linear``, ``tanh``, ``relu``: the same
+    arithmetic, without ``nn.Module``'s per-layer dispatch; ~100 us per batch of 256 rows against
+    ~135 us through the Sequential and ~230 us through RLlib's wrapper, which also switches the
+    module to eval mode on every call), else through ``forward_inference``."""
     import torch
+    import torch.nn.functional as F
 
     net = plain_net(module)
     if net is None:
         return lambda obs: greedy_actions(module, obs)
+    steps: list[tuple[Any, tuple[Any, ...]]] = []
+    for layer in net.modules():
+        if isinstance(layer, torch.nn.Linear):
+            steps.append((F.linear, (layer.weight, layer.bias)))
+        elif isinstance(layer, torch.nn.Tanh):
+            steps.append((torch.tanh, ()))
+        elif isinstance(layer, torch.nn.ReLU):
+            steps.append((torch.relu, ()))
 
     def act(obs: np.ndarray) -> np.ndarray:
-        batch = torch.from_numpy(np.ascontiguousarray(obs, dtype=np.float32))
+        h = torch.from_numpy(np.ascontiguousarray(obs, dtype=np.float32))
+        if h.ndim == 1:
+            h = h[None]
         with torch.inference_mode():
-            return torch.argmax(net(batch if batch.ndim > 1 else batch[None]), dim=-1).numpy().astype(np.int64)
+            for fn, args in steps:
+                h = fn(h, *args)
+            return torch.argmax(h, dim=-1).numpy().astype(np.int64)
 
     return act
 

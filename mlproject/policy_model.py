@@ -27,6 +27,24 @@ class RLlibPolicy(mlflow.pyfunc.PythonModel):
 
         self.module = RLModule.from_checkpoint(context.artifacts["rl_module"])
         self.net = self._plain_net()
+        self.steps = self._steps(self.net) if self.net is not None else None
+
+    @staticmethod
+    def _steps(net):
+        """The Sequential's layers as the functions they call (F.linear, tanh, relu): the same
+        arithmetic without nn.Module's per-layer dispatch (~25% of a 256-row batch)."""
+        import torch
+        import torch.nn.functional as F
+
+        steps = []
+        for layer in net.modules():
+            if isinstance(layer, torch.nn.Linear):
+                steps.append((F.linear, (layer.weight, layer.bias)))
+            elif isinstance(layer, torch.nn.Tanh):
+                steps.append((torch.tanh, ()))
+            elif isinstance(layer, torch.nn.ReLU):
+                steps.append((torch.relu, ()))
+        return steps
 
     def _plain_net(self):
         """The actor MLP and policy head as one torch Sequential when its logits equal
@@ -41,6 +59,9 @@ class RLlibPolicy(mlflow.pyfunc.PythonModel):
         if any(part is None for part in parts):
             return None
         net = torch.nn.Sequential(*parts)
+        if not all(isinstance(layer, (torch.nn.Linear, torch.nn.Tanh, torch.nn.ReLU, torch.nn.Sequential))
+                   for layer in net.modules()):
+            return None
         size = int(np.prod(self.module.observation_space.shape))
         rng = np.random.default_rng(0)
         with torch.no_grad():
@@ -59,8 +80,12 @@ class RLlibPolicy(mlflow.pyfunc.PythonModel):
         obs = torch.from_numpy(np.ascontiguousarray(np.asarray(model_input), dtype=np.float32))
         obs = obs.reshape(len(obs), -1)
         with torch.inference_mode():
-            logits = self.net(obs) if self.net is not None else \
-                self.module.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS]
+            if self.steps is not None:
+                logits = obs
+                for fn, args in self.steps:
+                    logits = fn(logits, *args)
+            else:
+                logits = self.module.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS]
         return torch.argmax(logits, dim=-1).numpy().astype(np.int64)
 
 

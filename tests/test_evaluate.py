@@ -83,6 +83,44 @@ def test_the_fast_backtest_path_gives_the_same_actions_trades_and_metrics(small_
         assert trades > 20
 
 
+def test_the_logged_policy_model_acts_as_the_module_without_mlflow_per_call_checks(small_bars, tmp_path):
+    """The pyfunc model training logs, loaded as evaluation loads it, gives forward_inference's
+    actions through its fast path (its own layers, the batch checked against the signature by
+    us), the same backtest as the module itself, and MLflow's schema error for a batch of the
+    wrong width (tanh and relu stacks)."""
+    from mlflow.models import infer_signature
+
+    from mlproject.policy import _own_policy_model, fresh_module, greedy_actions, load_policy_model, module_policy
+    from pipelines.train import POLICY_MODEL_FILE, pip_requirements
+
+    env = {"window": 8, "instrument": {"preset": "ES", "max_contracts": 2}}
+    rng = np.random.default_rng(1)
+    for activation in ("tanh", "relu"):
+        module = fresh_module(8 * 5 + 2, 5, activation=activation, seed=3)
+        module.save_to_path(tmp_path / activation / "module")
+        example = rng.normal(0.0, 2.0, (4, 42)).astype(np.float32)
+        mlflow.pyfunc.save_model(tmp_path / activation / "model", python_model=str(POLICY_MODEL_FILE),
+                                 artifacts={"rl_module": str(tmp_path / activation / "module")},
+                                 signature=infer_signature(example, greedy_actions(module, example)),
+                                 pip_requirements=pip_requirements())
+        loaded = load_policy_model(str(tmp_path / activation / "model"))
+        raw = mlflow.pyfunc.load_model(str(tmp_path / activation / "model"))
+        assert _own_policy_model(raw, 42) is not None and raw.unwrap_python_model().steps is not None
+        for rows in (1, 7, 256):
+            obs = rng.normal(0.0, 2.0, (rows, 42)).astype(np.float32)
+            assert np.array_equal(loaded.predict(obs), greedy_actions(module, obs))
+        with pytest.raises(Exception, match=r"\(-1, 42\)"):
+            loaded.predict(np.zeros((3, 40), np.float32))
+        ours = backtest(module_policy(module), small_bars, env, n_windows=4)
+        theirs = backtest(loaded.predict, small_bars, env, n_windows=4)
+        for a, b in zip(ours.windows, theirs.windows, strict=True):
+            pd.testing.assert_series_equal(a.positions, b.positions)
+            assert a.metrics.keys() == b.metrics.keys()
+            assert all(a.metrics[k] == b.metrics[k] or (math.isnan(a.metrics[k]) and math.isnan(b.metrics[k]))
+                       for k in a.metrics)
+        assert sum(len(w.trades) for w in ours.windows) > 20
+
+
 def test_backtest_results_are_the_recorded_ones():
     """Fixed-seed backtests (a seeded 64x64 policy, 8 windows, 1 and 2 contracts) give the
     positions, trades and metrics recorded in tests/golden/backtest.json: a speed-up of the env,
