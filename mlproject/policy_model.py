@@ -6,8 +6,9 @@ recorded in this model's metadata (``nt8_policy``: window, normalisation, featur
 Output: int64 actions (target position + max_contracts). The RLlib RLModule checkpoint travels as the artifact
 ``rl_module``; loading it needs no running Ray. Self-contained on purpose (only mlflow, numpy,
 torch and ray[rllib]): a serving environment has the pinned packages, not this project.
-Mirrors ``mlproject.policy.load_module`` / ``greedy_actions`` / ``plain_net`` (copied, not imported:
-the file must run where only the pinned packages are installed).
+Mirrors ``mlproject.policy.load_module`` / ``greedy_actions`` / ``plain_net`` and the layer steps of
+``module_policy`` (copied, not imported: the file must run where only the pinned packages are
+installed; tests/test_evaluate.py checks both give forward_inference's actions).
 """
 
 import mlflow

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def fingerprint() -> dict:
         out[name] = {"positions_sha256": hashlib.sha256(positions.tobytes()).hexdigest(),
                      "trades_sha256": hashlib.sha256(integers.astype(np.int64).tobytes()).hexdigest(),
                      "n_trades": len(trades),
-                     "metrics": [{k: (None if v != v else v) for k, v in w.metrics.items()} for w in report.windows]}
+                     "metrics": [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in w.metrics.items()} for w in report.windows]}
     return out
 
 
