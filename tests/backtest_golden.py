@@ -40,7 +40,7 @@ def fingerprint() -> dict:
         out[name] = {"positions_sha256": hashlib.sha256(positions.tobytes()).hexdigest(),
                      "trades_sha256": hashlib.sha256(integers.astype(np.int64).tobytes()).hexdigest(),
                      "n_trades": len(trades),
-                     "metrics": [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in w.metrics.items()} for w in report.windows]}
+                     "metrics": [{k: (None if isinstance(v, (float, np.floating)) and math.isnan(v) else v) for k, v in w.metrics.items()} for w in report.windows]}
     return out
 
 
