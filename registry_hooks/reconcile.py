@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from mlproject.cli import base_parser, run_cli
@@ -46,14 +47,30 @@ def parse_every(text: str) -> float:
     return seconds
 
 
+def describe(name: str, deploy_dir: str | Path, result: ReconcileResult) -> str:
+    """One line saying what is deployed after a pass (what the command prints)."""
+    if result.version is None:
+        return f"{name}: nothing in Production; {deploy_dir} left as it is"
+    done = "deployed now" if result.changed else "already deployed"
+    repaired = "; alias production repaired" if result.alias_repaired else ""
+    release = result.release.name if result.release is not None else "?"
+    return f"{name} v{result.version} (Production) {done}: {Path(deploy_dir) / 'current'} -> {release}{repaired}"
+
+
 def main(cfg: Any, every: float | None = None, max_passes: int | None = None) -> ReconcileResult:
-    """Reconcile once, or every ``every`` seconds (a failed pass is logged and retried)."""
+    """Reconcile once, or every ``every`` seconds (a failed pass is logged and retried). Prints
+    one line saying what is deployed: after the pass, or in a loop on the first pass and on
+    every change."""
     setup_tracking(cfg)
     p = cfg.promotion
-    passes, result = 0, ReconcileResult(None, False, False, None)
+    passes, result, said = 0, ReconcileResult(None, False, False, None), None
     while True:
         try:
             result = reconcile(p.model_name, p.deploy_dir, p.keep_releases, lock_file=p.lock_file)
+            state = (result.version, result.release)
+            if every is None or state != said or result.changed or result.alias_repaired:
+                print(describe(p.model_name, p.deploy_dir, result), flush=True)
+                said = state
         except Exception:  # noqa: BLE001 - the safety net must outlive a flaky tracking server
             if every is None:
                 raise

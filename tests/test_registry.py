@@ -250,6 +250,21 @@ def test_an_export_killed_half_way_leaves_the_previous_model_deployed(store):
     assert not list(deploy.glob(".staging-*"))
 
 
+def test_reconcile_command_says_what_is_deployed(store):
+    deploy = store / "deploy"
+    cmd = ["python", "-m", "registry_hooks.reconcile", "--config", str(ROOT / "conf" / "smoke.yaml"),
+           "--set", f"promotion.deploy_dir={deploy}"]
+    empty = run_module(cmd, cwd=store)
+    assert empty.returncode == 0 and empty.stdout.strip() == f"{NAME}: nothing in Production; {deploy} left as it is"
+    v1 = register_constant(store, 1)
+    registry.promote(NAME, v1, "first")
+    first, again = run_module(cmd, cwd=store), run_module(cmd, cwd=store)
+    release = (deploy / "current").resolve().name
+    assert first.returncode == 0 and again.returncode == 0
+    assert first.stdout.strip() == f"{NAME} v{v1} (Production) deployed now: {deploy / 'current'} -> {release}"
+    assert again.stdout.strip() == f"{NAME} v{v1} (Production) already deployed: {deploy / 'current'} -> {release}"
+
+
 def test_rollback_pipeline_redeploys_and_logs_latency(store):
     from pipelines import rollback
 
