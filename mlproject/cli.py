@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import shlex
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from mlproject.config import Config, ConfigError, load_config
 from mlproject.data import DataError
 from mlproject.locks import LockBusy
+from mlproject.signals import Stopped, install, raise_stopped, restore
 
 log = logging.getLogger("pipelines")
 
@@ -49,11 +51,33 @@ def run_cli(parser: argparse.ArgumentParser, main: Callable[[Config, argparse.Na
     from mlflow.exceptions import MlflowException
 
     args = parser.parse_args()
+    # SIGTERM/SIGINT unwind the pipeline (its runs end KILLED) instead of ending the process
+    # where it stands; the loops install their own handler (stop between passes) while they run.
+    previous = install(raise_stopped())
     try:
         main(config_from_args(args), args)
+    except (Stopped, KeyboardInterrupt) as exc:
+        stopped = exc if isinstance(exc, Stopped) else Stopped(signal.SIGINT)
+        ended = end_active_runs("KILLED")  # what no `with` block ended (none, normally)
+        print(f"{stopped}: the runs it had open ended KILLED{f' ({ended} more here)' if ended else ''}",
+              file=sys.stderr)
+        sys.exit(stopped.exit_code)
     except (ConfigError, DataError, OSError, ValueError, MlflowException, LockBusy) as exc:
         # Bad input (a file, a key, a model URI, a path that is a folder, a busy registry): one
         # message that names it. LOGLEVEL=DEBUG in the environment also prints the traceback.
         log.debug("traceback", exc_info=True)
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        restore(previous)
+
+
+def end_active_runs(status: str) -> int:
+    """End every run still on MLflow's active-run stack with ``status``; returns how many."""
+    import mlflow
+
+    ended = 0
+    while mlflow.active_run() is not None:
+        mlflow.end_run(status)
+        ended += 1
+    return ended

@@ -12,6 +12,7 @@ from typing import Any
 
 from mlproject.config import Config
 from mlproject.quiet import quiet_dataset_source
+from mlproject.signals import Stopped
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def pipeline_run(cfg: Config, step: str, *, nested: bool | None = None) -> Itera
     Under ``mlflow run`` it resumes the run that ``mlflow run`` created; called inside another
     run (a step of the cycle) it is a child run (``nested`` None: whenever a run is active). A
     failure tags the run with the error message (``error``); leaving the ``with`` block by an
-    exception marks it FAILED.
+    exception marks it FAILED, a stop signal (:class:`mlproject.signals.Stopped`, Ctrl-C) KILLED.
     """
     import mlflow
 
@@ -146,6 +147,12 @@ def pipeline_run(cfg: Config, step: str, *, nested: bool | None = None) -> Itera
         log_config(cfg)
         try:
             yield run
+        except (Stopped, KeyboardInterrupt) as exc:
+            # Stopped by a signal (the CLI's handler) or Ctrl-C: KILLED, not FAILED (nothing
+            # went wrong). Ended here, the run is off the stack, so start_run's exit leaves it so.
+            mlflow.set_tag("error", str(exc) if isinstance(exc, Stopped) else "stopped by SIGINT (KeyboardInterrupt)")
+            mlflow.end_run("KILLED")
+            raise
         except BaseException as exc:
             mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
             raise

@@ -44,7 +44,6 @@ import argparse
 import json
 import logging
 import math
-import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -85,6 +84,7 @@ from mlproject.policy import (
 from mlproject.reasoner.engine import ReasonerUnavailable, ReasoningEngine
 from mlproject.reflection import PROMPT
 from mlproject.registry import cleanup, production_version, rollback_target, status
+from mlproject.signals import Stopped, install, restore
 from mlproject.tracking import pipeline_run, setup_tracking
 from pipelines import annotate, collect, evaluate, ingest, monitor, promote, train
 from pipelines import finetune as finetune_step
@@ -262,6 +262,10 @@ def _step(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
     try:
         return fn(*args, **kwargs)
+    except (Stopped, KeyboardInterrupt) as exc:
+        mlflow.set_tags({"cycle.stopped_step": name, "cycle.error": f"{type(exc).__name__}: {exc}"[:5000]})
+        log.warning("cycle step %s stopped by a signal (Production is as it was)", name)
+        raise
     except BaseException as exc:
         mlflow.set_tags({"cycle.failed_step": name, "cycle.error": f"{type(exc).__name__}: {exc}"[:5000]})
         log.error("cycle step %s failed: %s (Production is as it was)", name, exc)
@@ -708,12 +712,13 @@ def loop(cfg: Config, max_rounds: int | None = None, tick_s: float = 60.0) -> li
         log.info("stopping the loop after the current mode (signal %d)", signum)
         stop["now"] = True
 
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = install(request_stop)
     done: list[tuple[str, str]] = []
     rounds = 0
     try:
         while not stop["now"] and (max_rounds is None or rounds < max_rounds):
             rounds += 1
+            before = len(done)
             for mode in LOOP_MODES:
                 last = CycleState(cl.state_dir).data.get("loop", {}).get(mode)
                 if stop["now"] or (last is not None and time.time() - last < every[mode]):
@@ -724,11 +729,15 @@ def loop(cfg: Config, max_rounds: int | None = None, tick_s: float = 60.0) -> li
                 except Exception as exc:  # noqa: BLE001 - the loop outlives a failed mode; the run says why
                     log.exception("loop: mode %s failed; next try at its next turn", mode)
                     outcome = f"failed: {exc}"
+                finally:  # a library a mode used may have replaced it (ray.init did): ours again
+                    install(request_stop)
                 with file_lock(Path(cl.state_dir) / "orchestrator.lock", LOCK_TIMEOUT_S, "another orchestrator run"):
                     state = CycleState(cl.state_dir)
                     state.data.setdefault("loop", {})[mode] = time.time()
                     atomic_write_text(state.folder / STATE_FILE, json.dumps(state.data, indent=2))
                 done.append((mode, outcome))
+            log.info("loop: turn %d done (%s); next check in %g s", rounds,
+                     ", ".join(f"{m} {o}" for m, o in done[before:]) or "nothing due", tick_s)
             if max_rounds is not None and rounds >= max_rounds:
                 break
             waited = 0.0
@@ -736,8 +745,7 @@ def loop(cfg: Config, max_rounds: int | None = None, tick_s: float = 60.0) -> li
                 time.sleep(min(1.0, tick_s))
                 waited += 1.0
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        restore(previous)
     return done
 
 
