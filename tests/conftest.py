@@ -46,7 +46,7 @@ def _snapshot(root: Path) -> dict[str, tuple[str, int, int]]:
     return out
 
 
-SLOW_FIRST = ("test_pipelines.py", "test_scale_out.py", "test_registry_reliability.py", "test_bridge.py",
+SLOW_FIRST = ("test_pipelines.py", "test_readme.py", "test_scale_out.py", "test_registry_reliability.py", "test_bridge.py",
               "test_registry.py", "test_finetune.py", "test_train.py", "test_notebooks.py", "test_ui.py",
               "test_experience.py", "test_evaluate.py", "test_monitor.py", "test_model_settings.py",
               "test_cli_safety.py", "test_webhook.py")
