@@ -17,16 +17,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import secrets
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 
-from mlproject.bridge.paper import PaperResult, paper_trade
+from mlproject.bridge.paper import PaperError, PaperResult, paper_trade
 from mlproject.bridge.server import Bridge, BridgeThread, token_from_env
 from mlproject.cli import base_parser, optional_int, run_cli
-from mlproject.config import Config
+from mlproject.config import Config, load_config
 from mlproject.data import load_bars
 from mlproject.evaluation import default_bars
 from mlproject.experience import ExperienceBuffer
@@ -53,6 +55,43 @@ def _bridge_running(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+_TRADES = re.compile(r"^(?P<model>.+) trades (?P<symbol>\S+); this client sends (?P<sent>\S+)$")
+"""The bridge's instrument mismatch (``mlproject.bridge.server``): the model, what it trades, what was sent."""
+
+
+def configs_trading(symbol: str) -> list[str]:
+    """The files in ``conf/`` whose ``env.instrument`` is ``symbol`` (as ``conf/<name>.yaml``)."""
+    found = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "conf").glob("*.yaml")):
+        try:
+            if resolve_instrument(load_config(path).env.instrument).symbol == symbol:
+                found.append(f"conf/{path.name}")
+        except ValueError:  # a file that does not load is no advice
+            continue
+    return found
+
+
+def refusal(cfg: Config, exc: PaperError, address: str, own: bool) -> str | None:
+    """One line naming the fix when the bridge refused the session at hello (a wrong token, a
+    model of another instrument, nothing deployed); None for any other error."""
+    where = "the bridge this run started" if own else f"the bridge at {address}"
+    if exc.code == "unauthorized":
+        name = cfg.bridge.token_env
+        return (f"{where} refused the token: the collecting shell needs the same {name} as the running bridge "
+                f"(export {name} here with the value the bridge was started with, or stop that bridge and "
+                "collect starts one of its own)")
+    if exc.code == "mismatch" and (m := _TRADES.match(exc.detail)):
+        fixes = [f"add --config {c}" for c in configs_trading(m["symbol"])] + [f"--set env.instrument={m['symbol']}"]
+        return (f"the deployed model {m['model']} trades {m['symbol']}; this run is configured for {m['sent']}: "
+                + " or ".join(fixes))
+    if exc.code == "no_model":
+        return (f"{where} refused the session: {exc.detail}: promote a model and deploy it "
+                "(python -m registry_hooks.reconcile), or set promotion.deploy_dir to where one is deployed")
+    if exc.code in ("mismatch", "protocol", "session_busy", "server_busy"):
+        return f"{where} refused the session: {exc.detail}"
+    return None
 
 
 def _bars(cfg: Config, data: str | None, limit: int | None) -> pd.DataFrame:
@@ -93,8 +132,14 @@ def main(cfg: Config, data: str | None = None, bars_limit: int | None = None, ac
                 if done % step == 0 or done == total:
                     log.info("paper: %d/%d bars", done, total)
 
-            paper = asyncio.run(paper_trade(host, port, token, bars, spec, account=account,
-                                            initial_equity=cfg.env.initial_equity, progress=progress))
+            try:
+                paper = asyncio.run(paper_trade(host, port, token, bars, spec, account=account,
+                                                initial_equity=cfg.env.initial_equity, progress=progress))
+            except PaperError as exc:  # a refusal the user fixes: one line (run_cli), not a traceback
+                message = refusal(cfg, exc, f"{host}:{port}", own)
+                if message is None:
+                    raise
+                raise ValueError(message) from exc
             if thread is not None:
                 thread.stop()  # writes every experience before the buffer stats below
                 thread = None

@@ -27,7 +27,13 @@ log = logging.getLogger(__name__)
 
 
 class PaperError(RuntimeError):
-    """The bridge refused the session or answered with an error."""
+    """The bridge refused the session or answered with an error: ``code`` and ``detail`` are the
+    protocol error's ``code`` and ``message`` (None and the text when the bridge sent none)."""
+
+    def __init__(self, message: str, code: str | None = None, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.detail = message if detail is None else detail
 
 
 def period_text(bars: pd.DataFrame) -> str:
@@ -78,7 +84,8 @@ class _Connection:
                 log.warning("paper: kill switch: %s", reply.get("reason"))
                 continue
             if reply.get("type") == "error":
-                raise PaperError(f"bridge error {reply.get('code')}: {reply.get('message')}")
+                code, detail = str(reply.get("code")), str(reply.get("message"))
+                raise PaperError(f"bridge error {code}: {detail}", code, detail)
             return reply
 
 
