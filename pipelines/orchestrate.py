@@ -68,7 +68,7 @@ from mlproject.deploy import reconcile
 from mlproject.evaluation import EvalReport, backtest, evaluate_policies, paired_comparison, policy_env_config, test_split
 from mlproject.experience import ExperienceBuffer
 from mlproject.features import FEATURE_NAMES
-from mlproject.instruments import resolve_instrument
+from mlproject.instruments import PRESETS, resolve_instrument
 from mlproject.intake import new_bars_since, run_intake
 from mlproject.locks import file_lock
 from mlproject.metrics import max_drawdown, periods_per_year, sharpe_ratio, total_return
@@ -109,7 +109,9 @@ class ProductionModel:
     local: Path
     warm_start: bool
     """It reads this config's observations (and is the model this config trains), so training
-    goes on from it; otherwise training starts fresh (logged why)."""
+    goes on from it; otherwise training starts fresh (``why_not`` says why)."""
+    why_not: str = ""
+    """Why there is no warm start, and how to get one (empty when ``warm_start``)."""
 
     def tags(self) -> dict[str, str]:
         return {"parent_uri": self.uri, "parent_version": self.version}
@@ -125,23 +127,59 @@ def production_model(cfg: Config) -> ProductionModel | None:
         return None
     uri = f"models:/{name}/{version}"
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    return ProductionModel(str(version), uri, local, cfg.train.register_model == name and _reads_config(local, cfg))
+    why_not = (f"is {name}, this config trains {cfg.train.register_model}" if cfg.train.register_model != name
+               else _why_not_warm(local, cfg))
+    return ProductionModel(str(version), uri, local, not why_not, why_not)
 
 
-def _reads_config(local: Path, cfg: Config) -> bool:
+def _why_not_warm(local: Path, cfg: Config) -> str:
+    """Empty when the downloaded policy reads this config's observations, else why not."""
     settings = read_settings(local) if (local / "MLmodel").is_file() else None
     if settings is not None:
-        differ = settings.observation_differences(PolicySettings.from_env(cfg.env))
-        if differ:
-            log.warning("the Production policy was trained with other observation settings (Production vs this "
-                        "config: %s): training from scratch", "; ".join(differ))
-        return not differ
+        return settings_mismatch(settings, PolicySettings.from_env(cfg.env))
     shape = tuple(load_module(find_module_dir(local)).observation_space.shape)
     if shape != (cfg.env.window * len(FEATURE_NAMES) + 2,):
-        log.warning("Production policy takes observations of shape %s, this config makes %d: training from scratch",
-                    shape, cfg.env.window * len(FEATURE_NAMES) + 2)
-        return False
-    return True
+        return (f"takes observations of shape {shape}, this config makes {cfg.env.window * len(FEATURE_NAMES) + 2} "
+                f"(window {cfg.env.window})")
+    return ""
+
+
+MISMATCH_KEYS = {"window": "env.window", "vol_window": "env.vol_window", "norm_window": "env.norm_window",
+                 "max_contracts": "env.instrument.max_contracts"}
+"""The observation settings a config can change, and the key that sets each."""
+
+
+def settings_mismatch(theirs: PolicySettings, ours: PolicySettings) -> str:
+    """Empty when a policy of ``theirs`` can go on training with ``ours``; else what differs (the
+    instrument and window always named) and the ``--set`` that continues it."""
+    if not theirs.observation_differences(ours):
+        return ""
+    differ = [k for k in MISMATCH_KEYS if k not in ("window",) and getattr(theirs, k) != getattr(ours, k)]
+
+    def describe(s: PolicySettings) -> str:
+        return f"{s.instrument['symbol']} with window {s.window}" + "".join(f", {k} {getattr(s, k)}" for k in differ)
+
+    text = f"trades {describe(theirs)}; this config is {describe(ours)}"
+    if (theirs.features, theirs.feature_set_version) != (ours.features, ours.feature_set_version):
+        return (f"{text}, and it reads other features (feature set v{theirs.feature_set_version} vs "
+                f"v{ours.feature_set_version}): this code cannot continue it")
+    fix = [f"env.instrument.preset={theirs.instrument['symbol']}"] if (
+        theirs.instrument["symbol"] != ours.instrument["symbol"] and theirs.instrument["symbol"] in PRESETS) else []
+    fix += [f"{key}={getattr(theirs, k)}" for k, key in MISMATCH_KEYS.items() if getattr(theirs, k) != getattr(ours, k)]
+    return f"{text}. To continue the deployed model use the config it was trained with, e.g. --set \"{' '.join(fix)}\""
+
+
+def retrain_plan(cfg: Config, production: ProductionModel | None) -> str:
+    """What the training is about to do and why, said before it starts (it may take hours)."""
+    n = cfg.train.iterations
+    budget = f"{n} iteration{'s' if n != 1 else ''} of {cfg.train.train_batch_size:,} steps"
+    if production is None:
+        return f"nothing in Production: training a first model from scratch ({budget})"
+    label = f"Production {cfg.promotion.model_name} v{production.version}"
+    if production.warm_start:
+        return f"warm start from {label} ({budget})"
+    text, _, fix = production.why_not.partition(". ")
+    return f"{label} {text}: training a NEW model from scratch ({budget}), not a warm start{f'. {fix}' if fix else ''}"
 
 
 def retrain_window(bars: pd.DataFrame, history: int | None, since: pd.Timestamp | None) -> tuple[pd.DataFrame, str]:
@@ -293,6 +331,9 @@ def train_evaluate_promote(cfg: Config, ingested: Any = None, since: pd.Timestam
     bars.attrs.update(source=str(ingested.path), path=str(ingested.path))
     production = production_model(cfg)
     init, parent_tags = (str(production.local), production.tags()) if production and production.warm_start else (None, None)
+    plan = retrain_plan(cfg, production)
+    log.log(logging.WARNING if production and not production.warm_start else logging.INFO, "retrain: %s", plan)
+    mlflow.set_tag("cycle.plan", plan[:5000])
     with ray_session(cfg), tempfile.TemporaryDirectory(prefix="nt8-cycle-") as tmp:
         offline = None
         if buffer is not None and cfg.continuous_learning.offline_pass != "none":
@@ -324,7 +365,7 @@ def train_evaluate_promote(cfg: Config, ingested: Any = None, since: pd.Timestam
     mlflow.set_tags({"cycle.created_versions": ",".join([*created, trained.registered_version or model_uri]),
                      "cycle.compared_with": f"v{before}" if before else "none (first model)"})
     return {"ingest": ingested, "train": trained, "model_uri": model_uri, "evaluate": evaluated, "promote": decision,
-            "offline": offline}
+            "offline": offline, "plan": plan}
 
 
 def _offline(cfg: Config, buffer: ExperienceBuffer, production: ProductionModel | None, bars: pd.DataFrame,
@@ -626,6 +667,8 @@ def summary(cfg: Config, result: dict[str, Any]) -> str:
                          f"{f'; ACTION {watched.action}' if watched.action else ''}")
     if "retrain" in result:
         lines.append(f"  retrain: {trained(result['retrain']) if result['retrain'] else 'not due'}")
+        if result["retrain"]:
+            lines.append(f"    ({result['retrain']['plan']})")
     if isinstance(result.get("finetune"), dict):
         tuned = result["finetune"]["finetune"]
         lines.append(f"  fine-tuning: {cfg.finetune.register_model} v{tuned.version} {tuned.decision} (validation loss "
