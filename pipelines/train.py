@@ -5,8 +5,11 @@
     mlflow run . -e train -P data=bars.parquet -P iterations=50 --env-manager local
 
 Trains on the training split, runs a deterministic validation backtest every
-``train.eval_every`` iterations, keeps the best checkpoint by ``train.val_metric`` and stops
-early after ``train.patience`` iterations without improvement. The best policy is logged as an
+``train.eval_every`` iterations (``val/<metric>``: each metric's median over
+``train.val_windows`` windows), keeps the checkpoint with the best ``val/<train.val_metric>`` and
+stops early after ``train.patience`` iterations without improvement. The selected checkpoint's
+values are the run's ``val_best/<metric>`` and its ``sharpe``, ``total_return``, ... (the names
+evaluate and promote runs use). The best policy is logged as an
 MLflow pyfunc model (no Ray needed to load it) and registered as a new version of
 ``train.register_model`` (``nt8-agent``).
 """
@@ -35,6 +38,7 @@ from mlproject.cluster import ray_session
 from mlproject.config import Config
 from mlproject.data import load_source, split_bars
 from mlproject.evaluation import backtest
+from mlproject.instruments import PRESETS
 from mlproject.metrics import periods_per_year
 from mlproject.policy import (
     MODULE_SUBDIR,
@@ -166,10 +170,6 @@ def check_finite(algo: Any, iteration: int) -> None:
 EPISODE_KEYS = ("train/episode_return_mean", "train/episode_len_mean")
 """Episode statistics RLlib reports only when an episode ended (carried forward in between)."""
 
-SELECTION = "selection"
-"""The validation metric the best checkpoint is chosen on (``val/selection``)."""
-
-
 def selection_rule(cfg: Config) -> str:
     return (f"median {cfg.train.val_metric} over {cfg.train.val_windows} equal windows of the validation split "
             f"(deterministic backtests, every {cfg.train.eval_every} iterations)")
@@ -177,13 +177,16 @@ def selection_rule(cfg: Config) -> str:
 
 def validate(algo: Any, bars: pd.DataFrame, cfg: Config) -> dict[str, float]:
     """Deterministic backtest of the current policy on ``train.val_windows`` windows of the
-    validation split: every metric's mean over the windows, and ``selection``, the median of
-    ``train.val_metric`` over them (NaN windows, such as no trades, count as the worst)."""
+    validation split: every metric's median over the windows (logged as ``val/<metric>``; the
+    selected checkpoint's are ``val_best/<metric>`` and the run's ``sharpe``, ``total_return``, ...).
+    For ``train.val_metric``, the selection score, a window where it is undefined (no trades)
+    counts as the worst; the other metrics' medians skip such windows."""
     report = backtest(module_policy(algo.get_module()), bars, cfg.env.model_dump(), cfg.train.val_windows,
                       seed=cfg.seed, name="validation")
-    metrics = {k: v for k, v in report.summary().items() if not k.endswith("_std")}
-    per_window = report.per_window()[cfg.train.val_metric].to_numpy(dtype=float)
-    metrics[SELECTION] = float(np.median(np.where(np.isfinite(per_window), per_window, -np.inf)))
+    frame = report.per_window()
+    metrics = {k: float(frame[k].replace([np.inf, -np.inf], np.nan).median()) for k in frame.columns}
+    per_window = frame[cfg.train.val_metric].to_numpy(dtype=float)
+    metrics[cfg.train.val_metric] = float(np.median(np.where(np.isfinite(per_window), per_window, -np.inf)))
     return metrics
 
 
@@ -192,21 +195,53 @@ def _score(metrics: dict[str, float], name: str) -> float:
     return value if math.isfinite(value) else -math.inf  # undefined (e.g. no trades) never wins
 
 
-def warm_start(algo: Any, module_dir: Path, obs_shape: tuple[int, ...], parent_settings: Any = None,
-               settings: Any = None) -> None:
-    """Load a parent policy's weights into the learner and the env runners. The parent must
-    read the same observations (its recorded settings, when it has them, else its input shape)."""
+def settings_overrides(parent: PolicySettings) -> list[str]:
+    """``--set`` items that make a config build ``parent``'s observations and contract (the
+    recorded instrument as its preset plus the fields that differ from it, or every field)."""
+    items = [f"env.window={parent.window}", f"env.vol_window={parent.vol_window}",
+             f"env.norm_window={parent.norm_window}"]
+    recorded = dict(parent.instrument)
+    symbol = str(recorded.pop("symbol", "") or "")
+    preset = PRESETS.get(symbol.split()[0].upper()) if symbol.strip() else None
+    if preset is not None:  # its preset (a contract month such as "ES 12-24" is shown by its preset)
+        items.append(f"env.instrument.preset={preset.symbol}")
+        recorded = {k: v for k, v in recorded.items() if preset.to_dict().get(k) != v}
+    else:
+        items.append(f"env.instrument.symbol={symbol}")
+    items += [f"env.instrument.{k}={v}" for k, v in recorded.items()]
+    return items
+
+
+def check_init_from(uri: str, parent: PolicySettings | None, settings: PolicySettings) -> None:
+    """Refuse an ``--init-from`` model recorded with other observation settings than this run's
+    config (``PolicySettings.observation_differences``): a user who names a model to continue must
+    not get a fresh one. The message names them and how to continue it (the ``--set`` items of the
+    model's recorded settings that this config lacks, its instrument included)."""
+    differ = parent.observation_differences(settings) if parent is not None else []
+    if not differ:
+        return
+    wanted = [item for item in settings_overrides(parent) if item not in settings_overrides(settings)]
+    fix = " ".join(f"--set {item}" for item in wanted)
+    features = (f" (its features, feature-set version {parent.feature_set_version}, need the code it was trained "
+                "with: its git_commit tag)" if parent.features != settings.features
+                or parent.feature_set_version != settings.feature_set_version else "")
+    raise ValueError(f"--init-from {uri} was trained with other settings than this config (model vs config: "
+                     f"{'; '.join(differ)}): use the config it was trained with (its settings are in the model's "
+                     f"MLmodel metadata.nt8_policy){f', e.g. {fix}' if fix else ''}{features}, or drop --init-from "
+                     "to train from scratch")
+
+
+def warm_start(algo: Any, module_dir: Path, obs_shape: tuple[int, ...]) -> None:
+    """Load a parent policy's weights into the learner and the env runners. Its recorded settings
+    were checked before the run (:func:`check_init_from`); a model that records none must at least
+    take observations of this config's shape."""
     from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_LEARNER_GROUP, COMPONENT_RL_MODULE
 
-    if parent_settings is not None and settings is not None:
-        differ = parent_settings.observation_differences(settings)
-        if differ:
-            raise ValueError(f"--init-from policy was trained with other observation settings than this config "
-                             f"(parent vs this run): {'; '.join(differ)}")
     parent = load_module(module_dir)
     if tuple(parent.observation_space.shape) != tuple(obs_shape):
         raise ValueError(f"--init-from policy expects observations of shape {parent.observation_space.shape}, this "
-                         f"config makes {obs_shape} (env.window or features differ)")
+                         f"config makes {obs_shape} (env.window or features differ): use the config it was trained "
+                         "with, or drop --init-from to train from scratch")
     component = f"{COMPONENT_LEARNER_GROUP}/{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}/default_policy"
     algo.restore_from_path(str(module_dir), component=component)
 
@@ -278,8 +313,8 @@ def train_loop(algo: Any, cfg: Config, iterations: int, val_bars: pd.DataFrame, 
         if it % t.eval_every == 0 or it == iterations:
             val = validate(algo, val_bars, cfg)
             metrics.update({f"val/{k}": v for k, v in val.items() if math.isfinite(v)})
-            if _score(val, SELECTION) > best["score"] or best["iteration"] == 0:
-                best.update(score=_score(val, SELECTION), metrics=val, iteration=it)
+            if _score(val, t.val_metric) > best["score"] or best["iteration"] == 0:
+                best.update(score=_score(val, t.val_metric), metrics=val, iteration=it)
                 shutil.rmtree(best["dir"], ignore_errors=True)
                 algo.save_to_path(str(best["dir"]))
         # Steps are env steps sampled so far: curves of runs with other batch sizes line up.
@@ -288,7 +323,7 @@ def train_loop(algo: Any, cfg: Config, iterations: int, val_bars: pd.DataFrame, 
         elapsed = time.perf_counter() - started
         log.info("iter %d/%d env_steps=%d return_mean=%.4g val median %s=%.4g (best %.4g @%d) steps/s=%.0f eta=%.0fs",
                  it, iterations, metrics.get("train/env_steps", 0), metrics.get("train/episode_return_mean", math.nan),
-                 t.val_metric, metrics.get(f"val/{SELECTION}", math.nan), best["score"], best["iteration"],
+                 t.val_metric, metrics.get(f"val/{t.val_metric}", math.nan), best["score"], best["iteration"],
                  metrics.get("train/steps_per_s", math.nan), elapsed / it * (iterations - it))
         if it - best["iteration"] >= t.patience:
             log.info("early stop: no better median val %s for %d iterations", t.val_metric, t.patience)
@@ -334,17 +369,27 @@ def main(cfg: Config, data: str | None = None, iterations: int | None = None, in
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
     setup_tracking(cfg)
+    # Before the data, the run and Ray: a model to continue that reads other observations fails here.
+    parent = parent_policy(init_from, cfg, parent_tags) if init_from else None
     bars = load_source(cfg) if bars is None else bars
     with pipeline_run(cfg, "train") as run:
         # Before Ray starts and before any iteration: too few bars in a split fails here (a
         # FAILED run saying which split needs how many bars), not at the first validation.
         splits, source, settings = preflight(cfg, bars)
         with ray_session(cfg), tempfile.TemporaryDirectory(prefix="nt8-train-") as tmp:
-            return _train(cfg, run, splits, source, settings, iterations, init_from, Path(tmp), parent_tags)
+            return _train(cfg, run, splits, source, settings, iterations, parent, Path(tmp))
 
 
-def _train(cfg: Config, run: Any, splits: Any, source: str, settings: Any, iterations: int, init_from: str | None,
-           tmp: Path, parent_tags: dict[str, str] | None = None) -> TrainResult:
+def parent_policy(init_from: str, cfg: Config, parent_tags: dict[str, str] | None = None) -> tuple[Path, dict[str, str]]:
+    """The ``--init-from`` model's RLModule folder and the tags that name it (``parent_tags`` on
+    top: what a folder the cycle prepared stands for), after :func:`check_init_from`."""
+    module_dir, tags, recorded = resolve_init_from(init_from)
+    check_init_from(init_from, recorded, PolicySettings.from_env(cfg.env))
+    return module_dir, {**tags, **(parent_tags or {})}
+
+
+def _train(cfg: Config, run: Any, splits: Any, source: str, settings: Any, iterations: int,
+           parent: tuple[Path, dict[str, str]] | None, tmp: Path) -> TrainResult:
     """Build the algorithm, train, log and register the best policy (inside the train run)."""
     import mlflow
     import ray
@@ -359,15 +404,13 @@ def _train(cfg: Config, run: Any, splits: Any, source: str, settings: Any, itera
             "ray.cluster": ray.get_runtime_context().gcs_address, "ray.env_runners": str(cfg.train.num_env_runners),
             "algorithm": cfg.train.algorithm, "config_digest": config_digest(cfg),
             "data.train_window": f"{splits.train.index[0]} .. {splits.train.index[-1]}"}
-    if init_from:
-        module_dir, parent, parent_settings = resolve_init_from(init_from)
-        warm_start(algo, module_dir, algo.get_module().observation_space.shape, parent_settings, settings)
-        tags.update(parent)
-        tags.update(parent_tags or {})
+    if parent is not None:
+        warm_start(algo, parent[0], algo.get_module().observation_space.shape)
+        tags.update(parent[1])
     mlflow.set_tags(tags)
     log.info("training %s on %d bars (%s), validating on %d, device=%s%s", cfg.train.algorithm,
              len(splits.train), tags["data.train_window"], len(splits.validation), device,
-             f", warm start from {tags.get('parent_uri', init_from)}" if init_from else "")
+             f", warm start from {tags['parent_uri']}" if parent is not None else "")
     try:
         best = train_loop(algo, cfg, iterations, splits.validation, tmp)
     finally:
@@ -378,7 +421,9 @@ def _train(cfg: Config, run: Any, splits: Any, source: str, settings: Any, itera
     mlflow.log_metric("val_best/iteration", best["iteration"])
     mlflow.log_artifacts(str(best["dir"]), "checkpoint")
     info = log_policy_model(best["dir"] / MODULE_SUBDIR, _observations(splits.validation, cfg, 8), settings)
-    log_headline(best["metrics"], info.model_id)  # the selected checkpoint on validation, named as evaluate names it
+    # The selected checkpoint's medians over the validation windows (its val/... values), under the
+    # names the evaluate and promote runs use, so that "Compare" lines the three runs up.
+    log_headline(best["metrics"], info.model_id)
     registered = None
     if cfg.train.register_model:
         version_tags = {**tags, "git_commit": git_commit() or "unknown", "run_id": run.info.run_id,

@@ -124,6 +124,16 @@ def test_run_logs_metrics_params_data_checkpoint_and_version(trained_store):
     for tag in ("config_digest", "git_commit", "data.train_window", "run_id"):
         assert version.tags[tag], tag
     assert version.tags["run_id"] == result.run_id and "parent_version" not in version.tags
+    # One "validation Sharpe": the run's sharpe (the name evaluate and promote runs use) is the
+    # selected checkpoint's val/sharpe, its median over the validation windows, and so are
+    # val_best/sharpe, the selection score and the version's tag; no other name holds another.
+    best = int(run.data.metrics["val_best/iteration"])
+    curve = {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(result.run_id, "val/sharpe")}
+    selected = curve[best * cfg.train.train_batch_size]
+    assert cfg.train.val_metric == "sharpe" and math.isfinite(selected)
+    assert run.data.metrics["sharpe"] == selected == run.data.metrics["val_best/sharpe"] == result.best_metric
+    assert float(version.tags["val_median_sharpe"]) == selected
+    assert not [k for k in run.data.metrics if "selection" in k]
 
 
 def test_pyfunc_loads_in_a_fresh_process_without_ray(trained_store, tmp_path):
@@ -177,14 +187,42 @@ def test_warm_start_rejects_a_policy_for_other_observations(trained_store):
     uri, result, cfg, _ = trained_store
     from mlproject.policy import PolicySettings
 
-    module_dir, _, parent_settings = train.resolve_init_from(f"models:/nt8-agent/{result.registered_version}")
-    with pytest.raises(ValueError, match="expects observations of shape"):
+    parent_uri = f"models:/nt8-agent/{result.registered_version}"
+    module_dir, _, parent_settings = train.resolve_init_from(parent_uri)
+    with pytest.raises(ValueError, match="expects observations of shape .* or drop --init-from"):
         train.warm_start(None, module_dir, (7,))
+    train.check_init_from(parent_uri, parent_settings, PolicySettings.from_env(cfg.env))  # its own config: fine
     other = PolicySettings.from_env(cfg.env.model_copy(update={"norm_window": 50}))
-    with pytest.raises(ValueError, match="other observation settings .*: norm_window 100 vs 50"):
-        train.warm_start(None, module_dir, (82,), parent_settings, other)
+    with pytest.raises(ValueError, match=r"\(model vs config: norm_window 100 vs 50\).* e\.g\. --set env\.norm_window=100,"):
+        train.check_init_from(parent_uri, parent_settings, other)
     with pytest.raises(ValueError, match="no version of 'nt8-agent' is in stage 'Production'"):
         train.resolve_init_from("models:/nt8-agent/Production")
+
+
+def test_init_from_a_model_of_other_settings_exits_2_saying_how_to_continue_it(trained_store):
+    """The README's `python -m pipelines.train --init-from models:/nt8-agent/Production` with the
+    default config (ES, window 32, 1 contract) on the demo's model (MES, window 16, 2 contracts):
+    one line naming the settings and the --set items that continue the model, before any run or
+    Ray starts; those items make the check pass."""
+    from mlproject.config import load_config
+    from mlproject.policy import PolicySettings
+
+    uri, result, cfg, folder = trained_store
+    parent_uri = f"models:/nt8-agent/{result.registered_version}"
+    runs_before = len(mlflow.search_runs(search_all_experiments=True, output_format="list"))
+    out = run_module(["python", "-m", "pipelines.train", "--init-from", parent_uri,
+                      "--set", f"mlflow.experiment={cfg.mlflow.experiment}"], cwd=folder, env={"MLFLOW_TRACKING_URI": uri})
+    assert out.returncode == 2, out.stderr[-2000:]
+    error = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert error == [
+        f"error: --init-from {parent_uri} was trained with other settings than this config (model vs config: "
+        "window 16 vs 32; max_contracts 2 vs 1): use the config it was trained with (its settings are in the "
+        "model's MLmodel metadata.nt8_policy), e.g. --set env.window=16 --set env.instrument.preset=MES "
+        "--set env.instrument.max_contracts=2, or drop --init-from to train from scratch"], out.stderr[-2000:]
+    assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == runs_before
+    suggested = error[0].split("e.g. ")[1].split(", or drop")[0].replace("--set ", "").split()
+    _, _, parent_settings = train.resolve_init_from(parent_uri)
+    train.check_init_from(parent_uri, parent_settings, PolicySettings.from_env(load_config(None, suggested).env))
 
 
 def test_mlflow_run_train_entry_point(tmp_path, mlflow_store):
@@ -214,8 +252,8 @@ def test_early_stopping_keeps_the_best_checkpoint(ray_session, mlflow_store, sma
         algo.stop()
     assert best["iterations_run"] < 40  # a validation without improvement came before the budget ran out
     assert best["iterations_run"] - best["iteration"] == cfg.train.patience
-    scores = [h.get("val/selection", -math.inf) for h in best["history"] if "val/sharpe" in h]
-    assert best["score"] == max(scores) == best["history"][best["iteration"] - 1].get("val/selection", -math.inf)
+    scores = [h.get("val/sharpe", -math.inf) for h in best["history"] if "val/total_return" in h]
+    assert best["score"] == max(scores) == best["history"][best["iteration"] - 1].get("val/sharpe", -math.inf)
     saved = load_module(best["dir"])
     assert saved.observation_space.shape == (cfg.env.window * 5 + 2,)
 
