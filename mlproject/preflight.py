@@ -101,9 +101,18 @@ def instrument_fit_warnings(bars: pd.DataFrame, spec: Any, initial_equity: float
     return out
 
 
+CHECKED = "instrument_checked"
+"""``bars.attrs`` key: these bars are part of a file already checked (its name), by a driver that
+hands slices of it to several steps (the walk-forward: train, evaluate and promote at every
+decision point); the steps do not warn again, each time naming a temporary slice file."""
+
+
 def warn_if_instrument_misfits(bars: pd.DataFrame, cfg: Any) -> list[str]:
     """:func:`instrument_fit_warnings` for ``cfg``'s instrument, logged; tagged on the active
-    MLflow run (``data.warnings``) when there is one."""
+    MLflow run (``data.warnings``) when there is one. Nothing for bars marked :data:`CHECKED`."""
+    if bars.attrs.get(CHECKED):
+        log.debug("instrument fit: %s was checked as a whole already", bars.attrs[CHECKED])
+        return []
     found = instrument_fit_warnings(bars, resolve_instrument(cfg.env.instrument), cfg.env.initial_equity,
                                     cfg.data.checks, _source(bars, cfg))
     for text in found:

@@ -74,6 +74,25 @@ def log_metric_batch(run_id: str, points: list[tuple[str, float, int]]) -> None:
         MlflowClient().log_batch(run_id, metrics=metrics[start:start + 1000])
 
 
+CURVE_POINTS = 500
+"""At most this many points per curve logged by :func:`log_curves` (every k-th point, the last
+one always): the UI draws a few hundred points as well as a million, and loads them faster."""
+
+
+def log_curves(run_id: str, curves: dict[str, Any], points: int = CURVE_POINTS) -> None:
+    """Log each curve (key -> 1-d array) as step metrics on ``run_id``: step = index in the
+    curve, thinned evenly to ``points`` (first and last kept)."""
+    import numpy as np
+
+    batch = []
+    for key, values in curves.items():
+        values = np.asarray(values, dtype=float)
+        keep = np.unique(np.linspace(0, len(values) - 1, points).round().astype(int)) if len(values) > points \
+            else np.arange(len(values))
+        batch += [(key, float(values[i]), int(i)) for i in keep]
+    log_metric_batch(run_id, batch)
+
+
 def mark_model_training(experiment_id: str) -> None:
     """Tag the experiment as model development (once: a tagged one is left alone)."""
     from mlflow import MlflowClient

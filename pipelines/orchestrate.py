@@ -81,11 +81,12 @@ from mlproject.policy import (
     load_policy_model,
     read_settings,
 )
+from mlproject.preflight import CHECKED, warn_if_instrument_misfits
 from mlproject.reasoner.engine import ReasonerUnavailable, ReasoningEngine
 from mlproject.reflection import PROMPT
-from mlproject.registry import cleanup, production_version, rollback_target, status
+from mlproject.registry import HISTORY_TAG, cleanup, production_version, rollback_target, status
 from mlproject.signals import Stopped, install, restore
-from mlproject.tracking import pipeline_run, setup_tracking
+from mlproject.tracking import log_curves, pipeline_run, setup_tracking
 from pipelines import annotate, collect, evaluate, ingest, monitor, promote, train
 from pipelines import finetune as finetune_step
 
@@ -547,8 +548,84 @@ def simulate(cfg: Config, periods: int, start_fraction: float) -> dict[str, Any]
         raise ValueError(f"simulate: {n} bars split at {start_fraction:g} into {periods} periods leave {first} bars "
                          f"before the first decision point and {step} per period; need at least {history_bars + 2} "
                          "and 2: a larger --start-fraction, fewer --periods or more bars")
+    # Once on the whole file, naming it; the slices each step reads are marked checked.
+    warn_if_instrument_misfits(bars, cfg)
+    bars.attrs[CHECKED] = str(bars.attrs.get("path") or bars.attrs.get("source") or cfg.data.source)
     run_id = mlflow.active_run().info.run_id
     name = f"{cfg.promotion.model_name}-sim-{run_id[:8]}"
+    drop_sim_models(cfg.promotion.model_name)  # what killed simulations left
+    from mlflow import MlflowClient
+
+    MlflowClient().create_registered_model(name, tags={SIM_RUN_TAG: run_id}, description=(
+        f"Versions of the walk-forward simulation run {run_id}; deleted when it ends (its models stay "
+        "in the run's artifacts)."))
+    try:
+        out = _walk_forward(cfg, bars, points, history_bars, name)
+        out["registry"] = status(name)
+    finally:  # the user's Models page lists their models, not every simulation's
+        drop_sim_models(cfg.promotion.model_name, only=name)
+    m = out["metrics"]
+    log.info("simulate: learning %s vs never retrained %s vs buy-and-hold %s (total return); paired p=%.3g",
+             f"{m['learning']['total_return']:.4f}", f"{m['never_retrained']['total_return']:.4f}",
+             f"{m['buy_hold']['total_return']:.4f}", out["paired"].get("p_value", math.nan))
+    return out
+
+
+SIM_RUN_TAG = "sim.run_id"
+"""Registered-model tag: the simulation run whose versions the model holds."""
+
+
+def drop_sim_models(model_name: str, only: str | None = None) -> list[str]:
+    """Delete the registered model ``only`` (a simulation's, at its end), or every
+    ``<model_name>-sim-*`` model whose simulation run no longer runs (killed ones' leftovers),
+    with their registry history runs. Returns the names deleted."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    models = client.search_registered_models(filter_string=f"name = '{only}'" if only else
+                                             f"name LIKE '{model_name}-sim-%'")
+    deleted = []
+    for model in models:
+        if only is None and _sim_running(client, model):
+            continue
+        client.delete_registered_model(model.name)
+        history = model.tags.get(HISTORY_TAG)
+        if history:
+            try:
+                client.delete_run(history)
+            except MlflowException:  # already gone
+                pass
+        deleted.append(model.name)
+    if deleted:
+        log.info("simulate: deleted the registered model(s) %s (the runs keep their logged models)",
+                 ", ".join(deleted))
+    return deleted
+
+
+def _sim_running(client: Any, model: Any) -> bool:
+    """Whether the simulation that registered ``model`` still runs (its run, else the parent of a
+    version's run: models of before the tag)."""
+    from mlflow.exceptions import MlflowException
+
+    run_id = model.tags.get(SIM_RUN_TAG)
+    try:
+        if run_id is None:
+            versions = client.search_model_versions(f"name='{model.name}'", max_results=1)
+            if not versions or not versions[0].run_id:
+                return False
+            run_id = client.get_run(versions[0].run_id).data.tags.get("mlflow.parentRunId")
+        return bool(run_id) and client.get_run(run_id).info.status == "RUNNING"
+    except MlflowException:  # the run was deleted
+        return False
+
+
+def _walk_forward(cfg: Config, bars: pd.DataFrame, points: list[int], history_bars: int,
+                  name: str) -> dict[str, Any]:
+    """The simulation proper (see :func:`simulate`), its versions registered as ``name``."""
+    import mlflow
+
+    periods = len(points) - 1
     reports = {agent: EvalReport(agent) for agent in ("learning", "never_retrained", "buy_hold")}
     decisions = []
     with tempfile.TemporaryDirectory(prefix="nt8-sim-") as tmp:
@@ -579,26 +656,26 @@ def simulate(cfg: Config, periods: int, start_fraction: float) -> dict[str, Any]
                                                         first_bar=history_bars).windows)
             log.info("simulate: period %d/%d (%s .. %s) traded by v%s (never retrained: v%s)", k + 1, periods,
                      period.index[history_bars], period.index[-1], production, frozen)
-        ppy = periods_per_year(bars.index)
-        equity, out = {}, {}
-        for agent, report in reports.items():
-            returns = report.returns()
-            equity[agent] = cfg.env.initial_equity * np.cumprod(np.r_[1.0, 1.0 + returns])
-            out[agent] = {"total_return": total_return(equity[agent]), "sharpe": sharpe_ratio(returns, ppy),
-                          "max_drawdown": max_drawdown(equity[agent]),
-                          "n_trades": float(sum(len(w.trades) for w in report.windows))}
-            for k, window in enumerate(report.windows):
-                mlflow.log_metric(f"sim/{agent}/period_return", float(window.metrics["total_return"]), step=k)
-        paired = paired_comparison(reports["learning"], reports["never_retrained"])
-        mlflow.log_metrics({f"sim/{agent}/{k}": v for agent, m in out.items() for k, v in m.items()
-                            if math.isfinite(v)})
-        mlflow.log_metrics({f"sim/paired/{k}": v for k, v in paired.items() if math.isfinite(v)})
-        mlflow.set_tags({"sim.points": ",".join(str(bars.index[p]) for p in points[:-1]),
-                         "sim.decisions": ",".join(decisions), "sim.model_name": name})
-        mlflow.log_figure(_sim_figure(equity), "sim/equity.png")
-    log.info("simulate: learning %s vs never retrained %s vs buy-and-hold %s (total return); paired p=%.3g",
-             f"{out['learning']['total_return']:.4f}", f"{out['never_retrained']['total_return']:.4f}",
-             f"{out['buy_hold']['total_return']:.4f}", paired.get("p_value", math.nan))
+    ppy = periods_per_year(bars.index)
+    equity, out = {}, {}
+    for agent, report in reports.items():
+        returns = report.returns()
+        equity[agent] = cfg.env.initial_equity * np.cumprod(np.r_[1.0, 1.0 + returns])
+        out[agent] = {"total_return": total_return(equity[agent]), "sharpe": sharpe_ratio(returns, ppy),
+                      "max_drawdown": max_drawdown(equity[agent]),
+                      "n_trades": float(sum(len(w.trades) for w in report.windows))}
+        for k, window in enumerate(report.windows):
+            mlflow.log_metric(f"sim/{agent}/period_return", float(window.metrics["total_return"]), step=k)
+    # The curves as step metrics (step = out-of-sample bar): "equity/" sorts before "sim/", so the
+    # run's page opens on them, not on single-value bars.
+    log_curves(mlflow.active_run().info.run_id, {f"equity/{agent}": curve for agent, curve in equity.items()})
+    paired = paired_comparison(reports["learning"], reports["never_retrained"])
+    mlflow.log_metrics({f"sim/{agent}/{k}": v for agent, m in out.items() for k, v in m.items()
+                        if math.isfinite(v)})
+    mlflow.log_metrics({f"sim/paired/{k}": v for k, v in paired.items() if math.isfinite(v)})
+    mlflow.set_tags({"sim.points": ",".join(str(bars.index[p]) for p in points[:-1]),
+                     "sim.decisions": ",".join(decisions), "sim.model_name": name})
+    mlflow.log_figure(_sim_figure(equity), "sim/equity.png")
     return {"metrics": out, "paired": paired, "decisions": decisions, "points": points, "equity": equity,
             "reports": reports, "model_name": name}
 
@@ -684,11 +761,15 @@ def summary(cfg: Config, result: dict[str, Any]) -> str:
         rev = result["review"]
         lines.append(f"  review: compared versions {', '.join(rev['versions']) or 'none'}; archived "
                      f"{', '.join(rev['archived']) or 'none'}")
-    name = result["simulate"]["model_name"] if result.get("simulate") else cfg.promotion.model_name
-    try:
-        lines.append(status(name))
-    except ValueError:  # nothing registered yet
-        lines.append(f"no {name} version registered yet")
+    name = cfg.promotion.model_name
+    if result.get("simulate"):  # its versions, as they were before the simulation deleted them
+        lines.append(f"{result['simulate']['registry']}\n  (deleted at the end of the simulation: its models "
+                     f"stay in the runs' artifacts)")
+    else:
+        try:
+            lines.append(status(name))
+        except ValueError:  # nothing registered yet
+            lines.append(f"no {name} version registered yet")
     lines.append(f"open the MLflow UI on this store: make ui, then {ui_link(result['run_id'])}")
     return "\n".join(lines)
 
