@@ -151,6 +151,14 @@ class MonitorState:
         atomic_write_text(self.path, json.dumps(self.data, indent=2))
 
 
+MONITOR_NOTE = (
+    "Live and paper results of {name} v{version} while it is in Production: one point per monitor pass "
+    "(step = pass), from every maintenance cycle and from `python -m pipelines.monitor`, beside its own "
+    "evaluation (`monitor/eval_...`). One run for the version's whole time in Production, so it sits at top "
+    "level; the cycle runs that made a pass link it (tag `cycle.monitor_run`).")
+"""The monitor run's description (shown on its page in the MLflow UI)."""
+
+
 def _monitor_run(cfg: Config, name: str, version: str, state: dict[str, Any]) -> str:
     """The long-running monitor run of this version (created on its first pass)."""
     from mlflow import MlflowClient
@@ -158,8 +166,12 @@ def _monitor_run(cfg: Config, name: str, version: str, state: dict[str, Any]) ->
     client = MlflowClient()
     if state.get("run_id"):
         return state["run_id"]
+    # Top level on purpose: the passes of every maintenance cycle and of `pipelines.monitor --loop`
+    # make one curve (step = pass) over the version's time in Production; nested under one cycle it
+    # would be a point per run. Each cycle run links it instead (tag cycle.monitor_run).
     run = client.create_run(experiment_id(cfg.mlflow.experiment), run_name=f"monitor {name} v{version}",
-                            tags={"pipeline.step": "monitor", "model_name": name, "model_version": version})
+                            tags={"pipeline.step": "monitor", "model_name": name, "model_version": version,
+                                  "mlflow.note.content": MONITOR_NOTE.format(name=name, version=version)})
     state["run_id"] = run.info.run_id
     return run.info.run_id
 

@@ -405,6 +405,8 @@ def maintenance(cfg: Config, buffer: ExperienceBuffer, state: CycleState) -> dic
         out["reconcile"] = _step("reconcile", reconcile, p.model_name, p.deploy_dir, p.keep_releases,
                                  lock_file=p.lock_file)
         out["monitor"] = _step("monitor", monitor.check, cfg)
+        if out["monitor"].run_id:  # the version's long-running monitor run (top level: one curve over passes)
+            mlflow.set_tag("cycle.monitor_run", out["monitor"].run_id)
     due = thresholds(cfg, buffer, state)
     out["thresholds"] = due
     mlflow.log_metrics({f"cycle/{k}": float(v) for k, v in due.items() if isinstance(v, (int, float))})
@@ -741,7 +743,7 @@ def summary(cfg: Config, result: dict[str, Any]) -> str:
                          f"{watched.stats.get('n_trades', 0):.0f} trades: "
                          f"{'; '.join(watched.breaches.values()) or 'no breach'}"
                          f"{'' if watched.enough else ' (sample too small to act)'}"
-                         f"{f'; ACTION {watched.action}' if watched.action else ''}")
+                         f"{f'; ACTION {watched.action}' if watched.action else ''} (run {watched.run_id})")
     if "retrain" in result:
         lines.append(f"  retrain: {trained(result['retrain']) if result['retrain'] else 'not due'}")
         if result["retrain"]:

@@ -11,6 +11,8 @@ from mlflow import MlflowClient
 
 from mlproject.config import load_config
 from mlproject.data import load_source
+from test_monitor import deployed  # noqa: F401 (fixture)
+from test_registry import store  # noqa: F401 (fixture)
 
 
 def test_a_simulation_warns_once_naming_the_file_and_leaves_no_sim_models_and_logs_equity_curves(
@@ -45,3 +47,20 @@ def test_a_simulation_warns_once_naming_the_file_and_leaves_no_sim_models_and_lo
         assert len(history) > 100 and max(m.step for m in history) == len(result["simulate"]["equity"][agent]) - 1
         assert history[0].value == pytest.approx(cfg.env.initial_equity)
     assert "(deleted at the end of the simulation" in result["summary"]
+
+
+def test_a_maintenance_cycle_links_the_versions_long_running_monitor_run(deployed, tmp_path):
+    """The monitor run stays top level (one curve over every pass, whichever cycle made it), says
+    so on its page, and each maintenance cycle run names it."""
+    from pipelines import orchestrate
+
+    cfg, paper, v1, v2 = deployed
+    paper.trades([10.0, -5.0])
+    runs = [orchestrate.main(cfg(), "maintenance") for _ in range(2)]
+    monitor_runs = {mlflow.get_run(r["run_id"]).data.tags["cycle.monitor_run"] for r in runs}
+    assert len(monitor_runs) == 1
+    monitor_run = mlflow.get_run(monitor_runs.pop())
+    assert monitor_run.info.run_name == f"monitor nt8-agent v{v2}" and "mlflow.parentRunId" not in monitor_run.data.tags
+    assert "sits at top level" in monitor_run.data.tags["mlflow.note.content"]
+    assert [m.step for m in MlflowClient().get_metric_history(monitor_run.info.run_id, "monitor/breaches")] == [1, 2]
+    assert f"(run {monitor_run.info.run_id})" in runs[1]["summary"]
