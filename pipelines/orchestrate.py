@@ -710,9 +710,22 @@ def ui_link(run_id: str, base: str = "http://127.0.0.1:5000") -> str:
     return f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning"
 
 
+def run_experiment(cfg: Config, run_id: str) -> str:
+    """"experiment <name>" of the experiment the run is in, which is not ``mlflow.experiment``
+    under `mlflow run` without --experiment-name (it creates the run, in Default, before our code
+    chooses): said so, rather than naming an experiment the run is not in."""
+    import mlflow
+
+    name = mlflow.get_experiment(mlflow.get_run(run_id).info.experiment_id).name
+    if name == cfg.mlflow.experiment:
+        return f"experiment {name}"
+    return (f"experiment {name}, not mlflow.experiment {cfg.mlflow.experiment}: `mlflow run` chose it; pass "
+            f"--experiment-name {cfg.mlflow.experiment} to it")
+
+
 def summary(cfg: Config, result: dict[str, Any]) -> str:
     """What a person reads at the end: versions, Production and why, key metrics, where to look."""
-    lines = [f"cycle {result['mode']} done (MLflow run {result['run_id']}, experiment {cfg.mlflow.experiment})"]
+    lines = [f"cycle {result['mode']} done (MLflow run {result['run_id']}, {run_experiment(cfg, result['run_id'])})"]
 
     def trained(step: dict[str, Any]) -> str:
         d = step.get("promote")

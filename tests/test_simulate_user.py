@@ -64,3 +64,22 @@ def test_a_maintenance_cycle_links_the_versions_long_running_monitor_run(deploye
     assert "sits at top level" in monitor_run.data.tags["mlflow.note.content"]
     assert [m.step for m in MlflowClient().get_metric_history(monitor_run.info.run_id, "monitor/breaches")] == [1, 2]
     assert f"(run {monitor_run.info.run_id})" in runs[1]["summary"]
+
+
+def test_the_summary_names_the_experiment_the_run_is_in(tmp_path, mlflow_store, monkeypatch):
+    """Under `mlflow run` (MLFLOW_RUN_ID: a run it created, in Default) the summary and its UI
+    link name the run's experiment, not the configured one."""
+    from pipelines import orchestrate
+
+    cfg = load_config(ROOT / "conf" / "smoke.yaml", [f"continuous_learning.experience_storage={tmp_path / 'b'}",
+                                                     f"continuous_learning.state_dir={tmp_path / 'state'}"])
+    run = MlflowClient().create_run("0")  # what `mlflow run .` does without --experiment-name
+    monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
+    result = orchestrate.main(cfg, "maintenance")
+    assert result["run_id"] == run.info.run_id
+    first = result["summary"].splitlines()[0]
+    assert "experiment Default, not mlflow.experiment nt8-rl-smoke" in first and "--experiment-name" in first, first
+    assert "/#/experiments/0/runs" in result["summary"]
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)  # MLflow unsets it once it resumed the run
+    again = orchestrate.main(cfg, "maintenance")["summary"].splitlines()[0]
+    assert again.endswith("experiment nt8-rl-smoke)"), again
