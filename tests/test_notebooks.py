@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_module, use_store
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
-FIXTURES = {"registry_and_runs.ipynb": "trained_store", "experience_buffer.ipynb": "filled_buffer",
+FIXTURES = {"registry_and_runs.ipynb": "trained_store_and_other_runs", "experience_buffer.ipynb": "filled_buffer",
             "finetune_curves.ipynb": "finetuned_store", "walk_forward.ipynb": "simulated_store"}
 """The data each notebook reads, made by the real pipelines under tmp_path (the kernel inherits
 MLFLOW_TRACKING_URI and NT8_EXPERIENCE_STORAGE)."""
@@ -38,6 +38,30 @@ def filled_buffer(tmp_path, monkeypatch):
     buffer.flush()
     monkeypatch.setenv("NT8_EXPERIENCE_STORAGE", str(tmp_path / "buffer"))
     return buffer
+
+
+@pytest.fixture
+def trained_store_and_other_runs(trained, tmp_path, monkeypatch):
+    """A copy of the session's trained store (artifacts stay where they are) with two more train
+    runs the registry notebook must not list: a FAILED one and a simulation's (registered under
+    ``nt8-agent-sim-...``). Returns (the trained run's id, the other two run ids)."""
+    import shutil
+
+    import mlflow
+
+    _, result, _, folder = trained
+    shutil.copy(folder / "mlflow.db", tmp_path / "mlflow.db")
+    use_store(monkeypatch, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    experiment = client.get_run(result.run_id).info.experiment_id
+    others = []
+    for status, model in (("FAILED", "nt8-agent"), ("FINISHED", "nt8-agent-sim-0123abcd")):
+        run = client.create_run(experiment, tags={"pipeline.step": "train"})
+        client.log_param(run.info.run_id, "train.register_model", model)
+        client.set_terminated(run.info.run_id, status)
+        others.append(run.info.run_id)
+    yield result.run_id, others
+    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture
@@ -99,8 +123,7 @@ def test_notebook_executes(path, monkeypatch, request):
     one against a store with a simulation."""
     import nbformat
 
-    if path.name in FIXTURES:
-        request.getfixturevalue(FIXTURES[path.name])
+    store = request.getfixturevalue(FIXTURES[path.name]) if path.name in FIXTURES else None
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     notebook = nbformat.read(path, as_version=4)
     problems = execute(notebook, path.parent)
@@ -109,13 +132,20 @@ def test_notebook_executes(path, monkeypatch, request):
         "the notebook showed nothing"
     if path.name in PLOTTED:  # it found the data: the empty-store messages show no plot
         assert any("image/png" in o.get("data", {}) for o in outputs(notebook)), shown_text(notebook)[-2000:]
+    if path.name == "registry_and_runs.ipynb":
+        import re
+
+        trained_run, others = store
+        shown = shown_text(notebook)
+        assert trained_run in shown and not any(run in shown for run in others), shown[-2000:]
+        assert "1 finished training runs of nt8-agent; not shown: 2" in shown
+        gaps = [int(n) for n in re.findall(r"lines broken at (\d+) session gaps", shown)]
+        assert gaps and min(gaps) > 0, shown[-2000:]  # RTH minute bars: the equity lines break overnight
 
 
 @pytest.mark.parametrize(("name", "says"), [
     pytest.param("experience_buffer.ipynb", "does not exist", id="experience_buffer.ipynb"),
     pytest.param("finetune_curves.ipynb", "no fine-tuning run yet", id="finetune_curves.ipynb"),
-    pytest.param("walk_forward.ipynb", "--mode simulate --config conf/simulate.yaml --periods 5",
-                 id="walk_forward.ipynb"),
 ])
 def test_notebooks_say_what_is_missing(name, says, tmp_path, mlflow_store, monkeypatch):
     """On an empty store and a missing buffer the notebooks run through and say what is missing
@@ -140,3 +170,18 @@ def test_a_failing_cell_is_reported(tmp_path, monkeypatch):
                                                nbformat.v4.new_code_cell("raise ValueError('broken cell')"),
                                                nbformat.v4.new_code_cell("x + 1")])
     assert execute(notebook, tmp_path) == ["cell 1: ValueError: broken cell"]
+
+
+def test_documented_nbconvert_command_runs_a_notebook(tmp_path, mlflow_store):
+    """The README's `jupyter nbconvert --to notebook --execute notebooks/<nb>.ipynb --output-dir
+    DIR`, from the repository root, on an empty store: the walk-forward notebook runs through and
+    says which command makes its data."""
+    import nbformat
+
+    out = run_module(["jupyter", "nbconvert", "--to", "notebook", "--execute", "notebooks/walk_forward.ipynb",
+                      "--output-dir", str(tmp_path / "out")], cwd=ROOT, env={"MLFLOW_TRACKING_URI": mlflow_store},
+                     timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    notebook = nbformat.read(tmp_path / "out" / "walk_forward.ipynb", as_version=4)
+    assert not [o for o in outputs(notebook) if o.output_type == "error"]
+    assert "--mode simulate --config conf/simulate.yaml --periods 5" in shown_text(notebook)
