@@ -2,7 +2,7 @@
 
     python -m pipelines.finetune [--config conf/default.yaml] [--base-model PATH|HUB_ID|tiny]
                                  [--data FOLDER] [--max-steps 200] [--lora-r 16] [--quantization 4bit]
-    python -m pipelines.finetune --prepare-only        # write train.jsonl / validation.jsonl only
+    python -m pipelines.finetune --prepare-only        # write train.jsonl / validation.jsonl only (no model needed)
     python -m pipelines.finetune --merge 3 --out merged/   # base + adapter of version 3 as one model folder
     mlflow run . -e finetune -P max_steps=200 --env-manager local
 
@@ -35,6 +35,7 @@ from mlproject.cli import base_parser, optional_int, run_cli
 from mlproject.config import Config
 from mlproject.experience import ExperienceBuffer
 from mlproject.quiet import quiet_checkpointing_rename, quiet_dataset_source
+from mlproject.reasoner.chat import check_prompt_format
 from mlproject.reasoner.data import Prepared, prepare, read_jsonl
 from mlproject.reasoner.engine import (
     ADAPTER_DIR,
@@ -73,9 +74,9 @@ def resolve_base(cfg: Config) -> str:
     return str(build_tiny_model(cfg.finetune.tiny_dir).resolve()) if base == TINY else base
 
 
-def prepare_data(cfg: Config, tokenizer: Any, data: str | None) -> Prepared:
-    """The train/validation pairs: prepared from the buffer, or read from ``data`` (a folder with
-    ``train.jsonl`` and ``validation.jsonl``); logged as the run's dataset inputs."""
+def prepare_data(cfg: Config, data: str | None) -> Prepared:
+    """The train/validation pairs: prepared from the buffer (no model needed), or read from ``data``
+    (a folder with ``train.jsonl`` and ``validation.jsonl``); logged as the run's dataset inputs."""
     import mlflow
 
     f = cfg.finetune
@@ -87,7 +88,7 @@ def prepare_data(cfg: Config, tokenizer: Any, data: str | None) -> Prepared:
         prepared = Prepared(folder / "train.jsonl", folder / "validation.jsonl", train, validation, {})
     else:
         buffer = ExperienceBuffer(cfg.continuous_learning.experience_storage)
-        prepared = prepare(buffer, tokenizer, f.output_dir, f.min_quality, f.validation_fraction, f.min_examples)
+        prepared = prepare(buffer, f.output_dir, f.min_quality, f.validation_fraction, f.min_examples)
         mlflow.log_metrics({f"finetune/dropped_{k}": float(v) for k, v in prepared.dropped.items()})
     for name, frame, path in (("train", prepared.train, prepared.train_path),
                               ("validation", prepared.validation, prepared.validation_path)):
@@ -254,11 +255,15 @@ def main(cfg: Config, base_model: str | None = None, data: str | None = None, ma
     f = cfg.finetune
     setup_tracking(cfg)
     with pipeline_run(cfg, "finetune") as run:
-        base = resolve_base(cfg)
-        tokenizer = load_tokenizer(base)
-        prepared = prepare_data(cfg, tokenizer, data)
+        mlflow.set_tag("finetune.base_model", f.base_model)
+        if not prepare_only:  # before the data: a base that is not here stops the run first
+            base = resolve_base(cfg)
+            tokenizer = load_tokenizer(base)
+            if not data:  # the buffer's pairs are in the R1-Distill-Llama form: the base must read them so
+                check_prompt_format(tokenizer, base)
+            mlflow.set_tag("finetune.base_path", base)
+        prepared = prepare_data(cfg, data)
         result = FinetuneResult(run.info.run_id, prepared)
-        mlflow.set_tags({"finetune.base_model": f.base_model, "finetune.base_path": base})
         if prepare_only:
             log.info("prepared %s and %s", prepared.train_path, prepared.validation_path)
             return result

@@ -13,10 +13,10 @@ import pytest
 from conftest import ROOT, run_module
 from mlproject.config import load_config
 from mlproject.experience import ExperienceBuffer
-from mlproject.reasoner.chat import BOS, THINK_CLOSE, completion_text, parse_reply, render_prompt
-from mlproject.reasoner.data import prepare, read_jsonl
+from mlproject.reasoner.chat import BOS, THINK_CLOSE, completion_text, parse_reply, r1_prompt, render_prompt
+from mlproject.reasoner.data import prepare, read_jsonl, trade_examples
 from mlproject.reasoner.tiny import build_tiny_model
-from mlproject.reflection import annotate_trades
+from mlproject.reflection import PROMPT, annotate_trades
 
 OBS = 4 * 5 + 2  # window 4, five features per bar, then the account
 
@@ -64,7 +64,7 @@ def test_the_dataset_keeps_the_reasoning_in_the_targets_one_bos_and_splits_by_ti
 
     tok = AutoTokenizer.from_pretrained(tiny)
     buffer = trades_buffer(tmp_path / "buffer", 10, duplicate=2)
-    prepared = prepare(buffer, tok, tmp_path / "ft", min_quality=0.0, validation_fraction=0.2, min_examples=4)
+    prepared = prepare(buffer, tmp_path / "ft", min_quality=0.0, validation_fraction=0.2, min_examples=4)
     assert prepared.dropped == {"below_quality": 0, "duplicates": 2}
     assert (len(prepared.train), len(prepared.validation)) == (8, 2)
     assert prepared.train["time"].max() < prepared.validation["time"].min()  # newest trades validate
@@ -81,8 +81,17 @@ def test_the_dataset_keeps_the_reasoning_in_the_targets_one_bos_and_splits_by_ti
 
     args = SFTConfig(output_dir=str(tmp_path / "o"), completion_only_loss=True, max_length=512, report_to="none",
                      use_cpu=True, bf16=False)
+    # The data is prepared with no tokenizer; the prompts are what the tokenizer's own chat
+    # template renders (how they were made before), so training sees the same token sequences.
+    facts = trade_examples(buffer)["facts"]
+    assert [r1_prompt(PROMPT.format(facts=f)) for f in facts] == [render_prompt(tok, PROMPT.format(facts=f))
+                                                                    for f in facts]
+    with_tokenizer = prepared.train.assign(prompt=[render_prompt(tok, PROMPT.format(facts=f))
+                                                   for f in prepared.train["facts"]])
     trainer = SFTTrainer(model=str(tiny), args=args, processing_class=tok,
-                         train_dataset=Dataset.from_pandas(prepared.train[["prompt", "completion"]]))
+                         train_dataset=Dataset.from_pandas(prepared.train[["prompt", "completion"]]),
+                         eval_dataset=Dataset.from_pandas(with_tokenizer[["prompt", "completion"]]))
+    assert trainer.train_dataset.to_list() == trainer.eval_dataset.to_list()
     example = trainer.train_dataset[0]
     assert example["input_ids"].count(tok.bos_token_id) == 1 and example["input_ids"][0] == tok.bos_token_id
     targets = [t for t, label in zip(example["input_ids"], example["labels"]) if label != -100]
@@ -90,8 +99,8 @@ def test_the_dataset_keeps_the_reasoning_in_the_targets_one_bos_and_splits_by_ti
     assert reasoning and reasoning in tok.decode(targets)
     assert "You review" not in tok.decode(targets)  # the prompt is not trained on
     with pytest.raises(ValueError, match="min_examples = 50"):
-        prepare(buffer, tok, tmp_path / "ft2", 0.0, 0.2, 50)
-    assert len(prepare(buffer, tok, tmp_path / "ft3", 0.7, 0.2, 2).train) < len(prepared.train)  # quality filter
+        prepare(buffer, tmp_path / "ft2", 0.0, 0.2, 50)
+    assert len(prepare(buffer, tmp_path / "ft3", 0.7, 0.2, 2).train) < len(prepared.train)  # quality filter
 
 
 def test_qlora_steps_change_every_lora_parameter_and_lower_the_loss(tmp_path, tiny):
@@ -104,7 +113,7 @@ def test_qlora_steps_change_every_lora_parameter_and_lower_the_loss(tmp_path, ti
     cfg = _cfg(tmp_path, tiny, **{"finetune.max_steps": 12})
     trades_buffer(tmp_path / "buffer", 8)
     tok = load_tokenizer(str(tiny))
-    prepared = prepare(ExperienceBuffer(tmp_path / "buffer"), tok, tmp_path / "ft", 0.0, 0.25, 4)
+    prepared = prepare(ExperienceBuffer(tmp_path / "buffer"), tmp_path / "ft", 0.0, 0.25, 4)
     base, _ = load_base(str(tiny), "4bit")
     assert "4bit" in type(base.model.layers[0].self_attn.q_proj).__name__  # bitsandbytes Linear4bit
     before_loss = finetune.completion_loss(base, tok, prepared.train, 320)
@@ -236,5 +245,26 @@ def test_a_cycle_without_the_base_model_skips_fine_tuning_and_says_why(tmp_path,
                                   "continuous_learning.state_dir": str(tmp_path / "state")})
     result = orchestrate.main(cfg, "finetune", force=True)
     assert result["finetune"].startswith("skipped: base model 'someone/not-downloaded-8B' is not on this machine")
-    assert "huggingface-cli download" in mlflow.get_run(result["run_id"]).data.tags["cycle.finetune"]
+    assert "`hf download someone/not-downloaded-8B` (into the Hugging Face cache)" in \
+        mlflow.get_run(result["run_id"]).data.tags["cycle.finetune"]
     assert "finetune" not in orchestrate.CycleState(tmp_path / "state").data  # the watermark did not move
+
+
+def test_prepare_only_needs_no_model_and_a_real_run_says_how_to_download_it(tmp_path, mlflow_store):
+    from mlproject.reasoner.engine import ReasonerUnavailable
+    from pipelines import finetune
+
+    trades_buffer(tmp_path / "buffer", 8)
+    missing = tmp_path / "no-such-base"
+    sets = {"finetune.base_model": str(missing), "finetune.output_dir": str(tmp_path / "ft"),
+            "continuous_learning.experience_storage": str(tmp_path / "buffer")}
+    out = run_module(["python", "-m", "pipelines.finetune", "--prepare-only", "--config", str(ROOT / "conf" / "smoke.yaml"),
+                      *sum((["--set", f"{k}={v}"] for k, v in sets.items()), [])], tmp_path,
+                     env={"MLFLOW_TRACKING_URI": mlflow_store})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(read_jsonl(tmp_path / "ft" / "train.jsonl")) == 6 and len(read_jsonl(tmp_path / "ft" / "validation.jsonl")) == 2
+    assert not missing.exists()
+    cfg = load_config(ROOT / "conf" / "smoke.yaml", [f"{k}={v}" for k, v in sets.items()])
+    with pytest.raises(ReasonerUnavailable, match=f"`hf download deepseek-ai/DeepSeek-R1-Distill-Llama-8B "
+                                                  f"--local-dir {missing}`"):
+        finetune.main(cfg)

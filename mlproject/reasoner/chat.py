@@ -6,7 +6,9 @@ turns, so a conversation rendered for training would lose the reasoning. Trainin
 plain prompt/completion strings: the prompt rendered with the generation prompt (which ends in
 ``<｜Assistant｜><think>\\n``), the completion ``reasoning + "\\n</think>\\n\\n" + answer``. The
 rendered prompt starts with the BOS text, and the Llama-3 tokenizer adds a BOS of its own, so
-the text's BOS is dropped (one BOS per sequence, as in pre-training).
+the text's BOS is dropped (one BOS per sequence, as in pre-training). The data is prepared with
+no model at all (:func:`r1_prompt`); training checks that its base's tokenizer renders prompts the
+same way (:func:`check_prompt_format`).
 """
 
 from __future__ import annotations
@@ -61,6 +63,27 @@ def render_prompt(tokenizer: Any, prompt: str) -> str:
     if bos and text.startswith(bos) and adds_bos(tokenizer):
         text = text[len(bos):]
     return text
+
+
+def r1_prompt(prompt: str) -> str:
+    """What :func:`render_prompt` gives with the R1-Distill-Llama tokenizer, with no tokenizer:
+    :data:`R1_DISTILL_TEMPLATE` rendered by transformers' own template renderer (the one
+    ``apply_chat_template`` calls), the BOS text dropped because the Llama-3 tokenizer adds one."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, _ = render_jinja_template([[{"role": "user", "content": prompt}]], chat_template=R1_DISTILL_TEMPLATE,
+                                        add_generation_prompt=True, bos_token=BOS, eos_token=EOS)
+    return rendered[0].removeprefix(BOS)
+
+
+def check_prompt_format(tokenizer: Any, base: str) -> None:
+    """Raise ValueError when ``tokenizer`` (of ``base``) renders a prompt otherwise than
+    :func:`r1_prompt`, the form the prepared data is in (another template, no BOS of its own)."""
+    probe = "Is this prompt rendered the R1-Distill-Llama way?"
+    theirs, ours = render_prompt(tokenizer, probe), r1_prompt(probe)
+    if theirs != ours:
+        raise ValueError(f"base model {base!r} renders a prompt as {theirs!r}, the prepared data as {ours!r}: "
+                         "fine-tune an R1-Distill-Llama base (finetune.base_model)")
 
 
 def adds_bos(tokenizer: Any) -> bool:

@@ -15,13 +15,12 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
 from mlproject.atomic import atomic_write_text
 from mlproject.experience import ExperienceBuffer, Query
-from mlproject.reasoner.chat import completion_text, render_prompt
+from mlproject.reasoner.chat import completion_text, r1_prompt
 from mlproject.reflection import PROMPT, TRADE_COLUMNS, closed_trades, reflect
 
 log = logging.getLogger(__name__)
@@ -62,11 +61,12 @@ def trade_examples(buffer: ExperienceBuffer) -> pd.DataFrame:
     return pd.DataFrame(out, columns=COLUMNS).sort_values("time", kind="stable").reset_index(drop=True)
 
 
-def build_pairs(examples: pd.DataFrame, tokenizer: Any, min_quality: float) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Prompt/completion pairs, quality-filtered and deduplicated (oldest kept), oldest first."""
+def build_pairs(examples: pd.DataFrame, min_quality: float) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Prompt/completion pairs, quality-filtered and deduplicated (oldest kept), oldest first; the
+    prompt rendered in the R1-Distill chat format with no tokenizer (:func:`r1_prompt`)."""
     keep = examples[examples["quality"] >= min_quality]
     pairs = keep.assign(
-        prompt=[render_prompt(tokenizer, PROMPT.format(facts=f)) for f in keep["facts"]],
+        prompt=[r1_prompt(PROMPT.format(facts=f)) for f in keep["facts"]],
         completion=[completion_text(r, a) for r, a in zip(keep["reasoning"], keep["answer"])])
     unique = pairs.drop_duplicates(["prompt", "completion"], keep="first")
     return unique.reset_index(drop=True), {"below_quality": len(examples) - len(keep),
@@ -104,10 +104,10 @@ def read_jsonl(path: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def prepare(buffer: ExperienceBuffer, tokenizer: Any, out_dir: str | Path, min_quality: float,
-            validation_fraction: float, min_examples: int) -> Prepared:
-    """Build, filter, dedup, split and write the fine-tuning data."""
-    pairs, dropped = build_pairs(trade_examples(buffer), tokenizer, min_quality)
+def prepare(buffer: ExperienceBuffer, out_dir: str | Path, min_quality: float, validation_fraction: float,
+            min_examples: int) -> Prepared:
+    """Build, filter, dedup, split and write the fine-tuning data (no model needed)."""
+    pairs, dropped = build_pairs(trade_examples(buffer), min_quality)
     if len(pairs) < min_examples:
         raise ValueError(f"{buffer.root}: {len(pairs)} distinct annotated trades at quality >= {min_quality} "
                          f"({dropped['below_quality']} below it, {dropped['duplicates']} duplicates); fine-tuning "

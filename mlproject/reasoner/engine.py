@@ -59,9 +59,16 @@ def quantization_config(quantization: str, on_gpu: bool) -> Any:
 
 
 def _not_here(base: str, exc: OSError) -> ReasonerUnavailable:
+    """How to get a base that is not here, with the ``hf`` client huggingface_hub installs: a hub
+    id into the Hugging Face cache (where ``local_files_only`` finds it), a folder by ``--local-dir``."""
+    from mlproject.config.schema import FinetuneConfig
+
+    hub_id = base.count("/") == 1 and not base.startswith((".", "/", "~")) and not Path(base).exists()
+    how = (f"`hf download {base}` (into the Hugging Face cache)" if hub_id else
+           f"`hf download {FinetuneConfig.model_fields['base_model'].default} --local-dir {base}`")
     return ReasonerUnavailable(
-        f"base model {base!r} is not on this machine ({str(exc).splitlines()[0]}); download it first "
-        f"(`huggingface-cli download {base}`) or set finetune.base_model to a local folder or `tiny`")
+        f"base model {base!r} is not on this machine ({str(exc).splitlines()[0]}); download it first with {how} "
+        "or set finetune.base_model to a local folder or `tiny`")
 
 
 def load_tokenizer(base: str) -> Any:
