@@ -237,7 +237,8 @@ class Evaluation:
     reports: dict[str, EvalReport]
     baselines: dict[str, EvalReport]
     first_bar: int
-    """Bar the first window starts at: the longest history any of the policies needs."""
+    """Bar the first window starts at: the longest history any of the policies needs (the
+    configured ``env``'s when there are none; the baselines need none)."""
     periods_per_year: float
 
 
@@ -268,11 +269,24 @@ def evaluate_policies(policies: Sequence[Any], bars: pd.DataFrame, cfg: Any, *,
 
 def baselines(bars: pd.DataFrame, env_config: Mapping[str, Any], n_windows: int,
               first_bar: int | None = None) -> dict[str, EvalReport]:
-    """Flat and buy-and-hold on the same windows."""
+    """Flat and buy-and-hold on the same windows: from ``first_bar`` when given (the models'),
+    else after the history ``env_config`` needs.
+
+    They never read an observation, so they need no history of their own: a ``first_bar`` before
+    ``env_config``'s window is played with the observation windows cut to fit (the account, costs
+    and fills, all their results depend on, stay ``env_config``'s)."""
     env = EnvConfig.model_validate({k: v for k, v in env_config.items() if k != "bars"})
     max_contracts = resolve_instrument(env.instrument).max_contracts
-    return {name: backtest(constant_policy(action), bars, env_config, n_windows, name=name, first_bar=first_bar)
+    played = env_config if first_bar is None else baseline_env_config(env_config, first_bar)
+    return {name: backtest(constant_policy(action), bars, played, n_windows, name=name, first_bar=first_bar)
             for name, action in (("flat", max_contracts), ("buy_hold", 2 * max_contracts))}
+
+
+def baseline_env_config(env_config: Mapping[str, Any], first_bar: int) -> dict[str, Any]:
+    """``env_config`` with its observation windows cut to at most ``first_bar`` bars, so that a
+    policy that ignores its observations can trade from there."""
+    env = EnvConfig.model_validate({k: v for k, v in env_config.items() if k != "bars"})
+    return {**env_config, "window": min(env.window, first_bar), "vol_window": min(env.vol_window, max(first_bar, 2))}
 
 
 # -- comparing ---------------------------------------------------------------------------------

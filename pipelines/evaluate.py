@@ -65,49 +65,117 @@ def select_bars(cfg: Config, data: str | None, start: str | None, end: str | Non
     return window
 
 
-def broken_at_gaps(series: pd.Series, factor: float = 3.0) -> pd.Series:
-    """``series`` with a NaN inserted after every time gap longer than ``factor`` x the median
-    bar spacing (a session close, a weekend), so a line plot breaks there instead of drawing a
-    straight line across the closed market."""
-    if len(series) < 3:
-        return series
-    steps = series.index.to_series().diff()
-    gaps = steps > factor * steps.median()
-    if not gaps.any():
-        return series
-    breaks = pd.Series(np.nan, index=series.index[gaps.to_numpy()] - pd.Timedelta(1, "ns"))
-    return pd.concat([series, breaks]).sort_index()
+def session_gaps(times: pd.DatetimeIndex, factor: float = 3.0) -> np.ndarray:
+    """Per bar: True where the step from the bar before is longer than ``factor`` x the median
+    bar spacing (a session close, a weekend); the first bar is never a gap."""
+    if len(times) < 3:
+        return np.zeros(len(times), bool)
+    steps = np.diff(times.asi8)
+    return np.concatenate([[False], steps > factor * np.median(steps)])
 
 
-def equity_drawdown_figure(report: Any) -> Any:
-    """Equity (top) and drawdown (bottom) of every window, lines broken at session gaps, a legend
-    naming the windows."""
+def compressed_x(times: pd.DatetimeIndex, factor: float = 3.0) -> np.ndarray:
+    """x positions of the bars at ``times`` on a time axis with the closed market cut out: a step
+    counts as its length in median bar spacings, except a :func:`session_gaps` step (hours,
+    a weekend), which counts as one bar. 0 for the first bar."""
+    if len(times) < 2:
+        return np.zeros(len(times))
+    steps = np.diff(times.asi8).astype(float)
+    units = steps / np.median(steps) if np.median(steps) > 0 else np.ones_like(steps)
+    units[session_gaps(times, factor)[1:]] = 1.0
+    return np.concatenate([[0.0], np.cumsum(units)])
+
+
+def broken_line(x: np.ndarray, y: np.ndarray, gaps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` with a NaN point before every bar marked in ``gaps``, so that a line plot
+    breaks at a session gap instead of joining the close to the next open."""
+    at = np.flatnonzero(gaps)
+    if not len(at):
+        return x, y
+    return np.insert(x, at, (x[at - 1] + x[at]) / 2), np.insert(y.astype(float), at, np.nan)
+
+
+def _drawdown_pct(equity: np.ndarray) -> np.ndarray:
+    peak = np.maximum.accumulate(equity)
+    return 100.0 * (equity / np.where(peak > 0, peak, 1.0) - 1.0)
+
+
+def _tick_bars(times: pd.DatetimeIndex, gaps: np.ndarray, most: int = 8) -> np.ndarray:
+    """Bars that get a date/time label: the session opens when there are a few, else bars spread
+    evenly."""
+    opens = np.concatenate([[0], np.flatnonzero(gaps)])
+    if 2 <= len(opens) <= most:
+        return opens
+    return np.unique(np.linspace(0, len(times) - 1, min(most, len(times))).round().astype(int))
+
+
+def equity_drawdown_figure(report: Any, baselines: dict[str, Any] | None = None) -> Any:
+    """Equity (top) and drawdown (bottom) of the agent and buy-and-hold on every evaluation
+    window, flat (the starting equity) as a reference line. The x axis counts bars: a session gap
+    (overnight, a weekend) takes one bar's room, where the curves break (marked by a thin dotted
+    line when there are few); windows are shaded alternately; the legend sits above the plots,
+    right of the title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 6), sharex=True, height_ratios=(2, 1))
-    for w in report.windows:
-        equity = w.equity.astype(float)
-        peak = np.maximum.accumulate(equity.to_numpy())
-        drawdown = broken_at_gaps(pd.Series(-(peak - equity.to_numpy()) / peak * 100, index=equity.index))
-        line, = top.plot(broken_at_gaps(equity), lw=0.8, label=f"window {w.index} ({equity.index[0]:%Y-%m-%d %H:%M})")
-        bottom.plot(drawdown, lw=0.6, color=line.get_color())
-        bottom.fill_between(drawdown.index, drawdown.to_numpy(), 0, alpha=0.3, color=line.get_color())
-    top.set_title(f"{report.name}: equity per evaluation window")
+    times = pd.DatetimeIndex(sorted(set().union(*(w.equity.index for w in report.windows))))
+    gaps, x = session_gaps(times), compressed_x(times)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 6), sharex=True, height_ratios=(2, 1), layout="constrained")
+    _plot_windows(top, bottom, report, times, x, gaps, report.name, "C0", fill=True)
+    if baselines and "buy_hold" in baselines:
+        _plot_windows(top, bottom, baselines["buy_hold"], times, x, gaps, "buy & hold", "C1", fill=False)
+    top.axhline(float(report.windows[0].equity.iloc[0]), color="0.4", lw=0.8, ls="--", label="flat")
+    marked = _mark_windows_and_gaps((top, bottom), report, times, x, gaps)
+    ticks = _tick_bars(times, gaps)
+    fmt = "%m-%d %H:%M" if times[0].year == times[-1].year else "%Y-%m-%d %H:%M"
+    bottom.set_xticks(x[ticks], [f"{t:{fmt}}" for t in times[ticks]], fontsize=7)
+    bottom.set_xlabel(f"bars ({times[0]:%Y-%m-%d} .. {times[-1]:%Y-%m-%d}; a session gap takes one bar"
+                      f"{', dotted' if marked else ''})", fontsize=8)
     top.set_ylabel("equity")
-    top.legend(fontsize=7, ncols=max(1, len(report.windows) // 6), loc="best")
     bottom.set_ylabel("drawdown %")
-    fig.tight_layout()
+    top.set_title(f"{report.name}: equity per evaluation window ({len(report.windows)}, shaded alternately)",
+                  loc="left", fontsize=10)
+    top.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=3, fontsize=8, frameon=False, borderaxespad=0.2)
     plt.close(fig)
     return fig
 
 
-def equity_drawdown_png(report: Any) -> bytes:
+def _plot_windows(top: Any, bottom: Any, report: Any, times: pd.DatetimeIndex, x: np.ndarray, gaps: np.ndarray,
+                  label: str, color: str, fill: bool) -> None:
+    """One report's equity and drawdown, window by window, lines broken at session gaps."""
+    for k, w in enumerate(report.windows):
+        at = times.get_indexer(w.equity.index)
+        breaks = gaps[at] & (np.arange(len(at)) > 0)  # a gap before a window's first bar is the last one's
+        equity = w.equity.to_numpy(dtype=float)
+        drawdown = _drawdown_pct(equity)
+        top.plot(*broken_line(x[at], equity, breaks), color=color, lw=1.0 if fill else 0.8,
+                 label=label if k == 0 else None)
+        bottom.plot(*broken_line(x[at], drawdown, breaks), color=color, lw=0.6)
+        if fill:
+            bottom.fill_between(x[at], drawdown, 0, color=color, alpha=0.25, lw=0)
+
+
+def _mark_windows_and_gaps(axes: tuple[Any, ...], report: Any, times: pd.DatetimeIndex, x: np.ndarray,
+                           gaps: np.ndarray, most: int = 40) -> bool:
+    """Shade every other window; a dotted line at each session gap when there are at most
+    ``most`` (more would grey the whole chart; the curves still break). True if gaps were marked."""
+    for w in report.windows[1::2]:
+        first, last = times.get_indexer(w.equity.index[[0, -1]])
+        for ax in axes:
+            ax.axvspan(x[first], x[last], color="0.5", alpha=0.08, lw=0)
+    marked = 0 < gaps.sum() <= most
+    for g in np.flatnonzero(gaps) if marked else ():
+        for ax in axes:
+            ax.axvline((x[g - 1] + x[g]) / 2, color="0.6", lw=0.4, ls=":")
+    return bool(marked)
+
+
+def equity_drawdown_png(report: Any, baselines: dict[str, Any] | None = None) -> bytes:
     """:func:`equity_drawdown_figure` as PNG bytes."""
     buf = io.BytesIO()
-    equity_drawdown_figure(report).savefig(buf, format="png", dpi=90)
+    equity_drawdown_figure(report, baselines).savefig(buf, format="png", dpi=90)
     return buf.getvalue()
 
 
@@ -138,7 +206,7 @@ def log_report(report: Any, baselines: dict[str, Any], dataset: Any, model_uri: 
     if report.stop_notes():  # accounts that hit the equity floor, said in words beside eval/stopped_out
         tags["eval.stopped_out"] = "; ".join(report.stop_notes())[:5000]
     mlflow.set_tags(tags)
-    mlflow.log_image(_png_image(equity_drawdown_png(report)), "eval/equity_drawdown.png")
+    mlflow.log_image(_png_image(equity_drawdown_png(report, baselines)), "eval/equity_drawdown.png")
     mlflow.log_table(report.per_window().reset_index(), "eval/windows.json")
     trades = report.trades()
     if len(trades):

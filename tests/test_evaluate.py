@@ -305,20 +305,27 @@ def test_evaluate_window_of_a_file(trained_store, tmp_path):
     assert load_config(ROOT / "conf" / "smoke.yaml").continuous_learning.evaluation_episodes == len(report.windows)
 
 
-def test_the_equity_plot_breaks_at_session_gaps_and_names_its_windows(small_bars):
-    from pipelines.evaluate import broken_at_gaps, equity_drawdown_figure
+def test_the_equity_plot_compresses_session_gaps_and_shows_buy_and_hold_beside_the_agent(small_bars):
+    """The PNG is drawn; its x axis counts bars (a session gap takes one bar's room and breaks
+    the lines); buy-and-hold is drawn on the same windows as the agent, flat as a reference; the
+    legend sits above the plot, covering no data."""
+    from pipelines.evaluate import compressed_x, equity_drawdown_figure, equity_drawdown_png, session_gaps
 
     env = {"window": 8, "instrument": {"preset": "ES", "max_contracts": 2}}
-    report = backtest(constant_policy(4), small_bars, env, n_windows=3)
-    steps = small_bars.index.to_series().diff()
-    sessions = int((steps > 3 * steps.median()).sum())
-    assert sessions >= 2  # the synthetic bars have overnight gaps, as real RTH exports do
-    fig = equity_drawdown_figure(report)
+    report = backtest(constant_policy(4), small_bars, env, n_windows=3, name="agent")
+    base = baselines(small_bars, env, n_windows=3, first_bar=20)
+    assert equity_drawdown_png(report, base)[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = equity_drawdown_figure(report, base)
     top, bottom = fig.axes
-    plotted = np.concatenate([line.get_ydata() for line in top.get_lines()])
-    assert np.isnan(plotted).sum() == sum(
-        int((w.equity.index.to_series().diff() > 3 * steps.median()).sum()) for w in report.windows) > 0
-    assert [t.get_text() for t in top.get_legend().get_texts()][0].startswith("window 0 (")
-    line = broken_at_gaps(pd.Series([1.0, 2.0, 3.0, 4.0], index=pd.to_datetime(
-        ["2024-01-02 15:58", "2024-01-02 15:59", "2024-01-03 09:30", "2024-01-03 09:31"])))
-    assert line.isna().tolist() == [False, False, True, False, False]
+    assert [t.get_text() for t in top.get_legend().get_texts()] == ["agent", "buy & hold", "flat"]
+    fig.canvas.draw()
+    assert top.get_legend().get_window_extent().y0 >= top.get_window_extent().y1 - 1  # above the axes
+    times = pd.DatetimeIndex(sorted(set().union(*(w.equity.index for w in report.windows))))
+    gaps = session_gaps(times)
+    assert gaps.sum() >= 2  # the synthetic bars have overnight gaps, as real RTH exports do
+    curves = [line for line in top.get_lines() if len(line.get_xdata()) > 2]
+    assert len(curves) == 2 * len(report.windows)  # the agent's and buy-and-hold's, window by window
+    inside = sum(int(session_gaps(times)[times.get_indexer(w.equity.index)][1:].sum()) for w in report.windows)
+    assert sum(int(np.isnan(line.get_ydata()).sum()) for line in curves) == 2 * inside > 0  # breaks at gaps
+    xs = np.concatenate([line.get_xdata() for line in curves])
+    assert np.nanmax(xs) == compressed_x(times)[-1] == len(times) - 1  # one bar per bar, gaps included
