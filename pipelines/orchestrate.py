@@ -179,8 +179,8 @@ def retrain_plan(cfg: Config, production: ProductionModel | None) -> str:
     label = f"Production {cfg.promotion.model_name} v{production.version}"
     if production.warm_start:
         return f"warm start from {label} ({budget})"
-    text, _, fix = production.why_not.partition(". ")
-    return f"{label} {text}: training a NEW model from scratch ({budget}), not a warm start{f'. {fix}' if fix else ''}"
+    text, to, fix = production.why_not.partition(". To continue")
+    return f"{label} {text}: training a NEW model from scratch ({budget}), not a warm start{to}{fix}"
 
 
 def retrain_window(bars: pd.DataFrame, history: int | None, since: pd.Timestamp | None) -> tuple[pd.DataFrame, str]:
@@ -556,9 +556,7 @@ def simulate(cfg: Config, periods: int, start_fraction: float) -> dict[str, Any]
     run_id = mlflow.active_run().info.run_id
     name = f"{cfg.promotion.model_name}-sim-{run_id[:8]}"
     drop_sim_models(cfg.promotion.model_name)  # what killed simulations left
-    from mlflow import MlflowClient
-
-    MlflowClient().create_registered_model(name, tags={SIM_RUN_TAG: run_id}, description=(
+    mlflow.MlflowClient().create_registered_model(name, tags={SIM_RUN_TAG: run_id}, description=(
         f"Versions of the walk-forward simulation run {run_id}; deleted when it ends (its models stay "
         "in the run's artifacts)."))
     try:
