@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import logging
 import math
+import shlex
 import shutil
 import tempfile
 import time
@@ -212,22 +213,38 @@ def settings_overrides(parent: PolicySettings) -> list[str]:
     return items
 
 
-def check_init_from(uri: str, parent: PolicySettings | None, settings: PolicySettings) -> None:
+def network_settings(module: Any) -> dict[str, Any]:
+    """``train.hiddens`` and ``train.activation`` of an RLModule (from its model config)."""
+    config = module.model_config
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    return {"hiddens": list(get("fcnet_hiddens") or []), "activation": get("fcnet_activation")}
+
+
+def check_init_from(uri: str, module_dir: Path, parent: PolicySettings | None, cfg: Config) -> None:
     """Refuse an ``--init-from`` model recorded with other observation settings than this run's
-    config (``PolicySettings.observation_differences``): a user who names a model to continue must
-    not get a fresh one. The message names them and how to continue it (the ``--set`` items of the
-    model's recorded settings that this config lacks, its instrument included)."""
+    config (``PolicySettings.observation_differences``) or with another network (``train.hiddens``,
+    ``train.activation``): a user who names a model to continue must not get a fresh one. The
+    message names them and how to continue it (the ``--set`` items of the model's settings that
+    this config lacks, its instrument included)."""
+    settings = PolicySettings.from_env(cfg.env)
     differ = parent.observation_differences(settings) if parent is not None else []
+    wanted = [item for item in settings_overrides(parent) if item not in settings_overrides(settings)] if differ else []
+    network, ours = network_settings(load_module(module_dir)), {"hiddens": list(cfg.train.hiddens),
+                                                                "activation": cfg.train.activation}
+    for key in ("hiddens", "activation"):
+        if network[key] != ours[key]:
+            differ.append(f"train.{key} {network[key]!r} vs {ours[key]!r}")
+            value = ",".join(map(str, network[key])) if key == "hiddens" else network[key]
+            wanted.append(f"train.{key}=[{value}]" if key == "hiddens" else f"train.{key}={value}")
     if not differ:
         return
-    wanted = [item for item in settings_overrides(parent) if item not in settings_overrides(settings)]
-    fix = " ".join(f"--set {item}" for item in wanted)
+    fix = " ".join(f"--set {shlex.quote(item)}" for item in wanted)  # [32,32] quoted: zsh would glob it
     features = (f" (its features, feature-set version {parent.feature_set_version}, need the code it was trained "
-                "with: its git_commit tag)" if parent.features != settings.features
-                or parent.feature_set_version != settings.feature_set_version else "")
+                "with: its git_commit tag)" if parent is not None and (parent.features != settings.features
+                or parent.feature_set_version != settings.feature_set_version) else "")
     raise ValueError(f"--init-from {uri} was trained with other settings than this config (model vs config: "
                      f"{'; '.join(differ)}): use the config it was trained with (its settings are in the model's "
-                     f"MLmodel metadata.nt8_policy){f', e.g. {fix}' if fix else ''}{features}, or drop --init-from "
+                     f"MLmodel metadata.nt8_policy and its training run's params){f', e.g. {fix}' if fix else ''}{features}, or drop --init-from "
                      "to train from scratch")
 
 
@@ -384,7 +401,7 @@ def parent_policy(init_from: str, cfg: Config, parent_tags: dict[str, str] | Non
     """The ``--init-from`` model's RLModule folder and the tags that name it (``parent_tags`` on
     top: what a folder the cycle prepared stands for), after :func:`check_init_from`."""
     module_dir, tags, recorded = resolve_init_from(init_from)
-    check_init_from(init_from, recorded, PolicySettings.from_env(cfg.env))
+    check_init_from(init_from, module_dir, recorded, cfg)
     return module_dir, {**tags, **(parent_tags or {})}
 
 

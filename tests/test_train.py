@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import json
+import shlex
 import textwrap
 from types import SimpleNamespace
 
@@ -191,21 +192,20 @@ def test_warm_start_rejects_a_policy_for_other_observations(trained_store):
     module_dir, _, parent_settings = train.resolve_init_from(parent_uri)
     with pytest.raises(ValueError, match="expects observations of shape .* or drop --init-from"):
         train.warm_start(None, module_dir, (7,))
-    train.check_init_from(parent_uri, parent_settings, PolicySettings.from_env(cfg.env))  # its own config: fine
-    other = PolicySettings.from_env(cfg.env.model_copy(update={"norm_window": 50}))
+    train.check_init_from(parent_uri, module_dir, parent_settings, cfg)  # its own config: fine
+    other = cfg.model_copy(update={"env": cfg.env.model_copy(update={"norm_window": 50})})
     with pytest.raises(ValueError, match=r"\(model vs config: norm_window 100 vs 50\).* e\.g\. --set env\.norm_window=100,"):
-        train.check_init_from(parent_uri, parent_settings, other)
+        train.check_init_from(parent_uri, module_dir, parent_settings, other)
     with pytest.raises(ValueError, match="no version of 'nt8-agent' is in stage 'Production'"):
         train.resolve_init_from("models:/nt8-agent/Production")
 
 
 def test_init_from_a_model_of_other_settings_exits_2_saying_how_to_continue_it(trained_store):
     """The README's `python -m pipelines.train --init-from models:/nt8-agent/Production` with the
-    default config (ES, window 32, 1 contract) on the demo's model (MES, window 16, 2 contracts):
-    one line naming the settings and the --set items that continue the model, before any run or
-    Ray starts; those items make the check pass."""
+    default config (ES, window 32, 1 contract, 64x64 network) on the demo's model (MES, window 16,
+    2 contracts, 32x32): one line naming the settings and the --set items that continue the model,
+    before any run or Ray starts; those items make the check pass."""
     from mlproject.config import load_config
-    from mlproject.policy import PolicySettings
 
     uri, result, cfg, folder = trained_store
     parent_uri = f"models:/nt8-agent/{result.registered_version}"
@@ -216,13 +216,14 @@ def test_init_from_a_model_of_other_settings_exits_2_saying_how_to_continue_it(t
     error = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
     assert error == [
         f"error: --init-from {parent_uri} was trained with other settings than this config (model vs config: "
-        "window 16 vs 32; max_contracts 2 vs 1): use the config it was trained with (its settings are in the "
-        "model's MLmodel metadata.nt8_policy), e.g. --set env.window=16 --set env.instrument.preset=MES "
-        "--set env.instrument.max_contracts=2, or drop --init-from to train from scratch"], out.stderr[-2000:]
+        "window 16 vs 32; max_contracts 2 vs 1; train.hiddens [32, 32] vs [64, 64]): use the config it was trained "
+        "with (its settings are in the model's MLmodel metadata.nt8_policy and its training run's params), e.g. "
+        "--set env.window=16 --set env.instrument.preset=MES --set env.instrument.max_contracts=2 "
+        "--set 'train.hiddens=[32,32]', or drop --init-from to train from scratch"], out.stderr[-2000:]
     assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == runs_before
-    suggested = error[0].split("e.g. ")[1].split(", or drop")[0].replace("--set ", "").split()
-    _, _, parent_settings = train.resolve_init_from(parent_uri)
-    train.check_init_from(parent_uri, parent_settings, PolicySettings.from_env(load_config(None, suggested).env))
+    suggested = [item for item in shlex.split(error[0].split("e.g. ")[1].split(", or drop")[0]) if item != "--set"]
+    module_dir, _, parent_settings = train.resolve_init_from(parent_uri)
+    train.check_init_from(parent_uri, module_dir, parent_settings, load_config(None, suggested))
 
 
 def test_mlflow_run_train_entry_point(tmp_path, mlflow_store):
