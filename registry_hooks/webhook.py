@@ -3,6 +3,12 @@
     python -m registry_hooks.webhook serve --port 8765 --secret "$NT8_WEBHOOK_SECRET"
     python -m registry_hooks.webhook register --url http://127.0.0.1:8765/webhook --secret "$NT8_WEBHOOK_SECRET"
 
+``register`` creates the webhook, then has the server send test deliveries (MLflow's
+``test_webhook`` API, each on a new connection so that several server workers answer) and fails,
+deleting the webhook, unless they reach the receiver and it accepts their signature. The usual
+failure: ``mlflow server`` started without ``MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY``, whose workers
+then cannot read each other's webhook secrets (see :data:`KEY_FIX`).
+
 MLflow fires no event for stage transitions, but ``promote`` and ``rollback`` also move the
 alias ``production``, which fires ``model_version_alias.created`` (and ``.deleted``). The
 receiver checks ``X-MLflow-Signature`` (``v1,`` + base64 HMAC-SHA256 of
@@ -52,6 +58,18 @@ MAX_CONNECTIONS = 1000
 EVENTS = ("model_version_alias.created", "model_version_alias.deleted")
 MAX_SKEW_S = 300
 """Requests whose X-MLflow-Timestamp is further than this from now are rejected (replays)."""
+KEY_FIX = ("start every `mlflow server` worker with the same MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY, a Fernet key "
+           "kept across restarts (export MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY=$(python -c 'from cryptography.fernet "
+           "import Fernet; print(Fernet.generate_key().decode())') before `mlflow server`), then register again")
+"""Without that variable each server worker (4 by default) encrypts webhook secrets with a key of
+its own (mlflow/store/model_registry/dbmodels/models.py: EncryptedString), so a webhook stored by
+one worker cannot be read by the others: their deliveries fail with cryptography's InvalidToken."""
+PROBES = 8
+"""Test deliveries ``register`` asks the server for (and reads of the webhook back, and listings of
+all webhooks), each on a new connection: connections are spread over the server's workers, so
+some of them land on workers that did not store the webhook."""
+TEST_PAYLOAD = {"name": "example_model", "alias": "example_alias"}
+"""What MLflow's test delivery carries (mlflow/webhooks/types.py: ModelVersionAliasCreatedPayload.example)."""
 
 
 def signature(secret: str, delivery_id: str, timestamp: str, payload: str) -> str:
@@ -112,6 +130,8 @@ class Receiver:
             return 400, "body is not an MLflow webhook event (a JSON object with an object 'data')"
         data = event.get("data", {})
         kind = f"{event.get('entity')}.{event.get('action')}"
+        if kind in EVENTS and {k: data.get(k) for k in TEST_PAYLOAD} == TEST_PAYLOAD:
+            return 200, f"test delivery received ({kind}): nothing to deploy"
         if kind not in EVENTS or data.get("alias") != "production" or data.get("name") != self.model_name:
             return 200, f"ignored {kind} for {data.get('name')}@{data.get('alias')}"
         with self._lock:
@@ -243,12 +263,120 @@ def make_server(receiver: Receiver, host: str = "127.0.0.1", port: int = 8765,
     return WebhookServer(receiver, host, port, header_timeout)
 
 
-def register(url: str, secret: str, name: str = "nt8-production-deploy") -> Any:
-    """Register the receiver with the tracking server (``MlflowClient.create_webhook``)."""
-    from mlflow import MlflowClient
+class DeliveryError(ValueError):
+    """The tracking server could not deliver a test event to the receiver; says how to fix it."""
 
-    return MlflowClient().create_webhook(name=name, url=url, events=list(EVENTS), secret=secret,
+
+def _rest(creds: Any, method: str, path: str, **kwargs: Any) -> Any:
+    """One request to the tracking server on a connection of its own (``Connection: close``), no
+    retries: each lands on whichever server worker accepts it."""
+    from mlflow.utils.rest_utils import http_request
+
+    return http_request(creds, path, method, max_retries=0, retry_codes=(), raise_on_status=False,
+                        extra_headers={"Connection": "close"}, timeout=60, **kwargs)
+
+
+def _undecryptable(response: Any) -> bool:
+    """MLflow answers a secret it cannot decrypt (cryptography's InvalidToken, whose message is
+    empty) with HTTP 500 INTERNAL_ERROR and an empty message."""
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return response.status_code == 500 and body.get("error_code") == "INTERNAL_ERROR" and not body.get("message")
+
+
+def delivery_problem(response: Any, url: str) -> str | None:
+    """None if the server's test delivery (the answer of POST .../webhooks/<id>/test) reached a
+    receiver that accepted it, else what went wrong and how to fix it."""
+    if _undecryptable(response):
+        return f"the tracking server could not decrypt the webhook secret it had just stored: {KEY_FIX}"
+    if response.status_code != 200:
+        return f"the tracking server refused the test delivery: HTTP {response.status_code} {response.text[:300]}"
+    result = response.json().get("result", {})
+    status, body, error = result.get("response_status"), result.get("response_body", ""), result.get("error_message", "")
+    if result.get("success"):
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict) or "message" not in answer:
+            return (f"{url} answered the test delivery, but not as `python -m registry_hooks.webhook serve` does "
+                    f"({body[:200]!r}): point --url at the receiver")
+        return None
+    if status == 401:
+        return (f"the receiver at {url} refused MLflow's signature ({body[:200]}): "
+                "give `serve` and `register` the same --secret")
+    if status:
+        return f"the receiver at {url} answered the test delivery with HTTP {status}: {body[:300]}"
+    if "scheme" in error or "private" in error.lower():
+        return (f"the tracking server refuses to deliver to {url} ({error[:300]}): for a receiver on a loopback or "
+                "private address start `mlflow server` with MLFLOW_WEBHOOK_ALLOWED_SCHEMES=http,https and "
+                "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true")
+    return (f"the tracking server could not reach the receiver at {url} ({error[:300]}): start "
+            "`python -m registry_hooks.webhook serve` first, on an address the tracking server can reach")
+
+
+def check_delivery(creds: Any, webhook_id: str, url: str, probes: int = PROBES) -> str:
+    """Ask the server for ``probes`` test deliveries of webhook ``webhook_id`` (and to read it back as
+    often), then to list every webhook ``probes`` times (each alias event reads them all); returns
+    the receiver's answer, or raises :class:`DeliveryError` naming the fix. The own webhook is read
+    first so that a listing that fails afterwards points at another one."""
+    answer = ""
+    for _ in range(probes):
+        response = _rest(creds, "POST", f"/api/2.0/mlflow/webhooks/{webhook_id}/test", json={})
+        problem = delivery_problem(response, url)
+        if not problem and _undecryptable(_rest(creds, "GET", f"/api/2.0/mlflow/webhooks/{webhook_id}")):
+            problem = f"the tracking server could not decrypt the webhook secret it had just stored: {KEY_FIX}"
+        if problem:
+            raise DeliveryError(problem)
+        answer = json.loads(response.json()["result"]["response_body"])["message"]
+    for _ in range(probes):
+        if _undecryptable(_rest(creds, "GET", "/api/2.0/mlflow/webhooks", params={"max_results": 1000})):
+            raise DeliveryError(
+                "the tracking server cannot read back a webhook registered earlier (stored under another "
+                "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY, or by a server worker without one), and while it is "
+                "there no alias event is delivered to any webhook; delete it in the server's database (SQL: "
+                "UPDATE webhooks SET deleted_timestamp = 1 WHERE webhook_id <> '" + webhook_id + "'), then "
+                "register again; " + KEY_FIX)
+    return answer
+
+
+def _delete(creds: Any, webhook_id: str, attempts: int = 4 * PROBES) -> bool:
+    """Delete webhook ``webhook_id``. Only the server worker that stored it may be able to read it
+    (see :data:`KEY_FIX`), so try new connections until one lands there."""
+    for _ in range(attempts):
+        if _rest(creds, "DELETE", f"/api/2.0/mlflow/webhooks/{webhook_id}").status_code == 200:
+            return True
+    return False
+
+
+def register(url: str, secret: str, name: str = "nt8-production-deploy", probes: int = PROBES) -> Any:
+    """Register the receiver with the tracking server (``MlflowClient.create_webhook``) and check
+    that deliveries arrive: ``probes`` test deliveries (MLflow's ``test_webhook`` API, each on a new
+    connection) must reach a receiver that accepts them. On failure the webhook is deleted (one that
+    cannot deliver would fail every promotion silently, and a rerun would add a second) and
+    :class:`DeliveryError` names the fix."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.utils.credentials import get_default_host_creds
+
+    uri = mlflow.get_registry_uri()
+    if not uri.startswith(("http://", "https://")):
+        raise ValueError(f"register needs the `mlflow server` that delivers webhooks, not {uri}: set "
+                         "MLFLOW_TRACKING_URI=http://<host>:<port> of that server")
+    hook = MlflowClient().create_webhook(name=name, url=url, events=list(EVENTS), secret=secret,
                                          description="redeploy when the production alias moves")
+    creds = get_default_host_creds(uri)
+    try:
+        answer = check_delivery(creds, hook.webhook_id, url, probes)
+    except DeliveryError as exc:
+        if _delete(creds, hook.webhook_id):
+            raise DeliveryError(f"{exc} (webhook {hook.webhook_id} deleted)") from None
+        raise DeliveryError(f"{exc} (webhook {hook.webhook_id} could NOT be deleted: delete it in the "
+                            "server's database)") from None
+    log.info("%d test deliveries reached %s: %s", probes, url, answer)
+    return hook
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,20 +1,25 @@
 """The webhook receiver under malformed, oversized, stalled and bursty requests (a real uvicorn
 server on 127.0.0.1; the registry behind it is a sqlite store with nothing in Production, so a
-genuine event reconciles to "nothing to deploy")."""
+genuine event reconciles to "nothing to deploy"); and ``register`` against ``mlflow server``
+started as users start it (its default 4 workers), with and without
+MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_module
-from registry_hooks.webhook import MAX_BODY_BYTES, Receiver, make_server, signature
+from conftest import ROOT, free_port, run_module, use_store, wait_for_mlflow_server
+from registry_hooks.webhook import MAX_BODY_BYTES, DeliveryError, Receiver, make_server, register, signature
 
 SECRET = "test-secret-0123456789abcdef"
 
@@ -87,6 +92,14 @@ def test_a_genuine_event_reconciles(hook):
                        "data": {"name": "nt8-agent", "alias": "production", "version": "1"}})
     status, answer = post(hook, body.encode(), signed(body))
     assert status == 200 and answer["message"] == "reconciled: version None deployed"
+
+
+def test_mlflows_test_delivery_is_accepted_without_reconciling(hook):
+    """What ``MlflowClient.test_webhook`` sends (mlflow/webhooks/types.py: the example payload)."""
+    body = json.dumps({"entity": "model_version_alias", "action": "created", "timestamp": "2026-12-03T00:00:00",
+                       "data": {"name": "example_model", "alias": "example_alias", "version": "1"}})
+    status, answer = post(hook, body.encode(), signed(body))
+    assert status == 200 and answer["message"].startswith("test delivery received")
 
 
 def test_a_huge_body_is_refused_unread(hook):
@@ -164,3 +177,122 @@ def test_cli_rejects_a_bad_port(tmp_path):
     out = run_module([sys.executable, "-m", "registry_hooks.webhook", "serve", "--secret", SECRET, "--port", "70000",
                       "--config", str(ROOT / "conf" / "smoke.yaml")], cwd=tmp_path)
     assert out.returncode == 2 and "--port 70000" in out.stderr
+
+
+# -- register against `mlflow server` as users start it ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mlflow_servers(tmp_path_factory):
+    """Two `mlflow server`s with their default number of workers (4, uvicorn), started together
+    (each takes minutes to start on 2 cores): "key" with MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY,
+    "nokey" without. Yields {kind: (base URL, process, home)}; each test waits for its own."""
+    from cryptography.fernet import Fernet
+
+    servers = {}
+    for kind in ("key", "nokey"):
+        home, port = tmp_path_factory.mktemp(f"server-{kind}"), free_port()
+        env = {**os.environ, "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+               "MLFLOW_DISABLE_TELEMETRY": "true"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        env.pop("MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY", None)
+        if kind == "key":
+            env["MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"] = Fernet.generate_key().decode()
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+             "--backend-store-uri", f"sqlite:///{home / 'server.db'}", "--artifacts-destination", str(home / "artifacts")],
+            cwd=home, env=env, stdout=subprocess.DEVNULL, stderr=(home / "server.log").open("w"))
+        servers[kind] = (f"http://127.0.0.1:{port}", process, home)
+    yield servers
+    for _, process, _ in servers.values():
+        process.terminate()
+    for _, process, _ in servers.values():
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def started(servers: dict, kind: str, monkeypatch: pytest.MonkeyPatch) -> tuple[str, Path]:
+    base, process, home = servers[kind]
+    wait_for_mlflow_server(base, process, timeout=600, log=home / "server.log")
+    use_store(monkeypatch, base)
+    return base, home
+
+
+def live_webhooks(home: Path) -> int:
+    import sqlite3
+
+    with sqlite3.connect(home / "server.db") as db:
+        return db.execute("SELECT COUNT(*) FROM webhooks WHERE deleted_timestamp IS NULL").fetchone()[0]
+
+
+def test_register_with_the_key_delivers_and_an_alias_move_deploys(mlflow_servers, tmp_path, monkeypatch):
+    """With MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY: register (as users run it) passes its test
+    deliveries, which the receiver accepts without deploying; promote then deploys through the
+    webhook. A webhook stored under another key (here: by this process's own sqlite store) makes the
+    next register fail, naming it, and leaves its own webhook deleted."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from mlproject import registry
+    from registry_hooks.reconcile import deployed_manifest
+    from test_registry import CONSTANT_MODEL, NAME, register_constant
+
+    base, home = started(mlflow_servers, "key", monkeypatch)
+    receiver = Receiver(SECRET, NAME, str(tmp_path / "deploy"))
+    hook_server = make_server(receiver, port=0).start()
+    url = f"http://127.0.0.1:{hook_server.server_port}/webhook"
+    try:
+        out = run_module([sys.executable, "-m", "registry_hooks.webhook", "register", "--url", url, "--secret", SECRET,
+                          "--config", str(ROOT / "conf" / "smoke.yaml")], cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "8 test deliveries reached" in out.stderr and receiver.deployments == 0
+        assert deployed_manifest(tmp_path / "deploy") is None
+        (tmp_path / "constant_model.py").write_text(CONSTANT_MODEL)
+        version = register_constant(tmp_path, 1)
+        registry.promote(NAME, version, "via the webhook")  # a client of its own: any server worker
+        deadline = time.time() + 60
+        while receiver.deployments == 0 and time.time() < deadline:  # counted once reconcile returned
+            time.sleep(0.2)
+        assert receiver.deployments == 1, "the alias move did not deploy within 60 s"
+        assert deployed_manifest(tmp_path / "deploy")["version"] == version
+        # A webhook the server cannot decrypt (another key) blocks every alias delivery.
+        monkeypatch.setenv("MLFLOW_WEBHOOK_ALLOWED_SCHEMES", "http,https")
+        monkeypatch.setenv("MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS", "true")
+        MlflowClient(registry_uri=f"sqlite:///{home / 'server.db'}").create_webhook(
+            name="other-key", url=url, events=["model_version_alias.created"], secret=SECRET)
+        before = live_webhooks(home)
+        with pytest.raises(DeliveryError, match="cannot read back a webhook registered earlier.*deleted\\)$"):
+            register(url, SECRET)
+        assert live_webhooks(home) == before
+    finally:
+        hook_server.shutdown()
+        mlflow.set_tracking_uri(None)
+
+
+def test_register_without_the_key_fails_naming_it_and_leaves_no_webhook(mlflow_servers, tmp_path, monkeypatch):
+    """`mlflow server` as the README used to start it: each worker its own Fernet key. register
+    exits 2 with one line naming MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY and deletes its webhook;
+    repeated, it fails every time (the test deliveries go out on new connections, spread over the
+    workers)."""
+    import mlflow
+
+    base, home = started(mlflow_servers, "nokey", monkeypatch)
+    receiver = Receiver(SECRET, "nt8-agent", str(tmp_path / "deploy"))
+    hook_server = make_server(receiver, port=0).start()
+    url = f"http://127.0.0.1:{hook_server.server_port}/webhook"
+    try:
+        out = run_module([sys.executable, "-m", "registry_hooks.webhook", "register", "--url", url, "--secret", SECRET,
+                          "--config", str(ROOT / "conf" / "smoke.yaml")], cwd=tmp_path)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+        assert "could not decrypt the webhook secret" in lines[-1] and "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY" in lines[-1]
+        assert lines[-1].endswith("deleted)")
+        for _ in range(5):
+            with pytest.raises(DeliveryError, match="MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"):
+                register(url, SECRET)
+        assert live_webhooks(home) == 0 and receiver.deployments == 0
+    finally:
+        hook_server.shutdown()
+        mlflow.set_tracking_uri(None)
