@@ -267,13 +267,17 @@ class DeliveryError(ValueError):
     """The tracking server could not deliver a test event to the receiver; says how to fix it."""
 
 
-def _rest(creds: Any, method: str, path: str, **kwargs: Any) -> Any:
-    """One request to the tracking server on a connection of its own (``Connection: close``), no
-    retries: each lands on whichever server worker accepts it."""
+def _rest(creds: Any, method: str, path: str, pinned: bool = False, **kwargs: Any) -> Any:
+    """One request to the tracking server, no retries. ``pinned``: on a kept-alive connection of its
+    own (the same server worker as the previous pinned request, while the server keeps it open);
+    else on a new connection (``Connection: close``), which lands on whichever worker accepts it.
+    MLflow caches one session per retry setting, so the two differ in ``backoff_factor`` (unused
+    without retries) to keep the probes off the pinned connection."""
     from mlflow.utils.rest_utils import http_request
 
-    return http_request(creds, path, method, max_retries=0, retry_codes=(), raise_on_status=False,
-                        extra_headers={"Connection": "close"}, timeout=60, **kwargs)
+    return http_request(creds, path, method, max_retries=0, backoff_factor=0 if pinned else 1, retry_codes=(),
+                        raise_on_status=False, extra_headers=None if pinned else {"Connection": "close"}, timeout=60,
+                        **kwargs)
 
 
 def _undecryptable(response: Any) -> bool:
@@ -342,39 +346,60 @@ def check_delivery(creds: Any, webhook_id: str, url: str, probes: int = PROBES) 
     return answer
 
 
-def _delete(creds: Any, webhook_id: str, attempts: int = 4 * PROBES) -> bool:
+def _delete(creds: Any, webhook_id: str, within_s: float = 30.0) -> bool:
     """Delete webhook ``webhook_id``. Only the server worker that stored it may be able to read it
-    (see :data:`KEY_FIX`), so try new connections until one lands there."""
-    for _ in range(attempts):
-        if _rest(creds, "DELETE", f"/api/2.0/mlflow/webhooks/{webhook_id}").status_code == 200:
+    (see :data:`KEY_FIX`): first on the pinned connection that created it, then on new connections
+    until one lands on that worker."""
+    path = f"/api/2.0/mlflow/webhooks/{webhook_id}"
+    if _rest(creds, "DELETE", path, pinned=True).status_code == 200:
+        return True
+    deadline = time.time() + within_s
+    while time.time() < deadline:
+        if _rest(creds, "DELETE", path).status_code == 200:
             return True
     return False
 
 
+def _create(creds: Any, url: str, secret: str, name: str) -> Any:
+    """``MlflowClient.create_webhook`` over the pinned connection (see :func:`_delete`)."""
+    from mlflow.entities.webhook import Webhook, WebhookEvent
+    from mlflow.protos.webhooks_pb2 import CreateWebhook
+    from mlflow.protos.webhooks_pb2 import Webhook as WebhookProto
+    from mlflow.utils.proto_json_utils import message_to_json, parse_dict
+    from mlflow.utils.rest_utils import verify_rest_response
+
+    request = CreateWebhook(name=name, url=url, secret=secret, description="redeploy when the production alias moves",
+                            events=[WebhookEvent.from_str(event).to_proto() for event in EVENTS])
+    path = "/api/2.0/mlflow/webhooks"
+    response = verify_rest_response(_rest(creds, "POST", path, pinned=True, json=json.loads(message_to_json(request))),
+                                    path)
+    proto = WebhookProto()
+    parse_dict(response.json()["webhook"], proto)
+    return Webhook.from_proto(proto)
+
+
 def register(url: str, secret: str, name: str = "nt8-production-deploy", probes: int = PROBES) -> Any:
-    """Register the receiver with the tracking server (``MlflowClient.create_webhook``) and check
+    """Register the receiver with the tracking server (MLflow's create-webhook API) and check
     that deliveries arrive: ``probes`` test deliveries (MLflow's ``test_webhook`` API, each on a new
     connection) must reach a receiver that accepts them. On failure the webhook is deleted (one that
     cannot deliver would fail every promotion silently, and a rerun would add a second) and
     :class:`DeliveryError` names the fix."""
     import mlflow
-    from mlflow import MlflowClient
     from mlflow.utils.credentials import get_default_host_creds
 
     uri = mlflow.get_registry_uri()
     if not uri.startswith(("http://", "https://")):
         raise ValueError(f"register needs the `mlflow server` that delivers webhooks, not {uri}: set "
                          "MLFLOW_TRACKING_URI=http://<host>:<port> of that server")
-    hook = MlflowClient().create_webhook(name=name, url=url, events=list(EVENTS), secret=secret,
-                                         description="redeploy when the production alias moves")
     creds = get_default_host_creds(uri)
+    hook = _create(creds, url, secret, name)
     try:
         answer = check_delivery(creds, hook.webhook_id, url, probes)
     except DeliveryError as exc:
         if _delete(creds, hook.webhook_id):
             raise DeliveryError(f"{exc} (webhook {hook.webhook_id} deleted)") from None
-        raise DeliveryError(f"{exc} (webhook {hook.webhook_id} could NOT be deleted: delete it in the "
-                            "server's database)") from None
+        raise DeliveryError(f"{exc} (webhook {hook.webhook_id} could NOT be deleted: in the server's database, "
+                            f"UPDATE webhooks SET deleted_timestamp = 1 WHERE webhook_id = '{hook.webhook_id}')") from None
     log.info("%d test deliveries reached %s: %s", probes, url, answer)
     return hook
 

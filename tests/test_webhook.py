@@ -179,6 +179,16 @@ def test_cli_rejects_a_bad_port(tmp_path):
     assert out.returncode == 2 and "--port 70000" in out.stderr
 
 
+def test_register_refuses_a_store_that_delivers_no_webhooks(tmp_path):
+    """Webhooks are delivered only by `mlflow server`; one stored straight into a sqlite file, under
+    this process's own encryption key, would never fire."""
+    out = run_module([sys.executable, "-m", "registry_hooks.webhook", "register", "--url", "http://127.0.0.1:1/webhook",
+                      "--secret", SECRET, "--config", str(ROOT / "conf" / "smoke.yaml")], cwd=tmp_path,
+                     env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "register needs the `mlflow server`" in out.stderr.strip().splitlines()[-1]
+
+
 # -- register against `mlflow server` as users start it ----------------------------------------
 
 
@@ -230,7 +240,7 @@ def live_webhooks(home: Path) -> int:
 def test_register_with_the_key_delivers_and_an_alias_move_deploys(mlflow_servers, tmp_path, monkeypatch):
     """With MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY: register (as users run it) passes its test
     deliveries, which the receiver accepts without deploying; promote then deploys through the
-    webhook. A webhook stored under another key (here: by this process's own sqlite store) makes the
+    webhook. Another secret or no receiver: register fails naming it. A webhook stored under another key (here: by this process's own sqlite store) makes the
     next register fail, naming it, and leaves its own webhook deleted."""
     import mlflow
     from mlflow import MlflowClient
@@ -257,6 +267,14 @@ def test_register_with_the_key_delivers_and_an_alias_move_deploys(mlflow_servers
             time.sleep(0.2)
         assert receiver.deployments == 1, "the alias move did not deploy within 60 s"
         assert deployed_manifest(tmp_path / "deploy")["version"] == version
+        # The other failures register names, each leaving no webhook behind.
+        before = live_webhooks(home)
+        with pytest.raises(DeliveryError, match="refused MLflow's signature.*same --secret"):
+            register(url, "another-secret-0123456789")
+        dead = f"http://127.0.0.1:{free_port()}/webhook"
+        with pytest.raises(DeliveryError, match="could not reach the receiver.*start `python -m registry_hooks"):
+            register(dead, SECRET)
+        assert live_webhooks(home) == before
         # A webhook the server cannot decrypt (another key) blocks every alias delivery.
         monkeypatch.setenv("MLFLOW_WEBHOOK_ALLOWED_SCHEMES", "http,https")
         monkeypatch.setenv("MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS", "true")
