@@ -298,7 +298,8 @@ def delivery_problem(response: Any, url: str) -> str | None:
     if response.status_code != 200:
         return f"the tracking server refused the test delivery: HTTP {response.status_code} {response.text[:300]}"
     result = response.json().get("result", {})
-    status, body, error = result.get("response_status"), result.get("response_body", ""), result.get("error_message", "")
+    status, body = result.get("response_status"), result.get("response_body", "")
+    error = result.get("error_message", "")
     if result.get("success"):
         try:
             answer = json.loads(body)
@@ -398,8 +399,8 @@ def register(url: str, secret: str, name: str = "nt8-production-deploy", probes:
     except DeliveryError as exc:
         if _delete(creds, hook.webhook_id):
             raise DeliveryError(f"{exc} (webhook {hook.webhook_id} deleted)") from None
-        raise DeliveryError(f"{exc} (webhook {hook.webhook_id} could NOT be deleted: in the server's database, "
-                            f"UPDATE webhooks SET deleted_timestamp = 1 WHERE webhook_id = '{hook.webhook_id}')") from None
+        raise DeliveryError(f"{exc} (webhook {hook.webhook_id} could NOT be deleted: in the server's database, UPDATE "
+                            f"webhooks SET deleted_timestamp = 1 WHERE webhook_id = '{hook.webhook_id}')") from None
     log.info("%d test deliveries reached %s: %s", probes, url, answer)
     return hook
 

@@ -210,7 +210,8 @@ def mlflow_servers(tmp_path_factory):
             env["MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"] = Fernet.generate_key().decode()
         process = subprocess.Popen(
             [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-             "--backend-store-uri", f"sqlite:///{home / 'server.db'}", "--artifacts-destination", str(home / "artifacts")],
+             "--backend-store-uri", f"sqlite:///{home / 'server.db'}",
+             "--artifacts-destination", str(home / "artifacts")],
             cwd=home, env=env, stdout=subprocess.DEVNULL, stderr=(home / "server.log").open("w"))
         servers[kind] = (f"http://127.0.0.1:{port}", process, home)
     yield servers
@@ -240,8 +241,9 @@ def live_webhooks(home: Path) -> int:
 def test_register_with_the_key_delivers_and_an_alias_move_deploys(mlflow_servers, tmp_path, monkeypatch):
     """With MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY: register (as users run it) passes its test
     deliveries, which the receiver accepts without deploying; promote then deploys through the
-    webhook. Another secret or no receiver: register fails naming it. A webhook stored under another key (here: by this process's own sqlite store) makes the
-    next register fail, naming it, and leaves its own webhook deleted."""
+    webhook. Another secret or no receiver: register fails naming it. A webhook stored under another
+    key (here: by this process's own sqlite store) makes the next register fail, naming it, and
+    leaves its own webhook deleted."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -249,7 +251,7 @@ def test_register_with_the_key_delivers_and_an_alias_move_deploys(mlflow_servers
     from registry_hooks.reconcile import deployed_manifest
     from test_registry import CONSTANT_MODEL, NAME, register_constant
 
-    base, home = started(mlflow_servers, "key", monkeypatch)
+    _, home = started(mlflow_servers, "key", monkeypatch)
     receiver = Receiver(SECRET, NAME, str(tmp_path / "deploy"))
     hook_server = make_server(receiver, port=0).start()
     url = f"http://127.0.0.1:{hook_server.server_port}/webhook"
@@ -296,7 +298,7 @@ def test_register_without_the_key_fails_naming_it_and_leaves_no_webhook(mlflow_s
     workers)."""
     import mlflow
 
-    base, home = started(mlflow_servers, "nokey", monkeypatch)
+    _, home = started(mlflow_servers, "nokey", monkeypatch)
     receiver = Receiver(SECRET, "nt8-agent", str(tmp_path / "deploy"))
     hook_server = make_server(receiver, port=0).start()
     url = f"http://127.0.0.1:{hook_server.server_port}/webhook"
@@ -305,7 +307,8 @@ def test_register_without_the_key_fails_naming_it_and_leaves_no_webhook(mlflow_s
                           "--config", str(ROOT / "conf" / "smoke.yaml")], cwd=tmp_path)
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
-        assert "could not decrypt the webhook secret" in lines[-1] and "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY" in lines[-1]
+        assert "could not decrypt the webhook secret" in lines[-1]
+        assert "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY" in lines[-1]
         assert lines[-1].endswith("deleted)")
         for _ in range(5):
             with pytest.raises(DeliveryError, match="MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"):
