@@ -4,6 +4,7 @@ Screenshots are kept under the test's tmp_path (`ui/*.png`; pytest keeps the las
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -122,6 +123,18 @@ def test_the_ui_shows_the_cycle_runs_charts_equity_plot_and_production(browser, 
                                      if (img.get_attribute("src") or "").startswith("blob:")),
               "the equity/drawdown plot")
     browser.save_screenshot(str(shots / "equity.png"))
+
+    # "Compare" on the train, evaluate and promote runs lines up the quantities they share by name.
+    ids = [by_name[n].info.run_id for n in ("train", "evaluate", "promote")]
+    browser.get(f"{base}/#/compare-runs?runs={json.dumps(ids)}&experiments={json.dumps([experiment])}"
+                "&workflowType=machine_learning")
+    sharpes = [by_name[n].data.metrics["sharpe"] for n in ("train", "evaluate", "promote")]
+    # The parallel-coordinates plot opens on the metric the three runs share; its axis is labelled
+    # with the runs' extreme values (5 decimals, a Unicode minus).
+    ends = [f"{v:.5f}" for v in (min(sharpes), max(sharpes))]
+    _wait_for(browser, lambda d: "sharpe" in text(d).split("\n") and all(
+        e in text(d).replace("\u2212", "-") for e in ends), f"the three runs' sharpe ({ends}) compared")
+    browser.save_screenshot(str(shots / "compare.png"))
 
     # The registered model page: the Production version and its alias.
     browser.get(f"{base}/#/models/nt8-agent?workflowType=machine_learning")
