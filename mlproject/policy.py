@@ -8,6 +8,7 @@ features and contract size, whatever the current config says.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 
 from mlproject.data import infer_bar_period
 from mlproject.features import FEATURE_NAMES, FEATURE_SET_VERSION
-from mlproject.instruments import resolve_instrument
+from mlproject.instruments import PRESETS, resolve_instrument
 from mlproject.quiet import quiet_rllib
 from mlproject.registry import resolve_version
 
@@ -333,6 +334,53 @@ def fast_greedy(module: Any) -> Callable[[np.ndarray], np.ndarray]:
         return actions.astype(np.int64)
 
     return act
+
+
+def settings_overrides(parent: PolicySettings) -> list[str]:
+    """``--set`` items that make a config build ``parent``'s observations and contract (the
+    recorded instrument as its preset plus the fields that differ from it, or every field)."""
+    items = [f"env.window={parent.window}", f"env.vol_window={parent.vol_window}",
+             f"env.norm_window={parent.norm_window}"]
+    recorded = dict(parent.instrument)
+    symbol = str(recorded.pop("symbol", "") or "")
+    preset = PRESETS.get(symbol.split()[0].upper()) if symbol.strip() else None
+    if preset is not None:  # its preset (a contract month such as "ES 12-24" is shown by its preset)
+        items.append(f"env.instrument.preset={preset.symbol}")
+        recorded = {k: v for k, v in recorded.items() if preset.to_dict().get(k) != v}
+    else:
+        items.append(f"env.instrument.symbol={symbol}")
+    items += [f"env.instrument.{k}={v}" for k, v in recorded.items()]
+    return items
+
+
+def network_settings(module: Any) -> dict[str, Any]:
+    """``train.hiddens`` and ``train.activation`` of an RLModule (from its model config)."""
+    config = module.model_config
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    return {"hiddens": list(get("fcnet_hiddens") or []), "activation": get("fcnet_activation")}
+
+
+def continue_differences(parent: PolicySettings | None, network: dict[str, Any] | None,
+                         cfg: Any) -> tuple[list[str], list[str]]:
+    """What keeps a run of ``cfg`` (a ``Config``) from continuing to train a policy recorded with
+    ``parent`` settings and ``network`` (:func:`network_settings`; None: not compared): the
+    differences, "model vs config", and the ``--set`` items that make the config match it. The one
+    rule both an ``--init-from`` and the cycle's warm start from Production follow."""
+    settings = PolicySettings.from_env(cfg.env)
+    differ = parent.observation_differences(settings) if parent is not None else []
+    wanted = [item for item in settings_overrides(parent) if item not in settings_overrides(settings)] if differ else []
+    ours = {"hiddens": list(cfg.train.hiddens), "activation": cfg.train.activation}
+    for key in ("hiddens", "activation") if network is not None else ():
+        if network[key] != ours[key]:
+            differ.append(f"train.{key} {network[key]!r} vs {ours[key]!r}")
+            value = ",".join(map(str, network[key])) if key == "hiddens" else network[key]
+            wanted.append(f"train.{key}=[{value}]" if key == "hiddens" else f"train.{key}={value}")
+    return differ, wanted
+
+
+def set_items(items: list[str]) -> str:
+    """``--set`` arguments for a shell (``[32,32]`` quoted: zsh would glob it)."""
+    return " ".join(f"--set {shlex.quote(item)}" for item in items)
 
 
 def fresh_module(obs_size: int, n_actions: int, hiddens: list[int] | tuple[int, ...] = (64, 64),

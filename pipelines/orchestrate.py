@@ -68,7 +68,7 @@ from mlproject.deploy import reconcile
 from mlproject.evaluation import EvalReport, backtest, evaluate_policies, paired_comparison, policy_env_config, test_split
 from mlproject.experience import ExperienceBuffer
 from mlproject.features import FEATURE_NAMES
-from mlproject.instruments import PRESETS, resolve_instrument
+from mlproject.instruments import resolve_instrument
 from mlproject.intake import new_bars_since, run_intake
 from mlproject.locks import file_lock
 from mlproject.metrics import max_drawdown, periods_per_year, sharpe_ratio, total_return
@@ -76,15 +76,18 @@ from mlproject.offline import BETA, OfflineResult, offline_pass
 from mlproject.policy import (
     ModelMismatch,
     PolicySettings,
+    continue_differences,
     find_module_dir,
     load_module,
     load_policy_model,
+    network_settings,
     read_settings,
+    set_items,
 )
 from mlproject.preflight import CHECKED, warn_if_instrument_misfits
 from mlproject.reasoner.engine import ReasonerUnavailable, ReasoningEngine
 from mlproject.reflection import PROMPT
-from mlproject.registry import HISTORY_TAG, cleanup, production_version, rollback_target, status
+from mlproject.registry import SIM_RUN_TAG, cleanup, drop_sim_models, production_version, rollback_target, status
 from mlproject.signals import Stopped, install, restore
 from mlproject.tracking import log_curves, pipeline_run, setup_tracking
 from pipelines import annotate, collect, evaluate, ingest, monitor, promote, train
@@ -134,40 +137,42 @@ def production_model(cfg: Config) -> ProductionModel | None:
 
 
 def _why_not_warm(local: Path, cfg: Config) -> str:
-    """Empty when the downloaded policy reads this config's observations, else why not."""
+    """Empty when the downloaded policy can go on training with this config, else why not."""
     settings = read_settings(local) if (local / "MLmodel").is_file() else None
-    if settings is not None:
-        return settings_mismatch(settings, PolicySettings.from_env(cfg.env))
-    shape = tuple(load_module(find_module_dir(local)).observation_space.shape)
-    if shape != (cfg.env.window * len(FEATURE_NAMES) + 2,):
-        return (f"takes observations of shape {shape}, this config makes {cfg.env.window * len(FEATURE_NAMES) + 2} "
-                f"(window {cfg.env.window})")
-    return ""
+    module = load_module(find_module_dir(local))
+    if settings is None:
+        shape = tuple(module.observation_space.shape)
+        if shape != (cfg.env.window * len(FEATURE_NAMES) + 2,):
+            return (f"takes observations of shape {shape}, this config makes {cfg.env.window * len(FEATURE_NAMES) + 2} "
+                    f"(window {cfg.env.window})")
+    return settings_mismatch(settings, cfg, network_settings(module))
 
 
-MISMATCH_KEYS = {"window": "env.window", "vol_window": "env.vol_window", "norm_window": "env.norm_window",
-                 "max_contracts": "env.instrument.max_contracts"}
-"""The observation settings a config can change, and the key that sets each."""
+MISMATCH_KEYS = ("vol_window", "norm_window", "max_contracts")
+"""Observation settings named beside the instrument and window when they differ."""
 
 
-def settings_mismatch(theirs: PolicySettings, ours: PolicySettings) -> str:
-    """Empty when a policy of ``theirs`` can go on training with ``ours``; else what differs (the
-    instrument and window always named) and the ``--set`` that continues it."""
-    if not theirs.observation_differences(ours):
+def settings_mismatch(theirs: PolicySettings | None, cfg: Config, network: dict[str, Any] | None = None) -> str:
+    """Empty when a policy of ``theirs`` settings (and ``network``) can go on training with ``cfg``
+    (:func:`mlproject.policy.continue_differences`, the rule ``train --init-from`` follows); else
+    what differs (the instrument and window always named) and the ``--set`` that continues it."""
+    differ, wanted = continue_differences(theirs, network, cfg)
+    if not differ:
         return ""
-    differ = [k for k in MISMATCH_KEYS if k not in ("window",) and getattr(theirs, k) != getattr(ours, k)]
+    ours = PolicySettings.from_env(cfg.env)
+    if theirs is None:
+        return f"was trained with another network ({'; '.join(differ)}). To continue it use {set_items(wanted)}"
+    named = [k for k in MISMATCH_KEYS if getattr(theirs, k) != getattr(ours, k)]
 
     def describe(s: PolicySettings) -> str:
-        return f"{s.instrument['symbol']} with window {s.window}" + "".join(f", {k} {getattr(s, k)}" for k in differ)
+        return f"{s.instrument['symbol']} with window {s.window}" + "".join(f", {k} {getattr(s, k)}" for k in named)
 
     text = f"trades {describe(theirs)}; this config is {describe(ours)}"
+    text += "".join(f"; {d} (model vs config)" for d in differ if d.startswith("train."))
     if (theirs.features, theirs.feature_set_version) != (ours.features, ours.feature_set_version):
         return (f"{text}, and it reads other features (feature set v{theirs.feature_set_version} vs "
                 f"v{ours.feature_set_version}): this code cannot continue it")
-    fix = [f"env.instrument.preset={theirs.instrument['symbol']}"] if (
-        theirs.instrument["symbol"] != ours.instrument["symbol"] and theirs.instrument["symbol"] in PRESETS) else []
-    fix += [f"{key}={getattr(theirs, k)}" for k, key in MISMATCH_KEYS.items() if getattr(theirs, k) != getattr(ours, k)]
-    return f"{text}. To continue the deployed model use the config it was trained with, e.g. --set \"{' '.join(fix)}\""
+    return f"{text}. To continue the deployed model use the config it was trained with, e.g. {set_items(wanted)}"
 
 
 def retrain_plan(cfg: Config, production: ProductionModel | None) -> str:
@@ -555,7 +560,7 @@ def simulate(cfg: Config, periods: int, start_fraction: float) -> dict[str, Any]
     bars.attrs[CHECKED] = str(bars.attrs.get("path") or bars.attrs.get("source") or cfg.data.source)
     run_id = mlflow.active_run().info.run_id
     name = f"{cfg.promotion.model_name}-sim-{run_id[:8]}"
-    drop_sim_models(cfg.promotion.model_name)  # what killed simulations left
+    drop_sim_models(cfg.promotion.model_name, lock_file=cfg.promotion.lock_file)  # what killed simulations left
     mlflow.MlflowClient().create_registered_model(name, tags={SIM_RUN_TAG: run_id}, description=(
         f"Versions of the walk-forward simulation run {run_id}; deleted when it ends (its models stay "
         "in the run's artifacts)."))
@@ -563,61 +568,12 @@ def simulate(cfg: Config, periods: int, start_fraction: float) -> dict[str, Any]
         out = _walk_forward(cfg, bars, points, history_bars, name)
         out["registry"] = status(name)
     finally:  # the user's Models page lists their models, not every simulation's
-        drop_sim_models(cfg.promotion.model_name, only=name)
+        drop_sim_models(cfg.promotion.model_name, only=name, lock_file=cfg.promotion.lock_file)
     m = out["metrics"]
     log.info("simulate: learning %s vs never retrained %s vs buy-and-hold %s (total return); paired p=%.3g",
              f"{m['learning']['total_return']:.4f}", f"{m['never_retrained']['total_return']:.4f}",
              f"{m['buy_hold']['total_return']:.4f}", out["paired"].get("p_value", math.nan))
     return out
-
-
-SIM_RUN_TAG = "sim.run_id"
-"""Registered-model tag: the simulation run whose versions the model holds."""
-
-
-def drop_sim_models(model_name: str, only: str | None = None) -> list[str]:
-    """Delete the registered model ``only`` (a simulation's, at its end), or every
-    ``<model_name>-sim-*`` model whose simulation run no longer runs (killed ones' leftovers),
-    with their registry history runs. Returns the names deleted."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient()
-    models = client.search_registered_models(filter_string=f"name = '{only}'" if only else
-                                             f"name LIKE '{model_name}-sim-%'")
-    deleted = []
-    for model in models:
-        if only is None and _sim_running(client, model):
-            continue
-        client.delete_registered_model(model.name)
-        history = model.tags.get(HISTORY_TAG)
-        if history:
-            try:
-                client.delete_run(history)
-            except MlflowException:  # already gone
-                pass
-        deleted.append(model.name)
-    if deleted:
-        log.info("simulate: deleted the registered model(s) %s (the runs keep their logged models)",
-                 ", ".join(deleted))
-    return deleted
-
-
-def _sim_running(client: Any, model: Any) -> bool:
-    """Whether the simulation that registered ``model`` still runs (its run, else the parent of a
-    version's run: models of before the tag)."""
-    from mlflow.exceptions import MlflowException
-
-    run_id = model.tags.get(SIM_RUN_TAG)
-    try:
-        if run_id is None:
-            versions = client.search_model_versions(f"name='{model.name}'", max_results=1)
-            if not versions or not versions[0].run_id:
-                return False
-            run_id = client.get_run(versions[0].run_id).data.tags.get("mlflow.parentRunId")
-        return bool(run_id) and client.get_run(run_id).info.status == "RUNNING"
-    except MlflowException:  # the run was deleted
-        return False
 
 
 def _walk_forward(cfg: Config, bars: pd.DataFrame, points: list[int], history_bars: int,

@@ -20,7 +20,6 @@ import argparse
 import hashlib
 import logging
 import math
-import shlex
 import shutil
 import tempfile
 import time
@@ -39,17 +38,19 @@ from mlproject.cluster import ray_session
 from mlproject.config import Config
 from mlproject.data import load_source, split_bars
 from mlproject.evaluation import backtest
-from mlproject.instruments import PRESETS
 from mlproject.metrics import periods_per_year
 from mlproject.policy import (
     MODULE_SUBDIR,
     SETTINGS_KEY,
     PolicySettings,
+    continue_differences,
     greedy_actions,
     load_module,
     module_policy,
     module_weights,
+    network_settings,
     resolve_init_from,
+    set_items,
 )
 from mlproject.preflight import check_splits, warn_if_instrument_misfits
 from mlproject.quiet import quiet_env_reregistration, quiet_rllib
@@ -196,30 +197,6 @@ def _score(metrics: dict[str, float], name: str) -> float:
     return value if math.isfinite(value) else -math.inf  # undefined (e.g. no trades) never wins
 
 
-def settings_overrides(parent: PolicySettings) -> list[str]:
-    """``--set`` items that make a config build ``parent``'s observations and contract (the
-    recorded instrument as its preset plus the fields that differ from it, or every field)."""
-    items = [f"env.window={parent.window}", f"env.vol_window={parent.vol_window}",
-             f"env.norm_window={parent.norm_window}"]
-    recorded = dict(parent.instrument)
-    symbol = str(recorded.pop("symbol", "") or "")
-    preset = PRESETS.get(symbol.split()[0].upper()) if symbol.strip() else None
-    if preset is not None:  # its preset (a contract month such as "ES 12-24" is shown by its preset)
-        items.append(f"env.instrument.preset={preset.symbol}")
-        recorded = {k: v for k, v in recorded.items() if preset.to_dict().get(k) != v}
-    else:
-        items.append(f"env.instrument.symbol={symbol}")
-    items += [f"env.instrument.{k}={v}" for k, v in recorded.items()]
-    return items
-
-
-def network_settings(module: Any) -> dict[str, Any]:
-    """``train.hiddens`` and ``train.activation`` of an RLModule (from its model config)."""
-    config = module.model_config
-    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
-    return {"hiddens": list(get("fcnet_hiddens") or []), "activation": get("fcnet_activation")}
-
-
 def check_init_from(uri: str, module_dir: Path, parent: PolicySettings | None, cfg: Config) -> None:
     """Refuse an ``--init-from`` model recorded with other observation settings than this run's
     config (``PolicySettings.observation_differences``) or with another network (``train.hiddens``,
@@ -227,18 +204,10 @@ def check_init_from(uri: str, module_dir: Path, parent: PolicySettings | None, c
     message names them and how to continue it (the ``--set`` items of the model's settings that
     this config lacks, its instrument included)."""
     settings = PolicySettings.from_env(cfg.env)
-    differ = parent.observation_differences(settings) if parent is not None else []
-    wanted = [item for item in settings_overrides(parent) if item not in settings_overrides(settings)] if differ else []
-    network, ours = network_settings(load_module(module_dir)), {"hiddens": list(cfg.train.hiddens),
-                                                                "activation": cfg.train.activation}
-    for key in ("hiddens", "activation"):
-        if network[key] != ours[key]:
-            differ.append(f"train.{key} {network[key]!r} vs {ours[key]!r}")
-            value = ",".join(map(str, network[key])) if key == "hiddens" else network[key]
-            wanted.append(f"train.{key}=[{value}]" if key == "hiddens" else f"train.{key}={value}")
+    differ, wanted = continue_differences(parent, network_settings(load_module(module_dir)), cfg)
     if not differ:
         return
-    fix = " ".join(f"--set {shlex.quote(item)}" for item in wanted)  # [32,32] quoted: zsh would glob it
+    fix = set_items(wanted)
     features = (f" (its features, feature-set version {parent.feature_set_version}, need the code it was trained "
                 "with: its git_commit tag)" if parent is not None and (parent.features != settings.features
                 or parent.feature_set_version != settings.feature_set_version) else "")

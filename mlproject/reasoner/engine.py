@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlproject.config.schema import FinetuneConfig
 from mlproject.quiet import quiet_checkpointing_rename
 from mlproject.reasoner.chat import THINK_CLOSE, THINK_OPEN, Reply, parse_reply, render_prompt
 from mlproject.reflection import LLMAnnotator
@@ -61,8 +62,6 @@ def quantization_config(quantization: str, on_gpu: bool) -> Any:
 def _not_here(base: str, exc: OSError) -> ReasonerUnavailable:
     """How to get a base that is not here, with the ``hf`` client huggingface_hub installs: a hub
     id into the Hugging Face cache (where ``local_files_only`` finds it), a folder by ``--local-dir``."""
-    from mlproject.config.schema import FinetuneConfig
-
     hub_id = base.count("/") == 1 and not base.startswith((".", "/", "~")) and not Path(base).exists()
     how = (f"`hf download {base}` (into the Hugging Face cache)" if hub_id else
            f"`hf download {FinetuneConfig.model_fields['base_model'].default} --local-dir {base}`")
