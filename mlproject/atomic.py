@@ -51,9 +51,17 @@ def read_json_state(path: str | Path, owner: str, remedy: str) -> dict:
     """The JSON object a component keeps at ``path`` ({} before it wrote one); a file that is not
     JSON is a ValueError naming the file, its ``owner`` and the ``remedy``."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: a folder, not the {owner}'s state file; {remedy}")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         return {}
+    except UnicodeDecodeError as exc:  # a ValueError, but not a JSONDecodeError: binary junk, a wrong encoding
+        raise ValueError(f"{path}: not the {owner}'s state (not UTF-8 text: byte {exc.object[exc.start]:#04x} at "
+                         f"offset {exc.start}); {remedy}") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not the {owner}'s state ({exc}); {remedy}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not the {owner}'s state (a JSON {type(data).__name__}, not an object); {remedy}")
+    return data

@@ -1,9 +1,15 @@
-"""Cross-process file locks (``filelock``), reentrant within a thread, with a clear timeout error."""
+"""Cross-process file locks (``filelock``), reentrant within a thread, with a clear timeout error.
+
+The locks are ``flock`` locks: the kernel releases one when its process ends, however it ends, so
+a lock file left behind never blocks anyone and never needs removing. A timeout names the
+process that holds the lock where the system says (Linux ``/proc/locks``).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,8 +44,53 @@ def file_lock(path: str | Path, timeout: float, holder: str = "another process",
     try:
         lock.acquire(timeout=timeout)
     except Timeout:
-        raise error(f"{holder} has held {key} for over {timeout:.0f} s; if none is running, remove the file") from None
+        raise error(busy_message(key, timeout, holder)) from None
     try:
         yield lock_path
     finally:
         lock.release()
+
+
+def lock_holder(path: str | Path) -> int | None:
+    """The id of the process holding the ``flock`` lock on ``path``, from Linux's ``/proc/locks``
+    (None: not held, or the system does not say)."""
+    try:
+        stat = os.stat(path)
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    device = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+    inode_only = None
+    for line in table.splitlines():
+        # "1: FLOCK  ADVISORY  WRITE 4242 fe:00:2203889 0 EOF" (a waiter's line has "->" after "1:")
+        fields = line.split()
+        if len(fields) < 6 or fields[1] != "FLOCK" or not fields[4].isdigit():
+            continue
+        if fields[5] == device:
+            return int(fields[4])
+        if fields[5].rsplit(":", 1)[-1] == str(stat.st_ino):
+            inode_only = int(fields[4])  # overlay file systems may report another device number
+    return inode_only
+
+
+def _command_line(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()[:200]
+
+
+def busy_message(path: str | Path, timeout: float, holder: str) -> str:
+    """Why a lock could not be taken in ``timeout`` s and what to do: wait for the holding process
+    or stop it. Never "remove the file": the lock goes with its process (see the module doc)."""
+    pid = lock_holder(path)
+    if pid is None or pid == os.getpid():
+        who = f"{holder} is in progress (it holds {path})"
+        todo = "wait for it to finish or stop it"
+    else:
+        command = _command_line(pid)
+        who = f"{holder} is in progress: process {pid}{f' ({command})' if command else ''} holds {path}"
+        todo = f"wait for it to finish or stop it (kill {pid})"
+    return (f"{who}; waited {timeout:g} s. {todo[0].upper()}{todo[1:]}; the lock is released when that "
+            "process ends, so there is no file to remove")

@@ -320,8 +320,7 @@ def rollback(name: str, to_version: str | int | None = None, reason: str = "", f
         complete_pending(name, lock_file)
         current = production_version(name)
         if expected_current is not None and str(expected_current) != current:
-            raise ValueError(f"{name}: Production is version {current or 'none'}, not {expected_current}: "
-                             "someone else moved it meanwhile; nothing rolled back")
+            raise ValueError(_not_current_message(name, str(expected_current), current))
         target = str(to_version) if to_version is not None else rollback_target(name)
         if target is None:
             raise ValueError(f"{name}: nothing to roll back to (Production is {current or 'empty'} and has no "
@@ -339,6 +338,19 @@ def rollback(name: str, to_version: str | int | None = None, reason: str = "", f
             check(name, target)
         return promote(name, target, reason or f"rollback from version {current}", metrics, action="rollback",
                        lock_file=lock_file)
+
+
+def _not_current_message(name: str, expected: str, current: str | None) -> str:
+    """Why a rollback ``--from-version expected`` refused: no such version (a typo), or another
+    rollback or promotion moved Production away from it."""
+    from mlflow.exceptions import MlflowException
+
+    production = f"Production is version {current}" if current else "no version is in Production"
+    try:
+        _client().get_model_version(name, expected)
+    except MlflowException:
+        return f"{name}: version {expected} does not exist ({production}); nothing rolled back"
+    return f"{name}: {production}, not {expected}: someone else moved it meanwhile; nothing rolled back"
 
 
 def ensure_alias(name: str) -> bool:

@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from mlproject.cli import base_parser, optional_int, run_cli
@@ -28,9 +29,31 @@ log = logging.getLogger(__name__)
 COMMANDS = ("stats", "check", "quarantine", "compact")
 
 
+def existing_storage(storage: str) -> str:
+    """``storage`` if there is a buffer there (a folder, locally or in the URI's file system); else a
+    ValueError naming ``continuous_learning.experience_storage``. Opening a buffer creates its
+    folder: a mistyped path would look like an empty, healthy buffer."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, path = pafs.FileSystem.from_uri(storage) if "://" in storage else \
+            (pafs.LocalFileSystem(), str(Path(storage).resolve()))
+        kind = fs.get_file_info(path).type
+    except (OSError, ValueError) as exc:  # pyarrow's errors for a bad URI
+        raise ValueError(f"continuous_learning.experience_storage {storage}: cannot be read ({exc})") from None
+    if kind == pafs.FileType.NotFound:
+        raise ValueError(f"continuous_learning.experience_storage {storage}: no such folder (nothing created); set "
+                         "it to the buffer that paper trading and collect write to (--set "
+                         "continuous_learning.experience_storage=PATH)")
+    if kind != pafs.FileType.Directory:
+        raise ValueError(f"continuous_learning.experience_storage {storage}: is a file, not a buffer folder")
+    return storage
+
+
 def main(cfg: Config, command: str, file: str | None = None, max_rows: int | None = None) -> Any:
-    """Run ``command`` on the configured buffer; returns what it produced."""
-    buffer = ExperienceBuffer(cfg.continuous_learning.experience_storage)
+    """Run ``command`` on the configured buffer, which must exist (:func:`existing_storage`);
+    returns what it produced."""
+    buffer = ExperienceBuffer(existing_storage(cfg.continuous_learning.experience_storage))
     if command == "stats":
         return buffer.stats()
     if command == "check":

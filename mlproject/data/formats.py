@@ -88,8 +88,10 @@ def detect_format(path: str | Path) -> str:
     Unknown -> DataError naming the file and the first line."""
     path = Path(path)
     with path.open("rb") as fh:
-        if fh.read(4) == b"PAR1":
-            return "parquet"
+        head = fh.read(8192)
+    if head.startswith(b"PAR1"):
+        return "parquet"
+    _refuse_binary(path, head)
     lines = _leading_lines(path, 20)
     if not lines:
         raise DataError(f"{path}: empty file (no data lines)")
@@ -106,6 +108,37 @@ def detect_format(path: str | Path) -> str:
         f"{path} line {number}: unknown format: {text[:100]!r} is neither an NT8 export line "
         "('yyyyMMdd[ HHmmss[ fffffff]];...') nor a CSV header naming a time column and open/high/low/close/volume"
     )
+
+
+# Leading bytes of files people mistake for bar files, and what to do with them.
+_BINARY_KINDS = (
+    (b"\x1f\x8b", "a gzip archive: unpack it first"),
+    (b"PK\x03\x04", "a zip archive (an Excel .xlsx is one): unpack it, or save the sheet as CSV"),
+    (b"\xff\xfe", "UTF-16 text: export or save it as UTF-8"),
+    (b"\xfe\xff", "UTF-16 text: export or save it as UTF-8"),
+    (b"\xd0\xcf\x11\xe0", "an old Excel .xls workbook: save the sheet as CSV"),
+)
+
+
+def looks_binary(head: bytes) -> bool:
+    """A NUL byte in the first 8 KiB (as git and grep judge it), a UTF-16 byte-order mark, or
+    more than one character in ten that is not text (not UTF-8, or a control character other
+    than tab, line and page breaks). A Latin-1 export's few accented letters stay text."""
+    if b"\0" in head or head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return True
+    text = head.decode("utf-8", errors="replace")
+    odd = sum(1 for ch in text if ch == "\ufffd" or (ch < " " and ch not in "\t\n\r\f\v"))
+    return odd > len(text) / 10
+
+
+def _refuse_binary(path: Path, head: bytes) -> None:
+    """DataError for a file that is not text (:func:`looks_binary`), naming the file with a
+    short escaped excerpt: the raw bytes would garble the terminal and the message."""
+    if not looks_binary(head):
+        return
+    kind = next((what for magic, what in _BINARY_KINDS if head.startswith(magic)), "binary content")
+    raise DataError(f"{path}: not a text (NT8 export, CSV) or Parquet bar file: {kind}; it starts with "
+                    f"{head[:16]!r}")
 
 
 def _leading_lines(path: Path, count: int) -> list[tuple[int, str]]:
@@ -411,6 +444,16 @@ def load_bars(
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path}: is a folder, not a bar file (an NT8 export, CSV or Parquet file)")
+    try:
+        return _load(path, fmt, tick_period, drop_duplicates, tz)
+    except UnicodeDecodeError as exc:  # a CSV reader met a byte that is not UTF-8
+        data = bytes(exc.object)
+        raise DataError(f"{path}: not UTF-8 text (byte {data[exc.start:exc.start + 1]!r} after "
+                        f"{data[max(0, exc.start - 20):exc.start]!r}); export or save it as UTF-8") from None
+
+
+def _load(path: Path, fmt: str | None, tick_period: str, drop_duplicates: bool, tz: str | None) -> pd.DataFrame:
+    """:func:`load_bars` once the path is known to be a file."""
     fmt = fmt or detect_format(path)
     if fmt not in _FORMATS:
         raise ValueError(f"fmt must be one of {', '.join(_FORMATS)}, got {fmt!r}")

@@ -89,9 +89,16 @@ def write_jsonl(frame: pd.DataFrame, path: Path) -> Path:
 
 
 def read_jsonl(path: str | Path) -> pd.DataFrame:
-    """A prepared file back as rows; a malformed line is an error naming the file and the line."""
+    """A prepared file back as rows; a malformed line (bad JSON, not UTF-8 text, not a
+    prompt/completion record) is an error naming the file and the line."""
     rows = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for number, raw in enumerate(Path(path).read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}, line {number}: not UTF-8 text (byte {raw[exc.start]:#04x} at column "
+                             f"{exc.start + 1}); the fine-tuning data (--data) is JSON lines in UTF-8, as "
+                             "`python -m pipelines.finetune --prepare-only` writes it") from None
         if not line.strip():
             continue
         try:
