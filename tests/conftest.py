@@ -46,10 +46,11 @@ def _snapshot(root: Path) -> dict[str, tuple[str, int, int]]:
     return out
 
 
-SLOW_FIRST = ("test_pipelines.py", "test_readme.py", "test_scale_out.py", "test_registry_reliability.py", "test_bridge.py",
+SLOW_FIRST = ("test_readme.py", "test_pipelines.py", "test_signals.py", "test_scale_out.py", "test_webhook.py",
+              "test_registry_reliability.py", "test_bridge.py",
               "test_registry.py", "test_finetune.py", "test_train.py", "test_notebooks.py", "test_ui.py",
               "test_experience.py", "test_evaluate.py", "test_monitor.py", "test_model_settings.py",
-              "test_cli_safety.py", "test_webhook.py")
+              "test_cli_safety.py", "test_simulate_user.py", "test_user_errors.py")
 """Test files by their time on one worker, longest first (the rest, seconds each, after them):
 ``make test`` runs two workers (pytest-xdist, a file per worker at a time, in this order with
 ``--no-loadscope-reorder``; xdist's own order is by test count), and a long file left to the end
