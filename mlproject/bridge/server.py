@@ -12,8 +12,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import hmac
+import ipaddress
 import logging
 import os
+import re
+import socket
 import ssl
 import threading
 import time
@@ -38,6 +41,7 @@ from mlproject.bridge.protocol import (
     integer,
     number,
     parse_bar,
+    shown,
     text,
 )
 from mlproject.bridge.session import Session
@@ -72,6 +76,47 @@ def tune_process() -> None:
     sys.setswitchinterval(0.0005)
 
 
+def check_address(host: str, port: int) -> None:
+    """A ValueError naming the setting unless ``host:port`` is something the bridge can listen on
+    (checked before the model loads; binding itself may still find the port taken)."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"bridge.port (--port): {port!r} is not a TCP port; use 0-65535 (0: any free port)")
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    if re.fullmatch(r"[0-9.]+", host) or ":" in host:  # 256.1.1.1 is no host name to look up
+        raise ValueError(f"bridge.host (--host): {host!r} is not an IP address (e.g. 127.0.0.1, 0.0.0.0, ::1)")
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ValueError(f"bridge.host (--host): {host!r} is not an address of this machine ({exc})") from None
+
+
+def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """The server's TLS context (None without a certificate); a ValueError naming ``bridge.tls_cert``
+    or ``bridge.tls_key`` when the file is missing or is not PEM."""
+    if not cert:
+        return None
+    for name, path in (("bridge.tls_cert", cert), ("bridge.tls_key", key)):
+        if not Path(path).is_file():
+            what = "certificate" if name.endswith("cert") else "private key"
+            raise ValueError(f"{name}: {path} is not a file (a PEM {what})")
+    try:
+        ssl.create_default_context(cafile=cert)  # the certificate alone: a binary file fails here
+    except (ssl.SSLError, ValueError, UnicodeError) as exc:
+        raise ValueError(f"bridge.tls_cert: {cert} is not a PEM certificate ({exc})") from None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:  # a key with a passphrase fails too (no prompt on a server)
+        ctx.load_cert_chain(cert, key, password=lambda: b"")
+    except (ssl.SSLError, ValueError) as exc:
+        raise ValueError(f"bridge.tls_key: {key} is not the unencrypted PEM private key of bridge.tls_cert {cert} "
+                         f"({exc})") from None
+    return ctx
+
+
 def kill_file_of(cfg: Config) -> Path:
     return Path(cfg.bridge.kill_file) if cfg.bridge.kill_file else Path(cfg.promotion.deploy_dir) / "KILL"
 
@@ -95,6 +140,9 @@ class Bridge:
         self.cfg = cfg
         self.bcfg = cfg.bridge
         self._token = token.encode()
+        # Settings it cannot listen with are errors now, before anything loads (pipelines.bridge: exit 2).
+        check_address(host or self.bcfg.host, self.bcfg.port if port is None else port)
+        self._ssl_context = tls_context(self.bcfg.tls_cert, self.bcfg.tls_key)
         self.deploy_dir = Path(deploy_dir or cfg.promotion.deploy_dir)
         self.kill_file = kill_file_of(cfg) if cfg.bridge.kill_file or deploy_dir is None else self.deploy_dir / "KILL"
         self.buffer = buffer if buffer is not None else ExperienceBuffer(cfg.continuous_learning.experience_storage)
@@ -108,6 +156,8 @@ class Bridge:
         self._handlers: set[asyncio.Task] = set()
         self._seen: dict[asyncio.StreamWriter, float] = {}
         self._authenticated: set[asyncio.StreamWriter] = set()
+        self._pending: dict[asyncio.StreamWriter, None] = {}
+        """Connections waiting for their hello, oldest first (a dict keeps insertion order)."""
         self._timed_out: set[asyncio.StreamWriter] = set()
         self.rows: list[dict[str, Any]] = []
         self.stats: Counter[str] = Counter()
@@ -143,20 +193,12 @@ class Bridge:
         if self._killed:
             log.warning("bridge: kill switch is on (%s exists): every decision is flat", self.kill_file)
         self._server = await asyncio.start_server(self._client, self.host, self.port,
-                                                  limit=self.bcfg.max_message_bytes, ssl=self._ssl())
+                                                  limit=self.bcfg.max_message_bytes, ssl=self._ssl_context)
         self._tasks = [asyncio.create_task(self._watch()), asyncio.create_task(self._flusher()),
                        asyncio.create_task(self._sweep())]
         host, port = self.address
         log.info("bridge: listening on %s:%d%s", host, port, " (TLS)" if self.bcfg.tls_cert else "")
         return host, port
-
-    def _ssl(self) -> ssl.SSLContext | None:
-        if not self.bcfg.tls_cert:
-            return None
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(self.bcfg.tls_cert, self.bcfg.tls_key)
-        return ctx
 
     @property
     def address(self) -> tuple[str, int]:
@@ -340,6 +382,26 @@ class Bridge:
                     self._send(writer, {"type": "error", "code": "timeout", "message": f"{what} for {limit} s"})
                     writer.close()
 
+    def _drop_oldest_pending(self) -> None:
+        """More than ``max_pending`` connections wait for their hello: close the oldest. Dropping the
+        oldest rather than refusing the newest keeps the bridge open to a real client under a flood of
+        idle connections: NinjaTrader sends hello as soon as it connects, so it is served unless
+        ``max_pending`` more connections arrive within that round trip; refusing the newest would shut
+        it out for as long as the flood holds the pending slots (an attacker reconnecting every
+        ``hello_timeout_s`` holds them for good). Sessions never count here: they have their own
+        ``max_sessions``."""
+        oldest = next(iter(self._pending))
+        del self._pending[oldest]
+        self._timed_out.add(oldest)  # the sweeper leaves it alone
+        self.stats["pending_dropped"] += 1
+        if self.stats["pending_dropped"] % 1000 == 1:
+            log.warning("bridge: more than %d connections without hello (%d dropped so far): dropping the oldest "
+                        "(%s)", self.bcfg.max_pending, self.stats["pending_dropped"], oldest.get_extra_info("peername"))
+        self._send(oldest, {"type": "error", "code": "server_busy",
+                            "message": f"more than {self.bcfg.max_pending} connections without hello: the oldest is "
+                                       "dropped"})
+        oldest.close()
+
     def _send(self, writer: asyncio.StreamWriter, message: dict[str, Any], ident: Any = None) -> None:
         if ident is not None:
             message = {**message, "id": ident}
@@ -355,9 +417,12 @@ class Bridge:
         self._handlers.add(task)
         task.add_done_callback(self._handlers.discard)
         session: Session | None = None
+        self._pending[writer] = None
+        if len(self._pending) > self.bcfg.max_pending:
+            self._drop_oldest_pending()
         try:
-            if len(self.connections) > self.bcfg.max_sessions:
-                raise ProtocolError("server_busy", f"the bridge serves at most {self.bcfg.max_sessions} connections")
+            if len(self.active) >= self.bcfg.max_sessions:  # nothing to wait for: say so now
+                raise ProtocolError("server_busy", f"the bridge serves at most {self.bcfg.max_sessions} sessions")
             session = await self._hello(reader, writer)
             while session is not None:
                 ident = None
@@ -393,6 +458,7 @@ class Bridge:
             self.connections.discard(writer)
             self._seen.pop(writer, None)
             self._authenticated.discard(writer)
+            self._pending.pop(writer, None)
             self._timed_out.discard(writer)
             if session is not None and self.active.get(session.key) is writer:
                 del self.active[session.key]
@@ -413,11 +479,11 @@ class Bridge:
         if msg["type"] != "hello":
             raise ProtocolError("not_authenticated", "the first message must be hello (with the token)", msg["type"])
         token = msg.get("token")
-        if not isinstance(token, str) or not hmac.compare_digest(token.encode(), self._token):
+        if not isinstance(token, str) or not hmac.compare_digest(token.encode(errors="surrogatepass"), self._token):
             raise ProtocolError("unauthorized", "wrong or missing token", "hello")
         if msg.get("protocol") != PROTOCOL_VERSION:
             raise ProtocolError("protocol", f"this bridge speaks protocol {PROTOCOL_VERSION}, the client "
-                                            f"{str(msg.get('protocol'))[:20]}", "hello")
+                                            f"{shown(msg.get('protocol'))}", "hello")
         instrument, account = text(msg, "instrument", limit=40), text(msg, "account", limit=80)
         bar_period, source = text(msg, "bar_period", limit=20), text(msg, "source", default="live", limit=10)
         if source not in ("live", "paper"):
@@ -435,12 +501,15 @@ class Bridge:
         key = f"{account}/{instrument}"
         if key in self.active:
             raise ProtocolError("session_busy", f"session {key} is in use by another connection", "hello")
+        if len(self.active) >= self.bcfg.max_sessions:
+            raise ProtocolError("server_busy", f"the bridge serves at most {self.bcfg.max_sessions} sessions", "hello")
         session = self.sessions.get(key)
         if session is None:
             session = self.sessions[key] = Session(account, instrument, bar_period, source, policy, self.bcfg,
                                                    self.cfg.env.initial_equity)
         self.active[key] = writer
         self._authenticated.add(writer)
+        self._pending.pop(writer, None)
         max_position = min(self.bcfg.max_position if self.bcfg.max_position is not None else settings.max_contracts,
                            settings.max_contracts)
         self._send(writer, {"type": "welcome", "protocol": PROTOCOL_VERSION, "session": key, "model_name": policy.name,
@@ -461,6 +530,7 @@ class Bridge:
         if kind == "fill":
             quantity = integer(msg, "quantity", limit=10_000)
             price = number(msg, "price", positive=True)
+            session.check_prices("fill", price=price)
             commission = number(msg, "commission", low=0.0) if msg.get("commission") is not None else None
             session.fill(quantity, price, commission)
             self.stats["fills"] += 1
@@ -468,12 +538,16 @@ class Bridge:
         if kind == "position":
             position = integer(msg, "position", limit=10_000)
             avg = number(msg, "avg_price", low=0.0, default=0.0)
+            if position != 0:
+                session.check_prices("position", avg_price=avg)
             session.sync_position(position, avg)
             return {"type": "ack", "ref": "position", "position": session.book.position}
         if kind == "heartbeat":
             return {"type": "heartbeat", "time": datetime.now(timezone.utc).isoformat()}
         if kind == "kill":
             reason = msg.get("reason")
+            if reason is not None and not isinstance(reason, str):
+                raise ProtocolError("bad_value", f"reason: expected a string, got {shown(reason)}", "kill")
             self.kill(f"kill message from {session.key}" + (f": {str(reason)[:200]}" if reason else ""))
             return {"type": "ack", "ref": "kill", "position": session.book.position}
         if kind == "resume":
@@ -486,6 +560,7 @@ class Bridge:
 
     async def _bar(self, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
         bar = parse_bar(msg, self.zone)
+        session.check_prices("bar", open=bar.open, high=bar.high, low=bar.low, close=bar.close)
         last = session.last_bar
         if bar.historical and last is not None and bar.time < last.time:
             # NinjaTrader replays the chart's history when the strategy is re-enabled: those bars

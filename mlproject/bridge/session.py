@@ -19,7 +19,7 @@ import numpy as np
 
 from mlproject.bridge.deployed import DeployedPolicy
 from mlproject.bridge.observations import ObservationBuilder, replay_length
-from mlproject.bridge.protocol import Bar, ProtocolError
+from mlproject.bridge.protocol import Bar, ProtocolError, check_price
 from mlproject.config import BridgeConfig
 from mlproject.trades import PositionBook
 
@@ -36,6 +36,9 @@ class Session:
         self.cfg = cfg
         spec = policy.settings.instrument
         self.book = PositionBook(float(spec["point_value"]), float(spec["commission_per_side"]))
+        self.tick_size = float(spec["tick_size"])
+        self.anchor_price: float | None = None
+        """The first accepted bar's close: later prices must stay within PRICE_RANGE_FACTOR of it."""
         self.initial_equity = initial_equity
         self.history: deque[Bar] = deque(maxlen=cfg.history_bars)
         self.builder: ObservationBuilder | None = None
@@ -53,6 +56,12 @@ class Session:
 
     # -- a bar ---------------------------------------------------------------------------------
 
+    def check_prices(self, ref: str, **prices: float) -> None:
+        """Each price plausible for this instrument and session (``protocol.check_price``); the
+        first accepted bar's close becomes the session's anchor."""
+        for key, value in prices.items():
+            check_price(key, value, self.tick_size, self.anchor_price, ref)
+
     def is_repeat(self, bar: Bar) -> bool:
         """The previous bar again (a resend after a reconnect); a bar before it is an error."""
         last = self.last_bar
@@ -67,6 +76,8 @@ class Session:
         """Take a new bar: features, the equity at its close, the previous bar's experience
         completed. Returns (observation for the policy, None) or (None, the guard: warmup, historical)."""
         self.history.append(bar)
+        if self.anchor_price is None:
+            self.anchor_price = bar.close
         if self.builder is None or self.builder.settings != policy.settings:
             self.builder = ObservationBuilder(policy.settings)  # a model with other windows: rebuild
             self.builder.replay(list(self.history)[-replay_length(policy.settings):])

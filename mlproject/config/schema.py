@@ -521,8 +521,8 @@ class BridgeConfig(_Strict):
     """Longest message line accepted; a longer one is answered with an error and skipped."""
     heartbeat_timeout_s: float = Field(default=30.0, gt=0)
     """A client that sends nothing for this long is dropped (clients send a heartbeat every third of it)."""
-    hello_timeout_s: float = Field(default=10.0, gt=0)
-    """Time a new connection has to authenticate."""
+    hello_timeout_s: float = Field(default=5.0, gt=0)
+    """Time a new connection has to authenticate (send hello); then it is dropped."""
     reload_poll_s: float = Field(default=0.5, gt=0)
     """How often the bridge looks at deploy_dir/reload.json for a newly deployed model."""
     flush_every: int = Field(default=256, ge=1)
@@ -532,7 +532,10 @@ class BridgeConfig(_Strict):
     history_bars: int = Field(default=1024, ge=16)
     """Bars kept per session, to rebuild observations when a model with other windows deploys."""
     max_sessions: int = Field(default=64, ge=1)
-    """Connections served at once; one more is refused."""
+    """Sessions (authenticated connections) served at once; one more is refused (server_busy)."""
+    max_pending: int = Field(default=256, ge=1)
+    """Connections waiting for their hello; beyond this the oldest of them is dropped, so idle or
+    hostile connections never take a session's place nor shut a real client out."""
     max_position: int | None = Field(default=None, ge=0)
     """Risk guard: largest position in contracts (null: the model's max_contracts)."""
     max_daily_loss: float | None = Field(default=None, gt=0)
