@@ -19,8 +19,9 @@ the payload only says *that* something changed, never *what* to deploy.
 The server is Starlette on uvicorn (both come with MLflow): asyncio, so a stalled client costs a
 socket, not a thread. Every malformed request gets a 4xx before any work: a body over
 :data:`MAX_BODY_BYTES` is refused from its Content-Length without reading it, a body that does
-not arrive within :data:`BODY_TIMEOUT_S` gets 408, bad encodings and non-object JSON get 400, a
-bad or missing signature 401. A secret shorter than :data:`MIN_SECRET_LEN` is refused at start.
+not arrive within :data:`BODY_TIMEOUT_S` gets 408, bad encodings, non-object and too deeply
+nested JSON get 400, a bad or missing signature 401. A secret shorter than :data:`MIN_SECRET_LEN`
+is refused at start.
 """
 
 from __future__ import annotations
@@ -126,6 +127,8 @@ class Receiver:
             event = json.loads(body)
         except json.JSONDecodeError:
             return 400, "body is not JSON"
+        except RecursionError:  # json's decoder recurses per level: a signed "[[[[..." 30,000 deep
+            return 400, "body is JSON nested too deeply"
         if not isinstance(event, dict) or not isinstance(event.get("data", {}), dict):
             return 400, "body is not an MLflow webhook event (a JSON object with an object 'data')"
         data = event.get("data", {})
