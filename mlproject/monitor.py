@@ -27,6 +27,9 @@ PSI_FLOOR = 1e-4
 ALERT_TAG = "monitor.alert"
 """Version tag the drift monitor sets when it acts; ``pipelines.status`` exits 1 while the
 Production version carries it (remove the tag, or move Production, to clear it)."""
+STALE_ALERT_TAG = "monitor.alert_stale"
+"""Where an alert goes when its rollback was skipped because Production had moved meanwhile: the
+version keeps the record, but no alert that ``pipelines.status`` would report were it deployed again."""
 
 
 def monitor_alert(name: str) -> str | None:

@@ -15,7 +15,10 @@ breaches before ``min_trades`` closed trades and ``min_bars`` steps. A breach ac
 ``confirm_passes`` breaching passes in a row and once per episode (``clear_passes`` good passes
 re-arm it): ``alert`` tags the version ``monitor.alert`` (``pipelines.status`` then exits 1),
 ``rollback`` rolls back through the registry (its lock, the reason and the metrics in the
-history) and redeploys, ``pause`` switches the bridge's kill switch on (flat and hold).
+history) and redeploys, ``pause`` switches the bridge's kill switch on (flat and hold). A rollback
+finds Production moved meanwhile (a person promoted another version): it is skipped, the run says
+so (``monitor.last_action``: ``rollback skipped: Production moved from vX to vY meanwhile``) and the
+version's alert becomes ``monitor.alert_stale``.
 
 Every pass is logged as ``monitor/...`` metrics (live values, the evaluation's as
 ``monitor/eval_...``, ``monitor/psi/<feature>``, ``monitor/breaches``) on one long-running MLflow
@@ -31,6 +34,7 @@ import logging
 import math
 import signal
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,7 @@ from mlproject.atomic import atomic_write_text, read_json_state
 from mlproject.bridge.server import kill_file_of
 from mlproject.cli import base_parser, run_cli
 from mlproject.config import Config, parse_duration
+from mlproject.config.schema import MonitoringConfig
 from mlproject.data import load_source, split_bars
 from mlproject.deploy import check_version_deployable, reconcile
 from mlproject.experience import ExperienceBuffer, Query
@@ -49,7 +54,7 @@ from mlproject.features import FEATURE_NAMES, bar_features
 from mlproject.instruments import resolve_instrument
 from mlproject.locks import file_lock
 from mlproject.metrics import periods_per_year
-from mlproject.monitor import ALERT_TAG, Hysteresis, feature_psi, live_stats
+from mlproject.monitor import ALERT_TAG, STALE_ALERT_TAG, Hysteresis, feature_psi, live_stats
 from mlproject.registry import production_version, registry_lock, rollback, version_model_id
 from mlproject.tracking import experiment_id, log_metric_batch, setup_tracking
 
@@ -63,7 +68,8 @@ LIVE_COLUMNS = ["time", "model_name", "source", "trade_id", "position", "realise
 @dataclass
 class MonitorResult:
     """One pass: the version judged, its live stats and reference, the breaches (check -> text),
-    whether the sample was big enough, and the action taken (None, alert, rollback, pause)."""
+    whether the sample was big enough, and the action taken (None, alert, rollback, pause, or
+    ``rollback skipped: Production moved from vX to vY meanwhile``)."""
 
     version: str | None
     stats: dict[str, float] = field(default_factory=dict)
@@ -188,21 +194,35 @@ def _log_pass(run_id: str, step: int, result: MonitorResult) -> None:
     client = MlflowClient()
     client.set_terminated(run_id)  # FINISHED between passes (its end time: the latest pass); the next pass logs on
     if result.action:
-        client.set_tag(run_id, "monitor.last_action", f"{result.action}: {'; '.join(result.breaches.values())}"[:5000])
+        why = "; ".join(result.breaches.values())
+        text = f"{result.action}: {why}" if result.action in ACTIONS else f"{result.action} (breaches: {why})"
+        client.set_tag(run_id, "monitor.last_action", text[:5000])
 
 
-def _act(cfg: Config, name: str, version: str, result: MonitorResult) -> None:
+ACTIONS = typing.get_args(MonitoringConfig.model_fields["action"].annotation)
+"""What ``monitoring.action`` may ask for (alert, rollback, pause)."""
+
+
+def _act(cfg: Config, name: str, version: str, result: MonitorResult) -> str:
+    """Take ``monitoring.action`` on ``version``; returns what was done: the action, or why the
+    rollback was skipped (Production moved meanwhile: the version's alert then becomes stale)."""
     from mlflow import MlflowClient
 
     p, why = cfg.promotion, "; ".join(result.breaches.values())
-    action = cfg.monitoring.action
-    MlflowClient().set_model_version_tag(name, version, ALERT_TAG, f"{action}: {why}"[:5000])
+    action, client = cfg.monitoring.action, MlflowClient()
+    client.set_model_version_tag(name, version, ALERT_TAG, f"{action}: {why}"[:5000])
     if action == "rollback":
         metrics = {f"monitor/{k}": v for k, v in result.stats.items() if v is not None and math.isfinite(v)}
         with registry_lock(p.lock_file):
-            if production_version(name) != version:  # another writer moved Production meanwhile
-                log.warning("monitor: %s v%s is no longer Production; no rollback", name, version)
-                return
+            now = production_version(name)
+            if now != version:  # another writer (a person, a promote) moved Production meanwhile
+                moved_to = f"v{now}" if now else "none"
+                skipped = f"rollback skipped: Production moved from v{version} to {moved_to} meanwhile"
+                client.set_model_version_tag(name, version, STALE_ALERT_TAG, f"{skipped}; the alert was: "
+                                             f"{action}: {why}"[:5000])
+                client.delete_model_version_tag(name, version, ALERT_TAG)
+                log.warning("monitor: %s %s (its alert is now %s)", name, skipped, STALE_ALERT_TAG)
+                return skipped
             rollback(name, reason=f"drift monitor: {why}", lock_file=p.lock_file, metrics=metrics,
                      check=check_version_deployable)
             reconcile(name, p.deploy_dir, p.keep_releases, lock_file=p.lock_file)
@@ -211,6 +231,7 @@ def _act(cfg: Config, name: str, version: str, result: MonitorResult) -> None:
         kill.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(kill, f"drift monitor, v{version}: {why}\n")
     log.warning("monitor: %s v%s: %s (%s)", name, version, action, why)
+    return action
 
 
 def check(cfg: Config) -> MonitorResult:
@@ -246,8 +267,7 @@ def check(cfg: Config) -> MonitorResult:
         entry["passes"] += 1
         result.run_id = _monitor_run(cfg, name, version, entry)
         if due:  # acted first, recorded after: a crash in between acts again at the next pass
-            result.action = m.action
-            _act(cfg, name, version, result)
+            result.action = _act(cfg, name, version, result)
         state.save()
         _log_pass(result.run_id, entry["passes"], result)
     log.info("monitor: %s v%s: %d steps, %d trades, %s%s", name, version, len(rows),
@@ -295,5 +315,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MIN_EVERY_S = 1.0
+"""The shortest --every (as ``registry_hooks.reconcile``'s): a pass reads the registry and the
+buffer; ``--every 0`` was a busy loop on the store."""
+
+
+def parse_every(text: str) -> float:
+    """``--every``: '30s', '15m', '1h' or plain seconds -> seconds (at least :data:`MIN_EVERY_S`)."""
+    try:
+        seconds = parse_duration(text)
+    except ValueError:
+        raise ValueError(f"--every {text!r}: expected a duration such as 30s, 15m or 1h") from None
+    if not seconds >= MIN_EVERY_S:
+        raise ValueError(f"--every {text!r}: at least {MIN_EVERY_S:g} s between passes")
+    return seconds
+
+
+def _cli(cfg: Config, args: argparse.Namespace) -> None:
+    parse_every(args.every)  # refused before any work, with or without --loop
+    main(cfg, args.loop, args.every)
+
+
 if __name__ == "__main__":
-    run_cli(build_parser(), lambda cfg, a: main(cfg, a.loop, a.every))
+    run_cli(build_parser(), _cli)

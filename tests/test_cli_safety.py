@@ -19,6 +19,7 @@ from mlproject.config import load_config
     (["pipelines.ingest", "--source", "{tmp}"], "is a folder, not a bar file"),
     (["pipelines.ingest", "--output", "{tmp}"], "--output {tmp}: is a folder"),
     (["registry_hooks.reconcile", "--every", "0"], "--every '0': at least 1 s between passes"),
+    (["pipelines.monitor", "--loop", "--every", "0"], "--every '0': at least 1 s between passes"),
 ])
 def test_bad_arguments_exit_2_with_one_line_naming_them(tmp_path, mlflow_store, args, message):
     (tmp_path / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
