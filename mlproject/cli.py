@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from mlproject.config import Config, ConfigError, load_config
+from mlproject.config import Config, ConfigError, load_config, parse_duration
 from mlproject.data import DataError
 from mlproject.locks import LockBusy
 from mlproject.signals import Stopped, install, raise_stopped, restore
@@ -37,6 +37,22 @@ def optional_int(text: str) -> int | None:
         return int(float(text)) if float(text).is_integer() else int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+MIN_EVERY_S = 1.0
+"""The shortest ``--every`` of a command that repeats a pass (reconcile, monitor): a pass reads the
+registry (and the buffer); ``--every 0`` was a busy loop on the store."""
+
+
+def parse_every(text: str) -> float:
+    """``--every``: '30s', '15m', '1h' or plain seconds -> seconds (at least :data:`MIN_EVERY_S`)."""
+    try:
+        seconds = parse_duration(text)
+    except ValueError:
+        raise ValueError(f"--every {text!r}: expected a duration such as 30s, 15m or 1h") from None
+    if not seconds >= MIN_EVERY_S:
+        raise ValueError(f"--every {text!r}: at least {MIN_EVERY_S:g} s between passes")
+    return seconds
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

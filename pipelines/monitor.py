@@ -44,7 +44,7 @@ import pandas as pd
 
 from mlproject.atomic import atomic_write_text, read_json_state
 from mlproject.bridge.server import kill_file_of
-from mlproject.cli import base_parser, run_cli
+from mlproject.cli import base_parser, parse_every, run_cli
 from mlproject.config import Config, parse_duration
 from mlproject.config.schema import MonitoringConfig
 from mlproject.data import load_source, split_bars
@@ -313,22 +313,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--loop", action="store_true", help="run a pass every --every until stopped")
     parser.add_argument("--every", default="15m", help="time between passes with --loop (e.g. 60s, 15m, 1h)")
     return parser
-
-
-MIN_EVERY_S = 1.0
-"""The shortest --every (as ``registry_hooks.reconcile``'s): a pass reads the registry and the
-buffer; ``--every 0`` was a busy loop on the store."""
-
-
-def parse_every(text: str) -> float:
-    """``--every``: '30s', '15m', '1h' or plain seconds -> seconds (at least :data:`MIN_EVERY_S`)."""
-    try:
-        seconds = parse_duration(text)
-    except ValueError:
-        raise ValueError(f"--every {text!r}: expected a duration such as 30s, 15m or 1h") from None
-    if not seconds >= MIN_EVERY_S:
-        raise ValueError(f"--every {text!r}: at least {MIN_EVERY_S:g} s between passes")
-    return seconds
 
 
 def _cli(cfg: Config, args: argparse.Namespace) -> None:

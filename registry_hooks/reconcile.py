@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlproject.cli import base_parser, run_cli
+from mlproject.cli import base_parser, parse_every, run_cli
 from mlproject.deploy import (  # noqa: F401 - re-exported: the names a deploy script uses
     MANIFEST,
     RELOAD_FILE,
@@ -26,25 +26,9 @@ from mlproject.deploy import (  # noqa: F401 - re-exported: the names a deploy s
     reconcile,
     tree_checksum,
 )
-from mlproject.config import parse_duration
 from mlproject.tracking import setup_tracking
 
 log = logging.getLogger(__name__)
-
-
-MIN_EVERY_S = 1.0
-"""The shortest --every: a reconcile pass reads the registry; faster is a busy loop on the store."""
-
-
-def parse_every(text: str) -> float:
-    """'30s', '5m', '1h' or plain seconds -> seconds (at least MIN_EVERY_S)."""
-    try:
-        seconds = parse_duration(text)
-    except ValueError:
-        raise ValueError(f"--every {text!r}: expected a duration such as 30s, 5m or 1h") from None
-    if seconds < MIN_EVERY_S:
-        raise ValueError(f"--every {text!r}: at least {MIN_EVERY_S:g} s between passes")
-    return seconds
 
 
 def describe(name: str, deploy_dir: str | Path, result: ReconcileResult) -> str:
