@@ -87,10 +87,18 @@ def log_curves(run_id: str, curves: dict[str, Any], points: int = CURVE_POINTS) 
     batch = []
     for key, values in curves.items():
         values = np.asarray(values, dtype=float)
-        keep = np.unique(np.linspace(0, len(values) - 1, points).round().astype(int)) if len(values) > points \
-            else np.arange(len(values))
-        batch += [(key, float(values[i]), int(i)) for i in keep]
+        batch += [(key, float(values[i]), int(i)) for i in thinned_index(len(values), points)]
     log_metric_batch(run_id, batch)
+
+
+def thinned_index(n: int, points: int = CURVE_POINTS) -> Any:
+    """Positions of at most ``points`` evenly spaced items of ``n`` (first and last kept; all
+    of them when ``n <= points``): how every logged curve is thinned."""
+    import numpy as np
+
+    if n <= points:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, points).round().astype(int))
 
 
 def mark_model_training(experiment_id: str) -> None:

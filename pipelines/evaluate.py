@@ -36,7 +36,15 @@ from mlproject.evaluation import LOWER_IS_BETTER, default_bars, evaluate_policie
 from mlproject.policy import load_policy_model
 from mlproject.preflight import warn_if_instrument_misfits
 from mlproject.registry import model_id_of
-from mlproject.tracking import log_dataset, log_headline, log_metric_batch, pipeline_run, setup_tracking
+from mlproject.tracking import (
+    CURVE_POINTS,
+    log_dataset,
+    log_headline,
+    log_metric_batch,
+    pipeline_run,
+    setup_tracking,
+    thinned_index,
+)
 
 log = logging.getLogger(__name__)
 
@@ -218,10 +226,6 @@ def log_report(report: Any, baselines: dict[str, Any], dataset: Any, model_uri: 
     return metrics
 
 
-CURVE_POINTS = 500
-"""At most this many points per ``backtest/`` curve (every k-th bar, the last one always)."""
-
-
 def chained_curve(report: Any, points: int = CURVE_POINTS) -> pd.DataFrame:
     """The windows played one after another from the first window's starting equity, each
     window's return compounding: ``equity`` and ``drawdown_pct`` (from the running peak, <= 0)
@@ -235,10 +239,7 @@ def chained_curve(report: Any, points: int = CURVE_POINTS) -> pd.DataFrame:
     equity = np.concatenate(parts) if parts else np.zeros(0)
     peak = np.maximum.accumulate(equity) if len(equity) else equity
     frame = pd.DataFrame({"equity": equity, "drawdown_pct": 100.0 * (equity / np.where(peak > 0, peak, 1.0) - 1.0)})
-    if len(frame) > points:
-        keep = np.unique(np.linspace(0, len(frame) - 1, points).round().astype(int))
-        frame = frame.iloc[keep]
-    return frame
+    return frame.iloc[thinned_index(len(frame), points)]
 
 
 def _log_curves(curves: pd.DataFrame) -> None:
