@@ -186,6 +186,15 @@ def momentum_bars(n: int, seed: int, persist: float = 0.85):
     return planted(n, seed, persist)
 
 
+def export_bars(n: int, seed: int):
+    """``momentum_bars`` as an NT8 export holds them: prices on a 0.01 grid, whole volumes (so a
+    file written and read back gives the same bars)."""
+    bars = momentum_bars(n, seed)
+    bars[["open", "high", "low", "close"]] = bars[["open", "high", "low", "close"]].round(2)
+    bars["volume"] = bars["volume"].round()
+    return bars
+
+
 @pytest.fixture(scope="session")
 def trained(ray_session, tmp_path_factory):
     """One tiny training run (smoke profile, 2 iterations) registered as nt8-agent version 1 in

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import ROOT, momentum_bars
+from conftest import ROOT, export_bars, momentum_bars
 from mlproject.config import load_config
 from mlproject.intake import INGESTED, REJECTED, merge_bars, new_bars_since, run_intake
 
@@ -28,10 +28,7 @@ def nt8_export(path, bars: pd.DataFrame, age: float = 600) -> None:
 
 @pytest.fixture
 def market():
-    bars = momentum_bars(600, seed=3)
-    bars[["open", "high", "low", "close"]] = bars[["open", "high", "low", "close"]].round(2)
-    bars["volume"] = bars["volume"].round()
-    return bars
+    return export_bars(600, seed=3)
 
 
 def intake(tmp_path, **kw):

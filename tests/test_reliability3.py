@@ -17,17 +17,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import ROOT, momentum_bars, run_module
+from conftest import ROOT, export_bars, run_module
 from mlproject.data import DataError, load_bars
 from mlproject.intake import INGESTED, REJECTED, new_bars_since, run_intake
 
 
 @pytest.fixture
 def market():
-    bars = momentum_bars(500, seed=5)
-    bars[["open", "high", "low", "close"]] = bars[["open", "high", "low", "close"]].round(2)
-    bars["volume"] = bars["volume"].round()
-    return bars
+    return export_bars(500, seed=5)
 
 
 def nt8_lines(bars: pd.DataFrame) -> list[str]:
