@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mlproject.config import Config
+from mlproject.experience import COLUMNS, ExperienceBuffer, Query
 from mlproject.quiet import quiet_dataset_source
 from mlproject.signals import Stopped
 
@@ -194,3 +195,26 @@ def log_dataset(bars: Any, name: str, source: str, context: str) -> Any:
         dataset = mlflow.data.from_pandas(bars.reset_index(), source=source, name=name)
     mlflow.log_input(dataset, context=context)
     return dataset
+
+
+def log_buffer_stats(buffer: ExperienceBuffer) -> dict[str, float]:
+    """The buffer's :meth:`~mlproject.experience.ExperienceBuffer.stats` as ``buffer/...``
+    metrics of the active MLflow run; returns them."""
+    import mlflow
+
+    metrics = {f"buffer/{k}": v for k, v in buffer.stats().items()}
+    mlflow.log_metrics(metrics)
+    return metrics
+
+
+def experience_dataset(buffer: ExperienceBuffer, query: Query | None = None, name: str = "experience-buffer") -> Any:
+    """The buffer's experiences (without observations) as an MLflow dataset with a digest, to log
+    as a run input: every retrain run shows which experiences it learned from."""
+    import mlflow
+
+    columns = [c for c in COLUMNS if c not in ("observation", "next_observation")]
+    frame = buffer.query(query, columns)
+    frame["time"] = frame["time"].astype(str)
+    frame["tags"] = frame["tags"].map(lambda t: ",".join(t) if t is not None else "")
+    with quiet_dataset_source():
+        return mlflow.data.from_pandas(frame, source=buffer.root, name=name)

@@ -25,7 +25,7 @@ from mlproject.config import Config
 from mlproject.experience import ExperienceBuffer, Query
 from mlproject.reasoner.engine import ReasonerAnnotator, ReasonerUnavailable, ReasoningEngine
 from mlproject.reflection import TRADE_COLUMNS, LLMAnnotator, annotate_trades
-from mlproject.tracking import pipeline_run, setup_tracking
+from mlproject.tracking import log_buffer_stats, pipeline_run, setup_tracking
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def main(cfg: Config) -> AnnotateResult:
         if llm is not None:
             counts["llm_fallbacks"] = llm.failures
         mlflow.log_metrics({f"annotate/{k}": float(v) for k, v in counts.items()})
-        buffer.log_stats()
+        log_buffer_stats(buffer)
         if len(per_trade):
             sample = per_trade.head(SAMPLE_ROWS).assign(tags=per_trade["tags"].head(SAMPLE_ROWS).map(",".join))
             mlflow.log_table(sample, "annotate/sample.json")

@@ -22,7 +22,7 @@ from typing import Any
 from mlproject.cli import base_parser, optional_int, run_cli
 from mlproject.config import Config
 from mlproject.experience import ExperienceBuffer
-from mlproject.tracking import pipeline_run, setup_tracking
+from mlproject.tracking import log_buffer_stats, pipeline_run, setup_tracking
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def main(cfg: Config, command: str, file: str | None = None, max_rows: int | Non
         with pipeline_run(cfg, "buffer-compact"):
             counts = buffer.compact(max_rows or cfg.continuous_learning.experience_buffer_size)
             mlflow.log_metrics({f"compact/{k}": float(v) for k, v in counts.items()})
-            buffer.log_stats()
+            log_buffer_stats(buffer)
             return counts
     raise ValueError(f"unknown command {command!r}; one of {', '.join(COMMANDS)}")
 

@@ -34,7 +34,7 @@ from mlproject.evaluation import default_bars
 from mlproject.experience import ExperienceBuffer
 from mlproject.instruments import resolve_instrument
 from mlproject.metrics import win_rate
-from mlproject.tracking import log_dataset, pipeline_run, setup_tracking
+from mlproject.tracking import log_buffer_stats, log_dataset, pipeline_run, setup_tracking
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def main(cfg: Config, data: str | None = None, bars_limit: int | None = None, ac
             mlflow.set_tag("collect.model_versions", ",".join(sorted(paper.model_versions)))
             if len(trades):
                 mlflow.log_table(trades.astype({"entry_time": str, "exit_time": str}), "collect/trades.json")
-            ExperienceBuffer(cfg.continuous_learning.experience_storage).log_stats()
+            log_buffer_stats(ExperienceBuffer(cfg.continuous_learning.experience_storage))
             log.info("paper session %s: %d decisions (%.0f/s) by model version(s) %s, %d trades, PnL %.2f",
                      account, paper.decisions, paper.decisions_per_s, dict(paper.model_versions), len(trades),
                      paper.realised_pnl)

@@ -17,6 +17,8 @@ import pytest
 
 from conftest import ROOT
 from mlproject.experience import COLUMNS, EXPERIENCE_SCHEMA, ExperienceBuffer, ExperienceError, Query
+from mlproject.offline import export_rllib
+from mlproject.tracking import experience_dataset, log_buffer_stats
 
 
 def experiences(n: int, *, start="2024-01-02 14:31", version="1", source="paper", quality=None, prefix="e",
@@ -93,14 +95,14 @@ def test_stats_and_snapshot_in_mlflow(filled, mlflow_store):
     assert stats["annotation_coverage"] == pytest.approx(2 / 3) and stats["realised_pnl"] == -50.0
     assert (stats["source_paper"], stats["source_live"], stats["source_backtest"]) == (20, 10, 0)
     with mlflow.start_run() as run:
-        filled.log_stats()
-        dataset = filled.snapshot(Query(model_version="2"))
+        log_buffer_stats(filled)
+        dataset = experience_dataset(filled, Query(model_version="2"))
         mlflow.log_input(dataset, context="training")
     logged = mlflow.get_run(run.info.run_id)
     assert logged.data.metrics["buffer/experiences"] == 30
     assert logged.inputs.dataset_inputs[0].dataset.digest == dataset.digest
-    assert filled.snapshot(Query(model_version="2")).digest == dataset.digest  # same experiences, same digest
-    assert filled.snapshot().digest != dataset.digest
+    assert experience_dataset(filled, Query(model_version="2")).digest == dataset.digest  # same experiences, same digest
+    assert experience_dataset(filled).digest != dataset.digest
 
 
 WRITER = textwrap.dedent('''
@@ -319,7 +321,7 @@ def test_rllib_offline_bc_trains_on_the_export(tmp_path):
         "reward": rng.standard_normal(n), "next_observation": list(rng.standard_normal((n, 6)).astype(np.float32)),
         "terminated": False, "truncated": False}))
     buffer.flush()
-    path = buffer.export_rllib(tmp_path / "export" / "bc.parquet")
+    path = export_rllib(buffer, tmp_path / "export" / "bc.parquet")
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
@@ -332,7 +334,7 @@ def test_rllib_offline_bc_trains_on_the_export(tmp_path):
     loss = float(out.stdout.split("policy_loss")[-1])
     assert np.isfinite(loss)
     with pytest.raises(ExperienceError, match="no experiences to export"):
-        buffer.export_rllib(tmp_path / "none.parquet", Query(model_version="9"))
+        export_rllib(buffer, tmp_path / "none.parquet", Query(model_version="9"))
 
 
 def test_the_export_keeps_one_observation_size_and_repeats_what_is_weighted(filled, tmp_path):
@@ -343,7 +345,7 @@ def test_the_export_keeps_one_observation_size_and_repeats_what_is_weighted(fill
         row["observation"], row["next_observation"] = [0.0] * 5, [0.0] * 5
     filled.add(other)
     filled.flush()
-    path = filled.export_rllib(tmp_path / "x.parquet", obs_size=3, repeat={"b0": 3, "w1": 2})
+    path = export_rllib(filled, tmp_path / "x.parquet", obs_size=3, repeat={"b0": 3, "w1": 2})
     table = pq.read_table(path)
     ids = table.column("eps_id").to_pylist()
     assert len(ids) == 32 and not any(i.startswith("w") for i in ids)
@@ -351,4 +353,4 @@ def test_the_export_keeps_one_observation_size_and_repeats_what_is_weighted(fill
     copies = [k for k, i in enumerate(ids) if i.startswith("b0")]
     assert len({tuple(table.column("obs")[k].as_py()) for k in copies}) == 1
     with pytest.raises(ExperienceError, match="observations of size 7"):
-        filled.export_rllib(tmp_path / "y.parquet", obs_size=7)
+        export_rllib(filled, tmp_path / "y.parquet", obs_size=7)

@@ -79,6 +79,7 @@ def test_the_experience_buffer_lives_on_an_s3_compatible_store(s3_endpoint, tmp_
     """Append, filtered reads, annotations, compaction, the integrity check and the MLflow
     snapshot, through pyarrow's S3 filesystem against a real (local) S3 API."""
     from mlproject.experience import ExperienceBuffer, Query
+    from mlproject.tracking import experience_dataset
     from test_experience import experiences
 
     uri = f"s3://nt8/buffer?endpoint_override={s3_endpoint}&scheme=http&region=us-east-1"
@@ -94,7 +95,7 @@ def test_the_experience_buffer_lives_on_an_s3_compatible_store(s3_endpoint, tmp_
     assert buffer.check() == []
     assert buffer.compact(25)["kept"] == 25 and len(ExperienceBuffer(uri)) == 25
     with mlflow.start_run():
-        mlflow.log_input(buffer.snapshot(), context="experiences")
+        mlflow.log_input(experience_dataset(buffer), context="experiences")
 
 
 # -- a team tracking server: PostgreSQL backend, artifacts proxied to S3, basic auth ----------------
@@ -238,7 +239,7 @@ def test_the_whole_cycle_runs_against_a_team_server(team_client, tmp_path, ray_s
         "continuous_learning.min_annotated_for_finetune=100000", f"continuous_learning.experience_storage={buffer}",
         f"promotion.lock_file={tmp_path / 'shared' / 'registry.lock'}"])
     result = orchestrate.main(cfg, "all")
-    assert result["bootstrap"]["promote"].decision == "promoted", result["summary"]
+    assert result.bootstrap.promote.decision == "promoted", result.summary
 
     client = MlflowClient()
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
