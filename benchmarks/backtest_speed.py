@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchmarks_support import interleave, print_rates  # noqa: E402
 
+from mlproject.features import obs_size  # noqa: E402
 from mlproject.policy import fresh_module  # noqa: E402
 
 
@@ -43,7 +44,7 @@ def log_pyfunc(module, example: np.ndarray) -> str:
     from mlflow.models import infer_signature
 
     from mlproject.policy import greedy_actions
-    from pipelines.train import POLICY_MODEL_FILE, pip_requirements
+    from mlproject.training import POLICY_MODEL_FILE, pip_requirements
 
     tmp = tempfile.mkdtemp(prefix="bt-speed-")
     module.save_to_path(f"{tmp}/module")
@@ -108,9 +109,9 @@ def main() -> None:
     torch.manual_seed(0)
     env = {"instrument": "ES", "window": 32}
     bars = synthetic_bars(args.bars, seed=0)
-    module = fresh_module(32 * 5 + 2, 3)
+    module = fresh_module(obs_size(env["window"]), 3)
     ours = module_policy(module)
-    pyfunc = load_policy(log_pyfunc(module, np.zeros((4, 32 * 5 + 2), np.float32)))
+    pyfunc = load_policy(log_pyfunc(module, np.zeros((4, obs_size(env["window"])), np.float32)))
     contenders = {
         "batched, RLlib forward_inference (reference)": lambda obs: greedy_actions(module, obs),
         "batched, module_policy (ours)": ours,

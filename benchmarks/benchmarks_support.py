@@ -8,17 +8,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def policy_model_versions(work: Path, count: int, obs_dim: int = 32 * 5 + 2) -> list[str]:
-    """Log ``count`` PPO policy pyfunc models (64x64, random weights) and register each as a
-    version of nt8-agent; returns the version numbers."""
+def policy_model_versions(work: Path, count: int, window: int = 32) -> list[str]:
+    """Log ``count`` PPO policy pyfunc models (64x64, random weights, observations over ``window``
+    bars) and register each as a version of nt8-agent; returns the version numbers."""
     import mlflow
     import numpy as np
 
+    from mlproject.features import obs_size
     from mlproject.policy import fresh_module
     from mlproject.registry import register_version
-    from pipelines.train import log_policy_model
+    from mlproject.training import log_policy_model
 
-    versions = []
+    versions, obs_dim = [], obs_size(window)
     for i in range(count):
         module = fresh_module(obs_dim, 3, seed=i)
         module.save_to_path(str(work / f"module{i}"))

@@ -79,7 +79,7 @@ def deploy(work: Path) -> None:
     from mlproject.deploy import reconcile
     from mlproject.policy import PolicySettings, fresh_module
     from mlproject.registry import promote, register_version
-    from pipelines.train import log_policy_model
+    from mlproject.training import log_policy_model
 
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
     bars = synthetic_bars(2000, seed=1)

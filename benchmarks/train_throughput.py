@@ -8,7 +8,7 @@ of the per-round ratios to the reference with their range: this machine's speed 
 within seconds, so one ratio from two separate runs misleads.
 
 Reference: SB3 PPO with 8 single envs in a DummyVecEnv (its usual set-up). Ours: what
-``pipelines.train.algorithm_config`` builds (numpy vector env, ``torch_skip_nan_gradients``) with
+``mlproject.training.algorithm_config`` builds (numpy vector env, ``torch_skip_nan_gradients``) with
 64 envs sampled in the driver. More contenders with --contenders (see CONTENDERS). SGD steps per
 update are printed beside the rates: RLlib's learner connector adds one masked row per episode
 chunk, so it runs a few more minibatches than SB3 for the same batch.
@@ -56,7 +56,7 @@ class RLlib:
 
     def __init__(self, bars, args, key: str) -> None:
         from mlproject.config import load_config
-        from pipelines.train import algorithm_config
+        from mlproject.training import algorithm_config
 
         parts = key.split("-")
         envs = int(parts[1])
@@ -72,7 +72,7 @@ class RLlib:
         self.algo, self.args, self.sgd_steps = config.build_algo(), args, math.nan
 
     def __call__(self) -> float:
-        from pipelines.train import sgd_steps
+        from mlproject.training import sgd_steps
 
         start = time.perf_counter()
         for _ in range(self.args.block):

@@ -13,12 +13,14 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+T = TypeVar("T")
 
 
 class Stopped(BaseException):
@@ -62,3 +64,45 @@ def install(handler: Any, signals: tuple[int, ...] = STOP_SIGNALS) -> dict[int, 
 def restore(previous: dict[int, Any]) -> None:
     for sig, handler in previous.items():
         signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+class StopRequest:
+    """The handler a loop installs: a stop signal sets :attr:`now`, and the loop stops between
+    turns (a turn is never cut in half)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.now = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        log.info("%s: stopping after the current turn (signal %d)", self.name, signum)
+        self.now = True
+
+    def reinstall(self) -> None:
+        """Ours again, after a library replaced it (``ray.init`` does)."""
+        install(self)
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep up to ``seconds`` in slices of at most 1 s, waking when a stop is requested."""
+        end = time.monotonic() + seconds
+        while not self.now and (left := end - time.monotonic()) > 0:
+            time.sleep(min(1.0, left))
+
+
+def run_turns(name: str, wait_s: float, turn: Callable[[StopRequest], T], max_rounds: int | None = None) -> list[T]:
+    """Call ``turn`` every ``wait_s`` seconds (from the start of one turn to the next) until
+    SIGTERM/SIGINT, which stop the loop between turns, or ``max_rounds`` turns; the loop of the
+    drift monitor and of the orchestrator. Returns what each turn returned."""
+    results: list[T] = []
+    stop = StopRequest(name)
+    previous = install(stop)
+    try:
+        while not stop.now and (max_rounds is None or len(results) < max_rounds):
+            started = time.monotonic()
+            results.append(turn(stop))
+            if max_rounds is not None and len(results) >= max_rounds:
+                break
+            stop.sleep(wait_s - (time.monotonic() - started))
+    finally:
+        restore(previous)
+    return results

@@ -32,8 +32,6 @@ import argparse
 import json
 import logging
 import math
-import signal
-import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,13 +48,14 @@ from mlproject.config.schema import MonitoringConfig
 from mlproject.data import load_source, split_bars
 from mlproject.deploy import check_version_deployable, reconcile
 from mlproject.experience import ExperienceBuffer, Query
-from mlproject.features import FEATURE_NAMES, bar_features
+from mlproject.features import FEATURE_NAMES, bar_features, latest_features, obs_size
 from mlproject.instruments import resolve_instrument
 from mlproject.locks import file_lock
 from mlproject.metrics import periods_per_year
 from mlproject.monitor import ALERT_TAG, STALE_ALERT_TAG, Hysteresis, feature_psi, live_stats
 from mlproject.registry import production_version, registry_lock, rollback, version_model_id
 from mlproject.tracking import experiment_id, log_metric_batch, setup_tracking
+from mlproject.signals import StopRequest, run_turns
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +139,8 @@ over the session like the training split, whatever the market does)."""
 
 def live_features(observations: pd.Series) -> np.ndarray:
     """The latest bar's features of each observation (the slots before position and open PnL)."""
-    n = len(FEATURE_NAMES)
-    rows = [np.asarray(o, dtype=float)[-2 - n:-2] for o in observations if o is not None and len(o) >= n + 2]
-    return np.vstack(rows) if rows else np.zeros((0, n))
+    rows = [latest_features(np.asarray(o, dtype=float)) for o in observations if o is not None and len(o) >= obs_size(1)]
+    return np.vstack(rows) if rows else np.zeros((0, len(FEATURE_NAMES)))
 
 
 class MonitorState:
@@ -283,27 +281,15 @@ def main(cfg: Config, loop: bool = False, every: str = "15m", max_rounds: int | 
     setup_tracking(cfg)
     if not loop:
         return [check(cfg)]
-    wait, stop, results = parse_duration(every), {"now": False}, []
 
-    def request_stop(signum: int, frame: Any) -> None:
-        log.info("monitor: stopping after the current pass (signal %d)", signum)
-        stop["now"] = True
+    def one_pass(stop: StopRequest) -> MonitorResult:
+        try:
+            return check(cfg)
+        except Exception:  # noqa: BLE001 - the loop outlives a failed pass; the log says why
+            log.exception("monitor: pass failed; the next one runs in %s", every)
+            return MonitorResult(None)
 
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        while not stop["now"] and (max_rounds is None or len(results) < max_rounds):
-            started = time.time()
-            try:
-                results.append(check(cfg))
-            except Exception:  # noqa: BLE001 - the loop outlives a failed pass; the log says why
-                log.exception("monitor: pass failed; the next one runs in %s", every)
-                results.append(MonitorResult(None))
-            while not stop["now"] and (max_rounds is None or len(results) < max_rounds) \
-                    and time.time() - started < wait:
-                time.sleep(min(1.0, wait))
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    results = run_turns("monitor", parse_duration(every), one_pass, max_rounds)
     log.info("monitor: stopped after %d passes", len(results))
     return results
 

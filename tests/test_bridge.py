@@ -37,7 +37,7 @@ from mlproject.instruments import resolve_instrument
 from mlproject.policy import PolicySettings, fresh_module
 from mlproject.registry import promote
 from mlproject.trades import PositionBook
-from pipelines.train import log_policy_model
+from mlproject.training import log_policy_model
 
 TOKEN = "test-token-0123456789abcdef"
 ENV = {"instrument": {"preset": "MES", "max_contracts": 2}, "window": 8, "vol_window": 10, "norm_window": 30}

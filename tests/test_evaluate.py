@@ -91,7 +91,7 @@ def test_the_logged_policy_model_acts_as_the_module_without_mlflow_per_call_chec
     from mlflow.models import infer_signature
 
     from mlproject.policy import _own_policy_model, fresh_module, greedy_actions, load_policy_model, module_policy
-    from pipelines.train import POLICY_MODEL_FILE, pip_requirements
+    from mlproject.training import POLICY_MODEL_FILE, pip_requirements
 
     env = {"window": 8, "instrument": {"preset": "ES", "max_contracts": 2}}
     rng = np.random.default_rng(1)
@@ -205,7 +205,7 @@ def test_psr_and_paired_comparison_prefer_the_better_policy():
 def test_the_chained_curve_compounds_the_windows_and_measures_drawdown_from_the_running_peak():
     from types import SimpleNamespace
 
-    from pipelines.evaluate import chained_curve
+    from mlproject.reporting import chained_curve
 
     windows = [SimpleNamespace(equity=pd.Series(values)) for values in ([100.0, 110.0], [50.0, 45.0], [100.0, 120.0])]
     curve = chained_curve(SimpleNamespace(windows=windows))
@@ -309,7 +309,7 @@ def test_the_equity_plot_compresses_session_gaps_and_shows_buy_and_hold_beside_t
     """The PNG is drawn; its x axis counts bars (a session gap takes one bar's room and breaks
     the lines); buy-and-hold is drawn on the same windows as the agent, flat as a reference; the
     legend sits above the plot, covering no data."""
-    from pipelines.evaluate import compressed_x, equity_drawdown_figure, equity_drawdown_png, session_gaps
+    from mlproject.reporting import compressed_x, equity_drawdown_figure, equity_drawdown_png, session_gaps
 
     env = {"window": 8, "instrument": {"preset": "ES", "max_contracts": 2}}
     report = backtest(constant_policy(4), small_bars, env, n_windows=3, name="agent")

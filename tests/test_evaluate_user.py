@@ -61,7 +61,7 @@ def test_a_model_with_a_shorter_window_than_the_config_is_evaluated_with_its_bas
 def test_compressed_x_gives_a_session_gap_one_bar_of_room():
     """Overnight (17.5 h) and weekend gaps take one bar on the chart's x axis; a missing minute
     inside a session keeps its two minutes; the gaps are where the lines break."""
-    from pipelines.evaluate import broken_line, compressed_x, session_gaps
+    from mlproject.reporting import broken_line, compressed_x, session_gaps
 
     times = pd.to_datetime(["2024-01-04 15:58", "2024-01-04 15:59", "2024-01-05 09:30", "2024-01-05 09:31",
                             "2024-01-05 09:33", "2024-01-05 09:34", "2024-01-08 09:30", "2024-01-08 09:31"])

@@ -154,8 +154,8 @@ def test_adapters_register_promote_on_validation_loss_reload_and_merge(tmp_path,
     from pipelines import orchestrate
 
     reviewed = orchestrate.main(_cfg(tmp_path, tiny, **{"continuous_learning.state_dir": str(tmp_path / "state")}),
-                                "review")["review"]
-    assert reviewed["archived_reasoner"] == ["3"]
+                                "review").review
+    assert reviewed.archived_reasoner == ["3"]
     assert mlflow.MlflowClient().get_model_version("nt8-reasoner", "3").current_stage == "Archived"
     run = mlflow.get_run(better.run_id)
     assert {"finetune/loss", "finetune/eval_loss", "finetune/tokens_per_s", "finetune/peak_rss_mb",
@@ -238,16 +238,17 @@ def test_finetune_entry_point_through_mlflow_run(tmp_path, tiny, mlflow_store):
 
 
 def test_a_cycle_without_the_base_model_skips_fine_tuning_and_says_why(tmp_path, tiny, mlflow_store):
+    from mlproject.cycle.state import CycleState
     from pipelines import orchestrate
 
     trades_buffer(tmp_path / "buffer", 6)
     cfg = _cfg(tmp_path, tiny, **{"finetune.base_model": "someone/not-downloaded-8B",
                                   "continuous_learning.state_dir": str(tmp_path / "state")})
     result = orchestrate.main(cfg, "finetune", force=True)
-    assert result["finetune"].startswith("skipped: base model 'someone/not-downloaded-8B' is not on this machine")
+    assert result.finetune.status.startswith("skipped: base model 'someone/not-downloaded-8B' is not on this machine")
     assert "`hf download someone/not-downloaded-8B` (into the Hugging Face cache)" in \
-        mlflow.get_run(result["run_id"]).data.tags["cycle.finetune"]
-    assert "finetune" not in orchestrate.CycleState(tmp_path / "state").data  # the watermark did not move
+        mlflow.get_run(result.run_id).data.tags["cycle.finetune"]
+    assert "finetune" not in CycleState(tmp_path / "state").data  # the watermark did not move
 
 
 def test_prepare_only_needs_no_model_and_a_real_run_says_how_to_download_it(tmp_path, mlflow_store):

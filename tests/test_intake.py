@@ -14,6 +14,8 @@ import pytest
 
 from conftest import ROOT, export_bars, momentum_bars
 from mlproject.config import load_config
+from mlproject.cycle.state import CycleState, due, with_history
+from mlproject.experience import ExperienceBuffer
 from mlproject.intake import INGESTED, REJECTED, merge_bars, new_bars_since, run_intake
 
 
@@ -124,24 +126,24 @@ def test_maintenance_takes_new_exports_and_new_bars_make_the_retrain_due(tmp_pat
         "continuous_learning.retrain_new_bars=50", f"continuous_learning.state_dir={tmp_path / 'state'}",
         f"continuous_learning.experience_storage={tmp_path / 'buffer'}"])
     out = orchestrate.main(cfg, "maintenance")
-    taken = out["maintenance"]["intake"]
+    taken = out.maintenance.intake
     assert [i["file"] for i in taken.ingested] == ["MES.txt"] and taken.rejected[0]["file"] == "junk.txt"
-    due = out["maintenance"]["thresholds"]
-    assert due["new_bars_since_retrain"] == 500 and due["retrain_due"]  # nothing trained on them yet
-    assert "intake: 1 new file(s), 500 new bars" in out["summary"] and "rejected junk.txt" in out["summary"]
-    run = mlflow.get_run(out["run_id"])
+    due = out.maintenance.due
+    assert due.new_bars_since_retrain == 500 and due.retrain_due  # nothing trained on them yet
+    assert "intake: 1 new file(s), 500 new bars" in out.summary and "rejected junk.txt" in out.summary
+    run = mlflow.get_run(out.run_id)
     assert run.data.metrics["intake/new_bars"] == 500 and "junk.txt" in run.data.tags["intake.rejected"]
-    assert orchestrate.with_history(cfg).data.source == str(tmp_path / "history.parquet")
+    assert with_history(cfg).data.source == str(tmp_path / "history.parquet")
 
-    state = orchestrate.CycleState(tmp_path / "state")
+    state = CycleState(tmp_path / "state")
     state.mark_bars(market.index[499])  # as a retrain on these bars records
     nt8_export(drop / "MES later.txt", market.iloc[480:530])  # 30 new bars: below 50
-    due = orchestrate.main(cfg, "maintenance")["maintenance"]["thresholds"]
-    assert (due["new_bars_since_retrain"], due["retrain_due"]) == (30, False)
+    due = orchestrate.main(cfg, "maintenance").maintenance.due
+    assert (due.new_bars_since_retrain, due.retrain_due) == (30, False)
     nt8_export(drop / "MES latest.txt", market.iloc[530:])
-    due = orchestrate.main(cfg, "maintenance")["maintenance"]["thresholds"]
-    assert (due["new_bars_since_retrain"], due["retrain_due"]) == (100, True)
-    assert due["first_new_time"] == market.index[500]
+    due = orchestrate.main(cfg, "maintenance").maintenance.due
+    assert (due.new_bars_since_retrain, due.retrain_due) == (100, True)
+    assert due.first_new_time == market.index[500]
 
 
 def test_a_retrain_after_intake_learns_from_the_history_and_moves_the_bar_watermark(tmp_path, mlflow_store,
@@ -161,13 +163,13 @@ def test_a_retrain_after_intake_learns_from_the_history_and_moves_the_bar_waterm
         "continuous_learning.retrain_new_bars=100", "train.iterations=1",
         f"continuous_learning.state_dir={tmp_path / 'state'}", f"promotion.deploy_dir={tmp_path / 'deploy'}",
         f"continuous_learning.experience_storage={tmp_path / 'buffer'}", f"data.output_dir={tmp_path / 'bars'}"])
-    assert orchestrate.main(cfg, "maintenance")["maintenance"]["thresholds"]["retrain_due"]
+    assert orchestrate.main(cfg, "maintenance").maintenance.due.retrain_due
     out = orchestrate.main(cfg, "retrain")
-    assert out["retrain"] is not None
+    assert out.retrain is not None
     ingest_run = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                     filter_string="tags.`pipeline.step` = 'ingest'")[0]
     assert ingest_run.data.params["data.source"] == str(tmp_path / "history.parquet")
     assert ingest_run.data.metrics["data/n_bars"] == 1500
-    state = orchestrate.CycleState(tmp_path / "state")
+    state = CycleState(tmp_path / "state")
     assert state.data["bars_trained_to"] == str(bars.index[-1])
-    assert orchestrate.thresholds(cfg, orchestrate.ExperienceBuffer(tmp_path / "buffer"), state)["new_bars_since_retrain"] == 0
+    assert due(cfg, ExperienceBuffer(tmp_path / "buffer"), state).new_bars_since_retrain == 0

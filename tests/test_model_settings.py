@@ -154,15 +154,15 @@ def test_promote_cli_on_another_config_says_what_differs(store):
 def test_a_model_without_settings_is_checked_by_its_input_size(store, tmp_path):
     """Models logged before settings were recorded: the config's window must make their input."""
     from mlproject.evaluation import default_bars, evaluate_policies
-    from pipelines import train
+    from mlproject import training
 
     _, cfg16, cfg32, _ = store
     run_id = mlflow.MlflowClient().get_model_version("nt8-agent", "1").run_id
     ckpt = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/checkpoint", dst_path=str(tmp_path))
     bars = default_bars(cfg16)
     with mlflow.start_run():
-        example = train._observations(bars, cfg16, 4)
-        legacy = train.log_policy_model(find_module_dir(tmp_path / "checkpoint"), example, None).model_uri
+        example = training._observations(bars, cfg16, 4)
+        legacy = training.log_policy_model(find_module_dir(tmp_path / "checkpoint"), example, None).model_uri
     policy = load_policy_model(legacy)
     assert policy.settings is None and policy.input_size == 82
     evaluate_policies([policy], bars, cfg16)  # the config that trained it: fine

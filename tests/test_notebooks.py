@@ -82,10 +82,10 @@ def finetuned_store(tmp_path, mlflow_store):
 def simulated_store(tmp_path, mlflow_store, ray_session):
     """A two-period walk-forward simulation (conf/simulate.yaml shrunk: SIM_SETTINGS)."""
     from mlproject.config import load_config
-    from pipelines import orchestrate
+    from pipelines import simulate
 
     cfg = load_config(ROOT / "conf" / "simulate.yaml", [*SIM_SETTINGS, f"data.output_dir={tmp_path / 'bars'}"])
-    return orchestrate.main(cfg, "simulate", periods=2, start_fraction=0.5)["simulate"]
+    return simulate.main(cfg, periods=2, start_fraction=0.5).simulate
 
 
 def execute(notebook, cwd) -> list[str]:

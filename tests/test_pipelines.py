@@ -63,12 +63,14 @@ def test_the_whole_cycle_bootstraps_paper_trades_annotates_retrains_and_gates(tm
     300 bars paper-traded through the bridge, annotated, a retrain warm-started from Production
     that the gate refuses (seeded numbers), a first reasoner adapter fine-tuned; then a re-run of
     ``retrain`` does nothing (the watermark), a failing step leaves Production as it was."""
-    from pipelines import orchestrate, train
+    from mlproject.cycle import retrain as cycle_retrain
+    from mlproject.experience import ExperienceBuffer
+    from pipelines import orchestrate
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(ROOT / "conf" / "smoke.yaml", ["train.iterations=2"])
     result = orchestrate.main(cfg, "all")
-    cycle_experiment = mlflow.get_run(result["run_id"]).info.experiment_id
+    cycle_experiment = mlflow.get_run(result.run_id).info.experiment_id
     runs = [r for r in mlflow.search_runs([cycle_experiment], output_format="list")  # not the registry's history run
             if r.data.tags.get("pipeline.step") != "monitor"]  # nor the drift monitor's long-running run
     by_name: dict[str, list] = {}
@@ -76,33 +78,33 @@ def test_the_whole_cycle_bootstraps_paper_trades_annotates_retrains_and_gates(tm
         by_name.setdefault(r.info.run_name, []).append(r)
     assert {"cycle-all", "ingest", "train", "evaluate", "promote", "collect", "annotate"} <= set(by_name)
     assert len(by_name["train"]) == len(by_name["promote"]) == 2 and len(by_name["ingest"]) == 1  # bars loaded once
-    assert all(r.data.tags["mlflow.parentRunId"] == result["run_id"] for r in runs if r.info.run_name != "cycle-all")
-    first = result["bootstrap"]
-    assert first["model_uri"] == "models:/nt8-agent/1"
-    report = first["evaluate"].reports["models:/nt8-agent/1"]
+    assert all(r.data.tags["mlflow.parentRunId"] == result.run_id for r in runs if r.info.run_name != "cycle-all")
+    first = result.bootstrap
+    assert first.model_uri == "models:/nt8-agent/1"
+    report = first.evaluate.reports["models:/nt8-agent/1"]
     evaluated = next(r for r in by_name["evaluate"] if r.data.tags["model_uri"] == "models:/nt8-agent/1")
     assert evaluated.data.metrics["eval/total_return"] == pytest.approx(report.summary()["total_return"])
     assert evaluated.data.metrics["baseline/flat/total_return"] == 0.0
     # Seeded: the first valid candidate is promoted (nothing in Production) and deployed.
-    assert (first["promote"].decision, first["promote"].reasons) == ("promoted", ["nothing in Production: first valid candidate"])
-    assert first["train"].registered_version == "1"
+    assert (first.promote.decision, first.promote.reasons) == ("promoted", ["nothing in Production: first valid candidate"])
+    assert first.train.registered_version == "1"
     assert "parent_version" not in mlflow.MlflowClient().get_model_version("nt8-agent", "1").tags  # from scratch
-    assert {i.dataset.name for i in next(r for r in by_name["train"] if r.info.run_id == first["train"].run_id)
+    assert {i.dataset.name for i in next(r for r in by_name["train"] if r.info.run_id == first.train.run_id)
             .inputs.dataset_inputs} == {"train-split", "validation-split"}
     # Paper trading through the bridge with v1, annotated.
-    paper = result["collect"].paper
+    paper = result.collect.paper
     assert paper.decisions == 300 and set(paper.model_versions) == {"1"}
-    due = result["maintenance"]["thresholds"]
+    due = result.maintenance.due
     # window 16, vol_window 20: decisions from the 21st bar; the last one has no next bar
-    assert due["experiences"] == 300 - 21 and due["retrain_due"] and due["annotated"] > 0
+    assert due.experiences == 300 - 21 and due.retrain_due and due.annotated > 0
     # The retrain continues from the deployed policy; the gate refuses it (seeded).
-    again = result["retrain"]
-    child = mlflow.MlflowClient().get_model_version("nt8-agent", again["train"].registered_version)
+    again = result.retrain
+    child = mlflow.MlflowClient().get_model_version("nt8-agent", again.train.registered_version)
     assert str(child.version) == "2" and child.tags["parent_version"] == "1"
     assert child.tags["parent_uri"] == "models:/nt8-agent/1"  # Production then, downloaded once per cycle
-    assert (again["promote"].decision, again["promote"].reasons) == SECOND_CYCLE
+    assert (again.promote.decision, again.promote.reasons) == SECOND_CYCLE
     # One pass: the gate decided on the very reports the evaluate run logged (one backtest of each).
-    gate_run = mlflow.get_run(again["promote"].run_id).data.metrics
+    gate_run = mlflow.get_run(again.promote.run_id).data.metrics
     eval_run = next(r for r in by_name["evaluate"] if r.data.tags["model_uri"] == "models:/nt8-agent/2").data.metrics
     assert gate_run["challenger/sharpe"] == eval_run["eval/sharpe"]
     # The quantities users compare across steps have the same names in the train, evaluate and
@@ -110,37 +112,37 @@ def test_the_whole_cycle_bootstraps_paper_trades_annotates_retrains_and_gates(tm
     from mlproject.registry import model_id_of
 
     headline = {"sharpe", "total_return", "max_drawdown", "n_trades"}
-    assert headline <= set(gate_run) & set(eval_run) & set(mlflow.get_run(again["train"].run_id).data.metrics)
+    assert headline <= set(gate_run) & set(eval_run) & set(mlflow.get_run(again.train.run_id).data.metrics)
     assert gate_run["sharpe"] == eval_run["sharpe"] == eval_run["eval/sharpe"]
     for version, key in (("2", "challenger/sharpe"), ("1", "production/sharpe")):
         model_id = model_id_of(f"models:/nt8-agent/{version}")
-        assert key in {m.key for m in mlflow.get_logged_model(model_id).metrics if m.run_id == again["promote"].run_id}
+        assert key in {m.key for m in mlflow.get_logged_model(model_id).metrics if m.run_id == again.promote.run_id}
     assert json.loads((tmp_path / "deploy" / "current" / "manifest.json").read_text())["version"] == "1"
     # Fine-tuning: the first nt8-reasoner adapter (the tiny base of the demo profile), promoted, and
     # the reasoning engine answered with it.
-    tuned = result["finetune"]
-    assert (tuned["finetune"].version, tuned["finetune"].decision, tuned["engine_version"]) == ("1", "promoted", "1")
-    cycle = mlflow.get_run(result["run_id"])
+    tuned = result.finetune
+    assert (tuned.result.version, tuned.result.decision, tuned.engine_version) == ("1", "promoted", "1")
+    cycle = mlflow.get_run(result.run_id)
     assert cycle.data.tags["cycle.retrain"] == "refused" and cycle.data.tags["cycle.finetune"] == "promoted"
     # The UI opens the experiment in its model-training view (runs list), not the GenAI one.
     assert mlflow.get_experiment(cycle.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
-    assert "cycle/reasoner_sample.json" in {f.path for f in mlflow.MlflowClient().list_artifacts(result["run_id"], "cycle")}
+    assert "cycle/reasoner_sample.json" in {f.path for f in mlflow.MlflowClient().list_artifacts(result.run_id, "cycle")}
     assert cycle.data.tags["cycle.created_versions"] == "1,2" and cycle.data.tags["cycle.compared_with"] == "v1"
     assert "experiences" in {i.tags[0].value for i in cycle.inputs.dataset_inputs if i.tags}
-    assert "refused" in result["summary"] and "make ui" in result["summary"]
-    assert f"/#/experiments/{cycle.info.experiment_id}/runs?workflowType=machine_learning" in result["summary"]
+    assert "refused" in result.summary and "make ui" in result.summary
+    assert f"/#/experiments/{cycle.info.experiment_id}/runs?workflowType=machine_learning" in result.summary
     state = json.loads((tmp_path / "data" / "orchestrator" / "state.json").read_text())
     assert state["retrain"]["version"] == "2" and state["retrain"]["experiences_seen"] == 279
 
     # A re-run finds nothing new: no retrain twice on the same experiences.
     rerun = orchestrate.main(cfg, "retrain")
-    assert rerun["retrain"] is None
-    assert mlflow.get_run(rerun["run_id"]).data.tags["cycle.retrain"] == "not due"
+    assert rerun.retrain is None
+    assert mlflow.get_run(rerun.run_id).data.tags["cycle.retrain"] == "not due"
     assert len(mlflow.MlflowClient().search_model_versions("name='nt8-agent'")) == 2
 
     # Review: the live versions compared on the same bars, the refused one archived (never Production).
-    reviewed = orchestrate.main(cfg, "review")["review"]
-    assert reviewed["versions"] == ["2", "1"] and reviewed["archived"] == ["2"]
+    reviewed = orchestrate.main(cfg, "review").review
+    assert reviewed.versions == ["2", "1"] and reviewed.archived == ["2"]
     compare = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
                if r.info.run_name == "compare"]
     assert len(compare) == 1 and compare[0].data.tags["mlflow.parentRunId"] == mlflow.search_runs(
@@ -157,8 +159,8 @@ def test_the_whole_cycle_bootstraps_paper_trades_annotates_retrains_and_gates(tm
     def broken(*args, **kwargs):
         raise RuntimeError("injected training failure")
 
-    real_train = train.main
-    monkeypatch.setattr(train, "main", broken)
+    real_train = cycle_retrain.train_policy
+    monkeypatch.setattr(cycle_retrain, "train_policy", broken)
     with pytest.raises(RuntimeError, match="injected"):
         orchestrate.main(cfg, "retrain", force=True)
     failed = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
@@ -170,25 +172,25 @@ def test_the_whole_cycle_bootstraps_paper_trades_annotates_retrains_and_gates(tm
 
     # The offline pass: MARWIL on the buffer's 279 experiences (high-value ones x3) from Production
     # v1, then PPO from its result, in one Ray session; its own child run says what it read.
-    monkeypatch.setattr(train, "main", real_train)
+    monkeypatch.setattr(cycle_retrain, "train_policy", real_train)
     offline_cfg = load_config(ROOT / "conf" / "smoke.yaml", [
         "train.iterations=1", "continuous_learning.offline_pass=marwil", "continuous_learning.offline_iterations=2"])
-    done = orchestrate.main(offline_cfg, "retrain", force=True)["retrain"]
-    high = len(orchestrate.ExperienceBuffer("data/experience_buffer").high_value(0.7, ["experience_id"]))
+    done = orchestrate.main(offline_cfg, "retrain", force=True).retrain
+    high = len(ExperienceBuffer("data/experience_buffer").high_value(0.7, ["experience_id"]))
     assert 0 < high < 279
-    assert (done["offline"].experiences, done["offline"].high_value, done["offline"].rows) == (279, high, 279 + 2 * high)
+    assert (done.offline.experiences, done.offline.high_value, done.offline.rows) == (279, high, 279 + 2 * high)
     offline_run = next(r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
                        if r.info.run_name == "offline")
     assert offline_run.data.params["offline.start"] == "models:/nt8-agent/1"
     assert offline_run.data.metrics["offline/rows"] == 279 + 2 * high and "offline/policy_loss" in offline_run.data.metrics
-    grandchild = mlflow.MlflowClient().get_model_version("nt8-agent", done["train"].registered_version)
+    grandchild = mlflow.MlflowClient().get_model_version("nt8-agent", done.train.registered_version)
     assert grandchild.tags["parent_uri"] == "offline pass (marwil) from models:/nt8-agent/1"
     assert grandchild.tags["parent_version"] == "1"
 
 
 def test_a_retrain_learns_from_the_bars_its_experiences_came_from_plus_history():
     from mlproject.data import synthetic_bars
-    from pipelines.orchestrate import retrain_window
+    from mlproject.cycle.state import retrain_window
 
     bars = synthetic_bars(1000, seed=1)
     assert retrain_window(bars, None, bars.index[100]) == (bars, "")  # null: every bar
@@ -209,6 +211,7 @@ def test_thresholds_below_do_nothing_and_a_second_orchestrator_is_refused(tmp_pa
     import sys
     import time
 
+    from mlproject.cycle.state import CycleState, due
     from mlproject.experience import ExperienceBuffer
     from pipelines import orchestrate
     from test_experience import experiences
@@ -219,18 +222,18 @@ def test_thresholds_below_do_nothing_and_a_second_orchestrator_is_refused(tmp_pa
     buffer.add(experiences(49))  # retrain_frequency is 50 in the demo profile
     buffer.flush()
     result = orchestrate.main(cfg, "retrain")
-    assert result["retrain"] is None
-    state = orchestrate.CycleState(tmp_path / "state")
-    due = orchestrate.thresholds(cfg, buffer, state)
-    assert (due["new_since_retrain"], due["retrain_due"]) == (49, False)
+    assert result.retrain is None
+    state = CycleState(tmp_path / "state")
+    found = due(cfg, buffer, state)
+    assert (found.new_since_retrain, found.retrain_due) == (49, False)
     buffer.add(experiences(1, prefix="x"))
     buffer.flush()
-    assert orchestrate.thresholds(cfg, buffer, state)["retrain_due"]  # 50: due (the retrain itself is tested above)
+    assert due(cfg, buffer, state).retrain_due  # 50: due (the retrain itself is tested above)
     buffer.add(experiences(500, start="2024-01-05 14:31", prefix="y"))  # 550 > experience_buffer_size 500
     buffer.flush()
-    done = orchestrate.main(cfg, "maintenance")["maintenance"]
-    assert done["compaction"]["kept"] == 500 and len(buffer) == 500
-    assert done["thresholds"]["experiences"] == 500 and "reconcile" not in done  # nothing in Production
+    done = orchestrate.main(cfg, "maintenance").maintenance
+    assert done.compaction["kept"] == 500 and len(buffer) == 500
+    assert done.due.experiences == 500 and done.reconcile is None  # nothing in Production
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
                                "from mlproject.locks import file_lock; "
                                "ctx = file_lock(sys.argv[2], 5, 'test'); ctx.__enter__(); print('held', flush=True); "
@@ -279,30 +282,30 @@ def test_the_walk_forward_simulation_never_reads_a_bar_before_its_time(tmp_path,
     import numpy as np
 
     from mlproject.data import load_source
-    from pipelines import orchestrate
+    from pipelines import simulate
 
     sets = ["train.iterations=1", "data.synthetic.n_bars=1400", "continuous_learning.evaluation_episodes=2",
             "train.val_windows=2", f"data.output_dir={tmp_path / 'bars'}"]
     cfg = load_config(ROOT / "conf" / "smoke.yaml", sets)
-    first = orchestrate.main(cfg, "simulate", periods=2, start_fraction=0.6)
-    a = first["simulate"]
+    first = simulate.main(cfg, periods=2, start_fraction=0.6)
+    a = first.simulate
     bars = load_source(cfg)
-    point = a["points"][1]
+    point = a.points[1]
     changed = bars.copy()
     changed.iloc[point:, :4] *= 1.01  # a different future (still valid bars)
     changed.to_parquet(tmp_path / "changed.parquet")
-    b = orchestrate.main(cfg.model_copy(update={"data": cfg.data.model_copy(update={
-        "source": str(tmp_path / "changed.parquet")})}), "simulate", periods=2, start_fraction=0.6)["simulate"]
-    assert a["points"] == b["points"] and a["decisions"] == b["decisions"]
-    for agent in a["reports"]:
-        before = [w.equity.to_numpy() for w in (a["reports"][agent].windows[0], b["reports"][agent].windows[0])]
+    b = simulate.main(cfg.model_copy(update={"data": cfg.data.model_copy(update={
+        "source": str(tmp_path / "changed.parquet")})}), periods=2, start_fraction=0.6).simulate
+    assert a.points == b.points and a.decisions == b.decisions
+    for agent in a.reports:
+        before = [w.equity.to_numpy() for w in (a.reports[agent].windows[0], b.reports[agent].windows[0])]
         assert np.array_equal(*before), agent
-    assert not np.array_equal(a["reports"]["buy_hold"].windows[1].equity.to_numpy(),
-                              b["reports"]["buy_hold"].windows[1].equity.to_numpy())
-    run = mlflow.get_run(first["run_id"])
+    assert not np.array_equal(a.reports["buy_hold"].windows[1].equity.to_numpy(),
+                              b.reports["buy_hold"].windows[1].equity.to_numpy())
+    run = mlflow.get_run(first.run_id)
     assert {"sim/learning/total_return", "sim/never_retrained/total_return", "sim/buy_hold/total_return"} <= set(
         run.data.metrics)
-    assert "sim/equity.png" in {f.path for f in mlflow.MlflowClient().list_artifacts(first["run_id"], "sim")}
+    assert "sim/equity.png" in {f.path for f in mlflow.MlflowClient().list_artifacts(first.run_id, "sim")}
     names = {m.name for m in mlflow.MlflowClient().search_registered_models()}
     assert "nt8-agent" not in names and all(n.startswith("nt8-agent-sim-") for n in names)
 
@@ -316,10 +319,10 @@ def test_on_a_drifting_market_the_learning_agent_beats_the_never_retrained_one(t
     cfg = load_config(ROOT / "conf" / "simulate.yaml", [
         "data.synthetic.n_bars=3000", "data.synthetic.momentum_flip_at=0.5", "train.iterations=10",
         "continuous_learning.retrain_history_bars=800", f"data.output_dir={tmp_path / 'bars'}"])
-    result = orchestrate.main(cfg, "simulate", periods=2, start_fraction=0.5)["simulate"]
-    m = result["metrics"]
-    assert result["decisions"] == ["promoted", "promoted"]
+    result = orchestrate.main(cfg, "simulate", periods=2, start_fraction=0.5).simulate
+    m = result.metrics
+    assert result.decisions == ["promoted", "promoted"]
     assert m["learning"]["total_return"] > m["never_retrained"]["total_return"] + 0.1, m
-    assert result["paired"]["p_value"] < 0.01
+    assert result.paired["p_value"] < 0.01
     with pytest.raises(ValueError, match="before the first decision point"):
         orchestrate.main(cfg, "simulate", periods=2, start_fraction=0.001)

@@ -64,7 +64,7 @@ def test_split_checks_name_the_split_and_warn_below_norm_window(tmp_path, caplog
 
 def test_model_input_example_survives_a_short_validation_split(small_bars):
     """39 validation bars used to crash with IndexError building the model's input example."""
-    from pipelines.train import _observations
+    from mlproject.training import _observations
 
     cfg = load_config(ROOT / "conf" / "smoke.yaml")
     short = small_bars.iloc[:22]  # 20 bars of history, 2 to trade
@@ -107,7 +107,7 @@ def test_equity_floor_windows_are_reported_as_stopped_out_and_compared_honestly(
 
 def test_the_gate_refuses_a_challenger_that_hit_the_equity_floor():
     from mlproject.evaluation import baselines
-    from pipelines.promote import gate
+    from mlproject.gate import gate
 
     base = baselines(_btc_bars(), {"window": 8, "instrument": "ES"}, n_windows=4)
     verdict = gate(base["buy_hold"], base["flat"], load_config(None, ["promotion.max_drawdown=1.0"]).promotion)

@@ -98,11 +98,12 @@ def test_concurrent_promotes_rollbacks_and_reconciles_stay_consistent(store, wri
 def test_the_gate_is_checked_again_when_production_moves_during_the_evaluation(store, monkeypatch):
     """A worse candidate used to replace a better Production that was promoted while it was
     being evaluated, with the reason "better than Production v1"."""
+    from mlproject import gate
     from pipelines import promote
 
     short, long_, long_again = (register_constant(store, a) for a in (0, 2, 2))
     registry.promote(NAME, short, "start")
-    real = promote.evaluate_and_gate
+    real = gate.evaluate_and_gate
     calls = []
 
     def evaluate_while_another_process_promotes(*args, **kwargs):
@@ -112,7 +113,7 @@ def test_the_gate_is_checked_again_when_production_moves_during_the_evaluation(s
         calls.append(args[1])
         return verdict
 
-    monkeypatch.setattr(promote, "evaluate_and_gate", evaluate_while_another_process_promotes)
+    monkeypatch.setattr(gate, "evaluate_and_gate", evaluate_while_another_process_promotes)
     result = promote.main(config(store), long_again)
     assert calls == [short, long_]  # gated against the new Production under the lock
     assert result.decision == "refused" and stage_and_alias() == (long_, long_)

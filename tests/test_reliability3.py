@@ -126,7 +126,7 @@ def test_a_rejected_file_completed_by_an_older_version_is_taken_again(tmp_path, 
 @pytest.mark.parametrize("junk", [b"\xff\xfe{\x00}\x00", b"\x80\x81\x82", b'{"a": "\xe9t\xe9"}', b"[1, 2]"])
 def test_a_state_file_that_is_not_utf8_json_says_move_it_aside(tmp_path, junk):
     from pipelines.monitor import MonitorState
-    from pipelines.orchestrate import STATE_FILE, CycleState
+    from mlproject.cycle.state import STATE_FILE, CycleState
 
     (tmp_path / STATE_FILE).write_bytes(junk)
     with pytest.raises(ValueError, match=rf"{STATE_FILE}: not the orchestrator's state .*move it aside"):

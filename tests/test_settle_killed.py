@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from conftest import ROOT
 from mlproject import registry
 from mlproject.config import load_config
+from mlproject.cycle.settle import KILLED_BEFORE_GATE, SETTLED_TAG, process_gone, settle_killed
 from pipelines import orchestrate
 
 SMOKE = ROOT / "conf" / "smoke.yaml"
@@ -53,16 +54,16 @@ def _alive(pid: int) -> bool:
 
 def test_process_gone_judges_ended_zombie_reused_and_foreign_processes():
     host, now_ms = socket.gethostname(), int(time.time() * 1000)
-    assert not orchestrate.process_gone(os.getpid(), host, now_ms)
-    assert orchestrate.process_gone(os.getpid(), host, 0)  # started after the run: the id was reused
-    assert not orchestrate.process_gone(os.getpid(), "another-host", 0)  # this host cannot tell
+    assert not process_gone(os.getpid(), host, now_ms)
+    assert process_gone(os.getpid(), host, 0)  # started after the run: the id was reused
+    assert not process_gone(os.getpid(), "another-host", 0)  # this host cannot tell
     ended = subprocess.Popen(["true"])
     ended.wait()
-    assert orchestrate.process_gone(ended.pid, host, now_ms)
+    assert process_gone(ended.pid, host, now_ms)
     zombie = subprocess.Popen(["true"])
     while _alive(zombie.pid):  # ended, not reaped yet
         time.sleep(0.05)
-    assert orchestrate.process_gone(zombie.pid, host, now_ms)
+    assert process_gone(zombie.pid, host, now_ms)
     zombie.wait()
 
 
@@ -110,13 +111,13 @@ def test_the_next_cycle_settles_the_runs_and_the_version_a_killed_retrain_left(t
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
     settled = {r.info.run_id: r for r in runs if r.info.run_id in left}
-    assert all(r.info.status == "KILLED" and result["run_id"] in r.data.tags[orchestrate.SETTLED_TAG]
+    assert all(r.info.status == "KILLED" and result.run_id in r.data.tags[SETTLED_TAG]
                for r in settled.values()), {r.info.run_name: r.data.tags for r in settled.values()}
-    assert set(result["settled"].runs) == left and result["settled"].versions == ["nt8-agent v1"]
+    assert set(result.settled.runs) == left and result.settled.versions == ["nt8-agent v1"]
     tags = client.get_model_version("nt8-agent", "1").tags
-    assert tags["gate.decision"] == "refused" and tags["gate.reasons"] == orchestrate.KILLED_BEFORE_GATE
-    assert "settled: " in result["summary"] and "nt8-agent v1" in result["summary"]
-    assert not orchestrate.settle_killed(result["run_id"])  # nothing left the second time
+    assert tags["gate.decision"] == "refused" and tags["gate.reasons"] == KILLED_BEFORE_GATE
+    assert "settled: " in result.summary and "nt8-agent v1" in result.summary
+    assert not settle_killed(result.run_id)  # nothing left the second time
     assert registry.cleanup("nt8-agent", keep=5) == ["1"]  # refused: archived first, whatever keep
 
     # Ray's processes under the killed driver end by themselves: GCS and raylet with it (Ray's fate

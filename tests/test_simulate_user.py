@@ -41,12 +41,12 @@ def test_a_simulation_warns_once_naming_the_file_and_leaves_no_sim_models_and_lo
     assert len(grid) == 1 and grid[0].startswith(f"{user_file}:"), grid
     names = {m.name for m in client.search_registered_models()}
     assert names == {f"nt8-agent-sim-{running.info.run_id[:8]}"}, names
-    run_id = result["run_id"]
+    run_id = result.run_id
     for agent in ("learning", "never_retrained", "buy_hold"):
         history = client.get_metric_history(run_id, f"equity/{agent}")
-        assert len(history) > 100 and max(m.step for m in history) == len(result["simulate"]["equity"][agent]) - 1
+        assert len(history) > 100 and max(m.step for m in history) == len(result.simulate.equity[agent]) - 1
         assert history[0].value == pytest.approx(cfg.env.initial_equity)
-    assert "(deleted at the end of the simulation" in result["summary"]
+    assert "(deleted at the end of the simulation" in result.summary
 
 
 def test_a_maintenance_cycle_links_the_versions_long_running_monitor_run(deployed, tmp_path):
@@ -57,13 +57,13 @@ def test_a_maintenance_cycle_links_the_versions_long_running_monitor_run(deploye
     cfg, paper, v1, v2 = deployed
     paper.trades([10.0, -5.0])
     runs = [orchestrate.main(cfg(), "maintenance") for _ in range(2)]
-    monitor_runs = {mlflow.get_run(r["run_id"]).data.tags["cycle.monitor_run"] for r in runs}
+    monitor_runs = {mlflow.get_run(r.run_id).data.tags["cycle.monitor_run"] for r in runs}
     assert len(monitor_runs) == 1
     monitor_run = mlflow.get_run(monitor_runs.pop())
     assert monitor_run.info.run_name == f"monitor nt8-agent v{v2}" and "mlflow.parentRunId" not in monitor_run.data.tags
     assert "sits at top level" in monitor_run.data.tags["mlflow.note.content"]
     assert [m.step for m in MlflowClient().get_metric_history(monitor_run.info.run_id, "monitor/breaches")] == [1, 2]
-    assert f"(run {monitor_run.info.run_id})" in runs[1]["summary"]
+    assert f"(run {monitor_run.info.run_id})" in runs[1].summary
 
 
 def test_the_summary_names_the_experiment_the_run_is_in(tmp_path, mlflow_store, monkeypatch):
@@ -76,10 +76,10 @@ def test_the_summary_names_the_experiment_the_run_is_in(tmp_path, mlflow_store, 
     run = MlflowClient().create_run("0")  # what `mlflow run .` does without --experiment-name
     monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
     result = orchestrate.main(cfg, "maintenance")
-    assert result["run_id"] == run.info.run_id
-    first = result["summary"].splitlines()[0]
+    assert result.run_id == run.info.run_id
+    first = result.summary.splitlines()[0]
     assert "experiment Default, not mlflow.experiment nt8-rl-smoke" in first and "--experiment-name" in first, first
-    assert "/#/experiments/0/runs" in result["summary"]
+    assert "/#/experiments/0/runs" in result.summary
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)  # MLflow unsets it once it resumed the run
-    again = orchestrate.main(cfg, "maintenance")["summary"].splitlines()[0]
+    again = orchestrate.main(cfg, "maintenance").summary.splitlines()[0]
     assert again.endswith("experiment nt8-rl-smoke)"), again

@@ -19,6 +19,7 @@ from mlproject.backtest import constant_policy, play_episode
 from mlproject.config import load_config
 from mlproject.data import split_bars
 from mlproject.policy import fresh_module, load_module, module_policy, module_weights
+from mlproject import training
 from pipelines import train
 
 LEARNABLE = [
@@ -35,7 +36,7 @@ def test_learns_a_planted_signal_out_of_sample(ray_session):
     flat and buy-and-hold on the unseen test split (fixed seeded budget: 10 iterations)."""
     cfg = load_config(ROOT / "conf" / "smoke.yaml", LEARNABLE)
     splits = split_bars(momentum_bars(6000, seed=0))
-    algo = train.algorithm_config(cfg, train.training_env_config(cfg, splits.train), seed=0).build_algo()
+    algo = training.algorithm_config(cfg, training.training_env_config(cfg, splits.train), seed=0).build_algo()
     try:
         for _ in range(10):
             algo.train()
@@ -51,12 +52,12 @@ def test_learns_a_planted_signal_out_of_sample(ray_session):
 
 def test_same_seed_same_first_iteration(ray_session, small_bars):
     cfg = load_config(ROOT / "conf" / "smoke.yaml")
-    env_config = train.training_env_config(cfg, small_bars)
+    env_config = training.training_env_config(cfg, small_bars)
 
     def first_iteration(seed):
-        algo = train.algorithm_config(cfg, env_config, seed).build_algo()
+        algo = training.algorithm_config(cfg, env_config, seed).build_algo()
         try:
-            return train.iteration_metrics(algo.train())
+            return training.iteration_metrics(algo.train())
         finally:
             algo.stop()
 
@@ -70,16 +71,16 @@ def test_skipping_rllibs_nan_gradient_checks_leaves_learning_unchanged(ray_sessi
     """Our config sets torch_skip_nan_gradients (no isfinite pass per gradient and parameter per
     minibatch): seeded, the weights after 3 iterations equal those of RLlib's default bit for bit."""
     cfg = load_config(ROOT / "conf" / "smoke.yaml")
-    env_config = train.training_env_config(cfg, small_bars)
+    env_config = training.training_env_config(cfg, small_bars)
 
     def trained_weights(skip: bool):
-        config = train.algorithm_config(cfg, env_config, seed=5)
+        config = training.algorithm_config(cfg, env_config, seed=5)
         assert config.torch_skip_nan_gradients is True  # what training uses
         algo = config.framework(torch_skip_nan_gradients=skip).build_algo()
         try:
             start = module_weights(algo.get_module())
             results = [algo.train() for _ in range(3)]
-            return start, module_weights(algo.get_module()), train.iteration_metrics(results[-1])
+            return start, module_weights(algo.get_module()), training.iteration_metrics(results[-1])
         finally:
             algo.stop()
 
@@ -94,11 +95,11 @@ def test_skipping_rllibs_nan_gradient_checks_leaves_learning_unchanged(ray_sessi
 
 def test_non_finite_weights_stop_training_naming_the_iteration():
     module = fresh_module(12, 3, seed=0)
-    train.check_finite(SimpleNamespace(get_module=lambda: module), 4)  # finite: nothing happens
+    training.check_finite(SimpleNamespace(get_module=lambda: module), 4)  # finite: nothing happens
     with torch.no_grad():
         next(module.parameters())[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="iteration 7: non-finite weights"):
-        train.check_finite(SimpleNamespace(get_module=lambda: module), 7)
+        training.check_finite(SimpleNamespace(get_module=lambda: module), 7)
 
 
 def test_run_logs_metrics_params_data_checkpoint_and_version(trained_store):
@@ -139,7 +140,7 @@ def test_run_logs_metrics_params_data_checkpoint_and_version(trained_store):
 
 def test_pyfunc_loads_in_a_fresh_process_without_ray(trained_store, tmp_path):
     uri, result, cfg, _ = trained_store
-    obs = train._observations(momentum_bars(400, seed=5), cfg, 6)
+    obs = training._observations(momentum_bars(400, seed=5), cfg, 6)
     np.save(tmp_path / "obs.npy", obs)
     script = textwrap.dedent(f"""
         import json, sys, numpy as np, mlflow
@@ -159,17 +160,17 @@ def test_pyfunc_loads_in_a_fresh_process_without_ray(trained_store, tmp_path):
 def test_warm_start_records_parent_and_starts_from_its_weights(trained_store):
     uri, result, cfg, _ = trained_store
     parent_uri = f"models:/nt8-agent/{result.registered_version}"
-    module_dir, parent, parent_settings = train.resolve_init_from(parent_uri)
+    module_dir, parent, parent_settings = training.resolve_init_from(parent_uri)
     assert parent["parent_version"] == result.registered_version
     assert parent_settings.window == cfg.env.window  # the parent's recorded settings come along
     parent_weights = module_weights(load_module(module_dir))
-    env_config = train.training_env_config(cfg, momentum_bars(1000, seed=1))
-    algo = train.algorithm_config(cfg, env_config, seed=123).build_algo()
+    env_config = training.training_env_config(cfg, momentum_bars(1000, seed=1))
+    algo = training.algorithm_config(cfg, env_config, seed=123).build_algo()
     try:
         fresh = module_weights(algo.get_module())
         shared = sorted(set(fresh) & set(parent_weights))
         assert shared and any(not np.array_equal(fresh[k], parent_weights[k]) for k in shared)
-        train.warm_start(algo, module_dir, algo.get_module().observation_space.shape)
+        training.warm_start(algo, module_dir, algo.get_module().observation_space.shape)
         loaded = module_weights(algo.get_module())
         learner = module_weights(algo.learner_group._learner.module["default_policy"])
         for k in shared:
@@ -189,15 +190,15 @@ def test_warm_start_rejects_a_policy_for_other_observations(trained_store):
     from mlproject.policy import PolicySettings
 
     parent_uri = f"models:/nt8-agent/{result.registered_version}"
-    module_dir, _, parent_settings = train.resolve_init_from(parent_uri)
+    module_dir, _, parent_settings = training.resolve_init_from(parent_uri)
     with pytest.raises(ValueError, match="expects observations of shape .* or drop --init-from"):
-        train.warm_start(None, module_dir, (7,))
-    train.check_init_from(parent_uri, module_dir, parent_settings, cfg)  # its own config: fine
+        training.warm_start(None, module_dir, (7,))
+    training.check_init_from(parent_uri, module_dir, parent_settings, cfg)  # its own config: fine
     other = cfg.model_copy(update={"env": cfg.env.model_copy(update={"norm_window": 50})})
     with pytest.raises(ValueError, match=r"\(model vs config: norm_window 100 vs 50\).* e\.g\. --set env\.norm_window=100,"):
-        train.check_init_from(parent_uri, module_dir, parent_settings, other)
+        training.check_init_from(parent_uri, module_dir, parent_settings, other)
     with pytest.raises(ValueError, match="no version of 'nt8-agent' is in stage 'Production'"):
-        train.resolve_init_from("models:/nt8-agent/Production")
+        training.resolve_init_from("models:/nt8-agent/Production")
 
 
 def test_init_from_a_model_of_other_settings_exits_2_saying_how_to_continue_it(trained_store):
@@ -222,8 +223,8 @@ def test_init_from_a_model_of_other_settings_exits_2_saying_how_to_continue_it(t
         "--set 'train.hiddens=[32,32]', or drop --init-from to train from scratch"], out.stderr[-2000:]
     assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == runs_before
     suggested = [item for item in shlex.split(error[0].split("e.g. ")[1].split(", or drop")[0]) if item != "--set"]
-    module_dir, _, parent_settings = train.resolve_init_from(parent_uri)
-    train.check_init_from(parent_uri, module_dir, parent_settings, load_config(None, suggested))
+    module_dir, _, parent_settings = training.resolve_init_from(parent_uri)
+    training.check_init_from(parent_uri, module_dir, parent_settings, load_config(None, suggested))
 
 
 def test_mlflow_run_train_entry_point(tmp_path, mlflow_store):
@@ -245,10 +246,10 @@ def test_mlflow_run_train_entry_point(tmp_path, mlflow_store):
 def test_early_stopping_keeps_the_best_checkpoint(ray_session, mlflow_store, small_bars, tmp_path):
     cfg = load_config(ROOT / "conf" / "smoke.yaml", ["train.eval_every=1", "train.patience=2"])
     splits = split_bars(small_bars)
-    algo = train.algorithm_config(cfg, train.training_env_config(cfg, splits.train), seed=0).build_algo()
+    algo = training.algorithm_config(cfg, training.training_env_config(cfg, splits.train), seed=0).build_algo()
     try:
         with mlflow.start_run():
-            best = train.train_loop(algo, cfg, 40, splits.validation, tmp_path)
+            best = training.train_loop(algo, cfg, 40, splits.validation, tmp_path)
     finally:
         algo.stop()
     assert best["iterations_run"] < 40  # a validation without improvement came before the budget ran out

@@ -1,0 +1,212 @@
+"""The walk-forward simulation: the continuous-learning cycle replayed on history, out of sample.
+
+At each of ``periods`` decision points the model is retrained (warm-started from the Production of
+that time) on the bars before the point only and gated on the last held-out part of them
+(:func:`mlproject.cycle.retrain.train_evaluate_promote`, the cycle's own pass); the period up to the
+next point is traded by the Production of that time (the learning agent), by the first Production
+(never retrained) and by buy-and-hold, each a deterministic backtest through the env (the paper
+path gives the same bits: tests/test_bridge.py). Out-of-sample equity, metrics, a paired test and a
+plot go in the active run. Versions are registered under their own name (``<model>-sim-<run>``),
+deleted when the simulation ends (their models stay in the runs' artifacts), with their own deploy
+folder, buffer and state: the simulation never touches the real Production.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from envs.market import Market
+from mlproject.backtest import constant_policy
+from mlproject.config import Config
+from mlproject.cycle.retrain import train_evaluate_promote
+from mlproject.data import load_source
+from mlproject.evaluation import EvalReport, backtest, paired_comparison, policy_env_config
+from mlproject.ingestion import IngestResult
+from mlproject.instruments import resolve_instrument
+from mlproject.metrics import max_drawdown, periods_per_year, sharpe_ratio, total_return
+from mlproject.policy import load_policy_model
+from mlproject.preflight import CHECKED, warn_if_instrument_misfits
+from mlproject.registry import SIM_RUN_TAG, drop_sim_models, production_version, status
+from mlproject.tracking import log_curves
+
+log = logging.getLogger(__name__)
+
+AGENTS = ("learning", "never_retrained", "buy_hold")
+
+
+@dataclass
+class SimulationResult:
+    """The walk-forward's out-of-sample outcome."""
+
+    metrics: dict[str, dict[str, float]]
+    """Per agent: total_return, sharpe, max_drawdown, n_trades."""
+    paired: dict[str, float]
+    """Learning vs never retrained on the same bars (:func:`mlproject.evaluation.paired_comparison`)."""
+    decisions: list[str]
+    """The gate's decision at each decision point."""
+    points: list[int]
+    """The decision points (bar positions), then the number of bars."""
+    equity: dict[str, np.ndarray]
+    reports: dict[str, EvalReport]
+    model_name: str
+    registry: str = ""
+    """The simulation's versions, as they were before it deleted them."""
+
+
+def check_split(periods: int, start_fraction: float) -> None:
+    """Refuse a split that no data could satisfy (before any data is read)."""
+    if periods < 1 or not 0 < start_fraction < 1:
+        raise ValueError(f"simulate: --periods >= 1 and 0 < --start-fraction < 1 (got {periods}, {start_fraction})")
+
+
+def decision_points(n: int, periods: int, start_fraction: float, history_bars: int) -> list[int]:
+    """The bar positions of the ``periods`` decision points, then ``n``; an error naming the fix
+    when the split leaves too few bars before the first point or in a period."""
+    check_split(periods, start_fraction)
+    first = int(n * start_fraction)
+    step = (n - first) // periods
+    if first < history_bars + 2 or step < 2:
+        raise ValueError(f"simulate: {n} bars split at {start_fraction:g} into {periods} periods leave {first} bars "
+                         f"before the first decision point and {step} per period; need at least {history_bars + 2} "
+                         "and 2: a larger --start-fraction, fewer --periods or more bars")
+    return [first + k * step for k in range(periods)] + [n]
+
+
+def simulate(cfg: Config, periods: int, start_fraction: float) -> SimulationResult:
+    """Walk forward through ``data.source`` (see the module doc), inside the active MLflow run."""
+    import mlflow
+
+    check_split(periods, start_fraction)
+    bars = load_source(cfg)
+    history_bars = Market.first_bar(cfg.env)
+    points = decision_points(len(bars), periods, start_fraction, history_bars)
+    # Once on the whole file, naming it; the slices each step reads are marked checked.
+    warn_if_instrument_misfits(bars, cfg)
+    bars.attrs[CHECKED] = str(bars.attrs.get("path") or bars.attrs.get("source") or cfg.data.source)
+    run_id = mlflow.active_run().info.run_id
+    name = f"{cfg.promotion.model_name}-sim-{run_id[:8]}"
+    drop_sim_models(cfg.promotion.model_name, lock_file=cfg.promotion.lock_file)  # what killed simulations left
+    mlflow.MlflowClient().create_registered_model(name, tags={SIM_RUN_TAG: run_id}, description=(
+        f"Versions of the walk-forward simulation run {run_id}; deleted when it ends (its models stay "
+        "in the run's artifacts)."))
+    try:
+        out = _walk_forward(cfg, bars, points, history_bars, name)
+        out.registry = status(name)
+    finally:  # the user's Models page lists their models, not every simulation's
+        drop_sim_models(cfg.promotion.model_name, only=name, lock_file=cfg.promotion.lock_file)
+    m = out.metrics
+    log.info("simulate: learning %s vs never retrained %s vs buy-and-hold %s (total return); paired p=%.3g",
+             f"{m['learning']['total_return']:.4f}", f"{m['never_retrained']['total_return']:.4f}",
+             f"{m['buy_hold']['total_return']:.4f}", out.paired.get("p_value", math.nan))
+    return out
+
+
+def sim_config(cfg: Config, work: Path, name: str) -> Config:
+    """The simulation's own registered model, deploy folder, buffer and state: it never touches the
+    real Production."""
+    return cfg.model_copy(update={
+        "promotion": cfg.promotion.model_copy(update={"model_name": name, "deploy_dir": str(work / "deploy"),
+                                                      "lock_file": str(work / "registry.lock")}),
+        "train": cfg.train.model_copy(update={"register_model": name}),
+        "data": cfg.data.model_copy(update={"output_dir": str(work / "bars")}),
+        "continuous_learning": cfg.continuous_learning.model_copy(update={
+            "experience_storage": str(work / "buffer"), "state_dir": str(work / "state"), "paper_bars": None})})
+
+
+def _walk_forward(cfg: Config, bars: pd.DataFrame, points: list[int], history_bars: int,
+                  name: str) -> SimulationResult:
+    """The simulation proper (see :func:`simulate`), its versions registered as ``name``."""
+    reports = {agent: EvalReport(agent) for agent in AGENTS}
+    decisions: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="nt8-sim-") as tmp:
+        sim = sim_config(cfg, Path(tmp), name)
+        frozen = None
+        for k, point in enumerate(points[:-1]):
+            production = _decide(sim, bars, point, Path(tmp) / f"bars-until-{k}.parquet", decisions)
+            frozen = frozen or production
+            period = bars.iloc[point - history_bars:points[k + 1]]
+            _trade_period(sim, period, {"learning": production, "never_retrained": frozen}, reports, history_bars)
+            log.info("simulate: period %d/%d (%s .. %s) traded by v%s (never retrained: v%s)", k + 1,
+                     len(points) - 1, period.index[history_bars], period.index[-1], production, frozen)
+    return _report(cfg, bars, points, decisions, reports, name)
+
+
+def _decide(sim: Config, bars: pd.DataFrame, point: int, path: Path, decisions: list[str]) -> str:
+    """Retrain and gate on the bars before ``point`` only; the Production version after it."""
+    seen = bars.iloc[:point].copy()  # nothing at or after the decision point
+    seen.attrs.update(bars.attrs)
+    seen.to_parquet(path)
+    verdict = train_evaluate_promote(sim, IngestResult(path, seen, "", {})).promote
+    decisions.append(verdict.decision if verdict else "not registered")
+    production = production_version(sim.promotion.model_name)
+    if production is None:
+        raise ValueError(f"simulate: no model passed the gate at the first decision point "
+                         f"({'; '.join(verdict.reasons) if verdict else 'not registered'})")
+    return str(production)
+
+
+def _trade_period(sim: Config, period: pd.DataFrame, versions: dict[str, str], reports: dict[str, EvalReport],
+                  history_bars: int) -> None:
+    """The period traded by each agent: the given versions, and buy-and-hold."""
+    name = sim.promotion.model_name
+    for agent, version in versions.items():
+        policy = load_policy_model(f"models:/{name}/{version}")
+        result = backtest(policy.predict, period, policy_env_config(policy, sim.env, period), 1,
+                          seed=sim.seed, name=agent, first_bar=history_bars)
+        reports[agent].windows.extend(result.windows)
+    max_c = resolve_instrument(sim.env.instrument).max_contracts
+    reports["buy_hold"].windows.extend(backtest(constant_policy(2 * max_c), period, sim.env.model_dump(), 1,
+                                                name="buy_hold", first_bar=history_bars).windows)
+
+
+def _report(cfg: Config, bars: pd.DataFrame, points: list[int], decisions: list[str],
+            reports: dict[str, EvalReport], name: str) -> SimulationResult:
+    """Out-of-sample equity and metrics per agent, the paired test, all logged to the active run."""
+    import mlflow
+
+    ppy = periods_per_year(bars.index)
+    equity, out = {}, {}
+    for agent, report in reports.items():
+        returns = report.returns()
+        equity[agent] = cfg.env.initial_equity * np.cumprod(np.r_[1.0, 1.0 + returns])
+        out[agent] = {"total_return": total_return(equity[agent]), "sharpe": sharpe_ratio(returns, ppy),
+                      "max_drawdown": max_drawdown(equity[agent]),
+                      "n_trades": float(sum(len(w.trades) for w in report.windows))}
+        for k, window in enumerate(report.windows):
+            mlflow.log_metric(f"sim/{agent}/period_return", float(window.metrics["total_return"]), step=k)
+    # The curves as step metrics (step = out-of-sample bar): "equity/" sorts before "sim/", so the
+    # run's page opens on them, not on single-value bars.
+    log_curves(mlflow.active_run().info.run_id, {f"equity/{agent}": curve for agent, curve in equity.items()})
+    paired = paired_comparison(reports["learning"], reports["never_retrained"])
+    mlflow.log_metrics({f"sim/{agent}/{k}": v for agent, m in out.items() for k, v in m.items() if math.isfinite(v)})
+    mlflow.log_metrics({f"sim/paired/{k}": v for k, v in paired.items() if math.isfinite(v)})
+    mlflow.set_tags({"sim.points": ",".join(str(bars.index[p]) for p in points[:-1]),
+                     "sim.decisions": ",".join(decisions), "sim.model_name": name})
+    mlflow.log_figure(_figure(equity), "sim/equity.png")
+    return SimulationResult(out, paired, decisions, points, equity, reports, name)
+
+
+def _figure(equity: dict[str, np.ndarray]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for agent, curve in equity.items():
+        ax.plot(curve, label=agent.replace("_", " "))
+    ax.set_xlabel("out-of-sample bar")
+    ax.set_ylabel("equity")
+    ax.set_title("walk-forward: continuously learning vs never retrained vs buy-and-hold")
+    ax.legend()
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
