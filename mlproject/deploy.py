@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from mlproject.atomic import atomic_write_text
+from mlproject.digests import update_from_file
 from mlproject.faults import fault_point
 from mlproject.policy import SETTINGS_KEY
 from mlproject.registry import complete_pending, ensure_alias, production_version, registry_lock, rollback_target
@@ -61,9 +62,7 @@ def tree_checksum(folder: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(folder)).encode())
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+        update_from_file(digest, path)
     return digest.hexdigest()
 
 

@@ -27,7 +27,6 @@ the same bars twice changes nothing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -41,6 +40,7 @@ import pandas as pd
 from mlproject.atomic import atomic_write, atomic_write_text, read_json_state
 from mlproject.data import DataError, infer_bar_period, load_bars, period_text
 from mlproject.data.formats import looks_binary
+from mlproject.digests import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +66,6 @@ class IntakeResult:
     @property
     def new_bars(self) -> int:
         return sum(item["new_bars"] for item in self.ingested)
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of the file's bytes (hex)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def merge_bars(history: pd.DataFrame | None, new: pd.DataFrame) -> tuple[pd.DataFrame, int]:
