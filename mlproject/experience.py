@@ -243,6 +243,12 @@ class ExperienceBuffer:
         fault_point("compact:deleted")
         self.fs.delete_file(path)
 
+    def _finish_interrupted(self) -> None:
+        """Carry out the compactions a crash interrupted (under the compaction lock)."""
+        for path, record in self._records():
+            log.warning("finishing the interrupted compaction %s", path)
+            self._finish(path, record)
+
     def _is_file(self, rel: str) -> bool:
         return self.fs.get_file_info(f"{self.path}/{rel}").type == pafs.FileType.File
 
@@ -457,9 +463,7 @@ class ExperienceBuffer:
         if max_rows < 1:
             raise ExperienceError(f"compaction keeps at least 1 experience, got max_rows={max_rows}")
         with file_lock(_lock_path(self.root), COMPACT_LOCK_TIMEOUT_S, "another compaction of this buffer"):
-            for path, record in self._records():  # one a crash interrupted
-                log.warning("finishing the interrupted compaction %s", path)
-                self._finish(path, record)
+            self._finish_interrupted()
             self._sweep_temporaries()
             before = self.files()
             if not before:
@@ -551,24 +555,30 @@ def _split_by_day(table: pa.Table) -> list[tuple[str, pa.Table]]:
     return out
 
 
+def _time_range(q: Query) -> list[pads.Expression]:
+    """The query's time range: days by partition, then times within them."""
+    parts = []
+    if q.start is not None:
+        start = _utc(q.start)
+        parts += [pads.field("date") >= start.strftime("%Y-%m-%d"),
+                  pads.field("time") >= pa.scalar(start, pa.timestamp("ns", "UTC"))]
+    if q.end is not None:
+        end = _utc(q.end)
+        parts += [pads.field("date") <= end.strftime("%Y-%m-%d"),
+                  pads.field("time") <= pa.scalar(end, pa.timestamp("ns", "UTC"))]
+    return parts
+
+
 def _filter(q: Query) -> pads.Expression | None:
     """The row part of the query as a pyarrow expression: partition pruning by ``date`` plus the
     filters on columns that annotations never change."""
-    parts: list[pads.Expression] = []
-    field = pads.field
-    if q.start is not None:
-        start = _utc(q.start)
-        parts += [field("date") >= start.strftime("%Y-%m-%d"),
-                  field("time") >= pa.scalar(start, pa.timestamp("ns", "UTC"))]
-    if q.end is not None:
-        end = _utc(q.end)
-        parts += [field("date") <= end.strftime("%Y-%m-%d"), field("time") <= pa.scalar(end, pa.timestamp("ns", "UTC"))]
+    parts = _time_range(q)
     if q.model_version is not None:
-        parts.append(field("model_version") == str(q.model_version))
+        parts.append(pads.field("model_version") == str(q.model_version))
     if q.source is not None:
         if q.source not in SOURCES:
             raise ExperienceError(f"source {q.source!r} is not one of {', '.join(SOURCES)}")
-        parts.append(field("source") == q.source)
+        parts.append(pads.field("source") == q.source)
     # min_quality and annotated are applied after the annotations are overlaid (Query docs).
     if not parts:
         return None

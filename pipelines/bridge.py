@@ -21,7 +21,9 @@ import signal
 from pathlib import Path
 
 from mlproject.atomic import atomic_write_text
-from mlproject.bridge.server import Bridge, kill_file_of, token_from_env, tune_process
+from mlproject.bridge.killswitch import kill_file_of
+from mlproject.bridge.listening import token_from_env
+from mlproject.bridge.server import Bridge, tune_process
 from mlproject.cli import base_parser, optional_int, run_cli
 from mlproject.config import Config
 from mlproject.tracking import pipeline_run, setup_tracking

@@ -26,7 +26,8 @@ from pathlib import Path
 import pandas as pd
 
 from mlproject.bridge.paper import PaperError, PaperResult, paper_trade
-from mlproject.bridge.server import Bridge, BridgeThread, token_from_env
+from mlproject.bridge.listening import token_from_env
+from mlproject.bridge.server import Bridge, BridgeThread
 from mlproject.cli import base_parser, optional_int, run_cli
 from mlproject.config import Config, load_config
 from mlproject.data import load_bars

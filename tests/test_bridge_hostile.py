@@ -45,7 +45,7 @@ def test_idle_connections_never_shut_a_real_client_out(deployed, tmp_path):  # n
             assert decisions[-1]["guard"] != "warmup"  # past the warm-up: the policy decided
             assert time.monotonic() - started < 30.0
             stats = thread.call(lambda: dict(thread.bridge.stats))
-            pending = thread.call(lambda: len(thread.bridge._pending))
+            pending = thread.call(lambda: len(thread.bridge.pending()))
             assert stats["pending_dropped"] == IDLE + 1 - cfg.bridge.max_pending  # the oldest went first
             assert pending == cfg.bridge.max_pending - 1  # the real client left the pending ones
             oldest = idle[0].makefile("rb").readline()

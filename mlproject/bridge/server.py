@@ -4,7 +4,10 @@ One event loop serves every connection. A bar's inference is batched with the ba
 sessions that arrived in the same loop iteration (one forward pass for all of them). Models
 switch between two requests: a watcher loads a newly deployed release in a worker thread and
 swaps it in with one assignment, so no request fails or waits for a load. Experiences are
-written to the buffer in a worker thread (in batches, on disconnect, and at stop).
+written to the buffer in a worker thread (in batches, on disconnect, and at stop:
+:mod:`mlproject.bridge.sink`); the kill switch is :mod:`mlproject.bridge.killswitch`, the
+batched inference :mod:`mlproject.bridge.batching`. Each connection's state is one
+:class:`Connection` record.
 """
 
 from __future__ import annotations
@@ -12,26 +15,22 @@ from __future__ import annotations
 import asyncio
 import gc
 import hmac
-import ipaddress
 import logging
-import os
-import re
-import socket
-import ssl
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import numpy as np
 import pandas as pd
 
-from mlproject.atomic import atomic_write_text
+from mlproject.bridge.batching import InferenceBatcher
 from mlproject.bridge.deployed import DeployedPolicy, NotDeployed, reload_sequence
+from mlproject.bridge.killswitch import KillSwitch, kill_file_of
+from mlproject.bridge.listening import MIN_TOKEN_LENGTH, check_address, tls_context
 from mlproject.bridge.observations import bars_needed
 from mlproject.bridge.protocol import (
     PROTOCOL_VERSION,
@@ -45,23 +44,11 @@ from mlproject.bridge.protocol import (
     text,
 )
 from mlproject.bridge.session import Session
+from mlproject.bridge.sink import ExperienceSink
 from mlproject.config import Config
 from mlproject.experience import ExperienceBuffer
 
 log = logging.getLogger(__name__)
-
-MIN_TOKEN_LENGTH = 16
-
-
-def token_from_env(cfg: Config) -> str:
-    """The shared secret from ``bridge.token_env``; a clear error when it is missing or short."""
-    name = cfg.bridge.token_env
-    token = os.environ.get(name, "")
-    if len(token) < MIN_TOKEN_LENGTH:
-        raise ValueError(f"bridge: set the environment variable {name} (bridge.token_env) to a shared secret of at "
-                         f"least {MIN_TOKEN_LENGTH} characters, e.g. `export {name}=$(python -c \"import secrets; "
-                         "print(secrets.token_urlsafe(24))\")`; the NinjaTrader strategy sends the same token")
-    return token
 
 
 def tune_process() -> None:
@@ -76,51 +63,6 @@ def tune_process() -> None:
     sys.setswitchinterval(0.0005)
 
 
-def check_address(host: str, port: int) -> None:
-    """A ValueError naming the setting unless ``host:port`` is something the bridge can listen on
-    (checked before the model loads; binding itself may still find the port taken)."""
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ValueError(f"bridge.port (--port): {port!r} is not a TCP port; use 0-65535 (0: any free port)")
-    try:
-        ipaddress.ip_address(host)
-        return
-    except ValueError:
-        pass
-    if re.fullmatch(r"[0-9.]+", host) or ":" in host:  # 256.1.1.1 is no host name to look up
-        raise ValueError(f"bridge.host (--host): {host!r} is not an IP address (e.g. 127.0.0.1, 0.0.0.0, ::1)")
-    try:
-        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise ValueError(f"bridge.host (--host): {host!r} is not an address of this machine ({exc})") from None
-
-
-def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
-    """The server's TLS context (None without a certificate); a ValueError naming ``bridge.tls_cert``
-    or ``bridge.tls_key`` when the file is missing or is not PEM."""
-    if not cert:
-        return None
-    for name, path in (("bridge.tls_cert", cert), ("bridge.tls_key", key)):
-        if not Path(path).is_file():
-            what = "certificate" if name.endswith("cert") else "private key"
-            raise ValueError(f"{name}: {path} is not a file (a PEM {what})")
-    try:
-        ssl.create_default_context(cafile=cert)  # the certificate alone: a binary file fails here
-    except (ssl.SSLError, ValueError, UnicodeError) as exc:
-        raise ValueError(f"bridge.tls_cert: {cert} is not a PEM certificate ({exc})") from None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:  # a key with a passphrase fails too (no prompt on a server)
-        ctx.load_cert_chain(cert, key, password=lambda: b"")
-    except (ssl.SSLError, ValueError) as exc:
-        raise ValueError(f"bridge.tls_key: {key} is not the unencrypted PEM private key of bridge.tls_cert {cert} "
-                         f"({exc})") from None
-    return ctx
-
-
-def kill_file_of(cfg: Config) -> Path:
-    return Path(cfg.bridge.kill_file) if cfg.bridge.kill_file else Path(cfg.promotion.deploy_dir) / "KILL"
-
-
 def _same_period(a: str, b: str | None) -> bool:
     if b is None:
         return True
@@ -130,6 +72,52 @@ def _same_period(a: str, b: str | None) -> bool:
         return False
 
 
+def _hello_fields(msg: dict[str, Any]) -> tuple[str, str, str, str]:
+    """(instrument, account, bar_period, source) of a hello message, checked."""
+    instrument, account = text(msg, "instrument", limit=40), text(msg, "account", limit=80)
+    bar_period, source = text(msg, "bar_period", limit=20), text(msg, "source", default="live", limit=10)
+    if source not in ("live", "paper"):
+        raise ProtocolError("bad_value", "source: live or paper", "hello")
+    return instrument, account, bar_period, source
+
+
+def _check_model(policy: DeployedPolicy | None, instrument: str, bar_period: str, deploy_dir: Path) -> DeployedPolicy:
+    """The deployed policy, if it trades ``instrument`` on ``bar_period`` bars (else a ProtocolError)."""
+    if policy is None:
+        raise ProtocolError("no_model", f"nothing is deployed in {deploy_dir} yet", "hello")
+    settings = policy.settings
+    symbol = str(settings.instrument.get("symbol"))
+    if instrument != symbol:
+        raise ProtocolError("mismatch", f"{policy.label} trades {symbol}; this client sends {instrument}", "hello")
+    if not _same_period(bar_period, settings.bar_period):
+        raise ProtocolError("mismatch", f"{policy.label} was trained on {settings.bar_period} bars; this client "
+                                        f"sends {bar_period}", "hello")
+    return policy
+
+
+@dataclass(eq=False)
+class Connection:
+    """One client connection's state (one record: what the sweeper, the hello cap and the
+    session bookkeeping read)."""
+
+    writer: asyncio.StreamWriter
+    seen: float
+    """Loop time of the last line received (silence is the sweeper's business)."""
+    session: Session | None = None
+    """The session its hello opened; None until a hello is accepted."""
+    dropped: bool = False
+    """Closed by the bridge (silent too long, or the oldest of too many without hello)."""
+
+    @property
+    def waiting(self) -> bool:
+        """Waiting for its hello: neither accepted nor dropped."""
+        return self.session is None and not self.dropped
+
+    @property
+    def peer(self) -> Any:
+        return self.writer.get_extra_info("peername")
+
+
 class Bridge:
     """The server. ``await start()``, then ``await stop()`` (which flushes every experience)."""
 
@@ -137,73 +125,78 @@ class Bridge:
                  buffer: ExperienceBuffer | None = None, host: str | None = None, port: int | None = None) -> None:
         if len(token) < MIN_TOKEN_LENGTH:
             raise ValueError(f"bridge token: at least {MIN_TOKEN_LENGTH} characters")
-        self.cfg = cfg
-        self.bcfg = cfg.bridge
+        self.cfg, self.bcfg = cfg, cfg.bridge
         self._token = token.encode()
-        # Settings it cannot listen with are errors now, before anything loads (pipelines.bridge: exit 2).
-        check_address(host or self.bcfg.host, self.bcfg.port if port is None else port)
-        self._ssl_context = tls_context(self.bcfg.tls_cert, self.bcfg.tls_key)
-        self.deploy_dir = Path(deploy_dir or cfg.promotion.deploy_dir)
-        self.kill_file = kill_file_of(cfg) if cfg.bridge.kill_file or deploy_dir is None else self.deploy_dir / "KILL"
-        self.buffer = buffer if buffer is not None else ExperienceBuffer(cfg.continuous_learning.experience_storage)
         self.host = host or self.bcfg.host
         self.port = self.bcfg.port if port is None else port
+        # Settings it cannot listen with are errors now, before anything loads (pipelines.bridge: exit 2).
+        check_address(self.host, self.port)
+        self._ssl_context = tls_context(self.bcfg.tls_cert, self.bcfg.tls_key)
+        self.deploy_dir = Path(deploy_dir or cfg.promotion.deploy_dir)
+        kill_file = kill_file_of(cfg) if cfg.bridge.kill_file or deploy_dir is None else self.deploy_dir / "KILL"
+        self.kill_switch = KillSwitch(kill_file, self._push_kill)
+        self.sink = ExperienceSink(buffer if buffer is not None else
+                                   ExperienceBuffer(cfg.continuous_learning.experience_storage), self.bcfg)
         self.zone = ZoneInfo(self.bcfg.timezone) if self.bcfg.timezone else None
+        self._nothing_served()
+
+    def _nothing_served(self) -> None:
+        """The state before :meth:`start`: no model, sessions, connections or counts yet."""
         self.policy: DeployedPolicy | None = None
         self.sessions: dict[str, Session] = {}
-        self.active: dict[str, asyncio.StreamWriter] = {}
-        self.connections: set[asyncio.StreamWriter] = set()
-        self._handlers: set[asyncio.Task] = set()
-        self._seen: dict[asyncio.StreamWriter, float] = {}
-        self._authenticated: set[asyncio.StreamWriter] = set()
-        self._pending: dict[asyncio.StreamWriter, None] = {}
-        """Connections waiting for their hello, oldest first (a dict keeps insertion order)."""
-        self._timed_out: set[asyncio.StreamWriter] = set()
-        self.rows: list[dict[str, Any]] = []
+        self.active: dict[str, Connection] = {}
+        """The connection of every session in use, by session key."""
+        self.connections: dict[asyncio.StreamWriter, Connection] = {}
+        """Every open connection, oldest first (a dict keeps insertion order)."""
         self.stats: Counter[str] = Counter()
-        self.written = 0
         self.started_at = time.time()
+        self._batcher = InferenceBatcher(self.stats)
+        self._handlers: set[asyncio.Task] = set()
         self._seq: Any = None
         self._failed_seq: Any = None
-        self._killed = False
-        self._queue: list[tuple[DeployedPolicy, np.ndarray, asyncio.Future]] = []
-        self._batch_scheduled = False
         self._server: asyncio.base_events.Server | None = None
         self._tasks: list[asyncio.Task] = []
-        self._io = ThreadPoolExecutor(1, thread_name_prefix="bridge-io")
-        self._flush_lock: asyncio.Lock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._flush_task: asyncio.Task | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> tuple[str, int]:
-        loop = self._loop = asyncio.get_running_loop()
-        self._flush_lock = asyncio.Lock()
+        self._loop = asyncio.get_running_loop()
         self._seq = reload_sequence(self.deploy_dir)
-        try:
-            self.policy = await loop.run_in_executor(None, DeployedPolicy.load, self.deploy_dir)
-            log.info("bridge: trading with %s (%s)", self.policy.label, self.policy.path)
-        except NotDeployed as exc:
-            log.warning("bridge: %s; clients are refused until a model is deployed", exc)
+        await self._load_first()
         # Everything loaded so far (torch, RLlib, the model) lives as long as the process: out of the
         # collector's sight, so a collection during trading does not walk it (a p99 of milliseconds).
         gc.freeze()
-        self._killed = self.kill_file.exists()
-        if self._killed:
-            log.warning("bridge: kill switch is on (%s exists): every decision is flat", self.kill_file)
+        self.kill_switch.load()
         self._server = await asyncio.start_server(self._client, self.host, self.port,
                                                   limit=self.bcfg.max_message_bytes, ssl=self._ssl_context)
-        self._tasks = [asyncio.create_task(self._watch()), asyncio.create_task(self._flusher()),
+        self._tasks = [asyncio.create_task(self._watch()), asyncio.create_task(self.sink.run()),
                        asyncio.create_task(self._sweep())]
         host, port = self.address
         log.info("bridge: listening on %s:%d%s", host, port, " (TLS)" if self.bcfg.tls_cert else "")
         return host, port
 
+    async def _load_first(self) -> None:
+        """Load the deployed model, if there is one (without: clients are refused until one is)."""
+        try:
+            self.policy = await self._loop.run_in_executor(None, DeployedPolicy.load, self.deploy_dir)
+            log.info("bridge: trading with %s (%s)", self.policy.label, self.policy.path)
+        except NotDeployed as exc:
+            log.warning("bridge: %s; clients are refused until a model is deployed", exc)
+
     @property
     def address(self) -> tuple[str, int]:
         sock = self._server.sockets[0].getsockname()
         return sock[0], sock[1]
+
+    @property
+    def written(self) -> int:
+        """Experiences written to the buffer so far."""
+        return self.sink.written
+
+    def pending(self) -> list[Connection]:
+        """The connections waiting for their hello, oldest first."""
+        return [conn for conn in self.connections.values() if conn.waiting]
 
     async def stop(self) -> None:
         """Stop listening, close every connection, write every experience."""
@@ -214,154 +207,74 @@ class Bridge:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._handlers:  # each sees its closed connection and hands in its session's rows
-            _, late = await asyncio.wait(set(self._handlers), timeout=5.0)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
-        for session in self.sessions.values():
-            session.drop_pending()
-            self.rows.extend(session.take_rows())
-        await self.flush()
-        self._io.shutdown(wait=True)
+        await self._end_handlers()
+        await self.sink.close(list(self.sessions.values()))
         log.info("bridge: stopped; %d decisions, %d experiences written", self.stats["decisions"], self.written)
 
-    # -- experiences -----------------------------------------------------------------------------
+    async def _end_handlers(self) -> None:
+        """Let every connection's handler see its closed connection and hand in its session's
+        rows (cancelled after 5 s)."""
+        if not self._handlers:
+            return
+        _, late = await asyncio.wait(set(self._handlers), timeout=5.0)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
 
     async def flush(self) -> None:
-        """Write the collected experiences (in the I/O thread); on failure they are kept for the next try."""
-        async with self._flush_lock:
-            rows, self.rows = self.rows, []
-            if not rows:
-                return
-            try:
-                await asyncio.get_running_loop().run_in_executor(self._io, self._write, rows)
-                self.written += len(rows)
-            except Exception:  # noqa: BLE001 - a full disk must not stop trading; retried next time
-                log.exception("bridge: writing %d experiences to %s failed; retrying later", len(rows),
-                              self.buffer.root)
-                self.rows[:0] = rows
-
-    def _write(self, rows: list[dict[str, Any]]) -> None:
-        self.buffer.add(rows)
-        self.buffer.flush()
-
-    def _collect(self, session: Session) -> None:
-        if session.rows:
-            self.rows.extend(session.take_rows())
-            if len(self.rows) >= self.bcfg.flush_every and (self._flush_task is None or self._flush_task.done()):
-                self._flush_task = asyncio.create_task(self.flush())
-
-    async def _flusher(self) -> None:
-        while True:
-            await asyncio.sleep(self.bcfg.flush_interval_s)
-            if self.rows:
-                await self.flush()
+        """Write the collected experiences now (see :class:`~mlproject.bridge.sink.ExperienceSink`)."""
+        await self.sink.flush()
 
     # -- deploys and the kill switch -----------------------------------------------------------------
 
     async def _watch(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.bcfg.reload_poll_s)
-            self._check_kill_file()
+            self.kill_switch.poll()
             seq = reload_sequence(self.deploy_dir)
-            if seq is None or seq == self._seq or seq == self._failed_seq:
-                continue
-            try:
-                new = await loop.run_in_executor(None, DeployedPolicy.load, self.deploy_dir)
-            except Exception as exc:  # noqa: BLE001 - keep trading with the loaded model
-                self._failed_seq = seq
-                log.error("bridge: the newly deployed model does not load (%s); still trading with %s", exc,
-                          self.policy.label if self.policy else "nothing")
-                continue
-            old, self.policy, self._seq = self.policy, new, seq
-            gc.freeze()
-            self.stats["reloads"] += 1
-            log.info("bridge: switched from %s to %s", old.label if old else "nothing", new.label)
+            if seq is not None and seq != self._seq and seq != self._failed_seq:
+                await self._reload(seq)
 
-    def _check_kill_file(self) -> bool:
-        on = self.kill_file.exists()
-        if on and not self._killed:
-            self._push_kill("kill file " + str(self.kill_file))
-        elif not on and self._killed:
-            log.warning("bridge: kill switch off (%s removed): trading resumes", self.kill_file)
-        self._killed = on
-        return on
+    async def _reload(self, seq: Any) -> None:
+        """Load the newly deployed release and switch to it; a release that does not load is
+        remembered (``seq``) and trading goes on with the loaded model."""
+        try:
+            new = await self._loop.run_in_executor(None, DeployedPolicy.load, self.deploy_dir)
+        except Exception as exc:  # noqa: BLE001 - keep trading with the loaded model
+            self._failed_seq = seq
+            log.error("bridge: the newly deployed model does not load (%s); still trading with %s", exc,
+                      self.policy.label if self.policy else "nothing")
+            return
+        old, self.policy, self._seq = self.policy, new, seq
+        gc.freeze()
+        self.stats["reloads"] += 1
+        log.info("bridge: switched from %s to %s", old.label if old else "nothing", new.label)
 
     def _push_kill(self, reason: str) -> None:
-        log.warning("bridge: KILL SWITCH ON (%s): flattening every session", reason)
+        """Tell every connection that the kill switch is on."""
         message = encode({"type": "kill", "reason": reason, "model_version": self._version()})
         for writer in list(self.connections):
             if not writer.is_closing():
                 writer.write(message)
 
-    def kill(self, reason: str = "") -> None:
-        self.kill_file.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.kill_file, f"{datetime.now(timezone.utc).isoformat()} {reason}\n")
-        self._push_kill(reason or "kill message")
-        self._killed = True
-
-    def resume(self) -> None:
-        self.kill_file.unlink(missing_ok=True)
-        self._check_kill_file()
-
     def _version(self) -> str | None:
         return self.policy.version if self.policy is not None else None
 
-    # -- inference, batched across sessions ----------------------------------------------------------
-
-    def _infer(self, policy: DeployedPolicy, obs: np.ndarray) -> asyncio.Future:
-        future = asyncio.get_running_loop().create_future()
-        self._queue.append((policy, obs, future))
-        if not self._batch_scheduled:
-            self._batch_scheduled = True
-            asyncio.get_running_loop().call_soon(self._run_batch)
-        return future
-
-    def _run_batch(self) -> None:
-        self._batch_scheduled = False
-        queue, self._queue = self._queue, []
-        by_policy: dict[int, list[tuple[DeployedPolicy, np.ndarray, asyncio.Future]]] = {}
-        for item in queue:
-            by_policy.setdefault(id(item[0]), []).append(item)
-        for items in by_policy.values():
-            try:
-                actions = items[0][0].act(np.stack([obs for _, obs, _ in items]))
-            except Exception as exc:  # noqa: BLE001 - handed to each waiting request
-                for _, _, future in items:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            self.stats["batches"] += 1
-            for (_, _, future), action in zip(items, actions.tolist()):
-                if not future.done():
-                    future.set_result(action)
-
     # -- connections -----------------------------------------------------------------------------
 
-    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes | None:
+    async def _read(self, reader: asyncio.StreamReader, conn: Connection) -> bytes | None:
         """One line (None at the end of the stream). A line over the limit is skipped whole and
         reported as ``too_large``. Silence is the sweeper's business (no timer per read: a timer
         per request cost more than the rest of the protocol handling)."""
         try:
             line = await reader.readuntil(b"\n")
-            self._seen[writer] = self._loop.time()
+            conn.seen = self._loop.time()
             return line
         except asyncio.IncompleteReadError as exc:
             return exc.partial if exc.partial.strip() else None
         except asyncio.LimitOverrunError as exc:
-            consumed = exc.consumed
-        while True:  # discard the rest of the long line
-            await reader.readexactly(consumed)
-            try:
-                await reader.readuntil(b"\n")
-                break
-            except asyncio.LimitOverrunError as exc:
-                consumed = exc.consumed
-            except asyncio.IncompleteReadError:
-                break
-        self._seen[writer] = self._loop.time()
+            await _skip_line(reader, exc.consumed)
+        conn.seen = self._loop.time()
         raise ProtocolError("too_large", f"message longer than {self.bcfg.max_message_bytes} bytes (skipped)")
 
     async def _sweep(self) -> None:
@@ -371,18 +284,20 @@ class Bridge:
         while True:
             await asyncio.sleep(every)
             now = self._loop.time()
-            for writer in list(self.connections):
-                authenticated = writer in self._authenticated
-                limit = self.bcfg.heartbeat_timeout_s if authenticated else self.bcfg.hello_timeout_s
-                if writer not in self._timed_out and now - self._seen.get(writer, now) > limit:
-                    self._timed_out.add(writer)
-                    self.stats["error_timeout"] += 1
-                    what = "nothing received" if authenticated else "no hello"
-                    log.warning("bridge: %s: %s for %.1f s: dropped", writer.get_extra_info("peername"), what, limit)
-                    self._send(writer, {"type": "error", "code": "timeout", "message": f"{what} for {limit} s"})
-                    writer.close()
+            for conn in list(self.connections.values()):
+                limit = self.bcfg.heartbeat_timeout_s if conn.session is not None else self.bcfg.hello_timeout_s
+                if not conn.dropped and now - conn.seen > limit:
+                    self._time_out(conn, limit)
 
-    def _drop_oldest_pending(self) -> None:
+    def _time_out(self, conn: Connection, limit: float) -> None:
+        conn.dropped = True
+        self.stats["error_timeout"] += 1
+        what = "nothing received" if conn.session is not None else "no hello"
+        log.warning("bridge: %s: %s for %.1f s: dropped", conn.peer, what, limit)
+        self._send(conn.writer, {"type": "error", "code": "timeout", "message": f"{what} for {limit} s"})
+        conn.writer.close()
+
+    def _drop_oldest_pending(self, oldest: Connection) -> None:
         """More than ``max_pending`` connections wait for their hello: close the oldest. Dropping the
         oldest rather than refusing the newest keeps the bridge open to a real client under a flood of
         idle connections: NinjaTrader sends hello as soon as it connects, so it is served unless
@@ -390,17 +305,15 @@ class Bridge:
         it out for as long as the flood holds the pending slots (an attacker reconnecting every
         ``hello_timeout_s`` holds them for good). Sessions never count here: they have their own
         ``max_sessions``."""
-        oldest = next(iter(self._pending))
-        del self._pending[oldest]
-        self._timed_out.add(oldest)  # the sweeper leaves it alone
+        oldest.dropped = True  # no longer pending; the sweeper leaves it alone
         self.stats["pending_dropped"] += 1
         if self.stats["pending_dropped"] % 1000 == 1:
             log.warning("bridge: more than %d connections without hello (%d dropped so far): dropping the oldest "
-                        "(%s)", self.bcfg.max_pending, self.stats["pending_dropped"], oldest.get_extra_info("peername"))
-        self._send(oldest, {"type": "error", "code": "server_busy",
-                            "message": f"more than {self.bcfg.max_pending} connections without hello: the oldest is "
-                                       "dropped"})
-        oldest.close()
+                        "(%s)", self.bcfg.max_pending, self.stats["pending_dropped"], oldest.peer)
+        self._send(oldest.writer, {"type": "error", "code": "server_busy",
+                                   "message": f"more than {self.bcfg.max_pending} connections without hello: "
+                                              "the oldest is dropped"})
+        oldest.writer.close()
 
     def _send(self, writer: asyncio.StreamWriter, message: dict[str, Any], ident: Any = None) -> None:
         if ident is not None:
@@ -409,73 +322,94 @@ class Bridge:
             message["model_version"] = self._version()
         writer.write(encode(message))
 
+    def _error(self, writer: asyncio.StreamWriter, exc: ProtocolError, ident: Any = None) -> None:
+        """Count the error and tell the client."""
+        self.stats[f"error_{exc.code}"] += 1
+        self._send(writer, {"type": "error", "code": exc.code, "message": exc.message, "ref": exc.ref}, ident)
+
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        self.connections.add(writer)
-        self._seen[writer] = self._loop.time()
-        task = asyncio.current_task()
-        self._handlers.add(task)
-        task.add_done_callback(self._handlers.discard)
-        session: Session | None = None
-        self._pending[writer] = None
-        if len(self._pending) > self.bcfg.max_pending:
-            self._drop_oldest_pending()
+        conn = self._connect(writer)
         try:
             if len(self.active) >= self.bcfg.max_sessions:  # nothing to wait for: say so now
                 raise ProtocolError("server_busy", f"the bridge serves at most {self.bcfg.max_sessions} sessions")
-            session = await self._hello(reader, writer)
-            while session is not None:
-                ident = None
-                try:
-                    line = await self._read(reader, writer)
-                    if line is None:
-                        break
-                    msg = decode(line)
-                    ident = msg.get("id")
-                    reply = await self._handle(session, msg)
-                except ProtocolError as exc:
-                    self.stats[f"error_{exc.code}"] += 1
-                    self._send(writer, {"type": "error", "code": exc.code, "message": exc.message, "ref": exc.ref}, ident)
-                    if exc.closes:
-                        break
-                    await writer.drain()
-                    continue
-                self._send(writer, reply, ident)
-                if reply["type"] == "bye":
-                    break
-                await writer.drain()
+            session = await self._hello(reader, conn)
+            if session is not None:
+                await self._serve(reader, conn, session)
         except ProtocolError as exc:  # in hello, or server_busy: refused, then closed
-            self.stats[f"error_{exc.code}"] += 1
-            log.warning("bridge: %s refused: %s", peer, exc.message)
-            self._send(writer, {"type": "error", "code": exc.code, "message": exc.message, "ref": exc.ref})
+            log.warning("bridge: %s refused: %s", conn.peer, exc.message)
+            self._error(writer, exc)
         except (ConnectionError, OSError, EOFError, asyncio.CancelledError):
             pass  # the peer went away (or the sweeper closed a silent one mid-line)
         except Exception:  # noqa: BLE001 - a bug must cost one connection, not the server; logged in full
             self.stats["error_internal"] += 1
-            log.exception("bridge: %s: internal error; connection closed", peer)
+            log.exception("bridge: %s: internal error; connection closed", conn.peer)
             self._send(writer, {"type": "error", "code": "internal", "message": "internal error (logged)"})
         finally:
-            self.connections.discard(writer)
-            self._seen.pop(writer, None)
-            self._authenticated.discard(writer)
-            self._pending.pop(writer, None)
-            self._timed_out.discard(writer)
-            if session is not None and self.active.get(session.key) is writer:
-                del self.active[session.key]
-                self._collect(session)
-                if self.rows and self._flush_lock is not None:
-                    self._flush_task = asyncio.create_task(self.flush())  # a disconnect writes what it held
-            try:
-                await writer.drain()
-            except (ConnectionError, OSError):
-                pass
-            writer.close()
+            await self._disconnect(conn)
 
-    async def _hello(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Session | None:
-        line = await self._read(reader, writer)
+    def _connect(self, writer: asyncio.StreamWriter) -> Connection:
+        """Record a new connection and its handler; past ``max_pending`` connections without hello,
+        the oldest of them is dropped."""
+        conn = self.connections[writer] = Connection(writer, self._loop.time())
+        task = asyncio.current_task()
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+        waiting = self.pending() if len(self.connections) > self.bcfg.max_pending else []
+        if len(waiting) > self.bcfg.max_pending:
+            self._drop_oldest_pending(waiting[0])
+        return conn
+
+    async def _disconnect(self, conn: Connection) -> None:
+        """Forget the connection; its session's experiences are written now."""
+        self.connections.pop(conn.writer, None)
+        session = conn.session
+        if session is not None and self.active.get(session.key) is conn:
+            del self.active[session.key]
+            self.sink.hand_in(session)  # a disconnect writes what it held
+        try:
+            await conn.writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        conn.writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, conn: Connection, session: Session) -> None:
+        """Answer the session's messages until the peer leaves or says bye, or an error closes it."""
+        while True:
+            ident, reply = None, None
+            try:
+                line = await self._read(reader, conn)
+                if line is None:
+                    return
+                msg = decode(line)
+                ident = msg.get("id")
+                reply = await self._handle(session, msg)
+            except ProtocolError as exc:
+                self._error(conn.writer, exc, ident)
+                if exc.closes:
+                    return
+            if reply is not None:
+                self._send(conn.writer, reply, ident)
+                if reply["type"] == "bye":
+                    return
+            await conn.writer.drain()
+
+    async def _hello(self, reader: asyncio.StreamReader, conn: Connection) -> Session | None:
+        line = await self._read(reader, conn)
         if line is None:
             return None
         msg = decode(line)
+        self._authenticate(msg)
+        instrument, account, bar_period, source = _hello_fields(msg)
+        policy = _check_model(self.policy, instrument, bar_period, self.deploy_dir)
+        session = self._open_session(conn, account, instrument, bar_period, source, policy)
+        self._send(conn.writer, self._welcome(session, policy), msg.get("id"))
+        await conn.writer.drain()
+        self.stats["sessions"] += 1
+        log.info("bridge: session %s (%s) opened by %s", session.key, source, conn.peer)
+        return session
+
+    def _authenticate(self, msg: dict[str, Any]) -> None:
+        """A ProtocolError unless ``msg`` is a hello with the token, in this bridge's protocol."""
         if msg["type"] != "hello":
             raise ProtocolError("not_authenticated", "the first message must be hello (with the token)", msg["type"])
         token = msg.get("token")
@@ -484,20 +418,11 @@ class Bridge:
         if msg.get("protocol") != PROTOCOL_VERSION:
             raise ProtocolError("protocol", f"this bridge speaks protocol {PROTOCOL_VERSION}, the client "
                                             f"{shown(msg.get('protocol'))}", "hello")
-        instrument, account = text(msg, "instrument", limit=40), text(msg, "account", limit=80)
-        bar_period, source = text(msg, "bar_period", limit=20), text(msg, "source", default="live", limit=10)
-        if source not in ("live", "paper"):
-            raise ProtocolError("bad_value", "source: live or paper", "hello")
-        policy = self.policy
-        if policy is None:
-            raise ProtocolError("no_model", f"nothing is deployed in {self.deploy_dir} yet", "hello")
-        settings = policy.settings
-        symbol = str(settings.instrument.get("symbol"))
-        if instrument != symbol:
-            raise ProtocolError("mismatch", f"{policy.label} trades {symbol}; this client sends {instrument}", "hello")
-        if not _same_period(bar_period, settings.bar_period):
-            raise ProtocolError("mismatch", f"{policy.label} was trained on {settings.bar_period} bars; this client "
-                                            f"sends {bar_period}", "hello")
+
+    def _open_session(self, conn: Connection, account: str, instrument: str, bar_period: str, source: str,
+                      policy: DeployedPolicy) -> Session:
+        """The session ``account/instrument`` (resumed, or new) on ``conn``, unless it is in use
+        elsewhere or the bridge is full."""
         key = f"{account}/{instrument}"
         if key in self.active:
             raise ProtocolError("session_busy", f"session {key} is in use by another connection", "hello")
@@ -507,89 +432,121 @@ class Bridge:
         if session is None:
             session = self.sessions[key] = Session(account, instrument, bar_period, source, policy, self.bcfg,
                                                    self.cfg.env.initial_equity)
-        self.active[key] = writer
-        self._authenticated.add(writer)
-        self._pending.pop(writer, None)
+        self.active[key] = conn
+        conn.session = session
+        return session
+
+    def _welcome(self, session: Session, policy: DeployedPolicy) -> dict[str, Any]:
+        settings = policy.settings
         max_position = min(self.bcfg.max_position if self.bcfg.max_position is not None else settings.max_contracts,
                            settings.max_contracts)
-        self._send(writer, {"type": "welcome", "protocol": PROTOCOL_VERSION, "session": key, "model_name": policy.name,
-                            "model_version": policy.version, "max_position": max_position,
-                            "bars_needed": bars_needed(settings),
-                            "heartbeat_s": self.bcfg.heartbeat_timeout_s / 3,
-                            "max_message_bytes": self.bcfg.max_message_bytes, "position": session.book.position},
-                   msg.get("id"))
-        await writer.drain()
-        self.stats["sessions"] += 1
-        log.info("bridge: session %s (%s) opened by %s", key, source, writer.get_extra_info("peername"))
-        return session
+        return {"type": "welcome", "protocol": PROTOCOL_VERSION, "session": session.key, "model_name": policy.name,
+                "model_version": policy.version, "max_position": max_position, "bars_needed": bars_needed(settings),
+                "heartbeat_s": self.bcfg.heartbeat_timeout_s / 3, "max_message_bytes": self.bcfg.max_message_bytes,
+                "position": session.book.position}
+
+    # -- messages of a session -------------------------------------------------------------------
 
     async def _handle(self, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
         kind = msg["type"]
         if kind == "bar":
             return await self._bar(session, msg)
-        if kind == "fill":
-            quantity = integer(msg, "quantity", limit=10_000)
-            price = number(msg, "price", positive=True)
-            session.check_prices("fill", price=price)
-            commission = number(msg, "commission", low=0.0) if msg.get("commission") is not None else None
-            session.fill(quantity, price, commission)
-            self.stats["fills"] += 1
-            return {"type": "ack", "ref": "fill", "position": session.book.position}
-        if kind == "position":
-            position = integer(msg, "position", limit=10_000)
-            avg = number(msg, "avg_price", low=0.0, default=0.0)
-            if position != 0:
-                session.check_prices("position", avg_price=avg)
-            session.sync_position(position, avg)
-            return {"type": "ack", "ref": "position", "position": session.book.position}
-        if kind == "heartbeat":
-            return {"type": "heartbeat", "time": datetime.now(timezone.utc).isoformat()}
-        if kind == "kill":
-            reason = msg.get("reason")
-            if reason is not None and not isinstance(reason, str):
-                raise ProtocolError("bad_value", f"reason: expected a string, got {shown(reason)}", "kill")
-            self.kill(f"kill message from {session.key}" + (f": {str(reason)[:200]}" if reason else ""))
-            return {"type": "ack", "ref": "kill", "position": session.book.position}
-        if kind == "resume":
-            self.resume()
-            return {"type": "ack", "ref": "resume", "position": session.book.position}
-        if kind == "bye":
-            session.drop_pending()
-            return {"type": "bye"}
-        raise ProtocolError("bad_value", "hello was already accepted on this connection", kind)  # a second hello
+        answer = {"fill": self._fill, "position": self._position, "heartbeat": _heartbeat, "kill": self._kill,
+                  "resume": self._resume, "bye": _bye}.get(kind)
+        if answer is None:  # a second hello
+            raise ProtocolError("bad_value", "hello was already accepted on this connection", kind)
+        return answer(session, msg)
+
+    def _fill(self, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
+        quantity = integer(msg, "quantity", limit=10_000)
+        price = number(msg, "price", positive=True)
+        session.check_prices("fill", price=price)
+        commission = number(msg, "commission", low=0.0) if msg.get("commission") is not None else None
+        session.fill(quantity, price, commission)
+        self.stats["fills"] += 1
+        return _ack("fill", session)
+
+    def _position(self, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
+        position = integer(msg, "position", limit=10_000)
+        avg = number(msg, "avg_price", low=0.0, default=0.0)
+        if position != 0:
+            session.check_prices("position", avg_price=avg)
+        session.sync_position(position, avg)
+        return _ack("position", session)
+
+    def _kill(self, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
+        reason = msg.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            raise ProtocolError("bad_value", f"reason: expected a string, got {shown(reason)}", "kill")
+        self.kill_switch.engage(f"kill message from {session.key}" + (f": {str(reason)[:200]}" if reason else ""))
+        return _ack("kill", session)
+
+    def _resume(self, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
+        self.kill_switch.release()
+        return _ack("resume", session)
 
     async def _bar(self, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
         bar = parse_bar(msg, self.zone)
         session.check_prices("bar", open=bar.open, high=bar.high, low=bar.low, close=bar.close)
         last = session.last_bar
         if bar.historical and last is not None and bar.time < last.time:
-            # NinjaTrader replays the chart's history when the strategy is re-enabled: those bars
-            # are already in the session; acknowledged, nothing changes.
-            return {"type": "decision", "decision_id": None, "time": bar.time.isoformat(),
-                    "target_position": session.book.position, "action": None, "guard": "historical",
-                    "policy_target": None, "reference_price": bar.close, "repeat": True}
+            return _replayed(session, bar)
         if session.is_repeat(bar):
             return {**session.last_decision, "repeat": True}
         policy = self.policy
         if policy is None:
             raise ProtocolError("no_model", "no model is deployed", "bar")
         obs, guard = session.prepare(bar, policy)
-        action = None
-        if obs is not None:
-            action = await self._infer(policy, obs)
-        # The kill file is looked at on every bar (a stat, ~2 us): `pipelines.bridge kill` takes effect
-        # at the next decision, not at the watcher's next poll; the watcher pushes the kill to clients.
-        killed = self._killed or self.kill_file.exists()
-        if killed != self._killed:
-            self._check_kill_file()
-        stale = (session.source == "live" and self.bcfg.max_bar_age_s is not None and not bar.historical
-                 and (datetime.now(timezone.utc) - bar.utc).total_seconds() > self.bcfg.max_bar_age_s)
-        decision = session.decide(bar, obs, policy, action, guard, killed=killed, stale=stale)
+        action = await self._batcher.infer(policy, obs) if obs is not None else None
+        # The kill file is looked at on every bar: `pipelines.bridge kill` takes effect at the next
+        # decision, not at the watcher's next poll; the watcher pushes the kill to clients.
+        decision = session.decide(bar, obs, policy, action, guard, killed=self.kill_switch.is_on(),
+                                  stale=self._stale(session, bar))
         self.stats["decisions"] += 1
         if decision["guard"]:
             self.stats[f"guard_{decision['guard']}"] += 1
-        self._collect(session)
+        self.sink.collect(session)
         return decision
+
+    def _stale(self, session: Session, bar: Any) -> bool:
+        """A live bar older than ``bridge.max_bar_age_s`` (its decision is flat)."""
+        return (session.source == "live" and self.bcfg.max_bar_age_s is not None and not bar.historical
+                and (datetime.now(timezone.utc) - bar.utc).total_seconds() > self.bcfg.max_bar_age_s)
+
+
+def _replayed(session: Session, bar: Any) -> dict[str, Any]:
+    """The answer to a bar of the chart's history older than the session's last bar: NinjaTrader
+    replays the history when the strategy is re-enabled; those bars are already in the session,
+    acknowledged, nothing changes."""
+    return {"type": "decision", "decision_id": None, "time": bar.time.isoformat(),
+            "target_position": session.book.position, "action": None, "guard": "historical",
+            "policy_target": None, "reference_price": bar.close, "repeat": True}
+
+
+def _ack(ref: str, session: Session) -> dict[str, Any]:
+    return {"type": "ack", "ref": ref, "position": session.book.position}
+
+
+def _heartbeat(session: Session, msg: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "heartbeat", "time": datetime.now(timezone.utc).isoformat()}
+
+
+def _bye(session: Session, msg: dict[str, Any]) -> dict[str, Any]:
+    session.drop_pending()
+    return {"type": "bye"}
+
+
+async def _skip_line(reader: asyncio.StreamReader, consumed: int) -> None:
+    """Discard the rest of a line over the reader's limit (``consumed`` bytes are buffered)."""
+    while True:
+        await reader.readexactly(consumed)
+        try:
+            await reader.readuntil(b"\n")
+            return
+        except asyncio.LimitOverrunError as exc:
+            consumed = exc.consumed
+        except asyncio.IncompleteReadError:
+            return
 
 
 class BridgeThread:
