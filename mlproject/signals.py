@@ -75,7 +75,7 @@ class StopRequest:
         self.now = False
 
     def __call__(self, signum: int, frame: Any) -> None:
-        log.info("%s: stopping after the current turn (signal %d)", self.name, signum)
+        log.info("stopping the %s after the current turn (signal %d)", self.name, signum)
         self.now = True
 
     def reinstall(self) -> None:

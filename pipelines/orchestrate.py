@@ -45,6 +45,7 @@ What each step does lives in the library (``mlproject.cycle``); this module is t
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import time
 from typing import Any
@@ -179,6 +180,7 @@ def loop(cfg: Config, max_rounds: int | None = None, tick_s: float = 60.0) -> li
     cl = cfg.continuous_learning
     every = {mode: parse_duration(getattr(cl, f"{mode}_every")) for mode in LOOP_MODES}
     done: list[tuple[str, str]] = []
+    turns = itertools.count(1)
 
     def turn(stop: StopRequest) -> None:
         before = len(done)
@@ -186,8 +188,8 @@ def loop(cfg: Config, max_rounds: int | None = None, tick_s: float = 60.0) -> li
             last = CycleState(cl.state_dir).loop_ran(mode)
             if not stop.now and (last is None or time.time() - last >= every[mode]):
                 done.append((mode, _loop_mode(cfg, mode, stop)))
-        log.info("loop: turn done (%s); next check in %g s", ", ".join(f"{m} {o}" for m, o in done[before:])
-                 or "nothing due", tick_s)
+        log.info("loop: turn %d done (%s); next check in %g s", next(turns),
+                 ", ".join(f"{m} {o}" for m, o in done[before:]) or "nothing due", tick_s)
 
     run_turns("loop", tick_s, turn, max_rounds)
     return done

@@ -9,7 +9,7 @@ from conftest import ROOT
 
 from mlproject.config import load_config
 from mlproject.policy import PolicySettings
-from pipelines.orchestrate import ProductionModel, retrain_plan, settings_mismatch
+from mlproject.cycle.production import ProductionModel, retrain_plan, settings_mismatch
 
 
 def test_a_retrain_on_other_settings_than_production_says_it_trains_from_scratch_and_how_to_continue():

@@ -77,7 +77,7 @@ def test_sigterm_during_a_simulation_ends_every_run_killed_and_exits_143(tmp_pat
     sets = ["train.iterations=50", "data.synthetic.n_bars=1400", "continuous_learning.evaluation_episodes=2",
             "train.val_windows=2", f"data.output_dir={tmp_path / 'bars'}"]
     log = tmp_path / "simulate.log"
-    proc = _start(["pipelines.orchestrate", "--mode", "simulate", "--periods", "2", "--start-fraction", "0.6",
+    proc = _start(["pipelines.simulate", "--periods", "2", "--start-fraction", "0.6",
                    "--config", SMOKE, *[a for s in sets for a in ("--set", s)]], tmp_path, log)
     try:
         _wait_for(proc, log, "iter 1/50", 180)  # the parent run exists, a train run is open, Ray trains
