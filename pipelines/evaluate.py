@@ -5,16 +5,10 @@
     python -m pipelines.evaluate --model-uri models:/nt8-agent/3 --model-uri models:/nt8-agent/4   # compare
     mlflow run . -e evaluate -P model_uri=models:/nt8-agent/Production --env-manager local
 
-Default bars: the test split of ``data.source``. The bars are cut into
-``continuous_learning.evaluation_episodes`` windows, played deterministically; every metric is
-logged as its mean over windows (``eval/<metric>``) and spread (``eval/<metric>_std``), per
-window (``eval_window/<metric>``, step = the bar the window starts at, counted from the first
-evaluated bar), and against flat and buy-and-hold on the same windows (``baseline/flat/...``,
-``baseline/buy_hold/...``). ``backtest/equity`` and ``backtest/drawdown_pct`` are the windows
-played one after another, each window's return compounding (step = evaluated bar): the first
-charts of the run's metric page (MLflow orders its sections by name). The metrics are linked to
-the evaluated MLflow model and to the dataset. Several ``--model-uri``: one child run per model
-on identical bars and a comparison table on the parent run.
+Default bars: the test split of ``data.source``. What is played and logged (``eval/...``,
+``baseline/...``, ``backtest/...`` curves, trades, the figure, a comparison table for several
+models): :mod:`mlproject.reporting`, whose :func:`~mlproject.reporting.evaluate_models` the cycle
+calls too.
 """
 
 from __future__ import annotations

@@ -4,14 +4,10 @@
     python -m pipelines.promote --candidate models:/nt8-agent/7 --dry-run
     mlflow run . -e promote -P candidate=7 --env-manager local
 
-Both models are backtested on the test split of ``data.source`` (the evaluation step, same
-windows). The gate (``promotion.*``): valid actions (no NaN, in range), at least
-``min_trades`` trades, worst-window drawdown within ``max_drawdown``, and, when something is in
-Production, a better ``metric`` by more than ``min_improvement`` and a Probabilistic Sharpe
-Ratio against Production's Sharpe of at least ``min_psr``. With nothing in Production the first
-valid candidate is promoted. Every decision is an MLflow run (tags ``decision``, ``reasons``;
-both models' metrics). A promotion is a "Production" stage transition plus the alias, followed
-by ``mlproject.deploy.reconcile`` (what ``registry_hooks.reconcile`` runs on a timer).
+Both models are backtested on the test split of ``data.source`` and gated (``promotion.*``); a
+promotion is a "Production" stage transition plus the alias, then a reconcile of the deployment.
+The rules and the records: :mod:`mlproject.gate`, whose
+:func:`~mlproject.gate.promote_candidate` the cycle calls too.
 """
 
 from __future__ import annotations

@@ -4,14 +4,9 @@
                               [--init-from models:/nt8-agent/Production] [--seed 1]
     mlflow run . -e train -P data=bars.parquet -P iterations=50 --env-manager local
 
-Trains on the training split, runs a deterministic validation backtest every
-``train.eval_every`` iterations (``val/<metric>``: each metric's median over
-``train.val_windows`` windows), keeps the checkpoint with the best ``val/<train.val_metric>`` and
-stops early after ``train.patience`` iterations without improvement. The selected checkpoint's
-values are the run's ``val_best/<metric>`` and its ``sharpe``, ``total_return``, ... (the names
-evaluate and promote runs use). The best policy is logged as an
-MLflow pyfunc model (no Ray needed to load it) and registered as a new version of
-``train.register_model`` (``nt8-agent``).
+Trains on the training split with validation backtests that select the best checkpoint, logs it
+as an MLflow pyfunc model and registers it as a new version of ``train.register_model``: see
+:mod:`mlproject.training`, whose :func:`~mlproject.training.train_policy` the cycle calls too.
 """
 
 from __future__ import annotations
