@@ -26,8 +26,8 @@ class FuturesTradingEnv(gym.Env):
     (0 = fully short, ``max_contracts`` = flat, ``2 * max_contracts`` = fully long).
 
     ## Observation Space
-    ``Box(float32, shape=(window * 5 + 2,))``; bars ``t-window+1 .. t``, oldest first, then the
-    account. Every entry uses bars up to ``t`` only.
+    ``Box(float32, shape=(obs_size(window),))``, ``mlproject.features.obs_size``: ``window * 5 + 2``;
+    bars ``t-window+1 .. t``, oldest first, then the account. Every entry uses bars up to ``t`` only.
 
     | index                  | entry          | meaning                                                  | range  |
     |------------------------|----------------|----------------------------------------------------------|--------|

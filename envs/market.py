@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from mlproject.config import ConfigError, EnvConfig, describe_validation_error
 from mlproject.data import load_bars, validate_bars
-from mlproject.features import FEATURE_CLIP, FEATURE_NAMES, bar_features
+from mlproject.features import ACCOUNT_FIELDS, FEATURE_CLIP, FEATURE_NAMES, bar_features, obs_size
 from mlproject.instruments import InstrumentSpec, resolve_instrument
 
 OPEN_PNL_CLIP = 10.0
@@ -61,8 +61,8 @@ class Market:
     open_: np.ndarray
     close: np.ndarray
     windows: np.ndarray
-    """Read-only strided view (n_bars, window * n_features + 2) over the feature rows: row t
-    holds the features of bars t-window+1 .. t, oldest first, then two spare slots."""
+    """Read-only strided view (n_bars, ``obs_size(window)``) over the feature rows: row t holds
+    the features of bars t-window+1 .. t, oldest first, then a spare slot per ACCOUNT_FIELDS entry."""
     window_records: np.ndarray
     """``windows`` with each row as one opaque record: fancy-indexing it copies a row with one
     memcpy, about twice as fast as gathering float32 rows (the vector env's hot path)."""
@@ -83,12 +83,12 @@ class Market:
                 f"need at least {t_min + 2}"
             )
         # Each observation is one row of a strided view, indexed by bar: window * n_features
-        # features plus two spare slots (the next bar's first features, or padding) that the env
-        # overwrites with position and open PnL. Copying a row is the cheapest way to a fresh
+        # features plus the spare account slots (the next bar's first features, or padding) that
+        # the env overwrites with position and open PnL. Copying a row is the cheapest way to a fresh
         # observation. The zero padding in front lets row t exist for every bar t.
-        n_feat, width = feats.shape[1], cfg.window * feats.shape[1] + 2
+        n_feat, width = len(FEATURE_NAMES), obs_size(cfg.window)
         flat = np.concatenate([np.zeros((cfg.window - 1) * n_feat, np.float32), feats.ravel(),
-                               np.zeros(2, np.float32)])
+                               np.zeros(len(ACCOUNT_FIELDS), np.float32)])
         windows = np.lib.stride_tricks.as_strided(
             flat, shape=(len(feats), width), strides=(n_feat * flat.itemsize, flat.itemsize), writeable=False)
         records = np.ndarray(shape=(windows.shape[0],), dtype=np.dtype((np.void, width * flat.itemsize)),
@@ -118,7 +118,7 @@ class Market:
 
     @property
     def obs_size(self) -> int:
-        return self.cfg.window * self.n_features + 2
+        return obs_size(self.cfg.window)
 
     def observation_space(self) -> gym.spaces.Box:
         low = np.full(self.obs_size, -FEATURE_CLIP, np.float32)
@@ -149,4 +149,4 @@ class Market:
     def feature_names(self) -> list[str]:
         """Names of the observation entries, oldest bar first."""
         names = [f"{f}[t-{lag}]" for lag in range(self.cfg.window - 1, -1, -1) for f in FEATURE_NAMES]
-        return names + ["position", "open_pnl_pct"]
+        return names + list(ACCOUNT_FIELDS)

@@ -23,7 +23,7 @@ from envs.market import Market
 from mlproject.backtest import BacktestResult, Policy, constant_policy, episode_metrics
 from mlproject.config import EnvConfig, load_config
 from mlproject.data import infer_bar_period, load_source, period_text, split_bars
-from mlproject.features import FEATURE_NAMES, FEATURE_SET_VERSION
+from mlproject.features import FEATURE_NAMES, FEATURE_SET_VERSION, obs_size, window_of
 from mlproject.instruments import resolve_instrument
 from mlproject.metrics import equity_returns, periods_per_year, probabilistic_sharpe_ratio
 from mlproject.policy import ModelMismatch, load_policy_model
@@ -191,12 +191,12 @@ def policy_env_config(policy: Any, env: Any, bars: pd.DataFrame) -> dict[str, An
     base = env.model_dump()
     s, who = policy.settings, policy.label
     if s is None:  # logged before models recorded their settings: only the input size is known
-        size = env.window * len(FEATURE_NAMES) + 2
+        size = obs_size(env.window)
         if policy.input_size is not None and policy.input_size != size:
             raise ModelMismatch(
                 f"{who} records no settings (it was logged before models did) and takes {policy.input_size} "
                 f"observation values; env.window={env.window} makes {size}: evaluate it with "
-                f"--set env.window={(policy.input_size - 2) // len(FEATURE_NAMES)} and the rest of its training config")
+                f"--set env.window={window_of(policy.input_size)} and the rest of its training config")
         return base
     if tuple(s.features) != FEATURE_NAMES or s.feature_set_version != FEATURE_SET_VERSION:
         raise ModelMismatch(f"{who} was trained on feature set v{s.feature_set_version} ({', '.join(s.features)}); "

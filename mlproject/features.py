@@ -22,6 +22,35 @@ refuses a policy whose features this code no longer computes."""
 FEATURE_CLIP = 10.0
 """Normalised features are clipped to [-FEATURE_CLIP, FEATURE_CLIP] (keeps outliers finite)."""
 
+ACCOUNT_FIELDS: tuple[str, ...] = ("position", "open_pnl_pct")
+"""The entries after the per-bar features of an observation, in order: the position over
+max_contracts and the open trade's PnL in percent of its entry (``envs.futures_env``)."""
+
+
+def obs_size(window: int) -> int:
+    """Length of an observation over ``window`` bars: ``window`` rows of :data:`FEATURE_NAMES`,
+    oldest first, then the :data:`ACCOUNT_FIELDS`. The one definition of the layout."""
+    return window * len(FEATURE_NAMES) + len(ACCOUNT_FIELDS)
+
+
+def window_of(size: int) -> int:
+    """The window of an observation of ``size`` entries (the inverse of :func:`obs_size`; rounds
+    down when ``size`` is not one of its values)."""
+    return (size - len(ACCOUNT_FIELDS)) // len(FEATURE_NAMES)
+
+
+def feature_rows(observation: np.ndarray) -> np.ndarray:
+    """The per-bar features of one observation as (window, len(FEATURE_NAMES)) rows, oldest first
+    (a view when it can be)."""
+    window = window_of(observation.shape[-1])
+    return observation[: window * len(FEATURE_NAMES)].reshape(window, len(FEATURE_NAMES))
+
+
+def latest_features(observation: np.ndarray) -> np.ndarray:
+    """The newest bar's features of an observation: the slots just before the account fields."""
+    account = len(ACCOUNT_FIELDS)
+    return observation[..., -account - len(FEATURE_NAMES):-account]
+
 
 def log_returns(close: np.ndarray) -> np.ndarray:
     """log(c_t / c_{t-1}); 0 for the first bar."""

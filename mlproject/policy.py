@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from mlproject.data import infer_bar_period
-from mlproject.features import FEATURE_NAMES, FEATURE_SET_VERSION
+from mlproject.features import FEATURE_NAMES, FEATURE_SET_VERSION, obs_size
 from mlproject.instruments import PRESETS, resolve_instrument
 from mlproject.quiet import quiet_rllib
 from mlproject.registry import resolve_version
@@ -63,7 +63,7 @@ class PolicySettings:
         if bars is not None and len(bars) >= 2:
             period = str(infer_bar_period(bars))
         return cls(env.window, env.vol_window, env.norm_window, FEATURE_NAMES, FEATURE_SET_VERSION,
-                   resolve_instrument(env.instrument).to_dict(), period, env.window * len(FEATURE_NAMES) + 2)
+                   resolve_instrument(env.instrument).to_dict(), period, obs_size(env.window))
 
     def to_dict(self) -> dict[str, Any]:
         return {"settings_version": SETTINGS_VERSION, **asdict(self), "features": list(self.features)}
@@ -122,11 +122,20 @@ def load_policy_model(uri: str, local: str | Path | None = None) -> LoadedPolicy
     meta = model.metadata
     raw = (meta.metadata or {}).get(SETTINGS_KEY)
     settings = PolicySettings.from_dict(raw) if raw else None
-    schema = meta.get_input_schema()
-    input_size = None
-    if schema is not None and schema.is_tensor_spec() and len(schema.inputs) == 1:
-        input_size = int(schema.inputs[0].shape[-1])
+    input_size = _signature_width(meta.get_input_schema())
+    return LoadedPolicy(uri, label, settings, input_size, _predictor(model, input_size))
 
+
+def _signature_width(schema: Any) -> int | None:
+    """The observation width of a one-tensor input signature; None for any other (or no) signature."""
+    if schema is not None and schema.is_tensor_spec() and len(schema.inputs) == 1:
+        return int(schema.inputs[0].shape[-1])
+    return None
+
+
+def _predictor(model: Any, input_size: int | None) -> Callable[[np.ndarray], np.ndarray]:
+    """``model``'s predict on an observation batch, skipping MLflow's schema check for a batch
+    that would pass it (:func:`_own_policy_model`)."""
     own = _own_policy_model(model, input_size)
 
     def predict(obs: np.ndarray) -> np.ndarray:
@@ -137,7 +146,7 @@ def load_policy_model(uri: str, local: str | Path | None = None) -> LoadedPolicy
             return np.asarray(own.predict(None, batch))
         return np.asarray(model.predict(batch))
 
-    return LoadedPolicy(uri, label, settings, input_size, predict)
+    return predict
 
 
 def _own_policy_model(model: Any, input_size: int | None) -> Any:
@@ -241,6 +250,13 @@ def module_policy(module: Any):
             steps.append((torch.tanh, ()))
         elif isinstance(layer, torch.nn.ReLU):
             steps.append((torch.relu, ()))
+    return _layers_policy(steps)
+
+
+def _layers_policy(steps: list[tuple[Any, tuple[Any, ...]]]) -> Callable[[np.ndarray], np.ndarray]:
+    """Greedy actions through ``steps``, the functions a plain stack's layers call (and their
+    weights), in order, under ``torch.inference_mode``."""
+    import torch
 
     def act(obs: np.ndarray) -> np.ndarray:
         h = torch.from_numpy(np.ascontiguousarray(obs, dtype=np.float32))
@@ -293,12 +309,36 @@ def fast_greedy(module: Any) -> Callable[[np.ndarray], np.ndarray]:
     layers themselves, so the action is always the one ``forward_inference`` picks. Used only
     for a plain Linear/Tanh/ReLU stack whose torch layers reproduce ``forward_inference``'s
     logits exactly on random batches; otherwise the slow path is returned."""
-    import torch
-
-    slow = lambda obs: greedy_actions(module, obs)  # noqa: E731
     net = plain_net(module)
     if net is None:
-        return slow
+        return lambda obs: greedy_actions(module, obs)
+    return _float64_policy(net)
+
+
+def _float64_policy(net: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """Greedy actions through ``net`` in float64 numpy; near ties through ``net`` itself."""
+    steps = _float64_layers(net)
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        obs = np.ascontiguousarray(obs, dtype=np.float32)
+        if obs.ndim == 1:
+            obs = obs[None]
+        h = _forward_float64(obs.astype(np.float64), steps)
+        actions = np.argmax(h, axis=-1)
+        if h.shape[-1] > 1:
+            close = _near_ties(h, actions)
+            if close.any():  # float32 rounding could decide these: ask torch itself
+                actions[close] = _torch_greedy(net, obs[close])
+        return actions.astype(np.int64)
+
+    return act
+
+
+def _float64_layers(net: Any) -> list[tuple[str, Any, Any]]:
+    """(kind, weight, bias) per layer of a plain Linear/Tanh/ReLU stack, the weights as float64
+    numpy (transposed for ``h @ weight``)."""
+    import torch
+
     steps: list[tuple[str, Any, Any]] = []
     for layer in net.modules():
         if isinstance(layer, torch.nn.Linear):
@@ -306,34 +346,36 @@ def fast_greedy(module: Any) -> Callable[[np.ndarray], np.ndarray]:
             steps.append(("linear", layer.weight.detach().double().numpy().T.copy(), bias))
         elif isinstance(layer, (torch.nn.Tanh, torch.nn.ReLU)):
             steps.append((type(layer).__name__.lower(), None, None))
+    return steps
 
-    def torch_act(obs: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return torch.argmax(net(torch.from_numpy(obs)), dim=-1).numpy().astype(np.int64)
 
-    def act(obs: np.ndarray) -> np.ndarray:
-        obs = np.ascontiguousarray(obs, dtype=np.float32)
-        if obs.ndim == 1:
-            obs = obs[None]
-        h = obs.astype(np.float64)
-        for kind, weight, bias in steps:
-            if kind == "linear":
-                h = h @ weight + bias
-            elif kind == "tanh":
-                h = np.tanh(h)
-            else:
-                h = np.maximum(h, 0.0)
-        actions = np.argmax(h, axis=-1)
-        if h.shape[-1] > 1:
-            rows = np.arange(len(h))
-            best = h[rows, actions]
-            h[rows, actions] = -np.inf
-            close = best - h.max(axis=-1) <= 1e-4 * (1.0 + np.abs(best))
-            if close.any():  # float32 rounding could decide these: ask torch itself
-                actions[close] = torch_act(obs[close])
-        return actions.astype(np.int64)
+def _forward_float64(h: np.ndarray, steps: list[tuple[str, Any, Any]]) -> np.ndarray:
+    """The logits of a float64 batch through :func:`_float64_layers`."""
+    for kind, weight, bias in steps:
+        if kind == "linear":
+            h = h @ weight + bias
+        elif kind == "tanh":
+            h = np.tanh(h)
+        else:
+            h = np.maximum(h, 0.0)
+    return h
 
-    return act
+
+def _near_ties(h: np.ndarray, actions: np.ndarray) -> np.ndarray:
+    """Rows whose best logit (at ``actions``) is within float32 rounding of the runner-up.
+    Overwrites the best logits of ``h``."""
+    rows = np.arange(len(h))
+    best = h[rows, actions]
+    h[rows, actions] = -np.inf
+    return best - h.max(axis=-1) <= 1e-4 * (1.0 + np.abs(best))
+
+
+def _torch_greedy(net: Any, obs: np.ndarray) -> np.ndarray:
+    """Greedy actions of float32 observations through the torch layers themselves."""
+    import torch
+
+    with torch.no_grad():
+        return torch.argmax(net(torch.from_numpy(obs)), dim=-1).numpy().astype(np.int64)
 
 
 def settings_overrides(parent: PolicySettings) -> list[str]:

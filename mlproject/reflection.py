@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mlproject.features import FEATURE_NAMES
+from mlproject.features import feature_rows
 from mlproject.reasoner.chat import parse_reply
 
 log = logging.getLogger(__name__)
@@ -79,11 +79,9 @@ def closed_trades(rows: pd.DataFrame) -> list[Trade]:
 
 
 def entry_context(observation: np.ndarray) -> dict[str, float | str]:
-    """The market at entry, from the observation (``window * 5`` features, then the account)."""
-    obs = np.asarray(observation, np.float64)
-    n = len(FEATURE_NAMES)
-    window = (obs.size - 2) // n
-    feats = obs[: window * n].reshape(window, n)
+    """The market at entry, from the observation (``window`` rows of features, then the account)."""
+    feats = feature_rows(np.asarray(observation, np.float64))
+    window = len(feats)
     ret_z, range_z = feats[-1, 0], feats[-1, 1]
     trend = float(feats[:, 0].sum() / math.sqrt(window)) if window else 0.0
     regime = "high" if abs(range_z) > 1.5 else "low" if abs(range_z) < 0.5 else "normal"

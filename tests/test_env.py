@@ -223,6 +223,20 @@ def test_env_reads_a_bar_file(small_bars, tmp_path):
     assert len(env.market.feature_names()) == obs.shape[0]
 
 
+def test_observation_layout_has_one_definition(small_bars):
+    """obs_size, window_of, feature_rows and latest_features describe the env's own observations."""
+    from mlproject.features import ACCOUNT_FIELDS, feature_rows, latest_features, obs_size, window_of
+
+    assert obs_size(8) == 8 * 5 + 2 and [window_of(obs_size(w)) for w in (1, 8, 32)] == [1, 8, 32]
+    env = FuturesTradingEnv({"bars": small_bars, "window": 8})
+    obs, _ = env.reset(seed=0, options={"start": 300})
+    assert env.market.obs_size == obs_size(8) == obs.shape[0]
+    assert env.market.feature_names()[-len(ACCOUNT_FIELDS):] == list(ACCOUNT_FIELDS)
+    rows = feature_rows(obs)
+    assert rows.shape == (8, 5) and np.array_equal(latest_features(obs), rows[-1])
+    assert np.array_equal(rows[-1], env.market.windows[300][-5 - 2:-2])
+
+
 def test_registered_with_gymnasium_and_rllib(small_bars):
     assert envs.ENV_ID in gym.registry
     vec = gym.make_vec(envs.ENV_ID, num_envs=3, vectorization_mode="vector_entry_point",

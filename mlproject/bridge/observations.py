@@ -15,7 +15,7 @@ import numpy as np
 
 from envs.market import OPEN_PNL_CLIP, Market
 from mlproject.bridge.protocol import Bar
-from mlproject.features import FEATURE_NAMES, FeatureStream
+from mlproject.features import ACCOUNT_FIELDS, FEATURE_NAMES, FeatureStream, obs_size
 from mlproject.policy import PolicySettings
 from mlproject.trades import PositionBook
 
@@ -41,7 +41,7 @@ class ObservationBuilder:
         self.needed = bars_needed(settings)
         self._stream = FeatureStream(vol_window=settings.vol_window, norm_window=settings.norm_window)
         self._n = len(FEATURE_NAMES)
-        # The observation without its two account entries: the last `window` feature rows, oldest
+        # The observation without its account entries: the last `window` feature rows, oldest
         # first, zeros in front while fewer (as the env's zero-padded window view).
         self._features = np.zeros(self.window * self._n, np.float32)
         self.bars = 0
@@ -62,10 +62,10 @@ class ObservationBuilder:
         return self.bars >= self.needed
 
     def observation(self, book: PositionBook, close: float) -> np.ndarray:
-        """float32 (window * features + 2,): the features of the last ``window`` bars (zeros in
-        front while fewer), position / max_contracts, open PnL % of the entry (clipped)."""
-        obs = np.empty(self.window * self._n + 2, np.float32)
-        obs[:-2] = self._features
+        """float32 (``obs_size(window)``,): the features of the last ``window`` bars (zeros in
+        front while fewer), then ACCOUNT_FIELDS: position / max_contracts, open PnL % of the entry (clipped)."""
+        obs = np.empty(obs_size(self.window), np.float32)
+        obs[:-len(ACCOUNT_FIELDS)] = self._features
         obs[-2] = max(-1.0, min(1.0, book.position / self.max_contracts))  # a broker position beyond the model's
         obs[-1] = book.open_pnl_pct(close, OPEN_PNL_CLIP)
         return obs
