@@ -46,42 +46,48 @@ def _spec(symbol: str, tick_size: float, point_value: float, round_turn: float) 
     return InstrumentSpec(symbol, tick_size, point_value, round(round_turn / 2, 4), 1.0, 1)
 
 
-# Exchange contract specs (CME Group / CBOT / NYMEX / COMEX contract pages): tick size and
-# point value (money per 1.0 of price). The commission is a typical retail all-in round turn
-# (broker + exchange + NFA fees), per contract, in USD; your account's rate goes in config.
-PRESETS: dict[str, InstrumentSpec] = {s.symbol: s for s in (
+# Exchange contract specs (CME Group / CBOT / NYMEX / COMEX contract pages): symbol, contract,
+# tick size, point value (money per 1.0 of price) and a typical retail all-in round-turn
+# commission (broker + exchange + NFA fees), per contract, in USD; your account's rate goes in config.
+_CONTRACTS: tuple[tuple[str, str, float, float, float], ...] = (
     # equity indices
-    _spec("ES", 0.25, 50.0, 4.50),          # E-mini S&P 500: $12.50 a tick
-    _spec("MES", 0.25, 5.0, 1.24),          # Micro E-mini S&P 500: $1.25
-    _spec("NQ", 0.25, 20.0, 4.50),          # E-mini Nasdaq-100: $5.00
-    _spec("MNQ", 0.25, 2.0, 1.24),          # Micro E-mini Nasdaq-100: $0.50
-    _spec("YM", 1.0, 5.0, 4.50),            # E-mini Dow: $5.00
-    _spec("MYM", 1.0, 0.5, 1.24),           # Micro E-mini Dow: $0.50
-    _spec("RTY", 0.10, 50.0, 4.50),         # E-mini Russell 2000: $5.00
-    _spec("M2K", 0.10, 5.0, 1.24),          # Micro E-mini Russell 2000: $0.50
+    ("ES", "E-mini S&P 500", 0.25, 50.0, 4.50),
+    ("MES", "Micro E-mini S&P 500", 0.25, 5.0, 1.24),
+    ("NQ", "E-mini Nasdaq-100", 0.25, 20.0, 4.50),
+    ("MNQ", "Micro E-mini Nasdaq-100", 0.25, 2.0, 1.24),
+    ("YM", "E-mini Dow", 1.0, 5.0, 4.50),
+    ("MYM", "Micro E-mini Dow", 1.0, 0.5, 1.24),
+    ("RTY", "E-mini Russell 2000", 0.10, 50.0, 4.50),
+    ("M2K", "Micro E-mini Russell 2000", 0.10, 5.0, 1.24),
     # energy
-    _spec("CL", 0.01, 1000.0, 4.60),        # WTI crude oil: $10.00
-    _spec("MCL", 0.01, 100.0, 1.44),        # Micro WTI crude oil: $1.00
-    _spec("NG", 0.001, 10000.0, 4.60),      # Henry Hub natural gas: $10.00
+    ("CL", "WTI crude oil", 0.01, 1000.0, 4.60),
+    ("MCL", "Micro WTI crude oil", 0.01, 100.0, 1.44),
+    ("NG", "Henry Hub natural gas", 0.001, 10000.0, 4.60),
     # metals
-    _spec("GC", 0.10, 100.0, 4.60),         # Gold: $10.00
-    _spec("MGC", 0.10, 10.0, 1.44),         # Micro gold: $1.00
-    _spec("SI", 0.005, 5000.0, 4.60),       # Silver: $25.00
-    _spec("HG", 0.0005, 25000.0, 4.60),     # Copper: $12.50
+    ("GC", "Gold", 0.10, 100.0, 4.60),
+    ("MGC", "Micro gold", 0.10, 10.0, 1.44),
+    ("SI", "Silver", 0.005, 5000.0, 4.60),
+    ("HG", "Copper", 0.0005, 25000.0, 4.60),
     # interest rates (prices in points; 1/32 = 0.03125)
-    _spec("ZB", 1 / 32, 1000.0, 3.80),      # 30-year T-bond: $31.25
-    _spec("ZN", 1 / 64, 1000.0, 3.60),      # 10-year T-note, half of 1/32: $15.625
-    _spec("ZF", 1 / 128, 1000.0, 3.40),     # 5-year T-note, quarter of 1/32: $7.8125
+    ("ZB", "30-year T-bond", 1 / 32, 1000.0, 3.80),
+    ("ZN", "10-year T-note", 1 / 64, 1000.0, 3.60),  # half of 1/32
+    ("ZF", "5-year T-note", 1 / 128, 1000.0, 3.40),  # quarter of 1/32
     # currencies
-    _spec("6E", 0.00005, 125000.0, 4.80),   # Euro FX: $6.25
-    _spec("6J", 0.0000005, 12500000.0, 4.80),  # Japanese yen: $6.25
-    _spec("6B", 0.0001, 62500.0, 4.80),     # British pound: $6.25
-    _spec("6A", 0.00005, 100000.0, 4.80),   # Australian dollar: $5.00
-    _spec("6C", 0.00005, 100000.0, 4.80),   # Canadian dollar: $5.00
+    ("6E", "Euro FX", 0.00005, 125000.0, 4.80),
+    ("6J", "Japanese yen", 0.0000005, 12500000.0, 4.80),
+    ("6B", "British pound", 0.0001, 62500.0, 4.80),
+    ("6A", "Australian dollar", 0.00005, 100000.0, 4.80),
+    ("6C", "Canadian dollar", 0.00005, 100000.0, 4.80),
     # crypto
-    _spec("BTC", 5.0, 5.0, 15.00),          # Bitcoin (5 BTC): $25.00
-    _spec("MBT", 5.0, 0.1, 5.00),           # Micro Bitcoin (0.1 BTC): $0.50
-)}
+    ("BTC", "Bitcoin (5 BTC)", 5.0, 5.0, 15.00),
+    ("MBT", "Micro Bitcoin (0.1 BTC)", 5.0, 0.1, 5.00),
+)
+
+PRESETS: dict[str, InstrumentSpec] = {c[0]: _spec(c[0], *c[2:]) for c in _CONTRACTS}
+"""The preset instruments by symbol (``env.instrument: ES``)."""
+
+CONTRACT_NAMES: dict[str, str] = {c[0]: c[1] for c in _CONTRACTS}
+"""Each preset's contract name, for the presets table of ``docs/configuration.md``."""
 
 FIELDS: tuple[str, ...] = ("tick_size", "point_value", "commission_per_side", "slippage_ticks", "max_contracts")
 """The fields a custom (preset-less) instrument must give, besides an optional symbol."""

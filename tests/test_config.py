@@ -1,14 +1,29 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from conftest import ROOT
-from mlproject.config import Config, ConfigError, load_config
+from mlproject.config import Config, ConfigError, flatten, load_config
 from mlproject.instruments import resolve_instrument
 
+DELIBERATE_DEFAULTS = {
+    "env.instrument.preset": "so that --set env.instrument.<field>=... refines ES: an instrument given "
+                             "by --set fields alone is a custom contract that must give every field",
+}
+"""Keys conf/default.yaml sets to their schema default on purpose, and why."""
 
-def test_default_yaml_equals_embedded_defaults():
-    assert load_config(ROOT / "conf" / "default.yaml") == Config()
+
+def test_default_yaml_holds_only_overrides_and_deliberate_defaults():
+    """The schema is the one home of the defaults: conf/default.yaml sets a key only to change it,
+    or to its default for a reason listed in DELIBERATE_DEFAULTS (a copied default drifts)."""
+    path = ROOT / "conf" / "default.yaml"
+    written, defaults = flatten(yaml.safe_load(path.read_text()) or {}), Config().flat()
+    copies = sorted(k for k, v in written.items() if defaults.get(k) == v and k not in DELIBERATE_DEFAULTS)
+    assert not copies, f"conf/default.yaml repeats schema defaults (docs/configuration.md lists them): {copies}"
+    assert set(DELIBERATE_DEFAULTS) <= set(written)
+    loaded = load_config(path).flat()
+    assert {k for k in defaults if loaded[k] != defaults[k]} == set(written) - set(DELIBERATE_DEFAULTS)
     assert load_config(None) == Config()
 
 

@@ -23,8 +23,8 @@ from mlproject.config.schema import (
     SyntheticConfig,
     TrainConfig,
     flatten,
-    parse_duration,
 )
+from mlproject.config.values import parse_duration
 
 __all__ = ["AnnotationConfig", "BridgeConfig", "Config", "ConfigError", "ContinuousLearningConfig", "DataChecksConfig", "DataConfig", "EnvConfig",
            "GateMetric", "InstrumentConfig", "MlflowConfig", "PromotionConfig", "SplitConfig", "SyntheticConfig",

@@ -1,14 +1,13 @@
 """The run configuration's schema: one typed, validated model per section of ``conf/*.yaml``.
 
-The model defaults *are* the embedded defaults (``conf/default.yaml`` repeats them for reading;
-a test keeps the two equal). ``extra="forbid"`` and ``strict=True`` make a misspelt key or a
-wrong type an error; :mod:`mlproject.config.loading` turns those errors into messages that name
-the key, the file and the line.
+The model defaults *are* the embedded defaults and each field's docstring is its documentation:
+``docs/configuration.md`` is generated from them (``python -m mlproject.config.reference``).
+``extra="forbid"`` and ``strict=True`` make a misspelt key or a wrong type an error;
+:mod:`mlproject.config.loading` turns those errors into messages that name the key, the file and
+the line.
 """
 
 from __future__ import annotations
-
-import re
 
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -16,36 +15,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mlproject.config.values import check_time_zone, parse_duration
 from mlproject.instruments import resolve_instrument
-
-
-_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*")
-_UNITS = {None: 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
-
-
-def parse_duration(text: str | float | int) -> float:
-    """'30s', '5m', '1h', '1d', '1w' or plain seconds -> seconds; ValueError naming the text."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return float(text)
-    match = _DURATION.fullmatch(str(text))
-    if not match:
-        raise ValueError(f"{text!r} is not a duration such as 30s, 5m, 1h, 1d or 1w")
-    return float(match[1]) * _UNITS[match[2]]
 
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the key and the source."""
-
-
-def _check_time_zone(value: str | None, key: str) -> str | None:
-    if value is not None:
-        import zoneinfo
-
-        try:
-            zoneinfo.ZoneInfo(value)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"{key} {value!r} is not an IANA time zone such as America/New_York") from None
-    return value
 
 
 class _Strict(BaseModel):
@@ -140,8 +115,11 @@ class SplitConfig(_Strict):
     """Time-ordered train / validation / test fractions."""
 
     train: float = Field(default=0.7, ge=0, le=1)
+    """Share of the bars, oldest first, that trains the policy."""
     validation: float = Field(default=0.15, ge=0, le=1)
+    """Share after the train split that picks the best checkpoint."""
     test: float = Field(default=0.15, ge=0, le=1)
+    """Newest share: held-out evaluation and the promotion gate."""
     gap: int = Field(default=0, ge=0)
     """Bars dropped between consecutive splits (embargo)."""
 
@@ -216,7 +194,7 @@ class DataConfig(_Strict):
     @field_validator("tz")
     @classmethod
     def _time_zone(cls, value: str | None) -> str | None:
-        return _check_time_zone(value, "tz")
+        return check_time_zone(value, "tz")
 
 
 class TrainConfig(_Strict):
@@ -442,15 +420,21 @@ class FinetuneConfig(_Strict):
     quantization: Literal["4bit", "8bit", "none"] = "4bit"
     """4bit: bitsandbytes NF4 with double quantisation (QLoRA); 8bit: LLM.int8; none: full precision."""
     lora_r: int = Field(default=16, ge=1)
+    """LoRA rank: the inner size of each low-rank update."""
     lora_alpha: int = Field(default=32, ge=1)
+    """LoRA scaling: the update is multiplied by lora_alpha / lora_r."""
     lora_dropout: float = Field(default=0.05, ge=0, lt=1)
+    """Dropout on the LoRA layers' input."""
     target_modules: str = "all-linear"
     """PEFT target modules (``all-linear``: every linear layer but the output head)."""
     max_steps: int = Field(default=200, ge=1)
+    """Optimiser steps of one fine-tuning run."""
     learning_rate: float = Field(default=2e-4, gt=0)
+    """Peak learning rate of the adapter's optimiser."""
     batch_size: int = Field(default=1, ge=1)
     """Sequences per device step."""
     gradient_accumulation: int = Field(default=8, ge=1)
+    """Device steps whose gradients add up to one optimiser step (batch_size x this sequences)."""
     max_length: int = Field(default=2048, ge=16)
     """Longest training sequence in tokens (longer ones are truncated)."""
     eval_steps: int = Field(default=50, ge=1)
@@ -552,7 +536,7 @@ class BridgeConfig(_Strict):
     @field_validator("timezone")
     @classmethod
     def _time_zone(cls, value: str | None) -> str | None:
-        return _check_time_zone(value, "timezone")
+        return check_time_zone(value, "timezone")
 
     @model_validator(mode="after")
     def _tls_needs_both(self) -> BridgeConfig:
