@@ -216,6 +216,7 @@ def test_the_chained_curve_compounds_the_windows_and_measures_drawdown_from_the_
 
 
 def test_evaluate_logs_metrics_linked_to_the_model(trained_store):
+    from mlproject.tracking import CURVE_POINTS
     from pipelines import evaluate
 
     _, result, cfg, _ = trained_store
@@ -234,7 +235,7 @@ def test_evaluate_logs_metrics_linked_to_the_model(trained_store):
     starts = np.cumsum([0] + [len(w.equity) for w in report.windows[:-1]])  # the bar each window starts at
     assert sorted(m.step for m in history) == list(starts) and len(starts) == cfg.continuous_learning.evaluation_episodes
     curve = mlflow.MlflowClient().get_metric_history(out.run_id, "backtest/equity")
-    assert len(curve) == min(evaluate.CURVE_POINTS, sum(len(w.equity) for w in report.windows))
+    assert len(curve) == min(CURVE_POINTS, sum(len(w.equity) for w in report.windows))
     assert curve[0].value == pytest.approx(report.windows[0].equity.iloc[0])
     assert curve[-1].value == pytest.approx(curve[0].value * np.prod([1 + w.metrics["total_return"] for w in report.windows]))
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(out.run_id, "eval")}

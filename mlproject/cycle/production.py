@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mlproject.config import Config
-from mlproject.features import FEATURE_NAMES
+from mlproject.features import obs_size
 from mlproject.policy import (
     PolicySettings,
     continue_differences,
@@ -61,8 +61,8 @@ def _why_not_warm(local: Path, cfg: Config) -> str:
     module = load_module(find_module_dir(local))
     if settings is None:
         shape = tuple(module.observation_space.shape)
-        if shape != (cfg.env.window * len(FEATURE_NAMES) + 2,):
-            return (f"takes observations of shape {shape}, this config makes {cfg.env.window * len(FEATURE_NAMES) + 2} "
+        if shape != (obs_size(cfg.env.window),):
+            return (f"takes observations of shape {shape}, this config makes {obs_size(cfg.env.window)} "
                     f"(window {cfg.env.window})")
     return settings_mismatch(settings, cfg, network_settings(module))
 
