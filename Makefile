@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench ui clean
+.PHONY: install demo test bench ui docs docs-serve clean
 
 install: $(STAMP)
 
@@ -31,5 +31,13 @@ bench: $(STAMP)
 ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
+# The documentation site (docs/, mkdocs.yml): a strict build into site/ (a broken link fails), or a
+# live preview on 127.0.0.1:8000 while editing.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
+
+docs-serve: $(STAMP)
+	$(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:8000
+
 clean:
-	rm -rf $(VENV) mlflow.db mlruns mlartifacts data deploy
+	rm -rf $(VENV) mlflow.db mlruns mlartifacts data deploy site

@@ -173,7 +173,7 @@ def test_a_failing_cell_is_reported(tmp_path, monkeypatch):
 
 
 def test_documented_nbconvert_command_runs_a_notebook(tmp_path, mlflow_store):
-    """The README's `jupyter nbconvert --to notebook --execute notebooks/<nb>.ipynb --output-dir
+    """docs/quickstart.md's `jupyter nbconvert --to notebook --execute notebooks/<nb>.ipynb --output-dir
     DIR`, from the repository root, on an empty store: the walk-forward notebook runs through and
     says which command makes its data."""
     import nbformat

@@ -202,7 +202,7 @@ def test_warm_start_rejects_a_policy_for_other_observations(trained_store):
 
 
 def test_init_from_a_model_of_other_settings_exits_2_saying_how_to_continue_it(trained_store):
-    """The README's `python -m pipelines.train --init-from models:/nt8-agent/Production` with the
+    """docs/training.md's `python -m pipelines.train --init-from models:/nt8-agent/Production` with the
     default config (ES, window 32, 1 contract, 64x64 network) on the demo's model (MES, window 16,
     2 contracts, 32x32): one line naming the settings and the --set items that continue the model,
     before any run or Ray starts; those items make the check pass."""
