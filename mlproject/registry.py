@@ -109,17 +109,22 @@ def resolve_version(model_uri: str) -> Any | None:
     match = _MODELS_URI.match(model_uri)
     if not match:
         return None
-    client, name = MlflowClient(), match["name"]
+    client = MlflowClient()
     try:
-        if match["alias"]:
-            return client.get_model_version_by_alias(name, match["alias"])
-        ref = match["ref"]
-        if ref.isdigit():
-            return client.get_model_version(name, ref)
-        with _stage_api():
-            versions = client.get_latest_versions(name, stages=[ref])
+        return _version_named(client, model_uri, match)
     except MlflowException as exc:
         raise ValueError(f"{model_uri}: {exc.message}") from None
+
+
+def _version_named(client: Any, model_uri: str, match: re.Match[str]) -> Any:
+    """The version a parsed ``models:/`` URI names: by alias, by number, or the one in a stage."""
+    name, ref = match["name"], match["ref"]
+    if match["alias"]:
+        return client.get_model_version_by_alias(name, match["alias"])
+    if ref.isdigit():
+        return client.get_model_version(name, ref)
+    with _stage_api():
+        versions = client.get_latest_versions(name, stages=[ref])
     if not versions:
         raise ValueError(f"{model_uri}: no version of '{name}' is in stage '{ref}'")
     return versions[0]
@@ -264,17 +269,23 @@ def complete_pending(name: str, lock_file: str | Path | None = None) -> list[dic
             return []  # no such registered model yet
         current = production_version(name)
         for event in (e for e in events if e.get("status") == "pending"):
-            if event["version"] == current:
-                _client().set_registered_model_alias(name, ALIAS, current)
-                _tag_promoted_version(name, event)
-                event["status"] = "done"
-            else:
-                event["status"] = "abandoned"
-            _write_event(name, event)
+            _settle_pending(name, event, current)
             touched.append(event)
-            log.warning("%s: completed a %s interrupted by a crash: event #%d -> v%s %s", name, event["action"],
-                        event["seq"], event["version"], event["status"])
     return touched
+
+
+def _settle_pending(name: str, event: dict[str, Any], current: str | None) -> None:
+    """Finish one pending event: ``done`` when its version is the Production stage (the crash
+    came after the transition), else ``abandoned``."""
+    if event["version"] == current:
+        _client().set_registered_model_alias(name, ALIAS, current)
+        _tag_promoted_version(name, event)
+        event["status"] = "done"
+    else:
+        event["status"] = "abandoned"
+    _write_event(name, event)
+    log.warning("%s: completed a %s interrupted by a crash: event #%d -> v%s %s", name, event["action"],
+                event["seq"], event["version"], event["status"])
 
 
 def promote(name: str, version: str | int, reason: str, metrics: dict[str, float] | None = None,
@@ -287,10 +298,7 @@ def promote(name: str, version: str | int, reason: str, metrics: dict[str, float
         client.get_model_version(name, version)  # unknown version: MlflowException before any change
         complete_pending(name, lock_file)
         previous = production_version(name)
-        events = history(name, include_unfinished=True)
-        event = {"seq": (events[-1]["seq"] + 1) if events else 1, "action": action, "version": version,
-                 "previous": previous or "", "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                 "reason": reason, "metrics": {k: float(v) for k, v in (metrics or {}).items()}, "status": "pending"}
+        event = _new_event(name, action, version, previous, reason, metrics)
         _write_event(name, event)
         fault_point("promote:event-pending")
         with _stage_api():
@@ -304,6 +312,15 @@ def promote(name: str, version: str | int, reason: str, metrics: dict[str, float
         _write_event(name, event)
     log.info("%s: version %s is Production (%s; was %s): %s", name, version, action, previous or "none", reason)
     return event
+
+
+def _new_event(name: str, action: str, version: str, previous: str | None, reason: str,
+               metrics: dict[str, float] | None) -> dict[str, Any]:
+    """The next history event (numbered after every event so far, unfinished ones included), pending."""
+    events = history(name, include_unfinished=True)
+    return {"seq": (events[-1]["seq"] + 1) if events else 1, "action": action, "version": version,
+            "previous": previous or "", "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "reason": reason, "metrics": {k: float(v) for k, v in (metrics or {}).items()}, "status": "pending"}
 
 
 def rollback(name: str, to_version: str | int | None = None, reason: str = "", force: bool = False,
@@ -321,23 +338,35 @@ def rollback(name: str, to_version: str | int | None = None, reason: str = "", f
         current = production_version(name)
         if expected_current is not None and str(expected_current) != current:
             raise ValueError(_not_current_message(name, str(expected_current), current))
-        target = str(to_version) if to_version is not None else rollback_target(name)
-        if target is None:
-            raise ValueError(f"{name}: nothing to roll back to (Production is {current or 'empty'} and has no "
-                             "earlier version in its history); name one with to_version")
-        if target == current:
-            raise ValueError(f"{name}: version {target} is already Production")
+        target = _rollback_to(name, to_version, current)
         if to_version is not None and not was_production(name, target):
-            if not force:
-                raise ValueError(f"{name}: version {target} was never Production; a rollback goes back to a "
-                                 "version that was (see the history), or use --force with a --reason")
-            if not reason:
-                raise ValueError(f"{name}: a forced rollback to version {target} needs a reason")
-            reason = f"forced: {reason}"
+            reason = _forced_reason(name, target, reason, force)
         if check is not None:
             check(name, target)
         return promote(name, target, reason or f"rollback from version {current}", metrics, action="rollback",
                        lock_file=lock_file)
+
+
+def _rollback_to(name: str, to_version: str | int | None, current: str | None) -> str:
+    """``to_version``, else :func:`rollback_target`; refuses nothing to go back to and the current version."""
+    target = str(to_version) if to_version is not None else rollback_target(name)
+    if target is None:
+        raise ValueError(f"{name}: nothing to roll back to (Production is {current or 'empty'} and has no "
+                         "earlier version in its history); name one with to_version")
+    if target == current:
+        raise ValueError(f"{name}: version {target} is already Production")
+    return target
+
+
+def _forced_reason(name: str, target: str, reason: str, force: bool) -> str:
+    """The recorded reason of a rollback to a version that was never Production: only with
+    ``force`` and a reason, which then says it was forced."""
+    if not force:
+        raise ValueError(f"{name}: version {target} was never Production; a rollback goes back to a "
+                         "version that was (see the history), or use --force with a --reason")
+    if not reason:
+        raise ValueError(f"{name}: a forced rollback to version {target} needs a reason")
+    return f"forced: {reason}"
 
 
 def _not_current_message(name: str, expected: str, current: str | None) -> str:
@@ -424,14 +453,8 @@ def status(name: str) -> str:
         client.get_registered_model(name)
     except MlflowException:
         raise ValueError(f"no registered model named '{name}' in {_tracking_uri()}") from None
-    rows = []
-    for mv in sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
-        full = client.get_model_version(name, mv.version)
-        metrics = _eval_metrics(full)
-        created = datetime.fromtimestamp(full.creation_timestamp / 1000, timezone.utc).isoformat(timespec="seconds")
-        rows.append([str(full.version), full.current_stage, ",".join(full.aliases or []) or "-",
-                     *(f"{metrics[k]:.4g}" if k in metrics else "-" for k in STATUS_METRICS),
-                     created, full.tags.get("promoted_at", "-")])
+    rows = [_status_row(client.get_model_version(name, mv.version))
+            for mv in sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))]
     header = ["version", "stage", "aliases", "sharpe", "total_return", "max_dd", "created", "promoted"]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = [f"registered model {name}: Production = {production_version(name) or 'none'}",
@@ -443,6 +466,15 @@ def status(name: str) -> str:
         lines += [f"  #{e['seq']} {e['at']} {e['action']} -> v{e['version']} (was {e['previous'] or 'none'}): "
                   f"{e['reason']}" for e in events]
     return "\n".join(lines)
+
+
+def _status_row(full: Any) -> list[str]:
+    """One version's cells of the :func:`status` table (a full ModelVersion, with its tags)."""
+    metrics = _eval_metrics(full)
+    created = datetime.fromtimestamp(full.creation_timestamp / 1000, timezone.utc).isoformat(timespec="seconds")
+    return [str(full.version), full.current_stage, ",".join(full.aliases or []) or "-",
+            *(f"{metrics[k]:.4g}" if k in metrics else "-" for k in STATUS_METRICS),
+            created, full.tags.get("promoted_at", "-")]
 
 
 def version_model_id(mv: Any) -> str | None:

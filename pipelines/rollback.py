@@ -34,12 +34,8 @@ def main(cfg: Config, version: str | None = None, reason: str = "", force: bool 
     ``reason``; ``from_version``: only if that version is still Production. Every target must
     load and predict valid actions before the stage moves.
     """
-    import mlflow
-
     started = time.perf_counter()
-    for flag, value in (("--version", version), ("--from-version", from_version)):
-        if value is not None and not (value.isdigit() and int(value) > 0):
-            raise ValueError(f"{flag} {value!r}: expected a version number such as 3")
+    _check_version_numbers(version, from_version)
     setup_tracking(cfg)
     p = cfg.promotion
     with pipeline_run(cfg, "rollback"), registry_lock(p.lock_file):
@@ -47,12 +43,26 @@ def main(cfg: Config, version: str | None = None, reason: str = "", force: bool 
                          expected_current=from_version, check=check_version_deployable)
         deployed = reconcile(p.model_name, p.deploy_dir, p.keep_releases, lock_file=p.lock_file)
         latency = time.perf_counter() - started
-        mlflow.set_tags({"decision": "rolled back", "to_version": event["version"], "from_version": event["previous"],
-                         "reasons": event["reason"]})
-        mlflow.log_metric("rollback/latency_s", latency)
+        _log_rollback(event, latency)
         log.info("rolled back %s from v%s to v%s in %.2f s (deployed %s)", p.model_name, event["previous"],
                  event["version"], latency, deployed.release)
         return {"event": event, "release": deployed.release, "latency_s": latency}
+
+
+def _check_version_numbers(version: str | None, from_version: str | None) -> None:
+    """``--version`` and ``--from-version``, when given, are version numbers (1, 2, ...)."""
+    for flag, value in (("--version", version), ("--from-version", from_version)):
+        if value is not None and not (value.isdigit() and int(value) > 0):
+            raise ValueError(f"{flag} {value!r}: expected a version number such as 3")
+
+
+def _log_rollback(event: dict[str, Any], latency: float) -> None:
+    """The run's decision tags (to and from which version, why) and ``rollback/latency_s``."""
+    import mlflow
+
+    mlflow.set_tags({"decision": "rolled back", "to_version": event["version"], "from_version": event["previous"],
+                     "reasons": event["reason"]})
+    mlflow.log_metric("rollback/latency_s", latency)
 
 
 def build_parser() -> argparse.ArgumentParser:
