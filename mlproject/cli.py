@@ -9,7 +9,7 @@ import shlex
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from mlproject.config import Config, ConfigError, load_config, parse_duration
 from mlproject.data import DataError
@@ -73,11 +73,7 @@ def run_cli(parser: argparse.ArgumentParser, main: Callable[[Config, argparse.Na
     try:
         main(config_from_args(args), args)
     except (Stopped, KeyboardInterrupt) as exc:
-        stopped = exc if isinstance(exc, Stopped) else Stopped(signal.SIGINT)
-        ended = end_active_runs("KILLED")  # what no `with` block ended (none, normally)
-        print(f"{stopped}: the runs it had open ended KILLED{f' ({ended} more here)' if ended else ''}",
-              file=sys.stderr)
-        sys.exit(stopped.exit_code)
+        _exit_stopped(exc)
     except (ConfigError, DataError, OSError, ValueError, MlflowException, LockBusy) as exc:
         # Bad input (a file, a key, a model URI, a path that is a folder, a busy registry): one
         # message that names it. LOGLEVEL=DEBUG in the environment also prints the traceback.
@@ -86,6 +82,16 @@ def run_cli(parser: argparse.ArgumentParser, main: Callable[[Config, argparse.Na
         sys.exit(2)
     finally:
         restore(previous)
+
+
+def _exit_stopped(exc: BaseException) -> NoReturn:
+    """A signal or Ctrl-C stopped the pipeline: end what runs are still open KILLED, say so, and
+    exit with the signal's code."""
+    stopped = exc if isinstance(exc, Stopped) else Stopped(signal.SIGINT)
+    ended = end_active_runs("KILLED")  # what no `with` block ended (none, normally)
+    print(f"{stopped}: the runs it had open ended KILLED{f' ({ended} more here)' if ended else ''}",
+          file=sys.stderr)
+    sys.exit(stopped.exit_code)
 
 
 def end_active_runs(status: str) -> int:

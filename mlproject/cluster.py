@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 from mlproject.config import Config
 
@@ -20,6 +21,20 @@ def ray_session(cfg: Config) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
+    previous = _start_ray(cfg)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _start_ray(cfg: Config) -> Any:
+    """``ray.init`` for this run: the cluster named by config, else a local Ray. Returns the
+    SIGTERM handler from before (None off the main thread), for the session to put back."""
+    import ray
+
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = cfg.train.ray_address or os.environ.get("RAY_ADDRESS")
     # ray.init replaces the SIGTERM handler with its own (sys.exit) and leaves it after shutdown:
@@ -34,9 +49,4 @@ def ray_session(cfg: Config) -> Iterator[None]:
         ray.init(address="local", num_cpus=cfg.train.num_cpus, include_dashboard=False, configure_logging=False)
     if callable(previous):  # none (the default): Ray's own exits, and its atexit shuts Ray down
         signal.signal(signal.SIGTERM, previous)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    return previous

@@ -101,23 +101,31 @@ def resolve_instrument(cfg: InstrumentConfig) -> InstrumentSpec:
     when ``symbol`` is another instrument than the preset (or its contract month) and does not give
     every field.
     """
-    if cfg.preset is not None:
-        name = cfg.preset.upper()
-        if name not in PRESETS:
-            raise ValueError(f"unknown instrument preset {cfg.preset!r}; presets: {', '.join(PRESETS)}")
-        symbol = cfg.symbol.upper() if cfg.symbol else name
-        if symbol != name and symbol in PRESETS:
-            raise ValueError(f"symbol {cfg.symbol!r} with preset {cfg.preset!r} would trade {symbol} with "
-                             f"{name}'s tick size and point value; use preset: {symbol}")
-        base = PRESETS[name]
-        changes = {f: getattr(cfg, f) for f in FIELDS if getattr(cfg, f) is not None}
-        # Another instrument (not the preset, nor one of its contract months such as "ES 12-24")
-        # on a preset would silently keep the preset's money values: it must give them all.
-        missing = [f for f in FIELDS if f not in changes]
-        if symbol.split()[0] != name and missing:
-            raise ValueError(f"symbol {cfg.symbol!r} is not {name} (preset {cfg.preset!r}) but would keep {name}'s "
-                             f"{', '.join(missing)}; give those too, or use its own preset if it has one")
-        return replace(base, symbol=cfg.symbol or base.symbol, **changes)
+    return _from_preset(cfg) if cfg.preset is not None else _custom_instrument(cfg)
+
+
+def _from_preset(cfg: InstrumentConfig) -> InstrumentSpec:
+    """The preset ``cfg.preset`` with the fields ``cfg`` gives (see :func:`resolve_instrument`)."""
+    name = cfg.preset.upper()
+    if name not in PRESETS:
+        raise ValueError(f"unknown instrument preset {cfg.preset!r}; presets: {', '.join(PRESETS)}")
+    symbol = cfg.symbol.upper() if cfg.symbol else name
+    if symbol != name and symbol in PRESETS:
+        raise ValueError(f"symbol {cfg.symbol!r} with preset {cfg.preset!r} would trade {symbol} with "
+                         f"{name}'s tick size and point value; use preset: {symbol}")
+    base = PRESETS[name]
+    changes = {f: getattr(cfg, f) for f in FIELDS if getattr(cfg, f) is not None}
+    # Another instrument (not the preset, nor one of its contract months such as "ES 12-24")
+    # on a preset would silently keep the preset's money values: it must give them all.
+    missing = [f for f in FIELDS if f not in changes]
+    if symbol.split()[0] != name and missing:
+        raise ValueError(f"symbol {cfg.symbol!r} is not {name} (preset {cfg.preset!r}) but would keep {name}'s "
+                         f"{', '.join(missing)}; give those too, or use its own preset if it has one")
+    return replace(base, symbol=cfg.symbol or base.symbol, **changes)
+
+
+def _custom_instrument(cfg: InstrumentConfig) -> InstrumentSpec:
+    """A preset-less instrument: every field of :data:`FIELDS` given."""
     missing = [f for f in FIELDS if getattr(cfg, f) is None]
     if missing:
         given = [f for f in ("symbol", *FIELDS) if getattr(cfg, f) is not None]

@@ -270,17 +270,23 @@ def probabilistic_sharpe_ratio(returns: np.ndarray, benchmark_sharpe: float = 0.
     if std == 0:
         return _NAN
     mean = float(returns.mean())
-    dev = returns - mean
-    dev2 = dev * dev
-    m2 = float(dev2.sum()) / n
-    g3 = float(np.dot(dev2, dev)) / n / m2**1.5
-    g4 = float(np.dot(dev2, dev2)) / n / m2**2
+    g3, g4 = _skewness_kurtosis(returns, mean)
     sr = mean / std
     var_term = 1.0 - g3 * sr + (g4 - 1.0) / 4.0 * sr**2
     if not var_term > 0:
         return _NAN
     z = (sr - benchmark_sharpe) * math.sqrt(n - 1) / math.sqrt(var_term)
     return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+
+
+def _skewness_kurtosis(returns: np.ndarray, mean: float) -> tuple[float, float]:
+    """Skewness and (non-excess) kurtosis from population moments, as the PSR paper's code
+    computes them; the caller rules out zero variance."""
+    n = returns.size
+    dev = returns - mean
+    dev2 = dev * dev
+    m2 = float(dev2.sum()) / n
+    return float(np.dot(dev2, dev)) / n / m2**1.5, float(np.dot(dev2, dev2)) / n / m2**2
 
 
 def trading_metrics(equity: np.ndarray, positions: np.ndarray, trade_pnls: np.ndarray,
@@ -293,24 +299,9 @@ def trading_metrics(equity: np.ndarray, positions: np.ndarray, trade_pnls: np.nd
     equity = _floats(equity)
     pnls = _floats(trade_pnls)
     returns = equity_returns(equity)
-    ppy = periods_per_year
     values = {
-        "total_return": total_return(equity),
-        "annual_return": annualized_return(equity, ppy),
-        "annual_volatility": annualized_volatility(returns, ppy),
-        "sharpe": sharpe_ratio(returns, ppy),
-        "sortino": sortino_ratio(returns, ppy),
-        "calmar": calmar_ratio(equity, ppy),
-        "max_drawdown": max_drawdown(equity),
-        "max_drawdown_duration": max_drawdown_duration(equity),
-        "win_rate": win_rate(pnls),
-        "profit_factor": profit_factor(pnls),
-        "average_win": average_win(pnls),
-        "average_loss": average_loss(pnls),
-        "payoff_ratio": payoff_ratio(pnls),
-        "expectancy": expectancy(pnls),
-        "n_trades": pnls.size,
-        "average_bars_held": average_bars_held(bars_held),
+        **_return_metrics(equity, returns, periods_per_year),
+        **_trade_metrics(pnls, bars_held),
         "exposure": exposure(positions),
         "turnover": turnover(positions),
         "commissions": commissions,
@@ -319,3 +310,31 @@ def trading_metrics(equity: np.ndarray, positions: np.ndarray, trade_pnls: np.nd
         "final_equity": equity[-1] if equity.size else _NAN,
     }
     return {key: float(value) for key, value in values.items()}
+
+
+def _return_metrics(equity: np.ndarray, returns: np.ndarray, ppy: float) -> dict[str, float]:
+    """The equity curve's part of :func:`trading_metrics` (returns, risk, drawdowns)."""
+    return {
+        "total_return": total_return(equity),
+        "annual_return": annualized_return(equity, ppy),
+        "annual_volatility": annualized_volatility(returns, ppy),
+        "sharpe": sharpe_ratio(returns, ppy),
+        "sortino": sortino_ratio(returns, ppy),
+        "calmar": calmar_ratio(equity, ppy),
+        "max_drawdown": max_drawdown(equity),
+        "max_drawdown_duration": max_drawdown_duration(equity),
+    }
+
+
+def _trade_metrics(pnls: np.ndarray, bars_held: np.ndarray) -> dict[str, float]:
+    """The closed trades' part of :func:`trading_metrics`."""
+    return {
+        "win_rate": win_rate(pnls),
+        "profit_factor": profit_factor(pnls),
+        "average_win": average_win(pnls),
+        "average_loss": average_loss(pnls),
+        "payoff_ratio": payoff_ratio(pnls),
+        "expectancy": expectancy(pnls),
+        "n_trades": pnls.size,
+        "average_bars_held": average_bars_held(bars_held),
+    }

@@ -24,33 +24,53 @@ def trades_from_fills(fills: list[tuple[int, int, float]], point_value: float, c
     trades: list[tuple] = []
     pos, avg, cur = 0, 0.0, None
     for bar, q, price in fills:
-        if pos != 0:
-            side = 1 if pos > 0 else -1
-            same = q != 0 and (q > 0) == (pos > 0)
-            qty = 0 if same and abs(q) > abs(pos) else (abs(q - pos) if same else abs(pos))
-            if qty:
-                cur["exit_qty"] += qty
-                cur["exit_value"] += price * qty
-                cur["gross"] += (price - avg) * side * qty * point_value
-                cur["costs"] += qty
-            if not same:
-                trades.append((cur["bar"], bar, side, cur["size"], avg, cur["exit_value"] / cur["exit_qty"],
-                               cur["gross"] - cur["costs"] * commission_per_side,
-                               cur["costs"] * commission_per_side, cur["costs"] * slippage_per_contract,
-                               bar - cur["bar"]))
-                cur = None
+        if pos != 0 and _book_exit(cur, pos, q, price, avg, point_value):
+            trades.append(_closed_trade(cur, bar, pos, avg, commission_per_side, slippage_per_contract))
+            cur = None
         if q != 0:
-            added = abs(q) if cur is None else abs(q) - abs(pos)
-            if cur is None:
-                cur = {"bar": bar, "size": 0, "exit_qty": 0, "exit_value": 0.0, "gross": 0.0, "costs": 0}
-                avg = price
-            elif added > 0:
-                avg = (avg * abs(pos) + price * added) / abs(q)
-            if added > 0:
-                cur["size"] = max(cur["size"], abs(q))
-                cur["costs"] += added
+            cur, avg = _book_entry(cur, pos, q, bar, price, avg)
         pos = q
     return trades
+
+
+def _book_exit(cur: dict[str, Any], pos: int, q: int, price: float, avg: float, point_value: float) -> bool:
+    """Book the contracts a fill from ``pos`` to ``q`` takes off the open trade ``cur``; True when
+    the trade ends there (flat, or a flip)."""
+    side = 1 if pos > 0 else -1
+    same = q != 0 and (q > 0) == (pos > 0)
+    qty = 0 if same and abs(q) > abs(pos) else (abs(q - pos) if same else abs(pos))
+    if qty:
+        cur["exit_qty"] += qty
+        cur["exit_value"] += price * qty
+        cur["gross"] += (price - avg) * side * qty * point_value
+        cur["costs"] += qty
+    return not same
+
+
+def _closed_trade(cur: dict[str, Any], bar: int, pos: int, avg: float, commission_per_side: float,
+                  slippage_per_contract: float) -> tuple:
+    """The row (TRADE_COLUMNS order) of the trade ``cur`` that the fill at ``bar`` ended."""
+    side = 1 if pos > 0 else -1
+    return (cur["bar"], bar, side, cur["size"], avg, cur["exit_value"] / cur["exit_qty"],
+            cur["gross"] - cur["costs"] * commission_per_side,
+            cur["costs"] * commission_per_side, cur["costs"] * slippage_per_contract,
+            bar - cur["bar"])
+
+
+def _book_entry(cur: dict[str, Any] | None, pos: int, q: int, bar: int, price: float,
+                avg: float) -> tuple[dict[str, Any], float]:
+    """Book the contracts a fill to ``q`` adds: a new trade from flat (``cur`` None), or an add to
+    ``cur`` that moves the average entry. Returns the open trade and its average entry."""
+    added = abs(q) if cur is None else abs(q) - abs(pos)
+    if cur is None:
+        cur = {"bar": bar, "size": 0, "exit_qty": 0, "exit_value": 0.0, "gross": 0.0, "costs": 0}
+        avg = price
+    elif added > 0:
+        avg = (avg * abs(pos) + price * added) / abs(q)
+    if added > 0:
+        cur["size"] = max(cur["size"], abs(q))
+        cur["costs"] += added
+    return cur, avg
 
 
 def fills_from_positions(positions: np.ndarray, start: int, market: Any) -> list[tuple[int, int, float]]:
@@ -80,9 +100,16 @@ def trade_columns(positions: np.ndarray, start: int, market: Any) -> dict[str, n
         rows = trades_from_fills(fills_from_positions(positions, start, market), spec.point_value,
                                  spec.commission_per_side, spec.slippage_cost)
         return {name: np.array([row[k] for row in rows]) for k, name in enumerate(TRADE_COLUMNS)}
-    bars = start + changed
+    return _round_trip_columns(start + changed, steps[changed - 1], p, q, market)
+
+
+def _round_trip_columns(bars: np.ndarray, moves: np.ndarray, p: np.ndarray, q: np.ndarray,
+                        market: Any) -> dict[str, np.ndarray]:
+    """:func:`trade_columns` of a series with entries, exits and flips only: ``bars`` where the
+    position changed, by ``moves`` contracts, from ``p`` to ``q``."""
+    spec = market.spec
     opens = market.open_[bars]
-    prices = np.where(steps[changed - 1] > 0, opens + spec.slippage_price, opens - spec.slippage_price)
+    prices = np.where(moves > 0, opens + spec.slippage_price, opens - spec.slippage_price)
     exits = np.flatnonzero(p != 0)
     entries = np.flatnonzero(q != 0)[: len(exits)]  # entries after the last exit are still open
     avg, side, size = prices[entries], np.sign(q[entries]), np.abs(q[entries])

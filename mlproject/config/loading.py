@@ -23,14 +23,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     and ``env.instrument={preset: ES, max_contracts: 2}`` a mapping.
     """
     source = str(path) if path is not None else "<defaults>"
-    text = ""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        text = _read(Path(path))
-        loaded = _parse_yaml(text, source)
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(loaded).__name__}")
-        raw = loaded or {}
+    text, raw = _read_mapping(Path(path), source) if path is not None else ("", {})
     # Overrides refine what the file set (--set env.instrument.max_contracts=2 keeps the file's
     # preset); the defaults fill in the rest afterwards. In that order an instrument field given
     # without any preset is a partial custom spec (an error naming what is missing), never the
@@ -44,6 +37,16 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         return Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, source, text, override_keys)) from None
+
+
+def _read_mapping(path: Path, source: str) -> tuple[str, dict[str, Any]]:
+    """(the file's text, its settings): an empty file is no settings; a top level that is not a
+    mapping is a ConfigError."""
+    text = _read(path)
+    loaded = _parse_yaml(text, source)
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(loaded).__name__}")
+    return text, loaded or {}
 
 
 def config_from_dict(raw: Mapping[str, Any], source: str = "<dict>") -> Config:

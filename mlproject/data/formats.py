@@ -97,8 +97,13 @@ def detect_format(path: str | Path) -> str:
         raise DataError(f"{path}: empty file (no data lines)")
     if _csv_delimiter(lines[0][1]) is not None:
         return "csv"
-    # The first line that looks like NT8 decides, so one garbled first line is reported by the
-    # parser with its line number instead of failing as 'unknown format'.
+    return _first_nt8_format(path, lines)
+
+
+def _first_nt8_format(path: Path, lines: list[tuple[int, str]]) -> str:
+    """The NT8 format of the first of ``lines`` (number, text) that looks like NT8, so one garbled
+    first line is reported by the parser with its line number instead of failing as 'unknown
+    format'; DataError naming the first line when none does."""
     for _, text in lines:
         fmt = _nt8_format_of(text)
         if fmt is not None:
@@ -238,14 +243,8 @@ def _tick_fields(path: Path) -> tuple[str, ...]:
 
 def _read_nt8_fast(path: Path, layout: _Nt8Layout, names: tuple[str, ...]) -> _Table | None:
     """Typed C-engine read of a well-formed file; None when any line needs the line-by-line diagnosis."""
-    dtypes = {name: ("str" if name == "timestamp" else "float64") for name in names}
-    try:
-        with warnings.catch_warnings():
-            # pandas truncates extra fields on the first line with only a ParserWarning.
-            warnings.simplefilter("error", pd.errors.ParserWarning)
-            raw = pd.read_csv(path, **_nt8_read_options(names), dtype=dtypes)
-    except (ValueError, UnicodeDecodeError, pd.errors.ParserWarning) as exc:
-        logger.debug("%s: fast read failed (%s); diagnosing line by line", path, exc)
+    raw = _read_nt8_typed(path, names)
+    if raw is None:
         return None
     values = {name: raw[name].to_numpy(np.float64) for name in names[1:]}
     timestamps = _parse_nt8_timestamps(raw["timestamp"], layout)
@@ -264,6 +263,19 @@ def _read_nt8_fast(path: Path, layout: _Nt8Layout, names: tuple[str, ...]) -> _T
         timestamps=timestamps[keep],
         values={name: col[keep] for name, col in values.items()},
     )
+
+
+def _read_nt8_typed(path: Path, names: tuple[str, ...]) -> pd.DataFrame | None:
+    """The C engine's typed read (timestamps as text, the rest float64); None when it fails."""
+    dtypes = {name: ("str" if name == "timestamp" else "float64") for name in names}
+    try:
+        with warnings.catch_warnings():
+            # pandas truncates extra fields on the first line with only a ParserWarning.
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            return pd.read_csv(path, **_nt8_read_options(names), dtype=dtypes)
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserWarning) as exc:
+        logger.debug("%s: fast read failed (%s); diagnosing line by line", path, exc)
+        return None
 
 
 def _nt8_read_options(names: tuple[str, ...]) -> dict[str, Any]:
@@ -393,7 +405,13 @@ def _read_csv_fields(path: Path, delimiter: str, header_line: int) -> tuple[pd.D
         return raw, np.zeros(len(raw), dtype=bool)
     except (pd.errors.ParserError, pd.errors.ParserWarning):
         pass
-    # Some line has more fields than the header: read again with spare columns to find which.
+    return _read_csv_with_spares(path, delimiter, header_line, options)
+
+
+def _read_csv_with_spares(
+    path: Path, delimiter: str, header_line: int, options: dict[str, Any]
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """Some line has more fields than the header: read again with spare columns to find which."""
     names = [str(name).strip() for name in pd.read_csv(path, header=0, nrows=0, **options).columns]
     widest = max(line.count(delimiter) for line in _physical_lines(path)) + 1
     spare = [f"__extra{k}" for k in range(max(widest - len(names), 0))]

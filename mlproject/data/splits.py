@@ -78,6 +78,16 @@ def walk_forward(
     empty frame. Only whole windows are returned.
     """
     step = test_bars if step is None else step
+    window = _window_bars(len(df), train_bars, test_bars, validation_bars, step, gap)
+    return [
+        _window(df, start, train_bars, validation_bars, test_bars, gap)
+        for start in range(0, len(df) - window + 1, step)
+    ]
+
+
+def _window_bars(n_bars: int, train_bars: int, test_bars: int, validation_bars: int, step: int, gap: int) -> int:
+    """Bars one :func:`walk_forward` window spans; ValueError for a size out of range or a
+    window longer than the ``n_bars`` there are."""
     for name, value, least in (
         ("train_bars", train_bars, 1),
         ("test_bars", test_bars, 1),
@@ -88,14 +98,11 @@ def walk_forward(
         if value < least:
             raise ValueError(f"{name} must be >= {least}, got {value}")
     window = train_bars + gap + (validation_bars + gap if validation_bars else 0) + test_bars
-    if window > len(df):
+    if window > n_bars:
         raise ValueError(
-            f"walk_forward needs {window} bars for one window (train, gaps, validation, test), got {len(df)}"
+            f"walk_forward needs {window} bars for one window (train, gaps, validation, test), got {n_bars}"
         )
-    return [
-        _window(df, start, train_bars, validation_bars, test_bars, gap)
-        for start in range(0, len(df) - window + 1, step)
-    ]
+    return window
 
 
 def _window(df: pd.DataFrame, start: int, train: int, validation: int, test: int, gap: int) -> Splits:

@@ -312,6 +312,14 @@ def _table_from_frame(
         raise DataError(f"{source}: expected a pandas DataFrame, got {type(frame).__name__}")
     columns = _match_columns(frame.columns, wanted, source)
     table = _Table(source, labels, unit, np.empty(0, dtype="datetime64[ns]"), {})
+    _frame_times(table, frame, source, unit, allow_time_column)
+    for name, col in columns.items():
+        _frame_values(table, name, frame[col])
+    return table
+
+
+def _frame_times(table: _Table, frame: pd.DataFrame, source: str, unit: str, allow_time_column: bool) -> None:
+    """The table's timestamps from the frame's DatetimeIndex, or (if allowed) its time column(s)."""
     if isinstance(frame.index, pd.DatetimeIndex):
         table.timestamps, table.tz = _naive_utc(frame.index)
     elif allow_time_column:
@@ -321,9 +329,6 @@ def _table_from_frame(
             f"{source}: the index must be a DatetimeIndex (got {type(frame.index).__name__}); "
             "set_index() the time column first"
         )
-    for name, col in columns.items():
-        _frame_values(table, name, frame[col])
-    return table
 
 
 def _time_from_columns(table: _Table, frame: pd.DataFrame, times: list[str]) -> None:
