@@ -59,20 +59,34 @@ def main(cfg: Config) -> AnnotateResult:
                                 cfg.annotation.quality_scale)
         buffer.annotate(notes)
         per_trade = notes.drop_duplicates("reflection") if len(notes) else notes
-        counts = {"trades": len(per_trade), "experiences": len(notes),
-                  "high_value": int(per_trade["tags"].map(lambda t: "high_value" in t).sum()) if len(notes) else 0,
-                  "failed": int(per_trade["tags"].map(lambda t: "failed" in t).sum()) if len(notes) else 0}
-        if llm is not None:
-            counts["llm_fallbacks"] = llm.failures
+        counts = _counts(notes, per_trade, llm)
         mlflow.log_metrics({f"annotate/{k}": float(v) for k, v in counts.items()})
         log_buffer_stats(buffer)
         if len(per_trade):
-            sample = per_trade.head(SAMPLE_ROWS).assign(tags=per_trade["tags"].head(SAMPLE_ROWS).map(",".join))
-            mlflow.log_table(sample, "annotate/sample.json")
+            _log_sample(per_trade)
         log.info("annotated %d closed trades (%d experiences): %d high-value, %d failed", counts["trades"],
                  counts["experiences"], counts["high_value"], counts["failed"])
         return AnnotateResult(run.info.run_id, counts["trades"], counts["experiences"], counts["high_value"],
                               counts["failed"], notes)
+
+
+def _counts(notes: pd.DataFrame, per_trade: pd.DataFrame, llm: LLMAnnotator | None) -> dict[str, int]:
+    """Closed trades, experiences, high-value and failed trades annotated (and the model
+    annotator's fallbacks to the rules)."""
+    counts = {"trades": len(per_trade), "experiences": len(notes),
+              "high_value": int(per_trade["tags"].map(lambda t: "high_value" in t).sum()) if len(notes) else 0,
+              "failed": int(per_trade["tags"].map(lambda t: "failed" in t).sum()) if len(notes) else 0}
+    if llm is not None:
+        counts["llm_fallbacks"] = llm.failures
+    return counts
+
+
+def _log_sample(per_trade: pd.DataFrame) -> None:
+    """The first :data:`SAMPLE_ROWS` reflections as the run's ``annotate/sample.json`` table."""
+    import mlflow
+
+    sample = per_trade.head(SAMPLE_ROWS).assign(tags=per_trade["tags"].head(SAMPLE_ROWS).map(",".join))
+    mlflow.log_table(sample, "annotate/sample.json")
 
 
 def annotator(cfg: Config) -> LLMAnnotator | None:

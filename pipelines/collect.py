@@ -20,6 +20,7 @@ import logging
 import re
 import secrets
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from mlproject.config import Config, load_config
 from mlproject.data import load_bars
 from mlproject.evaluation import default_bars
 from mlproject.experience import ExperienceBuffer
-from mlproject.instruments import resolve_instrument
+from mlproject.instruments import InstrumentSpec, resolve_instrument
 from mlproject.metrics import win_rate
 from mlproject.tracking import log_buffer_stats, log_dataset, pipeline_run, setup_tracking
 
@@ -106,65 +107,116 @@ def _bars(cfg: Config, data: str | None, limit: int | None) -> pd.DataFrame:
 
 def main(cfg: Config, data: str | None = None, bars_limit: int | None = None, account: str | None = None) -> CollectResult:
     """One paper session through the bridge; an MLflow run with its results."""
-    import mlflow
-
     bars = _bars(cfg, data, bars_limit)
     spec = resolve_instrument(cfg.env.instrument)
-    host, port = cfg.bridge.host, cfg.bridge.port
-    own = not _bridge_running(host, port)
-    thread = None
-    if own:
-        token = secrets.token_urlsafe(24)
-        thread = BridgeThread(Bridge(cfg, token=token, port=0))
-        host, port = thread.start()
-        log.info("no bridge at %s:%d: started one for this session on port %d", cfg.bridge.host, cfg.bridge.port, port)
-    else:
-        token = token_from_env(cfg)
+    bridge = _connect(cfg)
     setup_tracking(cfg)
     try:
         with pipeline_run(cfg, "collect") as run:
             account = account or f"paper-{run.info.run_id[:8]}"
-            log_dataset(bars, "paper-bars", bars.attrs.get("path") or str(bars.attrs.get("source", "")), "paper")
-            mlflow.log_params({"collect.account": account, "collect.bars": len(bars),
-                               "collect.bridge": f"{host}:{port}", "collect.own_bridge": own})
-            step = max(1, len(bars) // 10)
-
-            def progress(done: int, total: int) -> None:
-                if done % step == 0 or done == total:
-                    log.info("paper: %d/%d bars", done, total)
-
-            try:
-                paper = asyncio.run(paper_trade(host, port, token, bars, spec, account=account,
-                                                initial_equity=cfg.env.initial_equity, progress=progress))
-            except PaperError as exc:  # a refusal the user fixes: one line (run_cli), not a traceback
-                message = refusal(cfg, exc, f"{host}:{port}", own)
-                if message is None:
-                    raise
-                raise ValueError(message) from exc
-            if thread is not None:
-                thread.stop()  # writes every experience before the buffer stats below
-                thread = None
-            trades = paper.trades
-            metrics = {"collect/realised_pnl": paper.realised_pnl, "collect/equity": paper.equity,
-                       "collect/return": paper.equity / cfg.env.initial_equity - 1.0,
-                       "collect/trades": float(len(trades)), "collect/commission": paper.commission,
-                       "collect/decisions": float(paper.decisions), "collect/decisions_per_s": paper.decisions_per_s,
-                       "collect/kills": float(paper.kills)}
-            if len(trades):
-                metrics["collect/win_rate"] = float(win_rate(trades["pnl"].to_numpy()))
-            metrics.update({f"collect/guard_{k}": float(v) for k, v in paper.guards.items()})
-            mlflow.log_metrics(metrics)
-            mlflow.set_tag("collect.model_versions", ",".join(sorted(paper.model_versions)))
-            if len(trades):
-                mlflow.log_table(trades.astype({"entry_time": str, "exit_time": str}), "collect/trades.json")
+            _log_session(bars, account, bridge)
+            paper = _paper_session(cfg, bridge, bars, spec, account)
+            bridge.stop()  # writes every experience before the buffer stats below
+            _log_paper(cfg, paper)
             log_buffer_stats(ExperienceBuffer(cfg.continuous_learning.experience_storage))
             log.info("paper session %s: %d decisions (%.0f/s) by model version(s) %s, %d trades, PnL %.2f",
-                     account, paper.decisions, paper.decisions_per_s, dict(paper.model_versions), len(trades),
+                     account, paper.decisions, paper.decisions_per_s, dict(paper.model_versions), len(paper.trades),
                      paper.realised_pnl)
-            return CollectResult(run.info.run_id, paper, f"{host}:{port}", own)
+            return CollectResult(run.info.run_id, paper, bridge.address, bridge.own)
     finally:
-        if thread is not None:
-            thread.stop()
+        bridge.stop()
+
+
+@dataclass
+class _Endpoint:
+    """The bridge a session talks to: where, with which token, and its thread when this run
+    started it (``own``)."""
+
+    host: str
+    port: int
+    token: str
+    own: bool
+    thread: BridgeThread | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        """Stop the bridge this run started (once; nothing for one that was already running)."""
+        if self.thread is not None:
+            self.thread.stop()
+            self.thread = None
+
+
+def _connect(cfg: Config) -> _Endpoint:
+    """The bridge at ``bridge.host:bridge.port`` when one runs there, else one started in this
+    process for the session (a fresh token, any free port)."""
+    host, port = cfg.bridge.host, cfg.bridge.port
+    if _bridge_running(host, port):
+        return _Endpoint(host, port, token_from_env(cfg), own=False)
+    token = secrets.token_urlsafe(24)
+    thread = BridgeThread(Bridge(cfg, token=token, port=0))
+    host, port = thread.start()
+    log.info("no bridge at %s:%d: started one for this session on port %d", cfg.bridge.host, cfg.bridge.port, port)
+    return _Endpoint(host, port, token, own=True, thread=thread)
+
+
+def _log_session(bars: pd.DataFrame, account: str, bridge: _Endpoint) -> None:
+    """The replayed bars (a dataset input) and the session's params."""
+    import mlflow
+
+    log_dataset(bars, "paper-bars", bars.attrs.get("path") or str(bars.attrs.get("source", "")), "paper")
+    mlflow.log_params({"collect.account": account, "collect.bars": len(bars),
+                       "collect.bridge": bridge.address, "collect.own_bridge": bridge.own})
+
+
+def _paper_session(cfg: Config, bridge: _Endpoint, bars: pd.DataFrame, spec: InstrumentSpec,
+                   account: str) -> PaperResult:
+    """Replay ``bars`` through the bridge; a refusal the user fixes is a one-line ValueError."""
+    try:
+        return asyncio.run(paper_trade(bridge.host, bridge.port, bridge.token, bars, spec, account=account,
+                                       initial_equity=cfg.env.initial_equity, progress=_progress(len(bars))))
+    except PaperError as exc:  # a refusal the user fixes: one line (run_cli), not a traceback
+        message = refusal(cfg, exc, bridge.address, bridge.own)
+        if message is None:
+            raise
+        raise ValueError(message) from exc
+
+
+def _progress(n_bars: int) -> Callable[[int, int], None]:
+    """A progress callback that logs every tenth of the replay and its end."""
+    step = max(1, n_bars // 10)
+
+    def progress(done: int, total: int) -> None:
+        if done % step == 0 or done == total:
+            log.info("paper: %d/%d bars", done, total)
+
+    return progress
+
+
+def _log_paper(cfg: Config, paper: PaperResult) -> None:
+    """The session's metrics (``collect/...``), the deciding model versions and the trades table."""
+    import mlflow
+
+    mlflow.log_metrics(_paper_metrics(cfg, paper))
+    mlflow.set_tag("collect.model_versions", ",".join(sorted(paper.model_versions)))
+    if len(paper.trades):
+        mlflow.log_table(paper.trades.astype({"entry_time": str, "exit_time": str}), "collect/trades.json")
+
+
+def _paper_metrics(cfg: Config, paper: PaperResult) -> dict[str, float]:
+    """PnL, costs, decisions and guard counts of a paper session; win rate only with trades."""
+    trades = paper.trades
+    metrics = {"collect/realised_pnl": paper.realised_pnl, "collect/equity": paper.equity,
+               "collect/return": paper.equity / cfg.env.initial_equity - 1.0,
+               "collect/trades": float(len(trades)), "collect/commission": paper.commission,
+               "collect/decisions": float(paper.decisions), "collect/decisions_per_s": paper.decisions_per_s,
+               "collect/kills": float(paper.kills)}
+    if len(trades):
+        metrics["collect/win_rate"] = float(win_rate(trades["pnl"].to_numpy()))
+    metrics.update({f"collect/guard_{k}": float(v) for k, v in paper.guards.items()})
+    return metrics
 
 
 def build_parser() -> argparse.ArgumentParser:

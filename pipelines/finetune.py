@@ -81,25 +81,36 @@ def prepare_data(cfg: Config, data: str | None) -> Prepared:
 
     f = cfg.finetune
     if data:
-        folder = Path(data)
-        train, validation = read_jsonl(folder / "train.jsonl"), read_jsonl(folder / "validation.jsonl")
-        if train.empty or validation.empty:
-            raise ValueError(f"{folder}: train.jsonl and validation.jsonl must each hold at least one record")
-        prepared = Prepared(folder / "train.jsonl", folder / "validation.jsonl", train, validation, {})
+        prepared = _read_prepared(Path(data))
     else:
         buffer = ExperienceBuffer(cfg.continuous_learning.experience_storage)
         prepared = prepare(buffer, f.output_dir, f.min_quality, f.validation_fraction, f.min_examples)
         mlflow.log_metrics({f"finetune/dropped_{k}": float(v) for k, v in prepared.dropped.items()})
     for name, frame, path in (("train", prepared.train, prepared.train_path),
                               ("validation", prepared.validation, prepared.validation_path)):
-        with quiet_dataset_source():
-            dataset = mlflow.data.from_pandas(frame[["prompt", "completion"]], source=str(path.resolve()),
-                                              name=f"reasoner-{name}")
-        mlflow.log_input(dataset, context="training" if name == "train" else "validation")
-        mlflow.log_metric(f"finetune/{name}_examples", float(len(frame)))
+        _log_split(name, frame, path)
     mlflow.log_artifact(str(prepared.train_path), "data")
     mlflow.log_artifact(str(prepared.validation_path), "data")
     return prepared
+
+
+def _read_prepared(folder: Path) -> Prepared:
+    """The pairs of a folder with ``train.jsonl`` and ``validation.jsonl``, each holding a record."""
+    train, validation = read_jsonl(folder / "train.jsonl"), read_jsonl(folder / "validation.jsonl")
+    if train.empty or validation.empty:
+        raise ValueError(f"{folder}: train.jsonl and validation.jsonl must each hold at least one record")
+    return Prepared(folder / "train.jsonl", folder / "validation.jsonl", train, validation, {})
+
+
+def _log_split(name: str, frame: pd.DataFrame, path: Path) -> None:
+    """One split as a dataset input of the run (``training`` or ``validation``) and its size."""
+    import mlflow
+
+    with quiet_dataset_source():
+        dataset = mlflow.data.from_pandas(frame[["prompt", "completion"]], source=str(path.resolve()),
+                                          name=f"reasoner-{name}")
+    mlflow.log_input(dataset, context="training" if name == "train" else "validation")
+    mlflow.log_metric(f"finetune/{name}_examples", float(len(frame)))
 
 
 def completion_loss(model: Any, tokenizer: Any, frame: pd.DataFrame, max_length: int) -> float:
@@ -138,7 +149,6 @@ def _peak_memory_mb() -> dict[str, float]:
 
 def _callback(history: list[dict[str, float]]) -> Any:
     """A TrainerCallback logging loss, validation loss and tokens/s to the active MLflow run."""
-    import mlflow
     from transformers import TrainerCallback
 
     class ToMlflow(TrainerCallback):
@@ -148,22 +158,37 @@ def _callback(history: list[dict[str, float]]) -> Any:
             self.started = time.perf_counter()  # tokens/s of training, not of loading the model
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
-            logs = logs or {}
-            names = {"loss": "loss", "eval_loss": "eval_loss", "learning_rate": "learning_rate",
-                     "grad_norm": "grad_norm", "mean_token_accuracy": "token_accuracy"}
-            metrics = {f"finetune/{names[k]}": float(v) for k, v in logs.items()
-                       if k in names and isinstance(v, (int, float)) and math.isfinite(float(v))}
-            if "num_tokens" in logs:
-                metrics["finetune/tokens_per_s"] = float(logs["num_tokens"]) / (time.perf_counter() - self.started)
+            metrics = _step_metrics(logs or {}, self.started)
             if metrics:
-                metrics.update(_peak_memory_mb())
-                if mlflow.active_run():  # outside a run (a test, a notebook) only the log line
-                    mlflow.log_metrics(metrics, step=state.global_step)
-                history.append({**metrics, "step": float(state.global_step)})
-                log.info("fine-tune step %d/%d %s", state.global_step, state.max_steps,
-                         " ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in metrics.items()))
+                _record_step(metrics, state, history)
 
     return ToMlflow()
+
+
+_LOGGED = {"loss": "loss", "eval_loss": "eval_loss", "learning_rate": "learning_rate",
+           "grad_norm": "grad_norm", "mean_token_accuracy": "token_accuracy"}
+"""Trainer log keys -> ``finetune/...`` metric names."""
+
+
+def _step_metrics(logs: dict[str, Any], started: float) -> dict[str, float]:
+    """The finite numbers of one trainer log as ``finetune/...`` metrics, with tokens/s since ``started``."""
+    metrics = {f"finetune/{_LOGGED[k]}": float(v) for k, v in logs.items()
+               if k in _LOGGED and isinstance(v, (int, float)) and math.isfinite(float(v))}
+    if "num_tokens" in logs:
+        metrics["finetune/tokens_per_s"] = float(logs["num_tokens"]) / (time.perf_counter() - started)
+    return metrics
+
+
+def _record_step(metrics: dict[str, float], state: Any, history: list[dict[str, float]]) -> None:
+    """Add peak memory; log to the active run (outside one, only the log line) and to ``history``."""
+    import mlflow
+
+    metrics.update(_peak_memory_mb())
+    if mlflow.active_run():  # outside a run (a test, a notebook) only the log line
+        mlflow.log_metrics(metrics, step=state.global_step)
+    history.append({**metrics, "step": float(state.global_step)})
+    log.info("fine-tune step %d/%d %s", state.global_step, state.max_steps,
+             " ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in metrics.items()))
 
 
 def train_adapter(cfg: Config, base: str, prepared: Prepared, work: Path, history: list[dict[str, float]],
@@ -173,19 +198,52 @@ def train_adapter(cfg: Config, base: str, prepared: Prepared, work: Path, histor
     further ``TrainerCallback`` objects (tests look at the weights before the first step)."""
     import datasets
     import torch
-    from peft import LoraConfig, prepare_model_for_kbit_training
     from transformers import PrinterCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     datasets.disable_progress_bars()  # per-map bars for a few hundred rows; the step log shows progress
 
     f = cfg.finetune
     on_gpu = torch.cuda.is_available()
-    model, tokenizer = load_base(base, f.quantization)
-    if f.quantization != "none":
+    model, tokenizer = _trainable_base(base, f.quantization, on_gpu)
+    args = _sft_config(cfg, work, on_gpu)
+    lora = _lora_config(cfg)
+    trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, peft_config=lora,
+                         train_dataset=datasets.Dataset.from_pandas(prepared.train[["prompt", "completion"]]),
+                         eval_dataset=datasets.Dataset.from_pandas(prepared.validation[["prompt", "completion"]]),
+                         callbacks=[_callback(history), *callbacks])
+    trainer.remove_callback(PrinterCallback)  # prints each log dict; the callback above logs them
+    trainer.train()
+    return trainer.model, tokenizer
+
+
+def _trainable_base(base: str, quantization: str, on_gpu: bool) -> tuple[Any, Any]:
+    """(the base model loaded for training, its tokenizer)."""
+    from peft import prepare_model_for_kbit_training
+
+    model, tokenizer = load_base(base, quantization)
+    if quantization != "none":
         # TRL does not do this itself: norms in fp32, input grads for activation checkpointing.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=on_gpu)
-    args = SFTConfig(
+    return model, tokenizer
+
+
+def _lora_config(cfg: Config) -> Any:
+    """The LoRA adapter of ``finetune.*`` (rank, alpha, dropout, target modules) for a causal LM."""
+    from peft import LoraConfig
+
+    f = cfg.finetune
+    return LoraConfig(r=f.lora_r, lora_alpha=f.lora_alpha, lora_dropout=f.lora_dropout, task_type="CAUSAL_LM",
+                      target_modules=f.target_modules)
+
+
+def _sft_config(cfg: Config, work: Path, on_gpu: bool) -> Any:
+    """TRL's SFTConfig from ``finetune.*``: completion-only loss, evaluation every ``eval_steps``,
+    no checkpoints, and on a GPU bf16, activation checkpointing and paged 8-bit Adam."""
+    from trl import SFTConfig
+
+    f = cfg.finetune
+    return SFTConfig(
         output_dir=str(work), max_steps=f.max_steps, learning_rate=f.learning_rate, warmup_steps=0.03,
         per_device_train_batch_size=f.batch_size, per_device_eval_batch_size=f.batch_size,
         gradient_accumulation_steps=f.gradient_accumulation, max_length=f.max_length, completion_only_loss=True,
@@ -194,15 +252,6 @@ def train_adapter(cfg: Config, base: str, prepared: Prepared, work: Path, histor
         # bf16 with 4-bit on the CPU is ~10x slower (API-NOTES); paged 8-bit Adam needs CUDA.
         bf16=on_gpu, activation_checkpointing=on_gpu, optim="paged_adamw_8bit" if on_gpu else "adamw_torch",
         disable_tqdm=True)
-    lora = LoraConfig(r=f.lora_r, lora_alpha=f.lora_alpha, lora_dropout=f.lora_dropout, task_type="CAUSAL_LM",
-                      target_modules=f.target_modules)
-    trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, peft_config=lora,
-                         train_dataset=datasets.Dataset.from_pandas(prepared.train[["prompt", "completion"]]),
-                         eval_dataset=datasets.Dataset.from_pandas(prepared.validation[["prompt", "completion"]]),
-                         callbacks=[_callback(history), *callbacks])
-    trainer.remove_callback(PrinterCallback)  # prints each log dict; the callback above logs them
-    trainer.train()
-    return trainer.model, tokenizer
 
 
 def log_adapter(model: Any, tokenizer: Any, base: str) -> Any:
@@ -248,44 +297,79 @@ def main(cfg: Config, base_model: str | None = None, data: str | None = None, ma
     """Prepare, train, log, register and gate one adapter (see the module docstring)."""
     import mlflow
 
-    updates = {k: v for k, v in {"base_model": base_model, "max_steps": max_steps, "lora_r": lora_r,
-                                 "quantization": quantization}.items() if v}
-    if updates:
-        cfg = cfg.model_validate({**cfg.model_dump(), "finetune": {**cfg.finetune.model_dump(), **updates}})
-    f = cfg.finetune
+    cfg = _with_updates(cfg, {"base_model": base_model, "max_steps": max_steps, "lora_r": lora_r,
+                              "quantization": quantization})
     setup_tracking(cfg)
     with pipeline_run(cfg, "finetune") as run:
-        mlflow.set_tag("finetune.base_model", f.base_model)
+        mlflow.set_tag("finetune.base_model", cfg.finetune.base_model)
         if not prepare_only:  # before the data: a base that is not here stops the run first
-            base = resolve_base(cfg)
-            tokenizer = load_tokenizer(base)
-            if not data:  # the buffer's pairs are in the R1-Distill-Llama form: the base must read them so
-                check_prompt_format(tokenizer, base)
-            mlflow.set_tag("finetune.base_path", base)
+            base = _checked_base(cfg, data)
         prepared = prepare_data(cfg, data)
         result = FinetuneResult(run.info.run_id, prepared)
         if prepare_only:
             log.info("prepared %s and %s", prepared.train_path, prepared.validation_path)
             return result
-        with tempfile.TemporaryDirectory(prefix="nt8-finetune-") as tmp, quiet_checkpointing_rename():
-            started = time.perf_counter()
-            model, tokenizer = train_adapter(cfg, base, prepared, Path(tmp), result.history)
-            mlflow.log_metric("finetune/train_seconds", time.perf_counter() - started)
-        result.val_loss = completion_loss(model, tokenizer, prepared.validation, f.max_length)
-        info = log_adapter(model, tokenizer, base)
-        result.model_uri = info.model_uri
-        result.version = str(register_version(info.model_uri, f.register_model, {
-            BASE_TAG: f.base_model, "run_id": run.info.run_id, "val_loss": f"{result.val_loss:.6g}",
-            "quantization": f.quantization, "lora_r": str(f.lora_r)},
-            description=f"LoRA r={f.lora_r} on {f.base_model}, {len(prepared.train)} trades").version)
+        model, tokenizer = _timed_training(cfg, base, prepared, result.history)
+        result.val_loss = completion_loss(model, tokenizer, prepared.validation, cfg.finetune.max_length)
+        _log_and_register(cfg, model, tokenizer, base, result)
         result.decision, reason = _gate_and_promote(cfg, result, model, tokenizer, base)
-        mlflow.log_metrics({"finetune/val_loss": result.val_loss, **_peak_memory_mb(),
-                            **({"finetune/production_val_loss": result.production_val_loss}
-                               if math.isfinite(result.production_val_loss) else {})})
-        mlflow.set_tags({"decision": result.decision, "reasons": reason, "candidate_version": result.version})
-        record_verdict(f.register_model, result.version, result.decision, reason, run.info.run_id)
-        log.info("%s v%s %s: %s", f.register_model, result.version, result.decision, reason)
+        _log_verdict(cfg, result, reason)
         return result
+
+
+def _with_updates(cfg: Config, updates: dict[str, Any]) -> Config:
+    """``cfg`` with the given (non-empty) ``finetune.*`` values of the command line."""
+    updates = {k: v for k, v in updates.items() if v}
+    if updates:
+        cfg = cfg.model_validate({**cfg.model_dump(), "finetune": {**cfg.finetune.model_dump(), **updates}})
+    return cfg
+
+
+def _checked_base(cfg: Config, data: str | None) -> str:
+    """The base (:func:`resolve_base`), its tokenizer loaded: a base that is not here fails first."""
+    import mlflow
+
+    base = resolve_base(cfg)
+    tokenizer = load_tokenizer(base)
+    if not data:  # the buffer's pairs are in the R1-Distill-Llama form: the base must read them so
+        check_prompt_format(tokenizer, base)
+    mlflow.set_tag("finetune.base_path", base)
+    return base
+
+
+def _timed_training(cfg: Config, base: str, prepared: Prepared, history: list[dict[str, float]]) -> tuple[Any, Any]:
+    """:func:`train_adapter` in a scratch folder; logs ``finetune/train_seconds``."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="nt8-finetune-") as tmp, quiet_checkpointing_rename():
+        started = time.perf_counter()
+        model, tokenizer = train_adapter(cfg, base, prepared, Path(tmp), history)
+        mlflow.log_metric("finetune/train_seconds", time.perf_counter() - started)
+    return model, tokenizer
+
+
+def _log_and_register(cfg: Config, model: Any, tokenizer: Any, base: str, result: FinetuneResult) -> None:
+    """Log the adapter and register it as a new version (``result.model_uri``, ``result.version``)."""
+    f = cfg.finetune
+    info = log_adapter(model, tokenizer, base)
+    result.model_uri = info.model_uri
+    result.version = str(register_version(info.model_uri, f.register_model, {
+        BASE_TAG: f.base_model, "run_id": result.run_id, "val_loss": f"{result.val_loss:.6g}",
+        "quantization": f.quantization, "lora_r": str(f.lora_r)},
+        description=f"LoRA r={f.lora_r} on {f.base_model}, {len(result.prepared.train)} trades").version)
+
+
+def _log_verdict(cfg: Config, result: FinetuneResult, reason: str) -> None:
+    """The gate's decision: final metrics, run tags, the version's ``gate.*`` tags and a log line."""
+    import mlflow
+
+    f = cfg.finetune
+    mlflow.log_metrics({"finetune/val_loss": result.val_loss, **_peak_memory_mb(),
+                        **({"finetune/production_val_loss": result.production_val_loss}
+                           if math.isfinite(result.production_val_loss) else {})})
+    mlflow.set_tags({"decision": result.decision, "reasons": reason, "candidate_version": result.version})
+    record_verdict(f.register_model, result.version, result.decision, reason, result.run_id)
+    log.info("%s v%s %s: %s", f.register_model, result.version, result.decision, reason)
 
 
 def _gate_and_promote(cfg: Config, result: FinetuneResult, model: Any, tokenizer: Any, base: str) -> tuple[str, str]:

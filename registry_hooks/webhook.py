@@ -147,41 +147,61 @@ def make_app(receiver: Receiver) -> Any:
     """The ASGI app: POST /webhook -> ``receiver``; every malformed request a 4xx."""
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
-    from starlette.requests import ClientDisconnect, Request
-    from starlette.responses import JSONResponse
+    from starlette.requests import Request
     from starlette.routing import Route
 
-    def answer(status: int, message: str, close: bool = False) -> JSONResponse:
-        # close: the body was not (fully) read, so the connection cannot carry another request.
-        return JSONResponse({"status": status, "message": message}, status_code=status,
-                            headers={"connection": "close"} if close else None)
-
-    async def webhook(request: Request) -> JSONResponse:
-        length = request.headers.get("content-length")
-        if length is None:
-            return answer(411, "Content-Length required", close=True)
-        if not length.isdigit():
-            return answer(400, "bad Content-Length", close=True)
-        if int(length) > MAX_BODY_BYTES:
-            return answer(413, f"body over {MAX_BODY_BYTES} bytes", close=True)
-        try:
-            raw = await asyncio.wait_for(request.body(), BODY_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            return answer(408, f"body not received within {BODY_TIMEOUT_S:g} s", close=True)
-        except ClientDisconnect:
-            return answer(400, "client went away")
-        try:
-            body = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return answer(400, "body is not UTF-8")
+    async def webhook(request: Request) -> Any:
+        body = await _read_body(request)
+        if not isinstance(body, str):
+            return body  # the 4xx of a malformed request
         try:
             status, message = await run_in_threadpool(receiver.handle, request.headers, body)
         except Exception as exc:  # noqa: BLE001 - answer 500 with the reason, keep serving
             log.exception("reconcile after webhook failed")
             status, message = 500, f"{type(exc).__name__}: {exc}"
-        return answer(status, message)
+        return _answer(status, message)
 
     return Starlette(routes=[Route("/webhook", webhook, methods=["POST"])])
+
+
+def _answer(status: int, message: str, close: bool = False) -> Any:
+    """The JSON answer ``{"status", "message"}``. ``close``: the body was not (fully) read, so the
+    connection cannot carry another request."""
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"status": status, "message": message}, status_code=status,
+                        headers={"connection": "close"} if close else None)
+
+
+async def _read_body(request: Any) -> Any:
+    """The request's body as text, or the 4xx answer when its length is missing or too large
+    (refused unread), it does not arrive in time, or it is not UTF-8."""
+    from starlette.requests import ClientDisconnect
+
+    refused = _length_refusal(request.headers.get("content-length"))
+    if refused is not None:
+        return refused
+    try:
+        raw = await asyncio.wait_for(request.body(), BODY_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        return _answer(408, f"body not received within {BODY_TIMEOUT_S:g} s", close=True)
+    except ClientDisconnect:
+        return _answer(400, "client went away")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return _answer(400, "body is not UTF-8")
+
+
+def _length_refusal(length: str | None) -> Any:
+    """The answer to a missing, malformed or too large Content-Length; None when the body may be read."""
+    if length is None:
+        return _answer(411, "Content-Length required", close=True)
+    if not length.isdigit():
+        return _answer(400, "bad Content-Length", close=True)
+    if int(length) > MAX_BODY_BYTES:
+        return _answer(413, f"body over {MAX_BODY_BYTES} bytes", close=True)
+    return None
 
 
 def _deadline_protocol(header_timeout: float) -> type:
@@ -191,36 +211,41 @@ def _deadline_protocol(header_timeout: float) -> type:
     (or after its previous response), unless a whole request head has arrived."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class HeaderDeadlineProtocol(H11Protocol):
-        _deadline: asyncio.TimerHandle | None = None
+    return type("HeaderDeadlineProtocol", (_HeaderDeadline, H11Protocol), {"_header_timeout": header_timeout})
 
-        def _arm(self) -> None:
-            if self._deadline is None:
-                self._deadline = self.loop.call_later(header_timeout, self.timeout_keep_alive_handler)
 
-        def _disarm(self) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-                self._deadline = None
+class _HeaderDeadline:
+    """The request-head deadline of :func:`_deadline_protocol`, mixed in before uvicorn's
+    H11Protocol (which is imported only when a server is made); ``_header_timeout`` is set there."""
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
+    _header_timeout: float
+    _deadline: asyncio.TimerHandle | None = None
+
+    def _arm(self) -> None:
+        if self._deadline is None:
+            self._deadline = self.loop.call_later(self._header_timeout, self.timeout_keep_alive_handler)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        before = self.cycle
+        super().data_received(data)
+        # No new request cycle began: still waiting for a whole head (or between requests).
+        if self.cycle is before and (before is None or before.response_complete):
             self._arm()
-
-        def data_received(self, data: bytes) -> None:
-            before = self.cycle
-            super().data_received(data)
-            # No new request cycle began: still waiting for a whole head (or between requests).
-            if self.cycle is before and (before is None or before.response_complete):
-                self._arm()
-            else:
-                self._disarm()
-
-        def connection_lost(self, exc: Exception | None) -> None:
+        else:
             self._disarm()
-            super().connection_lost(exc)
 
-    return HeaderDeadlineProtocol
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
 
 
 class WebhookServer:
@@ -301,17 +326,29 @@ def delivery_problem(response: Any, url: str) -> str | None:
     if response.status_code != 200:
         return f"the tracking server refused the test delivery: HTTP {response.status_code} {response.text[:300]}"
     result = response.json().get("result", {})
+    if result.get("success"):
+        return _answer_problem(result.get("response_body", ""), url)
+    return _failure_problem(result, url)
+
+
+def _answer_problem(body: str, url: str) -> str | None:
+    """None if a delivered test event's answer is the receiver's (a JSON object with a message),
+    else that ``url`` is something else."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict) or "message" not in answer:
+        return (f"{url} answered the test delivery, but not as `python -m registry_hooks.webhook serve` does "
+                f"({body[:200]!r}): point --url at the receiver")
+    return None
+
+
+def _failure_problem(result: dict[str, Any], url: str) -> str:
+    """Why a test delivery failed (the receiver refused it, answered an error, or was not reached)
+    and how to fix it."""
     status, body = result.get("response_status"), result.get("response_body", "")
     error = result.get("error_message", "")
-    if result.get("success"):
-        try:
-            answer = json.loads(body)
-        except ValueError:
-            answer = None
-        if not isinstance(answer, dict) or "message" not in answer:
-            return (f"{url} answered the test delivery, but not as `python -m registry_hooks.webhook serve` does "
-                    f"({body[:200]!r}): point --url at the receiver")
-        return None
     if status == 401:
         return (f"the receiver at {url} refused MLflow's signature ({body[:200]}): "
                 "give `serve` and `register` the same --secret")
