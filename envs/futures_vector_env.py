@@ -42,9 +42,12 @@ class FuturesTradingVectorEnv(VectorEnv):
         for name, value in m.step_constants().items():
             setattr(self, name, value)
         self._rngs: list[np.random.Generator] = [seeding.np_random(None)[0] for _ in range(num_envs)]
-        n = num_envs
-        self._t = np.full(n, m.t_min, np.int64)
-        self._end = np.full(n, m.t_min, np.int64)
+        self._allocate_accounts(num_envs, m.t_min)
+
+    def _allocate_accounts(self, n: int, t_min: int) -> None:
+        """Per-sub-env state arrays (set for real by the first reset)."""
+        self._t = np.full(n, t_min, np.int64)
+        self._end = np.full(n, t_min, np.int64)
         self._pos = np.zeros(n, np.int64)
         self._avg = np.zeros(n)
         self._equity = np.zeros(n)
@@ -89,42 +92,62 @@ class FuturesTradingVectorEnv(VectorEnv):
         """:meth:`step` without the info dict: (obs, reward, terminated, truncated). The
         account after the step is :attr:`equity` and :attr:`position` (batched backtests read
         those two and skip the info copies)."""
-        m, cfg = self.market, self.market.cfg
+        m = self.market
         p, t = self._pos, self._t
         resetting = self._needs_reset
         q = self._checked(actions) - self._max
         if resetting.any():
             q = np.where(resetting, p, q)  # envs that reset this step do not trade
         nxt = np.minimum(t + 1, m.n_bars - 1)  # ended envs may sit on the last bar; they reset below
+        delta = self._equity_change(p, q, t, nxt)
+        eq_old = self._equity
+        eq = eq_old + delta
+        reward = self._reward(delta, eq_old, eq)
+        self._t, self._pos, self._equity = nxt, q, eq
+        self._steps = self._steps + 1
+        terminated, truncated = self._episode_ends(nxt, eq)
+        if resetting.any():
+            self._autoreset(np.flatnonzero(resetting), reward, terminated, truncated)
+        self._needs_reset = terminated | truncated
+        return self._observe(), reward, terminated, truncated
+
+    def _equity_change(self, p: np.ndarray, q: np.ndarray, t: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+        """The step's equity change from bar ``t`` to ``nxt`` when ``p`` becomes ``q`` contracts:
+        marked to market, less the fill's slippage and commission (booked by :meth:`_fill`)."""
+        m = self.market
         o1 = m.open_[nxt]
         pv = self._pv
         delta = p * (o1 - m.close[t]) * pv + q * (m.close[nxt] - o1) * pv
-        delta = self._fill(p, q, o1) + delta
-        eq_old = self._equity
-        eq = eq_old + delta
+        return self._fill(p, q, o1) + delta
+
+    def _reward(self, delta: np.ndarray, eq_old: np.ndarray, eq: np.ndarray) -> np.ndarray:
+        """reward_scale * (equity change - risk_penalty * drawdown increase); moves the peaks."""
+        cfg = self.market.cfg
         reward = delta
         if cfg.risk_penalty:
             new_peak = np.maximum(self._peak, eq)
             grow = (new_peak - eq) - (self._peak - eq_old)
             reward = delta - np.where(grow > 0.0, cfg.risk_penalty * grow, 0.0)
             self._peak = new_peak
-        reward = cfg.reward_scale * reward
-        self._t, self._pos, self._equity = nxt, q, eq
-        self._steps = self._steps + 1
+        return cfg.reward_scale * reward
+
+    def _episode_ends(self, nxt: np.ndarray, eq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(terminated, truncated) after a step to bar ``nxt`` with equity ``eq``."""
         # As in the single env: only the equity floor terminates; the end of the data (where
         # _end stops every episode at the latest) is a truncation.
+        max_steps = self.market.cfg.max_episode_steps
         terminated = eq < self._floor
         truncated = ~terminated & (nxt >= self._end)
-        if cfg.max_episode_steps is not None:
-            truncated |= ~terminated & (self._steps >= cfg.max_episode_steps)
-        if resetting.any():
-            idx = np.flatnonzero(resetting)
-            self._reset_envs(idx, None)
-            reward[idx] = 0.0
-            terminated[idx] = False
-            truncated[idx] = False
-        self._needs_reset = terminated | truncated
-        return self._observe(), reward, terminated, truncated
+        if max_steps is not None:
+            truncated |= ~terminated & (self._steps >= max_steps)
+        return terminated, truncated
+
+    def _autoreset(self, idx: np.ndarray, reward: np.ndarray, terminated: np.ndarray, truncated: np.ndarray) -> None:
+        """Reset the sub-envs ``idx`` that ended last step: this step is their reset (reward 0, not ended)."""
+        self._reset_envs(idx, None)
+        reward[idx] = 0.0
+        terminated[idx] = False
+        truncated[idx] = False
 
     @property
     def equity(self) -> np.ndarray:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from mlproject.reasoner.chat import ASSISTANT, BOS, EOS, R1_DISTILL_TEMPLATE, THINK_CLOSE, THINK_OPEN, USER
 
@@ -54,9 +55,6 @@ def build_tiny_model(path: str | Path, *, hidden: int = 64, layers: int = 2, hea
                      intermediate: int = 128, seed: int = 0) -> Path:
     """Write a tiny Llama (random weights, ``seed``) and its tokenizer to ``path``; returns it.
     An existing complete folder is reused."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     path = Path(path)
     marker = path / "tiny.json"
     spec = {"hidden": hidden, "layers": layers, "heads": heads, "kv_heads": kv_heads, "intermediate": intermediate,
@@ -64,15 +62,24 @@ def build_tiny_model(path: str | Path, *, hidden: int = 64, layers: int = 2, hea
     if marker.is_file() and json.loads(marker.read_text()) == spec:
         return path
     tok = build_tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=2048, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
+    model = _random_llama(tok, spec)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     marker.write_text(json.dumps(spec))  # last: a folder without it is rebuilt
     log.info("built the tiny R1-shaped model (%d parameters) in %s", sum(p.numel() for p in model.parameters()), path)
     return path
+
+
+def _random_llama(tok: Any, spec: dict[str, int]) -> Any:
+    """A LlamaForCausalLM of the ``spec`` sizes for tokenizer ``tok``, its weights drawn from ``spec["seed"]``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(spec["seed"])
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
+                         num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
+                         num_key_value_heads=spec["kv_heads"], max_position_embeddings=2048,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    return LlamaForCausalLM(config)
