@@ -80,7 +80,7 @@ def test_the_ui_shows_the_cycle_runs_charts_equity_plot_and_production(browser, 
     shots = tmp_path / "ui"
     shots.mkdir()
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    experiment = mlflow.get_run(result["run_id"]).info.experiment_id
+    experiment = mlflow.get_run(result.run_id).info.experiment_id
     by_name = {r.info.run_name: r for r in runs}
     text = lambda d: d.find_element(By.TAG_NAME, "body").text  # noqa: E731
 
