@@ -184,6 +184,23 @@ def test_csv_tab_separated(tmp_path):
     pd.testing.assert_frame_equal(load_bars(write(tmp_path, "bars.tsv", lines)), EXPECTED_MINUTE)
 
 
+def test_a_pandas_to_csv_file_with_an_unnamed_date_column_loads(tmp_path):
+    """pandas writes a time index without a name as an empty first header field (the GOOG daily
+    file that ships with backtesting.py looks like this): that column is the time."""
+    frame = EXPECTED_MINUTE.rename(columns=str.title)
+    frame.index.name = None
+    path = tmp_path / "GOOG.csv"
+    frame.to_csv(path)
+    assert path.read_text().startswith(",Open,High,Low,Close,Volume\n")
+    assert detect_format(path) == "csv"
+    pd.testing.assert_frame_equal(load_bars(path), EXPECTED_MINUTE)
+    # An empty first field beside a named time column is a spare column, not the time.
+    lines = [",timestamp,open,high,low,close,volume"]
+    lines += [f"{k},{ts:%Y-%m-%d %H:%M:%S},{o},{h},{lo},{c},{v}" for k, (ts, (o, h, lo, c, v))
+              in enumerate(EXPECTED_MINUTE.iterrows())]
+    pd.testing.assert_frame_equal(load_bars(write(tmp_path, "spare.csv", lines)), EXPECTED_MINUTE)
+
+
 def test_parquet_with_time_column_and_with_datetime_index(tmp_path):
     with_column = EXPECTED_MINUTE.reset_index().rename(columns=str.upper)
     path = tmp_path / "bars.bin"  # content, not extension, says parquet

@@ -310,6 +310,29 @@ def test_the_walk_forward_simulation_never_reads_a_bar_before_its_time(tmp_path,
     assert "nt8-agent" not in names and all(n.startswith("nt8-agent-sim-") for n in names)
 
 
+def test_when_no_model_passes_the_gate_the_agent_stays_flat_and_the_simulation_goes_on(tmp_path, mlflow_store,
+                                                                                      ray_session):
+    """"No model" is a state: with a gate nothing can pass (no edge found), the walk-forward used to
+    stop with an error at the first decision point; now the learning and never-retrained agents
+    trade flat, flat is an agent of its own, and the run and the summary say which periods and why."""
+    from pipelines import simulate
+
+    sets = ["train.iterations=1", "data.synthetic.n_bars=1400", "continuous_learning.evaluation_episodes=2",
+            "train.val_windows=2", f"data.output_dir={tmp_path / 'bars'}", "promotion.min_trades=1000000"]
+    result = simulate.main(load_config(ROOT / "conf" / "smoke.yaml", sets), periods=2, start_fraction=0.6)
+    sim = result.simulate
+    assert sim.decisions == ["refused", "refused"]
+    assert [p.split(":")[0] for p in sim.flat_periods] == ["period 1", "period 2"]
+    assert all("no model passed the gate" in p and "< min_trades 1000000" in p for p in sim.flat_periods)
+    for agent in ("learning", "never_retrained", "flat"):
+        assert (sim.metrics[agent]["total_return"], sim.metrics[agent]["n_trades"]) == (0.0, 0.0), agent
+    assert sim.metrics["buy_hold"]["total_return"] != 0.0
+    assert "the learning agent stayed flat (no model in Production): period 1: no model passed" in result.summary
+    run = mlflow.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["sim.flat_periods"].startswith("period 1: no model")
+    assert run.data.metrics["sim/flat/total_return"] == 0.0
+
+
 def test_on_a_drifting_market_the_learning_agent_beats_the_never_retrained_one(tmp_path, mlflow_store, ray_session):
     """A planted momentum signal reverses half way; the first model learns momentum. Retrained on
     its recent past at the second decision point, the learning agent adapts and the gate promotes

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,9 @@ from mlproject.tracking import log_curves
 
 log = logging.getLogger(__name__)
 
-AGENTS = ("learning", "never_retrained", "buy_hold")
+AGENTS = ("learning", "never_retrained", "flat", "buy_hold")
+"""The agents every period is traded by; the learning and never-retrained ones trade flat while
+no model has earned Production ("no model" is a state: no edge found, not an error)."""
 
 
 @dataclass
@@ -59,6 +61,8 @@ class SimulationResult:
     model_name: str
     registry: str = ""
     """The simulation's versions, as they were before it deleted them."""
+    flat_periods: list[str] = field(default_factory=list)
+    """The periods the learning agent traded flat because no model was in Production, and why."""
 
 
 def check_split(periods: int, start_fraction: float) -> None:
@@ -128,19 +132,28 @@ def _walk_forward(cfg: Config, bars: pd.DataFrame, points: list[int], history_ba
     decisions: list[str] = []
     with tempfile.TemporaryDirectory(prefix="nt8-sim-") as tmp:
         sim = sim_config(cfg, Path(tmp), name)
-        frozen = None
+        frozen, flat = None, []
         for k, point in enumerate(points[:-1]):
-            production = _decide(sim, bars, point, Path(tmp) / f"bars-until-{k}.parquet", decisions)
+            production, why = _decide(sim, bars, point, Path(tmp) / f"bars-until-{k}.parquet", decisions)
             frozen = frozen or production
             period = bars.iloc[point - history_bars:points[k + 1]]
+            if production is None:
+                flat.append(f"period {k + 1}: {why}")
+                log.warning("simulate: period %d: %s: the learning agent stays flat", k + 1, why)
             _trade_period(sim, period, {"learning": production, "never_retrained": frozen}, reports, history_bars)
-            log.info("simulate: period %d/%d (%s .. %s) traded by v%s (never retrained: v%s)", k + 1,
-                     len(points) - 1, period.index[history_bars], period.index[-1], production, frozen)
-    return _report(cfg, bars, points, decisions, reports, name)
+            log.info("simulate: period %d/%d (%s .. %s) traded by %s (never retrained: %s)", k + 1,
+                     len(points) - 1, period.index[history_bars], period.index[-1], _label(production),
+                     _label(frozen))
+    return _report(cfg, bars, points, (decisions, flat), reports, name)
 
 
-def _decide(sim: Config, bars: pd.DataFrame, point: int, path: Path, decisions: list[str]) -> str:
-    """Retrain and gate on the bars before ``point`` only; the Production version after it."""
+def _label(version: str | None) -> str:
+    return f"v{version}" if version else "flat (no model)"
+
+
+def _decide(sim: Config, bars: pd.DataFrame, point: int, path: Path, decisions: list[str]) -> tuple[str | None, str]:
+    """Retrain and gate on the bars before ``point`` only; the Production version after it (None
+    while no model has passed the gate) and, when there is none, why."""
     seen = bars.iloc[:point].copy()  # nothing at or after the decision point
     seen.attrs.update(bars.attrs)
     seen.to_parquet(path)
@@ -148,26 +161,29 @@ def _decide(sim: Config, bars: pd.DataFrame, point: int, path: Path, decisions: 
     decisions.append(verdict.decision if verdict else "not registered")
     production = production_version(sim.promotion.model_name)
     if production is None:
-        raise ValueError(f"simulate: no model passed the gate at the first decision point "
-                         f"({'; '.join(verdict.reasons) if verdict else 'not registered'})")
-    return str(production)
+        return None, f"no model passed the gate ({'; '.join(verdict.reasons) if verdict else 'not registered'})"
+    return str(production), ""
 
 
-def _trade_period(sim: Config, period: pd.DataFrame, versions: dict[str, str], reports: dict[str, EvalReport],
-                  history_bars: int) -> None:
-    """The period traded by each agent: the given versions, and buy-and-hold."""
-    name = sim.promotion.model_name
+def _trade_period(sim: Config, period: pd.DataFrame, versions: dict[str, str | None],
+                  reports: dict[str, EvalReport], history_bars: int) -> None:
+    """The period traded by each agent: the given versions (flat where None), flat, and buy-and-hold."""
+    max_c = resolve_instrument(sim.env.instrument).max_contracts
+    constant = {"flat": max_c, "buy_hold": 2 * max_c}  # actions: max_contracts is flat, 2x is all long
     for agent, version in versions.items():
-        policy = load_policy_model(f"models:/{name}/{version}")
+        if version is None:
+            constant[agent] = max_c
+            continue
+        policy = load_policy_model(f"models:/{sim.promotion.model_name}/{version}")
         result = backtest(policy.predict, period, policy_env_config(policy, sim.env, period), 1,
                           seed=sim.seed, name=agent, first_bar=history_bars)
         reports[agent].windows.extend(result.windows)
-    max_c = resolve_instrument(sim.env.instrument).max_contracts
-    reports["buy_hold"].windows.extend(backtest(constant_policy(2 * max_c), period, sim.env.model_dump(), 1,
-                                                name="buy_hold", first_bar=history_bars).windows)
+    for agent, action in constant.items():
+        reports[agent].windows.extend(backtest(constant_policy(action), period, sim.env.model_dump(), 1,
+                                               name=agent, first_bar=history_bars).windows)
 
 
-def _report(cfg: Config, bars: pd.DataFrame, points: list[int], decisions: list[str],
+def _report(cfg: Config, bars: pd.DataFrame, points: list[int], gate: tuple[list[str], list[str]],
             reports: dict[str, EvalReport], name: str) -> SimulationResult:
     """Out-of-sample equity and metrics per agent, the paired test, all logged to the active run."""
     import mlflow
@@ -188,10 +204,12 @@ def _report(cfg: Config, bars: pd.DataFrame, points: list[int], decisions: list[
     paired = paired_comparison(reports["learning"], reports["never_retrained"])
     mlflow.log_metrics({f"sim/{agent}/{k}": v for agent, m in out.items() for k, v in m.items() if math.isfinite(v)})
     mlflow.log_metrics({f"sim/paired/{k}": v for k, v in paired.items() if math.isfinite(v)})
+    decisions, flat_periods = gate
     mlflow.set_tags({"sim.points": ",".join(str(bars.index[p]) for p in points[:-1]),
+                     "sim.flat_periods": "; ".join(flat_periods)[:5000] or "none",
                      "sim.decisions": ",".join(decisions), "sim.model_name": name})
     mlflow.log_figure(_figure(equity), "sim/equity.png")
-    return SimulationResult(out, paired, decisions, points, equity, reports, name)
+    return SimulationResult(out, paired, decisions, points, equity, reports, name, flat_periods=flat_periods)
 
 
 def _figure(equity: dict[str, np.ndarray]) -> Any:
@@ -205,7 +223,7 @@ def _figure(equity: dict[str, np.ndarray]) -> Any:
         ax.plot(curve, label=agent.replace("_", " "))
     ax.set_xlabel("out-of-sample bar")
     ax.set_ylabel("equity")
-    ax.set_title("walk-forward: continuously learning vs never retrained vs buy-and-hold")
+    ax.set_title("walk-forward: continuously learning vs never retrained vs flat vs buy-and-hold")
     ax.legend()
     fig.tight_layout()
     plt.close(fig)

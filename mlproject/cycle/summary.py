@@ -128,9 +128,12 @@ def _learning_lines(cfg: Config, result: CycleResult) -> list[str]:
 
 
 def _simulation_lines(sim: SimulationResult) -> list[str]:
-    return ["  walk-forward (out of sample): " + ", ".join(
+    lines = ["  walk-forward (out of sample): " + ", ".join(
         f"{agent.replace('_', ' ')} {sim.metrics[agent]['total_return']:+.2%}" for agent in sim.metrics)
         + f"; gate at each point: {', '.join(sim.decisions)}"]
+    if sim.flat_periods:
+        lines.append(f"  the learning agent stayed flat (no model in Production): {'; '.join(sim.flat_periods)}")
+    return lines
 
 
 def _registry_lines(cfg: Config, result: CycleResult) -> list[str]:
@@ -150,6 +153,8 @@ def summary(cfg: Config, result: CycleResult) -> str:
         lines.append(f"  settled: {result.settled.describe()}")
     if result.bootstrap:
         lines.append(f"  first model: {trained_line(result.bootstrap)}")
+        if result.bootstrap.promote is None or result.bootstrap.promote.decision != "promoted":
+            lines.append("  no model in Production: the agent stays flat (no orders) until a model passes the gate")
     if result.collect:
         paper = result.collect.paper
         lines.append(f"  paper trading: {paper.decisions} bars through the bridge, version(s) "

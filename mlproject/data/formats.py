@@ -171,9 +171,15 @@ def _csv_delimiter(header: str) -> str | None:
     delimiter = max(_CSV_DELIMITERS, key=header.count)
     if header.count(delimiter) == 0:
         return None
-    names = {_clean_name(name) for name in header.split(delimiter)}
-    wanted = set(BAR_COLUMNS) | set(_ALIASES)
-    return delimiter if names & set(_TIME_NAMES) and names & wanted else None
+    fields = [_clean_name(name) for name in header.split(delimiter)]
+    names, wanted = set(fields), set(BAR_COLUMNS) | set(_ALIASES)
+    return delimiter if (names & set(_TIME_NAMES) or _unnamed_index(fields)) and names & wanted else None
+
+
+def _unnamed_index(fields: list[str]) -> bool:
+    """A header whose first field is empty and that names no time column: pandas' ``to_csv`` of
+    bars indexed by time (the index has no name), so the first column holds the times."""
+    return len(fields) > 1 and fields[0] == "" and not set(fields[1:]) & set(_TIME_NAMES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,6 +367,8 @@ def _read_csv(path: Path) -> _Table:
     header_line, header_text = header[0]
     delimiter = _csv_delimiter(header_text) or max(_CSV_DELIMITERS, key=header_text.count)
     raw, too_many = _read_csv_fields(path, delimiter, header_line)
+    if _unnamed_index([_clean_name(name) for name in header_text.split(delimiter)]):
+        raw = raw.rename(columns={raw.columns[0]: "timestamp"})
     times = _time_columns(raw.columns, str(path), "line", header_line)
     columns = _match_columns(raw.columns, BAR_COLUMNS, str(path), "line", header_line)
     stamp = _combined_time_text(raw, times)
