@@ -88,7 +88,6 @@ def simulate(cfg: Config, periods: int, start_fraction: float) -> SimulationResu
     """Walk forward through ``data.source`` (see the module doc), inside the active MLflow run."""
     import mlflow
 
-    check_split(periods, start_fraction)
     bars = load_source(cfg)
     history_bars = Market.first_bar(cfg.env)
     points = decision_points(len(bars), periods, start_fraction, history_bars)
