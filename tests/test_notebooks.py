@@ -184,4 +184,4 @@ def test_documented_nbconvert_command_runs_a_notebook(tmp_path, mlflow_store):
     assert out.returncode == 0, out.stderr[-3000:]
     notebook = nbformat.read(tmp_path / "out" / "walk_forward.ipynb", as_version=4)
     assert not [o for o in outputs(notebook) if o.output_type == "error"]
-    assert "--mode simulate --config conf/simulate.yaml --periods 5" in shown_text(notebook)
+    assert "python -m pipelines.simulate --config conf/simulate.yaml --periods 5" in shown_text(notebook)
