@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from operator import index as _index
 from typing import Any
@@ -10,7 +11,7 @@ import gymnasium as gym
 import numpy as np
 import pandas as pd
 
-from envs.market import OPEN_PNL_CLIP, Market
+from envs.market import DSR_MIN_VARIANCE, OPEN_PNL_CLIP, Market
 from mlproject.trades import TRADE_COLUMNS, trades_from_fills
 
 class FuturesTradingEnv(gym.Env):
@@ -39,9 +40,14 @@ class FuturesTradingEnv(gym.Env):
     | ``5*window+1``         | ``open_pnl``   | open trade's move from its average entry, % of entry     | +-10   |
 
     ## Rewards
-    ``reward_scale * (equity change - risk_penalty * drawdown increase)``. The equity change over
-    a step from ``p`` to ``q`` contracts is
+    ``reward_scale * (equity change - risk_penalty * drawdown increase)`` (``reward: money``). The
+    equity change over a step from ``p`` to ``q`` contracts is
     ``p*(open[t+1]-close[t])*pv + q*(close[t+1]-open[t+1])*pv - |q-p|*(slippage_ticks*tick*pv + commission)``.
+    ``reward: differential_sharpe``: ``reward_scale * D_t``, Moody and Saffell's differential
+    Sharpe ratio of the step's return ``R = change / equity before``, with moving moments
+    ``A += eta*(R - A)``, ``B += eta*(R^2 - B)`` (0 at reset) and
+    ``D = (B*(R - A) - A*(R^2 - B)/2) / (B - A^2)^1.5`` from the moments before the step (0 while
+    ``B - A^2`` is not above 1e-18).
 
     ## Starting State
     Flat, equity ``initial_equity``, at a start bar drawn from ``self.np_random`` (``random_start``)
@@ -90,6 +96,8 @@ class FuturesTradingEnv(gym.Env):
         self._amax = 2 * spec.max_contracts
         self._scale = cfg.reward_scale
         self._risk = cfg.risk_penalty
+        self._dsr = cfg.reward == "differential_sharpe"
+        self._eta = cfg.dsr_eta
         self._last_bar = m.n_bars - 1
         self._index = m.bars.index
         self._t = self._stop = m.t_min
@@ -149,6 +157,8 @@ class FuturesTradingEnv(gym.Env):
         reward = delta
         if self._risk:
             reward = delta - self._risk_penalty(eq_old, eq)
+        elif self._dsr:
+            reward = self._differential_sharpe(delta / eq_old)
         if t < self._stop and eq >= self._floor:  # the common case: one test (stop <= last bar)
             terminated = truncated = False
         else:
@@ -190,6 +200,16 @@ class FuturesTradingEnv(gym.Env):
         grow = (new_peak - eq) - (peak - eq_old)
         return self._risk * grow if grow > 0.0 else 0.0
 
+    def _differential_sharpe(self, r: float) -> float:
+        """The differential Sharpe ratio of return ``r``; moves the moments (see Rewards)."""
+        a, b = self._mom_a, self._mom_b
+        da, db = r - a, r * r - b
+        var = b - a * a
+        d = (b * da - 0.5 * a * db) / (var * math.sqrt(var)) if var > DSR_MIN_VARIANCE else 0.0
+        self._mom_a = a + self._eta * da
+        self._mom_b = b + self._eta * db
+        return d
+
     def _open_pnl(self, close: float) -> float:
         """Open trade's move from its average entry in % of the entry, signed by side, clipped."""
         pnl = (close - self._avg) / self._avg * 100.0 * (1.0 if self._pos > 0 else -1.0)
@@ -202,6 +222,7 @@ class FuturesTradingEnv(gym.Env):
         self._pos = 0
         self._avg = 0.0
         self._equity = self._peak = cfg.initial_equity
+        self._mom_a = self._mom_b = 0.0
         self._realised = 0.0
         self._n_closed = 0
         self._fills: list[tuple[int, int, float]] = []

@@ -10,7 +10,7 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from envs.market import OPEN_PNL_CLIP, Market
+from envs.market import DSR_MIN_VARIANCE, OPEN_PNL_CLIP, Market
 
 
 class FuturesTradingVectorEnv(VectorEnv):
@@ -52,6 +52,8 @@ class FuturesTradingVectorEnv(VectorEnv):
         self._avg = np.zeros(n)
         self._equity = np.zeros(n)
         self._peak = np.zeros(n)
+        self._mom_a = np.zeros(n)
+        self._mom_b = np.zeros(n)
         self._realised = np.zeros(n)
         self._n_closed = np.zeros(n, np.int64)
         self._steps = np.zeros(n, np.int64)
@@ -79,6 +81,8 @@ class FuturesTradingVectorEnv(VectorEnv):
         self._avg[idx] = 0.0
         self._equity[idx] = initial
         self._peak[idx] = initial
+        self._mom_a[idx] = 0.0
+        self._mom_b[idx] = 0.0
         self._realised[idx] = 0.0
         self._n_closed[idx] = 0
         self._steps[idx] = 0
@@ -129,7 +133,22 @@ class FuturesTradingVectorEnv(VectorEnv):
             grow = (new_peak - eq) - (self._peak - eq_old)
             reward = delta - np.where(grow > 0.0, cfg.risk_penalty * grow, 0.0)
             self._peak = new_peak
+        elif cfg.reward == "differential_sharpe":
+            reward = self._differential_sharpe(delta / eq_old, cfg.dsr_eta)
         return cfg.reward_scale * reward
+
+    def _differential_sharpe(self, r: np.ndarray, eta: float) -> np.ndarray:
+        """The single env's differential Sharpe ratio, per sub-env, the same operations in the same
+        order (bit for bit); moves the moments."""
+        a, b = self._mom_a, self._mom_b
+        da, db = r - a, r * r - b
+        var = b - a * a
+        ok = var > DSR_MIN_VARIANCE
+        safe = np.where(ok, var, 1.0)
+        d = np.where(ok, (b * da - 0.5 * a * db) / (safe * np.sqrt(safe)), 0.0)
+        self._mom_a = a + eta * da
+        self._mom_b = b + eta * db
+        return d
 
     def _episode_ends(self, nxt: np.ndarray, eq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(terminated, truncated) after a step to bar ``nxt`` with equity ``eq``."""

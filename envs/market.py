@@ -21,6 +21,8 @@ from mlproject.data import load_bars, validate_bars
 from mlproject.features import ACCOUNT_FIELDS, FEATURE_CLIP, FEATURE_NAMES, bar_features, obs_size
 from mlproject.instruments import InstrumentSpec, resolve_instrument
 
+DSR_MIN_VARIANCE = 1e-18
+"""The differential Sharpe reward is 0 while the moving variance of returns is not above this."""
 OPEN_PNL_CLIP = 10.0
 """The open-PnL observation (percent of the entry price) is clipped to +-OPEN_PNL_CLIP."""
 

@@ -354,7 +354,13 @@ def psr_against(challenger: EvalReport, benchmark: EvalReport | float) -> float:
     """Probabilistic Sharpe Ratio of the challenger's per-bar returns against a benchmark's
     per-bar Sharpe (another report, or a per-bar Sharpe value)."""
     if isinstance(benchmark, EvalReport):
-        r = benchmark.returns()
-        sd = r.std(ddof=1) if r.size > 1 else 0.0
-        benchmark = float(r.mean() / sd) if sd > 0 else 0.0
+        benchmark = per_bar_sharpe(benchmark)
     return probabilistic_sharpe_ratio(challenger.returns(), benchmark)
+
+
+def per_bar_sharpe(report: EvalReport) -> float:
+    """Mean over standard deviation (ddof 1) of the report's per-bar returns, not annualised; 0
+    without variance (flat)."""
+    r = report.returns()
+    sd = r.std(ddof=1) if r.size > 1 else 0.0
+    return float(r.mean() / sd) if sd > 0 else 0.0

@@ -22,7 +22,16 @@ import pandas as pd
 
 from mlproject.config import Config
 from mlproject.deploy import DeployRefused, check_version_deployable, reconcile
-from mlproject.evaluation import LOWER_IS_BETTER, Evaluation, default_bars, evaluate_policies, policy_env_config, psr_against
+from mlproject.evaluation import (
+    LOWER_IS_BETTER,
+    Evaluation,
+    default_bars,
+    evaluate_policies,
+    per_bar_sharpe,
+    policy_env_config,
+    psr_against,
+)
+from mlproject.metrics import deflated_sharpe_ratio
 from mlproject.policy import LoadedPolicy, ModelMismatch, load_policy_model
 from mlproject.preflight import warn_if_instrument_misfits
 from mlproject.registry import (
@@ -33,6 +42,7 @@ from mlproject.registry import (
     register_version,
     registry_lock,
     resolve_version,
+    trials_of,
 )
 from mlproject.tracking import log_dataset, log_headline, pipeline_run, setup_tracking
 
@@ -80,9 +90,10 @@ def _beats(ours: float, theirs: float, metric: str, min_improvement: float, agai
     return improvement
 
 
-def gate(challenger: Any, production: Any | None, p: Any) -> GateResult:
+def gate(challenger: Any, production: Any | None, p: Any, trials: int = 1) -> GateResult:
     """Apply the promotion gate ``p`` (PromotionConfig) to evaluation reports: risk limits, the
-    quality floor (beat flat, when ``p.beat_flat``), and beating Production when there is one."""
+    quality floor (beat flat, when ``p.beat_flat``), and beating Production when there is one
+    (``trials``: the candidates tried for this model, which deflate the challenger's Sharpe)."""
     c = challenger.summary()
     reasons, metrics = [], {f"challenger/{k}": v for k, v in c.items() if not k.endswith("_std")}
     trades = sum(w.metrics["n_trades"] for w in challenger.windows)
@@ -114,7 +125,26 @@ def gate(challenger: Any, production: Any | None, p: Any) -> GateResult:
         metrics["gate/psr"] = psr
         if not (psr >= p.min_psr):
             reasons.append(f"PSR vs Production's Sharpe {psr:.3f} < min_psr {p.min_psr:g}")
+        _beats_often_enough(challenger, production, p, trials, reasons, metrics)
     return GateResult(not reasons, reasons, metrics)
+
+
+def _beats_often_enough(challenger: Any, production: Any, p: Any, trials: int, reasons: list[str],
+                        metrics: dict[str, float]) -> None:
+    """The checks against Production that know how many tries it took and how often it won: the
+    Deflated Sharpe Ratio over ``trials`` candidates, and the share of windows won."""
+    dsr = deflated_sharpe_ratio(challenger.returns(), per_bar_sharpe(production), trials)
+    won = sum(c.metrics["total_return"] > q.metrics["total_return"]
+              for c, q in zip(challenger.windows, production.windows))
+    n = len(challenger.windows)
+    metrics.update({"gate/dsr": dsr, "gate/trials": float(trials), "gate/windows_won": float(won),
+                    "gate/windows": float(n)})
+    if p.min_dsr > 0 and not (dsr >= p.min_dsr):
+        reasons.append(f"Deflated Sharpe vs Production {dsr:.3f} < min_dsr {p.min_dsr:g} ({trials} candidates tried "
+                       "for this model)")
+    if n and won / n < p.min_window_share:
+        reasons.append(f"beat Production in {won} of {n} evaluation windows, < min_window_share "
+                       f"{p.min_window_share:g}")
 
 
 CANDIDATE_FORMS = "a version number (7), or a models:/, runs:/ or local path URI of a policy model"
@@ -146,7 +176,7 @@ def resolve_candidate(name: str, candidate: str, dry_run: bool) -> tuple[str, st
 
 
 def evaluate_and_gate(challenger: Any, before: str | None, bars: Any, cfg: Config,
-                      evaluation: Any = None) -> GateResult:
+                      evaluation: Any = None, trials: int = 1) -> GateResult:
     """Backtest the challenger (a ``LoadedPolicy``) and Production version ``before`` on the same
     bars and windows, each with its own observation settings, and apply the gate. An
     ``evaluation`` that already holds both (the cycle's) is used as it is."""
@@ -156,7 +186,7 @@ def evaluate_and_gate(challenger: Any, before: str | None, bars: Any, cfg: Confi
             production_uri is None or production_uri in evaluation.reports):
         _log_windows(evaluation)
         reports = evaluation.reports
-        return gate(reports[challenger.uri], reports[production_uri] if production_uri else None, p)
+        return gate(reports[challenger.uri], reports[production_uri] if production_uri else None, p, trials)
     policies = [challenger]
     policy_env_config(challenger, cfg.env, bars)  # a candidate that cannot run here is bad input: said first
     if before is not None:
@@ -175,7 +205,7 @@ def evaluate_and_gate(challenger: Any, before: str | None, bars: Any, cfg: Confi
         return GateResult(False, [f"invalid policy output: {exc}"])
     _log_windows(result)
     reports = [result.reports[q.uri] for q in policies]
-    return gate(reports[0], reports[1] if before is not None else None, p)
+    return gate(reports[0], reports[1] if before is not None else None, p, trials)
 
 
 def _log_windows(result: Any) -> None:
@@ -295,7 +325,8 @@ def _verdict(challenger: Any, version: str, before: str | None, bars: Any, cfg: 
              evaluation: Any = None) -> GateResult:
     if version == before:
         return GateResult(False, [f"version {version} is already Production"])
-    verdict = evaluate_and_gate(challenger, before, bars, cfg, evaluation)
+    trials = trials_of(cfg.promotion.model_name, version) if version != "unregistered" else 1
+    verdict = evaluate_and_gate(challenger, before, bars, cfg, evaluation, trials)
     if verdict.passed and before is None:
         verdict.reasons.append("nothing in Production: first valid candidate")
     return verdict
@@ -304,5 +335,5 @@ def _verdict(challenger: Any, version: str, before: str | None, bars: Any, cfg: 
 def _reason_text(verdict: GateResult, before: str | None, p: Any) -> str:
     floor = " and flat" if p.beat_flat else ""
     return "; ".join(verdict.reasons) or (
-        f"{p.metric} better than Production v{before}{floor} by more than {p.min_improvement:g}, PSR and risk "
-        "limits met")
+        f"{p.metric} better than Production v{before}{floor} by more than {p.min_improvement:g}; PSR, Deflated "
+        "Sharpe, windows won and risk limits met")

@@ -279,6 +279,40 @@ def probabilistic_sharpe_ratio(returns: np.ndarray, benchmark_sharpe: float = 0.
     return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
 
 
+EULER_GAMMA = 0.5772156649015329
+
+
+def expected_max_sharpe(trials: int, sharpe_std: float) -> float:
+    """Expected maximum of ``trials`` independent Sharpe estimates whose true value is 0 and whose
+    spread is ``sharpe_std`` (Bailey & Lopez de Prado, 2014, "The Deflated Sharpe Ratio",
+    https://ssrn.com/abstract=2460551, eq. for SR0):
+
+        SR0 = sd * ((1 - g) * Z^-1(1 - 1/N) + g * Z^-1(1 - 1/(N e)))
+
+    with g the Euler-Mascheroni constant. 0 for one trial: nothing was selected."""
+    if trials <= 1 or not sharpe_std > 0:
+        return 0.0
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf
+    return sharpe_std * ((1 - EULER_GAMMA) * z(1 - 1 / trials) + EULER_GAMMA * z(1 - 1 / (trials * math.e)))
+
+
+def deflated_sharpe_ratio(returns: np.ndarray, benchmark_sharpe: float, trials: int) -> float:
+    """Deflated Sharpe Ratio: the :func:`probabilistic_sharpe_ratio` of ``returns`` against
+    ``benchmark_sharpe`` raised by :func:`expected_max_sharpe` of ``trials`` candidates, so that
+    the best of many tries must beat what the luckiest of that many no-skill tries would show.
+
+    Per-period units. The trials' Sharpe spread is the estimator's own under the null,
+    ``1 / sqrt(n - 1)`` for ``n`` returns (the trials' realised Sharpe ratios are not all kept);
+    ``trials`` <= 1 gives the PSR."""
+    returns = _floats(returns)
+    if returns.size < 3:
+        return _NAN
+    sr0 = expected_max_sharpe(int(trials), 1.0 / math.sqrt(returns.size - 1))
+    return probabilistic_sharpe_ratio(returns, benchmark_sharpe + sr0)
+
+
 def _skewness_kurtosis(returns: np.ndarray, mean: float) -> tuple[float, float]:
     """Skewness and (non-excess) kurtosis from population moments, as the PSR paper's code
     computes them; the caller rules out zero variance."""

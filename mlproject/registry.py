@@ -142,6 +142,36 @@ def register_version(model_uri: str, name: str, tags: dict[str, str], descriptio
     return version
 
 
+TRIALS_TAG = "trials.lineage"
+"""Candidates evaluated for a registered model so far (model tag), and up to a version (its tag):
+the validated checkpoints of every training that registered a version, summed."""
+
+
+def record_trials(name: str, version: str, checkpoints: int) -> int:
+    """Add a training's ``checkpoints`` (the validated checkpoints its policy was selected from) to
+    ``name``'s count of candidates tried; the version records both (``trials.checkpoints``, and
+    ``trials.lineage``: the count including it). Versions deleted later still count. Returns the
+    new count."""
+    client = _client()
+    checkpoints = max(int(checkpoints), 1)
+    total = int(client.get_registered_model(name).tags.get(TRIALS_TAG, 0) or 0) + checkpoints
+    client.set_registered_model_tag(name, TRIALS_TAG, str(total))
+    client.set_model_version_tag(name, version, "trials.checkpoints", str(checkpoints))
+    client.set_model_version_tag(name, version, TRIALS_TAG, str(total))
+    return total
+
+
+def trials_of(name: str, version: str) -> int:
+    """Candidates tried for ``name`` up to ``version`` (1 for a version registered before they
+    were counted, or by hand)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return max(int(_client().get_model_version(name, version).tags.get(TRIALS_TAG, 1)), 1)
+    except (MlflowException, ValueError):
+        return 1
+
+
 # -- Production: read ----------------------------------------------------------------------------
 
 

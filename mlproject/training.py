@@ -49,7 +49,7 @@ from mlproject.policy import (
 )
 from mlproject.preflight import check_splits, warn_if_instrument_misfits
 from mlproject.quiet import quiet_env_reregistration, quiet_rllib
-from mlproject.registry import register_version
+from mlproject.registry import record_trials, register_version
 from mlproject.tracking import git_commit, log_dataset, log_headline, pipeline_run, setup_tracking
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,8 @@ class TrainResult:
     iterations_run: int
     checkpoint_uri: str
     history: list[dict[str, float]] = field(default_factory=list)
+    checkpoints_considered: int = 1
+    """Validated checkpoints the best was selected from (trials for the Deflated Sharpe)."""
 
 
 # -- pieces ------------------------------------------------------------------------------------
@@ -88,10 +90,12 @@ def gpus_per_learner(cfg: Config) -> int:
 
 
 def training_env_config(cfg: Config, bars: pd.DataFrame) -> dict[str, Any]:
-    """The env_config RLlib trains on: random windows of the training bars, scaled rewards."""
+    """The env_config RLlib trains on: random windows of the training bars, scaled rewards (the
+    money reward by ``train.reward_scale`` too; the differential Sharpe ratio is unitless)."""
     env = cfg.env.model_dump()
+    money = cfg.train.reward_scale if cfg.env.reward == "money" else 1.0
     env.update(bars=bars, random_start=True, episode_bars=cfg.train.train_episode_bars,
-               reward_scale=cfg.env.reward_scale * cfg.train.reward_scale)
+               reward_scale=cfg.env.reward_scale * money)
     return env
 
 
@@ -278,7 +282,7 @@ def train_loop(algo: Any, cfg: Config, iterations: int, val_bars: pd.DataFrame, 
     import mlflow
 
     t = cfg.train
-    best = {"score": -math.inf, "metrics": {}, "iteration": 0, "dir": ckpt_root / "best"}
+    best = {"score": -math.inf, "metrics": {}, "iteration": 0, "dir": ckpt_root / "best", "validations": 0}
     history: list[dict[str, float]] = []
     started = time.perf_counter()
     episodes: dict[str, float] = {}
@@ -293,6 +297,7 @@ def train_loop(algo: Any, cfg: Config, iterations: int, val_bars: pd.DataFrame, 
         metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
         if it % t.eval_every == 0 or it == iterations:
             val = validate(algo, val_bars, cfg)
+            best["validations"] += 1  # each a candidate the selection looked at: the gate deflates by them
             metrics.update({f"val/{k}": v for k, v in val.items() if math.isfinite(v)})
             if _score(val, t.val_metric) > best["score"] or best["iteration"] == 0:
                 best.update(score=_score(val, t.val_metric), metrics=val, iteration=it)
@@ -406,7 +411,9 @@ def _train(cfg: Config, run: Any, splits: Any, source: str, settings: Any, itera
                         f"val_median_{cfg.train.val_metric}": best["score"]}
         registered = str(register_version(info.model_uri, cfg.train.register_model, version_tags,
                                           description=f"PPO trained on {tags['data.train_window']}").version)
+        record_trials(cfg.train.register_model, registered, best["validations"])
     log.info("best median val %s=%.4g at iteration %d; model %s%s", cfg.train.val_metric, best["score"],
              best["iteration"], info.model_uri, f", registered version {registered}" if registered else "")
     return TrainResult(run.info.run_id, info.model_uri, registered, best["score"], best["iteration"],
-                       best["iterations_run"], f"runs:/{run.info.run_id}/checkpoint", best["history"])
+                       best["iterations_run"], f"runs:/{run.info.run_id}/checkpoint", best["history"],
+                       best["validations"])

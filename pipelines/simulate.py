@@ -1,21 +1,27 @@
 """Walk-forward simulation: the continuous-learning cycle replayed on history, out of sample.
 
-    python -m pipelines.simulate [--config conf/smoke.yaml] [--periods 4] [--start-fraction 0.5]
+    python -m pipelines.simulate [--config conf/simulate.yaml] [--data FILE] [--instrument ES]
+                                 [--periods 4] [--start-fraction 0.5]
     mlflow run . -e simulate -P periods=4 -P start_fraction=0.5 --env-manager local
 
 At each of ``--periods`` decision points the model is retrained (warm-started from the Production
-of that time) on the bars of ``data.source`` before the point only and gated on the last held-out
-part of them; the period up to the next point is traded by the Production of that time (the
-learning agent), by the first Production (never retrained) and by buy-and-hold. ``--start-fraction``
-of the bars come before the first decision point. Out-of-sample equity curves (``equity/<agent>``),
-metrics (``sim/<agent>/...``), a paired test (``sim/paired/...``) and a plot (``sim/equity.png``) go
-in the run ``cycle-simulate``; the simulation's versions are registered under their own name and
-deleted at the end, so the real Production is never touched (``mlproject.cycle.simulate``).
+of that time) on the bars of ``data.source`` (``--data``) before the point only and gated on the
+last held-out part of them; the period up to the next point is traded by the Production of that
+time (the learning agent), by the first Production (never retrained), flat, buy-and-hold and a
+moving-average crossover rule. ``--start-fraction`` of the bars come before the first decision
+point. It prints (and logs as ``sim/report.md``) the table: total return, Sharpe, max drawdown,
+trades, costs and periods won per agent, promotion regret and the paired test. Out-of-sample
+equity curves (``equity/<agent>``), metrics (``sim/<agent>/...``, ``sim/regret/...``,
+``sim/paired/...``) and a plot with dates and the period boundaries (``sim/equity.png``) go in the
+run ``cycle-simulate``; the simulation's versions are registered under their own name and deleted
+at the end, so the real Production is never touched (``mlproject.cycle.simulate``).
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
+from typing import Any
 
 from mlproject.cli import base_parser, run_cli
 from mlproject.config import Config
@@ -37,7 +43,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--periods", type=int, default=4, help="decision points (retrain, gate, trade)")
     parser.add_argument("--start-fraction", type=float, default=0.5,
                         help="share of the bars before the first decision point")
+    parser.add_argument("--data", action=SetKey, key="data.source", metavar="FILE",
+                        help="the bars to walk through (an NT8 export, CSV or Parquet): --set data.source=FILE")
+    parser.add_argument("--instrument", action=SetKey, key="env.instrument", metavar="PRESET",
+                        help="the contract the bars are traded as (ES, NQ, 6E, ...): --set env.instrument=PRESET")
     return parser
+
+
+class SetKey(argparse.Action):
+    """An option that is a shorthand for ``--set <key>=VALUE`` (applied in command-line order)."""
+
+    def __init__(self, *args: Any, key: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.key = key
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        namespace.overrides = [*namespace.overrides, shlex.quote(f"{self.key}={values}")]
 
 
 def _cli(cfg: Config, args: argparse.Namespace) -> None:

@@ -107,12 +107,43 @@ def _rollout_pair(config, n_envs, n_steps, seed):
     {},
     {"instrument": {"preset": "ES", "max_contracts": 3}, "risk_penalty": 0.5, "reward_scale": 0.01},
     {"max_episode_steps": 37},
+    {"reward": "differential_sharpe", "dsr_eta": 0.05, "reward_scale": 2.0},
     {"initial_equity": 3_000.0, "equity_floor_fraction": 0.9, "instrument": {"preset": "ES", "max_contracts": 2}},
 ])
 def test_vector_env_equals_sync_vector_of_single_envs(small_bars, extra):
     config = {"bars": small_bars, "window": 8, "episode_bars": 120, **extra}
     resets = _rollout_pair(config, n_envs=5, n_steps=400, seed=11)
     assert resets > 5  # the comparison covered autoresets
+
+
+def test_the_differential_sharpe_reward_follows_moody_and_saffell(small_bars):
+    """reward: differential_sharpe gives, per step, D = (B dA - A dB / 2) / (B - A^2)^1.5 of the
+    step's return on the moments before it (Moody and Saffell, 2001), moments from 0 at reset;
+    equity and fills are the money env's; the risk penalty cannot be combined with it."""
+    from mlproject.config import EnvConfig
+
+    config = {"bars": small_bars, "window": 8, "episode_bars": 300}
+    actions = np.random.default_rng(5).integers(0, 3, 200).tolist()
+    money, dsr = FuturesTradingEnv(config), FuturesTradingEnv({**config, "reward": "differential_sharpe",
+                                                               "dsr_eta": 0.1})
+    money.reset(options={"start": 50})
+    dsr.reset(options={"start": 50})
+    a = b = 0.0
+    expected, got = [], []
+    for action in actions:
+        _, delta, _, _, info = money.step(action)
+        equity_before = info["equity"] - delta
+        _, reward, _, _, info_dsr = dsr.step(action)
+        assert info_dsr["equity"] == info["equity"]
+        r = delta / equity_before
+        var = b - a * a
+        expected.append((b * (r - a) - 0.5 * a * (r * r - b)) / var**1.5 if var > 1e-18 else 0.0)
+        a, b = a + 0.1 * (r - a), b + 0.1 * (r * r - b)
+        got.append(reward)
+    assert expected[0] == 0.0 and np.count_nonzero(expected) > 150
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="risk_penalty"):
+        EnvConfig(reward="differential_sharpe", risk_penalty=0.5)
 
 
 def test_no_look_ahead(small_bars):

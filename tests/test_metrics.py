@@ -262,6 +262,29 @@ def test_psr_undefined() -> None:
     assert _is_nan(m.probabilistic_sharpe_ratio(np.full(10, 0.001)))  # zero variance
 
 
+def test_deflated_sharpe_reproduces_the_papers_example() -> None:
+    """Bailey & Lopez de Prado (2014), section 6: 100 trials whose annualised Sharpe ratios vary by
+    V = 1/2, daily returns (250 a year): SR0 = 0.1132 per day (1.79 a year). A track record of
+    1,250 days at an annualised SR of 2.5, skewness -3 and kurtosis 10 then has DSR 0.9004."""
+    sr0 = m.expected_max_sharpe(100, math.sqrt(0.5 / 250))
+    assert sr0 == pytest.approx(0.1132, abs=1e-4)
+    sr, n, g3, g4 = 2.5 / math.sqrt(250), 1250, -3.0, 10.0
+    z = (sr - sr0) * math.sqrt(n - 1) / math.sqrt(1 - g3 * sr + (g4 - 1) / 4 * sr**2)
+    assert 0.5 * (1 + math.erf(z / math.sqrt(2))) == pytest.approx(0.9004, abs=1e-3)
+    assert m.expected_max_sharpe(1, 1.0) == 0.0 and m.expected_max_sharpe(10, 0.0) == 0.0
+
+
+def test_deflated_sharpe_is_the_psr_for_one_trial_and_falls_with_more() -> None:
+    r = _returns("drift")
+    assert m.deflated_sharpe_ratio(r, 0.0, 1) == pytest.approx(m.probabilistic_sharpe_ratio(r), abs=1e-15)
+    dsr = [m.deflated_sharpe_ratio(r, 0.0, k) for k in (1, 2, 10, 100, 1000)]
+    assert all(a > b for a, b in zip(dsr, dsr[1:])), dsr
+    # The benchmark is raised by E[max] of N no-skill Sharpe estimates, whose spread is 1/sqrt(n-1).
+    raised = 0.05 + m.expected_max_sharpe(10, 1 / math.sqrt(r.size - 1))
+    assert m.deflated_sharpe_ratio(r, 0.05, 10) == pytest.approx(m.probabilistic_sharpe_ratio(r, raised), abs=1e-15)
+    assert _is_nan(m.deflated_sharpe_ratio([0.01, 0.02], 0.0, 5))
+
+
 # -- trading_metrics ---------------------------------------------------------------------------
 
 KEYS = {"total_return", "annual_return", "annual_volatility", "sharpe", "sortino", "calmar",

@@ -53,7 +53,9 @@ def test_ingest_cli_bad_file_exits_nonzero_with_line(tmp_path, mlflow_store):
 
 
 SECOND_CYCLE = ("refused", ["sharpe -72.55 vs Production -47.1: improvement -25.45 is not > min_improvement 0",
-                            "PSR vs Production's Sharpe 0.081 < min_psr 0.5"])
+                            "PSR vs Production's Sharpe 0.081 < min_psr 0.5",
+                            "Deflated Sharpe vs Production 0.003 < min_dsr 0.5 (4 candidates tried for this model)",
+                            "beat Production in 0 of 3 evaluation windows, < min_window_share 0.6"])
 """What the seeded second cycle decides (training, evaluation and the gate are all seeded)."""
 
 
@@ -102,6 +104,8 @@ def test_the_whole_cycle_bootstraps_paper_trades_annotates_retrains_and_gates(tm
     child = mlflow.MlflowClient().get_model_version("nt8-agent", again.train.registered_version)
     assert str(child.version) == "2" and child.tags["parent_version"] == "1"
     assert child.tags["parent_uri"] == "models:/nt8-agent/1"  # Production then, downloaded once per cycle
+    # Two validated checkpoints per training: the second version is the fourth candidate tried.
+    assert (child.tags["trials.checkpoints"], child.tags["trials.lineage"]) == ("2", "4")
     assert (again.promote.decision, again.promote.reasons) == SECOND_CYCLE
     # One pass: the gate decided on the very reports the evaluate run logged (one backtest of each).
     gate_run = mlflow.get_run(again.promote.run_id).data.metrics

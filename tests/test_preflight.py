@@ -115,6 +115,36 @@ def test_the_gate_refuses_a_challenger_that_hit_the_equity_floor():
     assert verdict.metrics["gate/stopped_out_windows"] >= 1
 
 
+def test_the_gate_deflates_by_the_candidates_tried_and_wants_most_windows(small_bars):
+    """Against Production the gate counts tries: the same challenger that passes as the only
+    candidate is refused as the best of many (Deflated Sharpe), and one that wins too few of the
+    evaluation windows is refused however good its mean."""
+    from mlproject.evaluation import baselines
+    from mlproject.gate import gate
+
+    base = baselines(small_bars, {"window": 8, "instrument": "ES"}, n_windows=4)
+    reports = (base["buy_hold"], base["flat"])  # challenger: long; Production: flat
+    p = load_config(None, ["promotion.min_trades=0", "promotion.max_drawdown=1.0", "promotion.beat_flat=false",
+                           "promotion.min_psr=0", "promotion.min_dsr=0", "promotion.min_window_share=0"]).promotion
+    one, many = gate(*reports, p, trials=1), gate(*reports, p, trials=10_000)
+    assert one.metrics["gate/trials"] == 1.0 and many.metrics["gate/trials"] == 10_000.0
+    assert one.metrics["gate/dsr"] == pytest.approx(one.metrics["gate/psr"], abs=1e-12)
+    assert many.metrics["gate/dsr"] < one.metrics["gate/dsr"]
+    between = (one.metrics["gate/dsr"] + many.metrics["gate/dsr"]) / 2
+    strict = p.model_copy(update={"min_dsr": between})
+    assert gate(*reports, strict, trials=1).passed
+    refused = gate(*reports, strict, trials=10_000)
+    assert not refused.passed and refused.reasons[0].startswith("Deflated Sharpe vs Production")
+    assert "10000 candidates tried" in refused.reasons[0]
+    won = int(one.metrics["gate/windows_won"])
+    all_windows = gate(*reports, p.model_copy(update={"min_window_share": 1.0}), trials=1)
+    assert all_windows.passed == (won == 4)
+    if won < 4:
+        assert all_windows.reasons == [f"beat Production in {won} of 4 evaluation windows, < min_window_share 1"]
+    none = gate(*reports, p.model_copy(update={"min_window_share": (won + 0.5) / 4}), trials=1)
+    assert not none.passed and f"beat Production in {won} of 4" in none.reasons[0]
+
+
 def test_instrument_fit_warnings(small_bars):
     from mlproject.instruments import PRESETS
     from mlproject.preflight import instrument_fit_warnings

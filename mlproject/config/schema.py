@@ -9,13 +9,12 @@ the line.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from mlproject.config.values import check_time_zone, parse_duration
+from mlproject.config.values import check_time_zone, flatten, parse_duration
 from mlproject.instruments import resolve_instrument
 
 
@@ -78,7 +77,22 @@ class EnvConfig(_Strict):
     reward_scale: float = Field(default=1.0, gt=0)
     """Reward = reward_scale * (equity change - risk penalty)."""
     risk_penalty: float = Field(default=0.0, ge=0)
-    """Extra weight on every increase of the drawdown from the equity peak (0 = pure PnL)."""
+    """Extra weight on every increase of the drawdown from the equity peak (0 = pure PnL): the
+    drawdown-penalised reward (with ``reward: money``)."""
+    reward: Literal["money", "differential_sharpe"] = "money"
+    """What training maximises per step: ``money`` (the equity change, less the risk penalty) or
+    ``differential_sharpe`` (Moody and Saffell's differential Sharpe ratio of the step's return:
+    each step's contribution to an exponentially weighted Sharpe ratio). Evaluation and the gate
+    stay in money either way."""
+    dsr_eta: float = Field(default=0.01, gt=0, lt=1)
+    """Adaptation rate of the differential Sharpe ratio's moving moments (about 1/eta steps)."""
+
+    @model_validator(mode="after")
+    def _one_risk_term(self) -> EnvConfig:
+        if self.reward == "differential_sharpe" and self.risk_penalty:
+            raise ValueError("env.risk_penalty penalises the money reward; with env.reward=differential_sharpe "
+                             "set it to 0")
+        return self
 
     @field_validator("instrument", mode="before")
     @classmethod
@@ -230,8 +244,8 @@ class TrainConfig(_Strict):
     """RLlib PPO's adaptive KL penalty on top of the clipped objective (RLlib's default); false
     leaves the clipped objective alone, as Stable-Baselines3's PPO has it."""
     reward_scale: float = Field(default=0.01, gt=0)
-    """Extra reward multiplier while training only (PPO's value function learns best on rewards
-    of order 1; a 1-lot ES bar moves tens of dollars). Backtests report money."""
+    """Extra reward multiplier while training only, for the money reward (PPO's value function
+    learns best on rewards of order 1; a 1-lot ES bar moves tens of dollars). Backtests report money."""
     train_episode_bars: int | None = Field(default=1000, ge=2)
     """Bars per training episode (random windows of the train split); null = to the end."""
     num_env_runners: int = Field(default=0, ge=0)
@@ -293,6 +307,14 @@ class PromotionConfig(_Strict):
     """The challenger must beat Production on ``metric`` by more than this (metric units)."""
     min_psr: float = Field(default=0.5, ge=0, le=1)
     """Probabilistic Sharpe Ratio of the challenger's per-bar returns against Production's Sharpe."""
+    min_dsr: float = Field(default=0.5, ge=0, le=1)
+    """Deflated Sharpe Ratio against Production's Sharpe: the PSR with the benchmark raised by the
+    best Sharpe that as many no-skill tries would show by luck, counting every candidate tried for
+    this registered model (validated checkpoints of every retrain: ``gate/trials``). 0: off."""
+    min_window_share: float = Field(default=0.6, ge=0, le=1)
+    """Share of the evaluation windows (consecutive recent folds, each traded only after its own
+    observation window of bars: an embargo from the training bars) in which the challenger's return
+    must beat Production's: a clear majority, not one lucky stretch. 0: off."""
     max_drawdown: float = Field(default=0.25, gt=0, le=1)
     """Worst window's maximum drawdown (fraction) the challenger may have."""
     min_trades: int = Field(default=10, ge=0)
@@ -572,14 +594,3 @@ class Config(_Strict):
         """Dotted keys -> values, for MLflow params."""
         return flatten(self.to_dict())
 
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out

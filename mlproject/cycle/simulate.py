@@ -4,9 +4,11 @@ At each of ``periods`` decision points the model is retrained (warm-started from
 that time) on the bars before the point only and gated on the last held-out part of them
 (:func:`mlproject.cycle.retrain.train_evaluate_promote`, the cycle's own pass); the period up to the
 next point is traded by the Production of that time (the learning agent), by the first Production
-(never retrained) and by buy-and-hold, each a deterministic backtest through the env (the paper
-path gives the same bits: tests/test_bridge.py). Out-of-sample equity, metrics, a paired test and a
-plot go in the active run. Versions are registered under their own name (``<model>-sim-<run>``),
+(never retrained), flat, buy-and-hold and a plain moving-average crossover rule, each a
+deterministic backtest through the env (the paper path gives the same bits: tests/test_bridge.py).
+Every change of the trading model is judged on the period after it against the model it replaced
+(promotion regret). Out-of-sample equity, metrics, costs, a paired test, the table and a plot go in
+the active run (:mod:`mlproject.cycle.sim_report`). Versions are registered under their own name (``<model>-sim-<run>``),
 deleted when the simulation ends (their models stay in the runs' artifacts), with their own deploy
 folder, buffer and state: the simulation never touches the real Production.
 """
@@ -18,7 +20,6 @@ import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,6 +28,17 @@ from envs.market import Market
 from mlproject.backtest import constant_policy
 from mlproject.config import Config
 from mlproject.cycle.retrain import train_evaluate_promote
+from mlproject.cycle.sim_report import (
+    Promotion,
+    figure,
+    ma_crossover_actions,
+    oos_times,
+    periods_won,
+    regret_lines,
+    regret_share,
+    scripted_policy,
+    table,
+)
 from mlproject.data import load_source
 from mlproject.evaluation import EvalReport, backtest, paired_comparison, policy_env_config
 from mlproject.ingestion import IngestResult
@@ -39,7 +51,7 @@ from mlproject.tracking import log_curves
 
 log = logging.getLogger(__name__)
 
-AGENTS = ("learning", "never_retrained", "flat", "buy_hold")
+AGENTS = ("learning", "never_retrained", "flat", "buy_hold", "ma_crossover")
 """The agents every period is traded by; the learning and never-retrained ones trade flat while
 no model has earned Production ("no model" is a state: no edge found, not an error)."""
 
@@ -49,7 +61,8 @@ class SimulationResult:
     """The walk-forward's out-of-sample outcome."""
 
     metrics: dict[str, dict[str, float]]
-    """Per agent: total_return, sharpe, max_drawdown, n_trades."""
+    """Per agent: total_return, sharpe, max_drawdown, n_trades, costs (commissions and slippage
+    paid, a share of the initial equity), periods_won (periods it beat the never-retrained agent)."""
     paired: dict[str, float]
     """Learning vs never retrained on the same bars (:func:`mlproject.evaluation.paired_comparison`)."""
     decisions: list[str]
@@ -63,6 +76,19 @@ class SimulationResult:
     """The simulation's versions, as they were before it deleted them."""
     flat_periods: list[str] = field(default_factory=list)
     """The periods the learning agent traded flat because no model was in Production, and why."""
+    promotions: list[Promotion] = field(default_factory=list)
+    """Every change of the learning agent's model, with the next period's return of both."""
+    period_returns: dict[str, list[float]] = field(default_factory=dict)
+    """Per agent, the return of each period."""
+
+    @property
+    def regret(self) -> float:
+        """Share of promotions whose model did worse on the next period than the one it replaced."""
+        return regret_share(self.promotions)
+
+    def report(self) -> str:
+        """The table and the regret and paired-test lines, as printed and logged (``sim/report.md``)."""
+        return "\n".join([table(self.metrics, self.period_returns), "", *regret_lines(self.promotions, self.paired)])
 
 
 def check_split(periods: int, start_fraction: float) -> None:
@@ -129,9 +155,11 @@ def _walk_forward(cfg: Config, bars: pd.DataFrame, points: list[int], history_ba
     """The simulation proper (see :func:`simulate`), its versions registered as ``name``."""
     reports = {agent: EvalReport(agent) for agent in AGENTS}
     decisions: list[str] = []
+    promotions: list[Promotion] = []
+    crossover = ma_crossover_actions(bars["close"], resolve_instrument(cfg.env.instrument).max_contracts)
     with tempfile.TemporaryDirectory(prefix="nt8-sim-") as tmp:
         sim = sim_config(cfg, Path(tmp), name)
-        frozen, flat = None, []
+        frozen, previous, flat, traded_by = None, None, [], []
         for k, point in enumerate(points[:-1]):
             production, why = _decide(sim, bars, point, Path(tmp) / f"bars-until-{k}.parquet", decisions)
             frozen = frozen or production
@@ -139,11 +167,25 @@ def _walk_forward(cfg: Config, bars: pd.DataFrame, points: list[int], history_ba
             if production is None:
                 flat.append(f"period {k + 1}: {why}")
                 log.warning("simulate: period %d: %s: the learning agent stays flat", k + 1, why)
-            _trade_period(sim, period, {"learning": production, "never_retrained": frozen}, reports, history_bars)
+            versions = {"learning": production, "never_retrained": frozen}
+            if production != previous:  # a promotion: the replaced model (or flat) trades the period too
+                versions["replaced"] = previous
+            played = _trade_period(sim, period, versions, history_bars, crossover[point:points[k + 1] - 1])
+            if production != previous:
+                promotions.append(Promotion(k + 1, str(production), previous, _period_return(played["learning"]),
+                                            _period_return(played.pop("replaced"))))
+            for agent, report in played.items():
+                reports[agent].windows.extend(report.windows)
             log.info("simulate: period %d/%d (%s .. %s) traded by %s (never retrained: %s)", k + 1,
                      len(points) - 1, period.index[history_bars], period.index[-1], _label(production),
                      _label(frozen))
-    return _report(cfg, bars, points, (decisions, flat), reports, name)
+            previous = production
+            traded_by.append(production)
+    return _report(cfg, bars, points, (decisions, flat, promotions, traded_by), reports, name)
+
+
+def _period_return(report: EvalReport) -> float:
+    return float(report.windows[-1].metrics["total_return"])
 
 
 def _label(version: str | None) -> str:
@@ -164,66 +206,65 @@ def _decide(sim: Config, bars: pd.DataFrame, point: int, path: Path, decisions: 
     return str(production), ""
 
 
-def _trade_period(sim: Config, period: pd.DataFrame, versions: dict[str, str | None],
-                  reports: dict[str, EvalReport], history_bars: int) -> None:
-    """The period traded by each agent: the given versions (flat where None), flat, and buy-and-hold."""
+def _trade_period(sim: Config, period: pd.DataFrame, versions: dict[str, str | None], history_bars: int,
+                  crossover: np.ndarray) -> dict[str, EvalReport]:
+    """The period traded by each agent: the given versions (flat where None), flat, buy-and-hold and
+    the crossover rule (its ``crossover`` actions, one per traded bar)."""
     max_c = resolve_instrument(sim.env.instrument).max_contracts
-    constant = {"flat": max_c, "buy_hold": 2 * max_c}  # actions: max_contracts is flat, 2x is all long
+    rules = {"flat": constant_policy(max_c), "buy_hold": constant_policy(2 * max_c),  # max_c: flat, 2x: all long
+             "ma_crossover": scripted_policy(crossover)}
+    played = {}
     for agent, version in versions.items():
         if version is None:
-            constant[agent] = max_c
+            rules[agent] = constant_policy(max_c)
             continue
         policy = load_policy_model(f"models:/{sim.promotion.model_name}/{version}")
-        result = backtest(policy.predict, period, policy_env_config(policy, sim.env, period), 1,
-                          seed=sim.seed, name=agent, first_bar=history_bars)
-        reports[agent].windows.extend(result.windows)
-    for agent, action in constant.items():
-        reports[agent].windows.extend(backtest(constant_policy(action), period, sim.env.model_dump(), 1,
-                                               name=agent, first_bar=history_bars).windows)
+        played[agent] = backtest(policy.predict, period, policy_env_config(policy, sim.env, period), 1,
+                                 seed=sim.seed, name=agent, first_bar=history_bars)
+    for agent, rule in rules.items():
+        played[agent] = backtest(rule, period, sim.env.model_dump(), 1, name=agent, first_bar=history_bars)
+    return played
 
 
-def _report(cfg: Config, bars: pd.DataFrame, points: list[int], gate: tuple[list[str], list[str]],
-            reports: dict[str, EvalReport], name: str) -> SimulationResult:
-    """Out-of-sample equity and metrics per agent, the paired test, all logged to the active run."""
+def _report(cfg: Config, bars: pd.DataFrame, points: list[int],
+            gate: tuple[list[str], list[str], list[Promotion], list[str | None]], reports: dict[str, EvalReport], name: str) -> SimulationResult:
+    """Out-of-sample equity and metrics per agent, the paired test, regret, the table and the plot,
+    all logged to the active run."""
     import mlflow
 
     ppy = periods_per_year(bars.index)
     equity, out = {}, {}
+    period_returns = {agent: [float(w.metrics["total_return"]) for w in r.windows] for agent, r in reports.items()}
     for agent, report in reports.items():
         returns = report.returns()
         equity[agent] = cfg.env.initial_equity * np.cumprod(np.r_[1.0, 1.0 + returns])
         out[agent] = {"total_return": total_return(equity[agent]), "sharpe": sharpe_ratio(returns, ppy),
                       "max_drawdown": max_drawdown(equity[agent]),
-                      "n_trades": float(sum(len(w.trades) for w in report.windows))}
-        for k, window in enumerate(report.windows):
-            mlflow.log_metric(f"sim/{agent}/period_return", float(window.metrics["total_return"]), step=k)
+                      "n_trades": float(sum(len(w.trades) for w in report.windows)),
+                      "costs": sum(w.metrics["commissions"] + w.metrics["slippage"] for w in report.windows)
+                      / cfg.env.initial_equity,
+                      "periods_won": float(periods_won(period_returns, agent, "never_retrained"))}
+        for k, value in enumerate(period_returns[agent]):
+            mlflow.log_metric(f"sim/{agent}/period_return", value, step=k)
     # The curves as step metrics (step = out-of-sample bar): "equity/" sorts before "sim/", so the
     # run's page opens on them, not on single-value bars.
     log_curves(mlflow.active_run().info.run_id, {f"equity/{agent}": curve for agent, curve in equity.items()})
     paired = paired_comparison(reports["learning"], reports["never_retrained"])
     mlflow.log_metrics({f"sim/{agent}/{k}": v for agent, m in out.items() for k, v in m.items() if math.isfinite(v)})
     mlflow.log_metrics({f"sim/paired/{k}": v for k, v in paired.items() if math.isfinite(v)})
-    decisions, flat_periods = gate
+    decisions, flat_periods, promotions, traded_by = gate
+    if promotions:
+        mlflow.log_metrics({"sim/regret/share": regret_share(promotions), "sim/regret/promotions": len(promotions),
+                            "sim/regret/regrets": sum(p.regret for p in promotions)})
     mlflow.set_tags({"sim.points": ",".join(str(bars.index[p]) for p in points[:-1]),
                      "sim.flat_periods": "; ".join(flat_periods)[:5000] or "none",
+                     "sim.promotions": "; ".join(p.describe() for p in promotions)[:5000] or "none",
                      "sim.decisions": ",".join(decisions), "sim.model_name": name})
-    mlflow.log_figure(_figure(equity), "sim/equity.png")
-    return SimulationResult(out, paired, decisions, points, equity, reports, name, flat_periods=flat_periods)
+    result = SimulationResult(out, paired, decisions, points, equity, reports, name, flat_periods=flat_periods,
+                              promotions=promotions, period_returns=period_returns)
+    mlflow.log_text(result.report() + "\n", "sim/report.md")
+    labels = [f"{d}: {_label(v)}" for d, v in zip(decisions, traded_by)]
+    mlflow.log_figure(figure(equity, oos_times(reports["learning"]), [bars.index[p] for p in points[:-1]], labels),
+                      "sim/equity.png")
+    return result
 
-
-def _figure(equity: dict[str, np.ndarray]) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 4))
-    for agent, curve in equity.items():
-        ax.plot(curve, label=agent.replace("_", " "))
-    ax.set_xlabel("out-of-sample bar")
-    ax.set_ylabel("equity")
-    ax.set_title("walk-forward: continuously learning vs never retrained vs flat vs buy-and-hold")
-    ax.legend()
-    fig.tight_layout()
-    plt.close(fig)
-    return fig

@@ -133,6 +133,7 @@ def _simulation_lines(sim: SimulationResult) -> list[str]:
         + f"; gate at each point: {', '.join(sim.decisions)}"]
     if sim.flat_periods:
         lines.append(f"  the learning agent stayed flat (no model in Production): {'; '.join(sim.flat_periods)}")
+    lines += ["  " + line for line in sim.report().splitlines()]
     return lines
 
 
