@@ -66,6 +66,8 @@ def test_the_table_has_a_row_per_agent_with_periods_won():
     assert len(text) == 2 + 3 and text[0].startswith("| agent | total return | Sharpe | max drawdown | trades | costs")
     assert text[2] == "| learning | +2.00% | 0.50 | 10.0% | 7 | 0.12% | 2/3 | 1/3 |"
     assert text[3].startswith("| never retrained |") and text[3].endswith("| 0/3 | 1/3 |")
+    metrics["never_retrained"]["sharpe"] = math.nan  # flat all along: no variance
+    assert table(metrics, returns).splitlines()[3].startswith("| never retrained | +0.00% | - | 10.0% |")
 
 
 def test_the_plot_has_dates_and_a_labelled_line_per_decision_point():

@@ -93,7 +93,8 @@ def table(metrics: dict[str, dict[str, float]], period_returns: dict[str, list[f
     lines = ["| agent | total return | Sharpe | max drawdown | trades | costs | periods > never retrained | "
              "periods > buy-and-hold |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for agent, m in metrics.items():
-        lines.append(f"| {agent.replace('_', ' ')} | {m['total_return']:+.2%} | {m['sharpe']:.2f} | "
+        sharpe = f"{m['sharpe']:.2f}" if math.isfinite(m["sharpe"]) else "-"  # no variance (flat): undefined
+        lines.append(f"| {agent.replace('_', ' ')} | {m['total_return']:+.2%} | {sharpe} | "
                      f"{m['max_drawdown']:.1%} | {m['n_trades']:.0f} | {m['costs']:.2%} | "
                      f"{periods_won(period_returns, agent, 'never_retrained')}/{n} | "
                      f"{periods_won(period_returns, agent, 'buy_hold')}/{n} |")
