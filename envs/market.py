@@ -18,7 +18,15 @@ from pydantic import ValidationError
 
 from mlproject.config import ConfigError, EnvConfig, describe_validation_error
 from mlproject.data import load_bars, validate_bars
-from mlproject.features import ACCOUNT_FIELDS, FEATURE_CLIP, FEATURE_NAMES, bar_features, obs_size
+from mlproject.features import (
+    ACCOUNT_FIELDS,
+    FEATURE_CLIP,
+    FEATURE_NAMES,
+    bar_features,
+    context_features,
+    context_names,
+    obs_size,
+)
 from mlproject.instruments import InstrumentSpec, resolve_instrument
 
 DSR_MIN_VARIANCE = 1e-18
@@ -51,6 +59,18 @@ def _as_bars(bars: Any) -> pd.DataFrame:
     if isinstance(bars, pd.DataFrame):
         return validate_bars(bars, bars.attrs.get("source", "env_config['bars']"))
     raise ConfigError(f"env_config: key 'bars' must be a DataFrame or a file path, got {type(bars).__name__}")
+
+
+def _with_context(rows: np.ndarray, context: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(buffer, read-only view) of observations: each bar's window of feature ``rows``, its
+    ``context`` row, then the account slots (zeros), written out (n_bars x obs size float32)."""
+    n_rows = rows.shape[1] - len(ACCOUNT_FIELDS)
+    out = np.zeros((rows.shape[0], n_rows + context.shape[1] + len(ACCOUNT_FIELDS)), np.float32)
+    out[:, :n_rows] = rows[:, :n_rows]
+    out[:, n_rows:n_rows + context.shape[1]] = context
+    view = out.view()
+    view.flags.writeable = False
+    return out.ravel(), view
 
 
 @dataclass
@@ -93,7 +113,10 @@ class Market:
                                np.zeros(len(ACCOUNT_FIELDS), np.float32)])
         windows = np.lib.stride_tricks.as_strided(
             flat, shape=(len(feats), width), strides=(n_feat * flat.itemsize, flat.itemsize), writeable=False)
-        records = np.ndarray(shape=(windows.shape[0],), dtype=np.dtype((np.void, width * flat.itemsize)),
+        if context_names(cfg.feature_set):  # the context columns sit after the rows: rows written out
+            flat, windows = _with_context(windows, context_features(bars, vol_window=cfg.vol_window,
+                                                                    norm_window=cfg.norm_window))
+        records = np.ndarray(shape=(windows.shape[0],), dtype=np.dtype((np.void, windows.shape[1] * flat.itemsize)),
                              buffer=flat, strides=(windows.strides[0],))
         records.flags.writeable = False
         return cls(cfg, spec, bars, bars["open"].to_numpy(np.float64), bars["close"].to_numpy(np.float64),
@@ -120,7 +143,7 @@ class Market:
 
     @property
     def obs_size(self) -> int:
-        return obs_size(self.cfg.window)
+        return obs_size(self.cfg.window, self.cfg.feature_set)
 
     def observation_space(self) -> gym.spaces.Box:
         low = np.full(self.obs_size, -FEATURE_CLIP, np.float32)
@@ -151,4 +174,4 @@ class Market:
     def feature_names(self) -> list[str]:
         """Names of the observation entries, oldest bar first."""
         names = [f"{f}[t-{lag}]" for lag in range(self.cfg.window - 1, -1, -1) for f in FEATURE_NAMES]
-        return names + list(ACCOUNT_FIELDS)
+        return names + list(context_names(self.cfg.feature_set)) + list(ACCOUNT_FIELDS)

@@ -23,7 +23,7 @@ from envs.market import Market
 from mlproject.backtest import BacktestResult, Policy, constant_policy, episode_metrics
 from mlproject.config import EnvConfig, load_config
 from mlproject.data import infer_bar_period, load_source, period_text, split_bars
-from mlproject.features import FEATURE_NAMES, FEATURE_SET_VERSION, obs_size, window_of
+from mlproject.features import FEATURE_SETS, obs_size, window_of
 from mlproject.instruments import resolve_instrument
 from mlproject.metrics import equity_returns, periods_per_year, probabilistic_sharpe_ratio
 from mlproject.policy import ModelMismatch, load_policy_model
@@ -198,9 +198,10 @@ def policy_env_config(policy: Any, env: Any, bars: pd.DataFrame) -> dict[str, An
                 f"observation values; env.window={env.window} makes {size}: evaluate it with "
                 f"--set env.window={window_of(policy.input_size)} and the rest of its training config")
         return base
-    if tuple(s.features) != FEATURE_NAMES or s.feature_set_version != FEATURE_SET_VERSION:
+    if s.feature_set is None:
+        known = "; ".join(f"{name} v{v} ({', '.join(names)})" for name, (v, names) in FEATURE_SETS.items())
         raise ModelMismatch(f"{who} was trained on feature set v{s.feature_set_version} ({', '.join(s.features)}); "
-                            f"this code computes v{FEATURE_SET_VERSION} ({', '.join(FEATURE_NAMES)})")
+                            f"this code computes {known}")
     spec, theirs = resolve_instrument(env.instrument), s.instrument
     for key in ("symbol", "tick_size", "point_value"):
         if theirs[key] != getattr(spec, key):
@@ -214,7 +215,7 @@ def policy_env_config(policy: Any, env: Any, bars: pd.DataFrame) -> dict[str, An
         if period != pd.Timedelta(s.bar_period):
             raise ModelMismatch(f"{who} was trained on {period_text(pd.Timedelta(s.bar_period))} bars; the bars of "
                                 f"{_bars_source(bars)} are {period_text(period)} bars (bar period)")
-    base.update(window=s.window, vol_window=s.vol_window, norm_window=s.norm_window,
+    base.update(window=s.window, vol_window=s.vol_window, norm_window=s.norm_window, feature_set=s.feature_set,
                 instrument={"symbol": spec.symbol, "tick_size": spec.tick_size, "point_value": spec.point_value,
                             "commission_per_side": spec.commission_per_side, "slippage_ticks": spec.slippage_ticks,
                             "max_contracts": s.max_contracts})

@@ -19,6 +19,26 @@ FEATURE_SET_VERSION = 1
 (not only its name): a logged policy records the version it was trained on, and evaluation
 refuses a policy whose features this code no longer computes."""
 
+CONTEXT_NAMES: tuple[str, ...] = ("ret5_z", "ret15_z", "vol_regime")
+"""The newest bar's context features of the ``multi_timeframe`` set (:func:`context_features`),
+placed once after the window's rows, before the account fields."""
+
+FEATURE_SETS: dict[str, tuple[int, tuple[str, ...]]] = {
+    "base": (FEATURE_SET_VERSION, FEATURE_NAMES),
+    "multi_timeframe": (2, FEATURE_NAMES + CONTEXT_NAMES)}
+"""``env.feature_set`` -> (the version a model records, the feature names it records)."""
+
+
+def context_names(feature_set: str = "base") -> tuple[str, ...]:
+    """The context features ``feature_set`` adds after the window's rows (none for ``base``)."""
+    return CONTEXT_NAMES if feature_set == "multi_timeframe" else ()
+
+
+def feature_set_of(features: tuple[str, ...] | list[str], version: int) -> str | None:
+    """The feature set a model recorded (its feature names and version), None if this code has none."""
+    return next((name for name, (v, names) in FEATURE_SETS.items()
+                 if v == version and tuple(features) == names), None)
+
 FEATURE_CLIP = 10.0
 """Normalised features are clipped to [-FEATURE_CLIP, FEATURE_CLIP] (keeps outliers finite)."""
 
@@ -27,15 +47,16 @@ ACCOUNT_FIELDS: tuple[str, ...] = ("position", "open_pnl_pct")
 max_contracts and the open trade's PnL in percent of its entry (``envs.futures_env``)."""
 
 
-def obs_size(window: int) -> int:
+def obs_size(window: int, feature_set: str = "base") -> int:
     """Length of an observation over ``window`` bars: ``window`` rows of :data:`FEATURE_NAMES`,
-    oldest first, then the :data:`ACCOUNT_FIELDS`. The one definition of the layout."""
-    return window * len(FEATURE_NAMES) + len(ACCOUNT_FIELDS)
+    oldest first, the set's :func:`context_names` (the newest bar's), then the
+    :data:`ACCOUNT_FIELDS`. The one definition of the layout."""
+    return window * len(FEATURE_NAMES) + len(context_names(feature_set)) + len(ACCOUNT_FIELDS)
 
 
 def window_of(size: int) -> int:
-    """The window of an observation of ``size`` entries (the inverse of :func:`obs_size`; rounds
-    down when ``size`` is not one of its values)."""
+    """The window of an observation of ``size`` entries, of either feature set (the inverse of
+    :func:`obs_size`: the context features are fewer than a row, so rounding down finds it)."""
     return (size - len(ACCOUNT_FIELDS)) // len(FEATURE_NAMES)
 
 
@@ -47,9 +68,10 @@ def feature_rows(observation: np.ndarray) -> np.ndarray:
 
 
 def latest_features(observation: np.ndarray) -> np.ndarray:
-    """The newest bar's features of an observation: the slots just before the account fields."""
-    account = len(ACCOUNT_FIELDS)
-    return observation[..., -account - len(FEATURE_NAMES):-account]
+    """The newest bar's :data:`FEATURE_NAMES` of an observation (of either feature set): the
+    window's last row."""
+    n, window = len(FEATURE_NAMES), window_of(observation.shape[-1])
+    return observation[..., (window - 1) * n: window * n]
 
 
 def log_returns(close: np.ndarray) -> np.ndarray:
@@ -150,6 +172,39 @@ def bar_features(bars: pd.DataFrame, *, vol_window: int = 20, norm_window: int =
     return feats
 
 
+def _horizon_return(close: np.ndarray, bars: int) -> np.ndarray:
+    """log(c_t / c_{t-bars}): the return of the ``bars``-times-longer bar ending at t (0 before)."""
+    out = np.zeros(len(close), dtype=np.float64)
+    out[bars:] = np.log(close[bars:] / close[:-bars])
+    return out
+
+
+def context_features(bars: pd.DataFrame, *, vol_window: int = 20, norm_window: int = 100) -> np.ndarray:
+    """The :data:`CONTEXT_NAMES` of every bar (n_bars, 3), float32, from bars 0..t only.
+
+    - ret5_z, ret15_z: the log return over the last 5 and 15 bars (the bar at 5x and 15x the bar
+      period ending at t), over the trailing std of one-bar log returns times sqrt(5), sqrt(15).
+    - vol_regime: the trailing std of one-bar log returns over ``vol_window`` bars over that over
+      ``norm_window`` bars, minus 1 (0 while either is undefined): above 0 in a stretch more
+      volatile than usual, below 0 in a calmer one.
+    """
+    close = bars["close"].to_numpy(np.float64)
+    rets = log_returns(close)
+    _, sigma = trailing_mean_std(rets, norm_window, min(20, norm_window))
+    _, short = trailing_mean_std(rets, vol_window, min(20, vol_window))
+    ratio = _safe_ratio(short, sigma)
+    columns = (_safe_ratio(_horizon_return(close, 5), sigma * SQRT5), _safe_ratio(_horizon_return(close, 15),
+                                                                                 sigma * SQRT15),
+               np.where(ratio > 0, ratio - 1.0, 0.0))
+    feats = np.empty((len(close), len(CONTEXT_NAMES)), np.float32)
+    for j, column in enumerate(columns):
+        feats[:, j] = np.clip(column, -FEATURE_CLIP, FEATURE_CLIP, out=column)
+    return feats
+
+
+SQRT5, SQRT15 = math.sqrt(5.0), math.sqrt(15.0)
+
+
 class _Trailing:
     """:func:`trailing_mean_std` for one new value at a time: the window's values in order in a
     ring, summed oldest first by ``np.add.accumulate`` (sequential by definition, the order of
@@ -192,11 +247,15 @@ class FeatureStream:
     that starts with the same bars (or that starts earlier, once ``max(vol_window, norm_window)``
     bars have been pushed). About 20 us a bar for the default windows."""
 
-    def __init__(self, *, vol_window: int = 20, norm_window: int = 100) -> None:
+    def __init__(self, *, vol_window: int = 20, norm_window: int = 100, context: bool = False) -> None:
         self._sigma = _Trailing(norm_window, min(20, norm_window))
         self._volume = _Trailing(vol_window, 2)
         self._close: float | None = None
         self.bars = 0
+        self._short = _Trailing(vol_window, min(20, vol_window)) if context else None
+        self._closes: list[float] = []
+        self.context_row = np.zeros(len(CONTEXT_NAMES) if context else 0, np.float32)
+        """With ``context``: the newest bar's :func:`context_features` row (bit for bit)."""
 
     def push(self, hour: int, minute: int, second: int, high: float, low: float, close: float,
              volume: float) -> np.ndarray:
@@ -211,5 +270,20 @@ class FeatureStream:
         row = np.array([_ratio(ret, sigma), _ratio(log_range, sigma), _ratio(volume - mean, std),
                         np.sin(angle), np.cos(angle)])
         np.clip(row, -FEATURE_CLIP, FEATURE_CLIP, out=row)
+        if self._short is not None:
+            self._push_context(ret, sigma, close)
         self.bars += 1
         return row.astype(np.float32)
+
+    def _push_context(self, ret: float, sigma: float, close: float) -> None:
+        """:func:`context_features`' operations for the newest bar."""
+        _, short = self._short.push(ret)
+        closes = self._closes
+        closes.append(close)
+        del closes[:-16]
+        ret5 = float(np.log(close / closes[-6])) if len(closes) > 5 else 0.0
+        ret15 = float(np.log(close / closes[-16])) if len(closes) > 15 else 0.0
+        ratio = _ratio(short, sigma)
+        row = np.array([_ratio(ret5, sigma * SQRT5), _ratio(ret15, sigma * SQRT15), ratio - 1.0 if ratio > 0 else 0.0])
+        np.clip(row, -FEATURE_CLIP, FEATURE_CLIP, out=row)
+        self.context_row = row.astype(np.float32)

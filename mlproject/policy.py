@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from mlproject.data import infer_bar_period
-from mlproject.features import FEATURE_NAMES, FEATURE_SET_VERSION, obs_size
+from mlproject.features import FEATURE_SETS, feature_set_of, obs_size
 from mlproject.instruments import PRESETS, resolve_instrument
 from mlproject.quiet import quiet_rllib
 from mlproject.registry import resolve_version
@@ -56,14 +56,20 @@ class PolicySettings:
     def max_contracts(self) -> int:
         return int(self.instrument["max_contracts"])
 
+    @property
+    def feature_set(self) -> str | None:
+        """The ``env.feature_set`` the model was trained with (None: one this code does not compute)."""
+        return feature_set_of(self.features, self.feature_set_version)
+
     @classmethod
     def from_env(cls, env: Any, bars: Any = None) -> PolicySettings:
         """Settings of a policy trained with ``env`` (an ``EnvConfig``) on ``bars``."""
         period = None
         if bars is not None and len(bars) >= 2:
             period = str(infer_bar_period(bars))
-        return cls(env.window, env.vol_window, env.norm_window, FEATURE_NAMES, FEATURE_SET_VERSION,
-                   resolve_instrument(env.instrument).to_dict(), period, obs_size(env.window))
+        version, names = FEATURE_SETS[env.feature_set]
+        return cls(env.window, env.vol_window, env.norm_window, names, version,
+                   resolve_instrument(env.instrument).to_dict(), period, obs_size(env.window, env.feature_set))
 
     def to_dict(self) -> dict[str, Any]:
         return {"settings_version": SETTINGS_VERSION, **asdict(self), "features": list(self.features)}
@@ -382,7 +388,8 @@ def settings_overrides(parent: PolicySettings) -> list[str]:
     """``--set`` items that make a config build ``parent``'s observations and contract (the
     recorded instrument as its preset plus the fields that differ from it, or every field)."""
     items = [f"env.window={parent.window}", f"env.vol_window={parent.vol_window}",
-             f"env.norm_window={parent.norm_window}"]
+             f"env.norm_window={parent.norm_window}"] + ([f"env.feature_set={parent.feature_set}"]
+                                                          if parent.feature_set else [])
     recorded = dict(parent.instrument)
     symbol = str(recorded.pop("symbol", "") or "")
     preset = PRESETS.get(symbol.split()[0].upper()) if symbol.strip() else None

@@ -159,6 +159,34 @@ def test_feature_stream_equals_bar_features_bit_for_bit():
         assert np.array_equal(rows[skip:], expected[start + skip:])
 
 
+def test_multi_timeframe_observations_are_built_bar_by_bar_as_the_env_builds_them():
+    """A model of feature set multi_timeframe (v2): the stream's context row (5- and 15-bar
+    returns, volatility regime) equals context_features bit for bit, and the bridge's observation
+    of every bar equals the env's: the window's rows, the context, the account."""
+    from mlproject.bridge.observations import ObservationBuilder
+    from mlproject.bridge.protocol import Bar
+    from mlproject.features import context_features
+
+    bars = synthetic_bars(500, seed=6)
+    bars.iloc[300:340, :4] = 4500.0  # flat prices: sigma exactly 0
+    multi = {**ENV, "feature_set": "multi_timeframe"}
+    settings = PolicySettings.from_env(EnvConfig.model_validate(multi), bars)
+    assert settings.feature_set == "multi_timeframe" and settings.feature_set_version == 2
+    assert settings.obs_size == 8 * 5 + 3 + 2
+    env = FuturesTradingEnv({**multi, "bars": bars, "random_start": False})
+    builder, book = ObservationBuilder(settings), PositionBook(SPEC.point_value, SPEC.commission_per_side)
+    expected_context = context_features(bars, vol_window=10, norm_window=30)
+    for t in range(len(bars)):
+        stamp = bars.index[t].to_pydatetime()
+        row = bars.iloc[t]
+        builder.push(Bar(stamp, stamp, row.open, row.high, row.low, row.close, row.volume, False))
+        assert np.array_equal(builder._stream.context_row, expected_context[t]), t
+        if t >= env.market.t_min:
+            obs, _ = env.reset(options={"start": t}) if t < len(bars) - 1 else (None, None)
+            if obs is not None:
+                assert np.array_equal(builder.observation(book, row.close), obs), t
+
+
 def test_position_book_matches_the_env_account():
     bars = synthetic_bars(400, seed=2)
     env = env_for(bars)

@@ -108,6 +108,7 @@ def _rollout_pair(config, n_envs, n_steps, seed):
     {"instrument": {"preset": "ES", "max_contracts": 3}, "risk_penalty": 0.5, "reward_scale": 0.01},
     {"max_episode_steps": 37},
     {"reward": "differential_sharpe", "dsr_eta": 0.05, "reward_scale": 2.0},
+    {"feature_set": "multi_timeframe", "window": 3},
     {"initial_equity": 3_000.0, "equity_floor_fraction": 0.9, "instrument": {"preset": "ES", "max_contracts": 2}},
 ])
 def test_vector_env_equals_sync_vector_of_single_envs(small_bars, extra):
@@ -146,7 +147,8 @@ def test_the_differential_sharpe_reward_follows_moody_and_saffell(small_bars):
         EnvConfig(reward="differential_sharpe", risk_penalty=0.5)
 
 
-def test_no_look_ahead(small_bars):
+@pytest.mark.parametrize("feature_set", ["base", "multi_timeframe"])
+def test_no_look_ahead(small_bars, feature_set):
     """Change every bar after t: the observations up to t do not change."""
     t_cut = 400
     later = small_bars.copy()
@@ -155,7 +157,7 @@ def test_no_look_ahead(small_bars):
     actions = np.random.default_rng(0).integers(0, 3, t_cut - 100).tolist()
 
     def observations(bars):
-        env = FuturesTradingEnv({"bars": bars, "window": 16})
+        env = FuturesTradingEnv({"bars": bars, "window": 16, "feature_set": feature_set})
         obs, _ = env.reset(options={"start": 100})
         seen = [obs]
         for action in actions:
@@ -259,6 +261,8 @@ def test_observation_layout_has_one_definition(small_bars):
     from mlproject.features import ACCOUNT_FIELDS, feature_rows, latest_features, obs_size, window_of
 
     assert obs_size(8) == 8 * 5 + 2 and [window_of(obs_size(w)) for w in (1, 8, 32)] == [1, 8, 32]
+    assert obs_size(8, "multi_timeframe") == 8 * 5 + 3 + 2  # the newest bar's context after the rows
+    assert [window_of(obs_size(w, "multi_timeframe")) for w in (1, 8, 32)] == [1, 8, 32]
     env = FuturesTradingEnv({"bars": small_bars, "window": 8})
     obs, _ = env.reset(seed=0, options={"start": 300})
     assert env.market.obs_size == obs_size(8) == obs.shape[0]
@@ -266,6 +270,11 @@ def test_observation_layout_has_one_definition(small_bars):
     rows = feature_rows(obs)
     assert rows.shape == (8, 5) and np.array_equal(latest_features(obs), rows[-1])
     assert np.array_equal(rows[-1], env.market.windows[300][-5 - 2:-2])
+    multi = FuturesTradingEnv({"bars": small_bars, "window": 8, "feature_set": "multi_timeframe"})
+    obs_m, _ = multi.reset(seed=0, options={"start": 300})
+    assert obs_m.shape == (obs_size(8, "multi_timeframe"),) == multi.observation_space.shape
+    assert np.array_equal(feature_rows(obs_m), rows) and np.array_equal(latest_features(obs_m), rows[-1])
+    assert multi.market.feature_names()[-5:] == ["ret5_z", "ret15_z", "vol_regime", *ACCOUNT_FIELDS]
 
 
 def test_registered_with_gymnasium_and_rllib(small_bars):

@@ -81,9 +81,11 @@ def test_promote_compares_models_with_different_windows(store):
     assert first.decision == "promoted"
     second = promote.main(cfg16, "2")  # window-32 candidate against the window-16 Production
     # Seeded, so pinned: compared on the same windows, the window-32 model is not shown better.
-    assert second.decision == "refused" and len(second.reasons) == 1
+    assert second.decision == "refused" and len(second.reasons) == 3
     assert second.reasons[0].startswith("PSR vs Production's Sharpe 0.29")
-    assert "gate/psr" in second.metrics
+    assert second.reasons[1:] == ["Deflated Sharpe vs Production 0.178 < min_dsr 0.5 (2 candidates tried for this model)",
+                                  "beat Production in 1 of 3 evaluation windows, < min_window_share 0.6"]
+    assert "gate/psr" in second.metrics and second.metrics["gate/trials"] == 2.0
     run = mlflow.get_run(second.run_id)
     assert run.data.params["eval.first_bar"] == "32" and float(run.data.params["periods_per_year"]) > 0
 
@@ -170,3 +172,30 @@ def test_a_model_without_settings_is_checked_by_its_input_size(store, tmp_path):
                                             r"makes 162: evaluate it with --set env.window=16"):
         evaluate_policies([policy], bars, cfg32)
     assert ckpt
+
+
+def test_a_model_is_backtested_with_the_feature_set_it_recorded(small_bars):
+    """A multi_timeframe model (feature set v2) runs with its own set under a base config, its
+    observations the size it takes; a set this code does not compute is refused by name."""
+    import dataclasses
+
+    from mlproject.config import EnvConfig
+    from mlproject.evaluation import backtest, policy_env_config
+    from mlproject.policy import LoadedPolicy, PolicySettings
+
+    settings = PolicySettings.from_env(EnvConfig(window=4, feature_set="multi_timeframe"), small_bars)
+    seen = []
+
+    def predict(obs):
+        seen.append(obs.shape[1])
+        return np.full(len(obs), 1, np.int64)
+
+    policy = LoadedPolicy("runs:/x/model", "model x", settings, settings.obs_size, predict)
+    played = policy_env_config(policy, load_config(None).env, small_bars)
+    assert (played["feature_set"], played["window"]) == ("multi_timeframe", 4)
+    backtest(policy.predict, small_bars, played, 2)
+    assert set(seen) == {4 * 5 + 3 + 2}
+    unknown = LoadedPolicy("runs:/y/model", "model y", dataclasses.replace(settings, feature_set_version=3),
+                           settings.obs_size, predict)
+    with pytest.raises(ModelMismatch, match=r"model y was trained on feature set v3 .*this code computes base v1"):
+        policy_env_config(unknown, load_config(None).env, small_bars)

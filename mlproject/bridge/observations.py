@@ -15,7 +15,7 @@ import numpy as np
 
 from envs.market import OPEN_PNL_CLIP, Market
 from mlproject.bridge.protocol import Bar
-from mlproject.features import ACCOUNT_FIELDS, FEATURE_NAMES, FeatureStream, obs_size
+from mlproject.features import ACCOUNT_FIELDS, FEATURE_NAMES, FeatureStream, context_names, obs_size
 from mlproject.policy import PolicySettings
 from mlproject.trades import PositionBook
 
@@ -26,9 +26,10 @@ def bars_needed(settings: PolicySettings) -> int:
 
 
 def replay_length(settings: PolicySettings) -> int:
-    """Bars that rebuild the last ``window`` feature rows exactly (a log return needs the close
-    before it; each row needs its norm and volume windows)."""
-    return settings.window + max(settings.norm_window, settings.vol_window) + 1
+    """Bars that rebuild the last ``window`` feature rows (and the context) exactly (a log return
+    needs the close before it; each row needs its norm and volume windows)."""
+    longest = 15 if context_names(settings.feature_set or "base") else 0  # the 15-bar return of the context
+    return settings.window + max(settings.norm_window, settings.vol_window, longest) + 1
 
 
 class ObservationBuilder:
@@ -39,7 +40,9 @@ class ObservationBuilder:
         self.window = settings.window
         self.max_contracts = settings.max_contracts
         self.needed = bars_needed(settings)
-        self._stream = FeatureStream(vol_window=settings.vol_window, norm_window=settings.norm_window)
+        self.feature_set = settings.feature_set or "base"
+        self._stream = FeatureStream(vol_window=settings.vol_window, norm_window=settings.norm_window,
+                                     context=bool(context_names(self.feature_set)))
         self._n = len(FEATURE_NAMES)
         # The observation without its account entries: the last `window` feature rows, oldest
         # first, zeros in front while fewer (as the env's zero-padded window view).
@@ -64,8 +67,10 @@ class ObservationBuilder:
     def observation(self, book: PositionBook, close: float) -> np.ndarray:
         """float32 (``obs_size(window)``,): the features of the last ``window`` bars (zeros in
         front while fewer), then ACCOUNT_FIELDS: position / max_contracts, open PnL % of the entry (clipped)."""
-        obs = np.empty(obs_size(self.window), np.float32)
-        obs[:-len(ACCOUNT_FIELDS)] = self._features
+        obs = np.empty(obs_size(self.window, self.feature_set), np.float32)
+        rows = len(self._features)
+        obs[:rows] = self._features
+        obs[rows:-len(ACCOUNT_FIELDS)] = self._stream.context_row  # the newest bar's context (none for base)
         obs[-2] = max(-1.0, min(1.0, book.position / self.max_contracts))  # a broker position beyond the model's
         obs[-1] = book.open_pnl_pct(close, OPEN_PNL_CLIP)
         return obs

@@ -64,6 +64,9 @@ class EnvConfig(_Strict):
     """Trailing bars for the volume z-score."""
     norm_window: int = Field(default=100, ge=2)
     """Trailing bars of returns used to normalise return and range features."""
+    feature_set: Literal["base", "multi_timeframe"] = "base"
+    """``multi_timeframe`` adds the newest bar's 5- and 15-bar returns and a volatility regime
+    (``mlproject.features.CONTEXT_NAMES``); models record their set and run with it."""
     episode_bars: int | None = Field(default=None, ge=1)
     """Bars per episode; None means from the start bar to the end of the data."""
     random_start: bool = True

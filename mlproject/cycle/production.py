@@ -61,8 +61,9 @@ def _why_not_warm(local: Path, cfg: Config) -> str:
     module = load_module(find_module_dir(local))
     if settings is None:
         shape = tuple(module.observation_space.shape)
-        if shape != (obs_size(cfg.env.window),):
-            return (f"takes observations of shape {shape}, this config makes {obs_size(cfg.env.window)} "
+        size = obs_size(cfg.env.window, cfg.env.feature_set)
+        if shape != (size,):
+            return (f"takes observations of shape {shape}, this config makes {size} "
                     f"(window {cfg.env.window})")
     return settings_mismatch(settings, cfg, network_settings(module))
 
