@@ -49,7 +49,7 @@ def test_regret_counts_promotions_that_did_worse_than_what_they_replaced():
     assert [p.regret for p in promotions] == [False, True, False]  # a tie is no regret
     assert regret_share(promotions) == pytest.approx(1 / 3) and math.isnan(regret_share([]))
     assert promotions[0].describe() == "period 1: v1 replaced flat: +2.00% vs +0.00%"
-    assert promotions[1].describe() == "period 3: v2 replaced v1: -1.00% vs +0.50% (regret)"
+    assert promotions[1].describe() == "period 3: v2 replaced v1: -1.00% vs +0.50% (regret by 1.5 points)"
     lines = regret_lines(promotions, {"p_value": 0.123, "mean_return_diff": 1e-4})
     assert lines[0].startswith("promotion regret: 1 of 3 promotions (33%): period 1: v1 replaced flat")
     assert "p = 0.123" in lines[1] and "H1: learning better" in lines[1]

@@ -72,8 +72,9 @@ class Promotion:
 
     def describe(self) -> str:
         was = f"v{self.replaced}" if self.replaced else "flat"
+        gap = 100 * (self.replaced_return - self.period_return)
         return (f"period {self.period}: v{self.version} replaced {was}: {self.period_return:+.2%} vs "
-                f"{self.replaced_return:+.2%}{' (regret)' if self.regret else ''}")
+                f"{self.replaced_return:+.2%}" + (f" (regret by {gap:.3g} points)" if self.regret else ""))
 
 
 def regret_share(promotions: Sequence[Promotion]) -> float:
