@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from pathlib import Path
 from typing import Any
 
 from mlproject.cli import base_parser, run_cli
@@ -33,6 +34,9 @@ from mlproject.cycle.summary import CycleResult
 def main(cfg: Config, periods: int = 4, start_fraction: float = 0.5) -> CycleResult:
     """Run the walk-forward simulation in its own cycle run; the result's ``simulate`` holds it."""
     check_split(periods, start_fraction)  # junk arguments fail before any run exists
+    source = cfg.data.source
+    if source != "synthetic" and not Path(source).exists():
+        raise ValueError(f"--data / data.source: no such file: {source}")
     with cycle_run(cfg, "simulate") as result:
         result.simulate = simulate(cfg, periods, start_fraction)
     return result

@@ -78,3 +78,15 @@ def test_the_plot_has_dates_and_a_labelled_line_per_decision_point():
     assert [line.get_label() for line in ax.get_lines()[:2]] == ["learning", "buy hold"]
     assert [t.get_text().strip() for t in ax.texts] == ["promoted: v1", "refused: v1"]
     assert ax.get_xlabel() == "date (out of sample)"
+
+
+def test_a_missing_data_file_fails_before_any_run(tmp_path, mlflow_store):
+    """--data naming no file: one error naming it, exit 2, no cycle-simulate run left behind."""
+    import mlflow
+    from conftest import run_module
+
+    out = run_module(["python", "-m", "pipelines.simulate", "--data", str(tmp_path / "nope.csv"), "--instrument", "ES"],
+                     cwd=tmp_path)
+    assert out.returncode == 2 and f"no such file: {tmp_path / 'nope.csv'}" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
