@@ -337,6 +337,22 @@ def test_when_no_model_passes_the_gate_the_agent_stays_flat_and_the_simulation_g
     assert run.data.metrics["sim/flat/total_return"] == 0.0
 
 
+
+def test_several_seeds_walk_forward_once_each_in_runs_tagged_with_their_seed(tmp_path, mlflow_store, ray_session):
+    """--seeds 2: two walk-forwards (seed and seed + 1), each its own cycle-simulate run tagged
+    sim.seed, trained with its own seed."""
+    from pipelines import simulate
+
+    sets = ["train.iterations=1", "data.synthetic.n_bars=1400", "continuous_learning.evaluation_episodes=2",
+            "train.val_windows=2", f"data.output_dir={tmp_path / 'bars'}", "promotion.min_trades=1000000", "seed=7"]
+    results = simulate.main_seeds(load_config(ROOT / "conf" / "smoke.yaml", sets), periods=2, start_fraction=0.6,
+                                  seeds=2)
+    runs = [mlflow.get_run(r.run_id) for r in results]
+    assert [r.data.tags["sim.seed"] for r in runs] == ["7", "8"] and all(r.info.status == "FINISHED" for r in runs)
+    trained = mlflow.search_runs(search_all_experiments=True, output_format="list", filter_string="run_name = 'train'")
+    assert sorted({r.data.params["seed"] for r in trained}) == ["7", "8"]
+
+
 def test_on_a_drifting_market_the_learning_agent_beats_the_never_retrained_one(tmp_path, mlflow_store, ray_session):
     """A planted momentum signal reverses half way; the first model learns momentum. Retrained on
     its recent past at the second decision point, the learning agent adapts and the gate promotes

@@ -90,3 +90,32 @@ def test_a_missing_data_file_fails_before_any_run(tmp_path, mlflow_store):
     assert out.returncode == 2 and f"no such file: {tmp_path / 'nope.csv'}" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def test_the_seed_table_gives_the_spread_and_how_often_learning_was_ahead():
+    from types import SimpleNamespace
+
+    from mlproject.cycle.sim_report import seed_table
+
+    def result(learning, never, sharpe, promotions=()):
+        return SimpleNamespace(metrics={"learning": {"total_return": learning, "sharpe": sharpe},
+                                        "never_retrained": {"total_return": never, "sharpe": math.nan}},
+                               promotions=list(promotions))
+
+    results = [result(0.10, 0.05, 0.5, [Promotion(2, "2", "1", -0.01, 0.01)]), result(-0.10, -0.05, -0.1),
+               result(0.0, 0.0, 0.3, [Promotion(1, "1", None, 0.02, 0.0)])]
+    text = seed_table([0, 1, 2], results).splitlines()
+    assert text[0] == "over 3 seeds (0, 1, 2):"
+    assert text[3] == "| learning | +0.00% | 10.00% | -10.00% | +10.00% | 0.23 |"
+    assert text[4] == "| never retrained | +0.00% | 5.00% | -5.00% | +5.00% | - |"
+    assert text[-1] == ("learning vs never retrained: ahead in 1, behind in 1, equal in 1 of 3 seeds; "
+                        "promotion regret 1 of 2 promotions")
+
+
+def test_seeds_below_one_fail_before_any_run(tmp_path, mlflow_store):
+    import mlflow
+    from conftest import run_module
+
+    out = run_module(["python", "-m", "pipelines.simulate", "--seeds", "0"], cwd=tmp_path)
+    assert out.returncode == 2 and "--seeds must be >= 1 (got 0)" in out.stderr, out.stderr
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
