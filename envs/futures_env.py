@@ -157,8 +157,8 @@ class FuturesTradingEnv(gym.Env):
         reward = delta
         if self._risk:
             reward = delta - self._risk_penalty(eq_old, eq)
-        elif self._dsr:
-            reward = self._differential_sharpe(delta / eq_old)
+        elif self._dsr:  # the step's return; an account at or below 0 (no floor) has none
+            reward = self._differential_sharpe(delta / eq_old if eq_old > 0.0 else 0.0)
         if t < self._stop and eq >= self._floor:  # the common case: one test (stop <= last bar)
             terminated = truncated = False
         else:

@@ -134,7 +134,8 @@ class FuturesTradingVectorEnv(VectorEnv):
             reward = delta - np.where(grow > 0.0, cfg.risk_penalty * grow, 0.0)
             self._peak = new_peak
         elif cfg.reward == "differential_sharpe":
-            reward = self._differential_sharpe(delta / eq_old, cfg.dsr_eta)
+            returns = np.divide(delta, eq_old, out=np.zeros_like(delta), where=eq_old > 0.0)  # as the single env
+            reward = self._differential_sharpe(returns, cfg.dsr_eta)
         return cfg.reward_scale * reward
 
     def _differential_sharpe(self, r: np.ndarray, eta: float) -> np.ndarray:

@@ -108,6 +108,7 @@ def _rollout_pair(config, n_envs, n_steps, seed):
     {"instrument": {"preset": "ES", "max_contracts": 3}, "risk_penalty": 0.5, "reward_scale": 0.01},
     {"max_episode_steps": 37},
     {"reward": "differential_sharpe", "dsr_eta": 0.05, "reward_scale": 2.0},
+    {"reward": "differential_sharpe", "initial_equity": 3_000.0, "equity_floor_fraction": 0.0},  # accounts end below 0
     {"feature_set": "multi_timeframe", "window": 3},
     {"initial_equity": 3_000.0, "equity_floor_fraction": 0.9, "instrument": {"preset": "ES", "max_contracts": 2}},
 ])
