@@ -106,6 +106,7 @@ def test_the_seed_table_gives_the_spread_and_how_often_learning_was_ahead():
                result(0.0, 0.0, 0.3, [Promotion(1, "1", None, 0.02, 0.0)])]
     text = seed_table([0, 1, 2], results).splitlines()
     assert text[0] == "over 3 seeds (0, 1, 2):"
+    assert text[1].endswith("| mean Sharpe (seeds that traded) |")
     assert text[3] == "| learning | +0.00% | 10.00% | -10.00% | +10.00% | 0.23 |"
     assert text[4] == "| never retrained | +0.00% | 5.00% | -5.00% | +5.00% | - |"
     assert text[-1] == ("learning vs never retrained: ahead in 1, behind in 1, equal in 1 of 3 seeds; "

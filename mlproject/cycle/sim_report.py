@@ -117,11 +117,13 @@ def regret_lines(promotions: Sequence[Promotion], paired: dict[str, float]) -> l
 
 def seed_table(seeds: Sequence[int], results: Sequence[Any]) -> str:
     """Walk-forwards of one setting under several seeds (``results``: SimulationResults): per agent
-    the total return's mean, spread (sample std), lowest and highest and the mean Sharpe; then how
-    often the learning agent beat or fell behind the never-retrained one, and the regret over all
-    promotions. One seed is an anecdote: the training seed moves results by tens of points."""
+    the total return's mean, spread (sample std), lowest and highest and the mean Sharpe (over the
+    seeds in which it traded: flat has none); then how often the learning agent beat or fell behind
+    the never-retrained one, and the regret over all promotions. One seed is an anecdote: the
+    training seed moves results by tens of points."""
     lines = [f"over {len(results)} seeds ({', '.join(map(str, seeds))}):",
-             "| agent | mean total return | std | lowest | highest | mean Sharpe |", "|---|---:|---:|---:|---:|---:|"]
+             "| agent | mean total return | std | lowest | highest | mean Sharpe (seeds that traded) |",
+             "|---|---:|---:|---:|---:|---:|"]
     for agent in results[0].metrics:
         returns = np.array([r.metrics[agent]["total_return"] for r in results])
         sharpes = np.array([r.metrics[agent]["sharpe"] for r in results], dtype=float)
