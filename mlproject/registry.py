@@ -147,15 +147,16 @@ TRIALS_TAG = "trials.lineage"
 the validated checkpoints of every training that registered a version, summed."""
 
 
-def record_trials(name: str, version: str, checkpoints: int) -> int:
+def record_trials(name: str, version: str, checkpoints: int, lock_file: str | Path | None = None) -> int:
     """Add a training's ``checkpoints`` (the validated checkpoints its policy was selected from) to
-    ``name``'s count of candidates tried; the version records both (``trials.checkpoints``, and
-    ``trials.lineage``: the count including it). Versions deleted later still count. Returns the
-    new count."""
+    ``name``'s count of candidates tried, under the registry lock (two trainings at once both
+    count); the version records both (``trials.checkpoints``, and ``trials.lineage``: the count
+    including it). Versions deleted later still count. Returns the new count."""
     client = _client()
     checkpoints = max(int(checkpoints), 1)
-    total = int(client.get_registered_model(name).tags.get(TRIALS_TAG, 0) or 0) + checkpoints
-    client.set_registered_model_tag(name, TRIALS_TAG, str(total))
+    with registry_lock(lock_file):
+        total = int(client.get_registered_model(name).tags.get(TRIALS_TAG, 0) or 0) + checkpoints
+        client.set_registered_model_tag(name, TRIALS_TAG, str(total))
     client.set_model_version_tag(name, version, "trials.checkpoints", str(checkpoints))
     client.set_model_version_tag(name, version, TRIALS_TAG, str(total))
     return total

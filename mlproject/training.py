@@ -411,7 +411,7 @@ def _train(cfg: Config, run: Any, splits: Any, source: str, settings: Any, itera
                         f"val_median_{cfg.train.val_metric}": best["score"]}
         registered = str(register_version(info.model_uri, cfg.train.register_model, version_tags,
                                           description=f"PPO trained on {tags['data.train_window']}").version)
-        record_trials(cfg.train.register_model, registered, best["validations"])
+        record_trials(cfg.train.register_model, registered, best["validations"], cfg.promotion.lock_file)
     log.info("best median val %s=%.4g at iteration %d; model %s%s", cfg.train.val_metric, best["score"],
              best["iteration"], info.model_uri, f", registered version {registered}" if registered else "")
     return TrainResult(run.info.run_id, info.model_uri, registered, best["score"], best["iteration"],

@@ -330,3 +330,22 @@ def test_a_candidate_that_cannot_be_deployed_is_refused_before_the_stage_moves(s
     result = promote.main(config(store), bare)
     assert result.decision == "refused" and result.reasons[0].startswith("not deployable: nt8-agent v1: the model has no")
     assert registry.production_version(NAME) is None and not (store / "deploy" / "current").exists()
+
+
+def test_two_trainings_registering_at_once_both_count_their_candidates(store):
+    """The count of candidates tried (the Deflated Sharpe's N) is read, added to and written under
+    the registry lock: two processes recording 15 trainings each at once lose none."""
+    versions = [register_constant(store, a) for a in (0, 1)]
+    script = textwrap.dedent(f"""
+        import sys
+        from mlproject import registry
+        for _ in range(15):
+            registry.record_trials({NAME!r}, sys.argv[1], 2)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
+    procs = [subprocess.Popen([sys.executable, "-c", script, v], cwd=store, env=env, stderr=subprocess.PIPE, text=True)
+             for v in versions]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert [rc for rc, _ in results] == [0, 0], results
+    assert MlflowClient().get_registered_model(NAME).tags[registry.TRIALS_TAG] == "60"
+    assert registry.trials_of(NAME, versions[0]) in range(2, 61) and registry.trials_of(NAME, "999") == 1
