@@ -209,19 +209,22 @@ def _decide(sim: Config, bars: pd.DataFrame, point: int, path: Path, decisions: 
 def _trade_period(sim: Config, period: pd.DataFrame, versions: dict[str, str | None], history_bars: int,
                   crossover: np.ndarray) -> dict[str, EvalReport]:
     """The period traded by each agent: the given versions (flat where None), flat, buy-and-hold and
-    the crossover rule (its ``crossover`` actions, one per traded bar)."""
+    the crossover rule (its ``crossover`` actions, one per traded bar). Each version (flat included)
+    is played once, however many agents trade it: the backtests are deterministic."""
     max_c = resolve_instrument(sim.env.instrument).max_contracts
-    rules = {"flat": constant_policy(max_c), "buy_hold": constant_policy(2 * max_c),  # max_c: flat, 2x: all long
-             "ma_crossover": scripted_policy(crossover)}
-    played = {}
-    for agent, version in versions.items():
-        if version is None:
-            rules[agent] = constant_policy(max_c)
+    by_version: dict[str | None, EvalReport] = {}
+    for version in {**versions, "flat": None}.values():
+        if version in by_version:
+            continue
+        if version is None:  # max_contracts is flat
+            by_version[None] = backtest(constant_policy(max_c), period, sim.env.model_dump(), 1, name="flat",
+                                        first_bar=history_bars)
             continue
         policy = load_policy_model(f"models:/{sim.promotion.model_name}/{version}")
-        played[agent] = backtest(policy.predict, period, policy_env_config(policy, sim.env, period), 1,
-                                 seed=sim.seed, name=agent, first_bar=history_bars)
-    for agent, rule in rules.items():
+        by_version[version] = backtest(policy.predict, period, policy_env_config(policy, sim.env, period), 1,
+                                       seed=sim.seed, name=f"v{version}", first_bar=history_bars)
+    played = {agent: by_version[version] for agent, version in {**versions, "flat": None}.items()}
+    for agent, rule in (("buy_hold", constant_policy(2 * max_c)), ("ma_crossover", scripted_policy(crossover))):
         played[agent] = backtest(rule, period, sim.env.model_dump(), 1, name=agent, first_bar=history_bars)
     return played
 
