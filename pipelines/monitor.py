@@ -44,7 +44,7 @@ from mlproject.atomic import atomic_write_text, read_json_state
 from mlproject.bridge.server import kill_file_of
 from mlproject.cli import base_parser, parse_every, run_cli
 from mlproject.config import Config, parse_duration
-from mlproject.config.schema import MonitoringConfig
+from mlproject.config.live import MonitoringConfig
 from mlproject.data import load_source, split_bars
 from mlproject.deploy import check_version_deployable, reconcile
 from mlproject.experience import ExperienceBuffer, Query

@@ -11,7 +11,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from mlproject.config.schema import Config, ConfigError
+from mlproject.config.base import ConfigError
+from mlproject.config.schema import Config
 
 log = logging.getLogger(__name__)
 
