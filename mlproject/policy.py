@@ -8,6 +8,7 @@ features and contract size, whatever the current config says.
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -193,20 +194,54 @@ def find_module_dir(path: Path) -> Path:
                      "rl_module artifact, an algorithm checkpoint or an RLModule checkpoint)")
 
 
-def resolve_init_from(uri: str) -> tuple[Path, dict[str, str], Any]:
-    """Local RLModule dir, parent tags and the parent's recorded ``PolicySettings`` (None for a
-    checkpoint folder or a model that records none) for ``--init-from`` (models:/..., runs:/..., a path)."""
+MEMBER_ARTIFACT = "rl_module"
+"""The pyfunc artifact of a policy's RLModule (an ensemble's member 0; :mod:`mlproject.ensemble`)."""
+_MEMBER = re.compile(r"rl_module(?:_(\d+))?")
+_CHECKPOINT_MEMBER = re.compile(r"member-(\d+)")
+
+
+def member_artifact(k: int) -> str:
+    """The pyfunc artifact name of member ``k`` (member 0 keeps the single policy's name)."""
+    return MEMBER_ARTIFACT if k == 0 else f"{MEMBER_ARTIFACT}_{k}"
+
+
+def find_module_dirs(path: str | Path) -> list[Path]:
+    """Every member's RLModule checkpoint inside a logged pyfunc model (its ``rl_module*``
+    artifacts, in member order) or a training run's ``checkpoint`` folder (``member-<k>``
+    subfolders); one policy's folder gives a list of one (:func:`find_module_dir`)."""
+    import yaml
+
+    path = Path(path)
+    found: list[tuple[int, Path]] = []
+    if (path / "MLmodel").is_file():
+        flavor = yaml.safe_load((path / "MLmodel").read_text()).get("flavors", {}).get("python_function", {})
+        for name, spec in (flavor.get("artifacts") or {}).items():
+            match = _MEMBER.fullmatch(name)
+            if match and spec.get("path"):
+                found.append((int(match[1] or 0), path / spec["path"]))
+    elif path.is_dir():
+        found = [(int(m[1]), child) for child in path.iterdir() if (m := _CHECKPOINT_MEMBER.fullmatch(child.name))]
+    if len(found) < 2:
+        return [find_module_dir(path)]
+    return [find_module_dir(folder) for _, folder in sorted(found)]
+
+
+def resolve_init_from(uri: str, members: bool = False) -> tuple[Any, dict[str, str], Any]:
+    """Local RLModule dir (``members``: every member's, a list; :func:`find_module_dirs`), parent
+    tags and the parent's recorded ``PolicySettings`` (None for a checkpoint folder or a model that
+    records none) for ``--init-from`` (models:/..., runs:/..., a path)."""
     import mlflow
 
+    find = find_module_dirs if members else find_module_dir
     parent: dict[str, str] = {"parent_uri": uri}
     if Path(uri).exists():
         path = Path(uri)
-        return find_module_dir(path), parent, read_settings(path) if (path / "MLmodel").is_file() else None
+        return find(path), parent, read_settings(path) if (path / "MLmodel").is_file() else None
     mv = resolve_version(uri)
     if mv is not None:
         parent.update(parent_version=str(mv.version), parent_run_id=mv.run_id or "")
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    return find_module_dir(local), parent, read_settings(local) if (local / "MLmodel").is_file() else None
+    return find(local), parent, read_settings(local) if (local / "MLmodel").is_file() else None
 
 
 def load_module(path: str | Path) -> Any:
@@ -242,12 +277,17 @@ def module_policy(module: Any):
     arithmetic, without ``nn.Module``'s per-layer dispatch; ~100 us per batch of 256 rows against
     ~135 us through the Sequential and ~230 us through RLlib's wrapper, which also switches the
     module to eval mode on every call), else through ``forward_inference``."""
-    import torch
-    import torch.nn.functional as F
-
     net = plain_net(module)
     if net is None:
         return lambda obs: greedy_actions(module, obs)
+    return _layers_policy(layer_steps(net))
+
+
+def layer_steps(net: Any) -> list[tuple[Any, tuple[Any, ...]]]:
+    """The functions a plain Linear/Tanh/ReLU stack's layers call, with their weights, in order."""
+    import torch
+    import torch.nn.functional as F
+
     steps: list[tuple[Any, tuple[Any, ...]]] = []
     for layer in net.modules():
         if isinstance(layer, torch.nn.Linear):
@@ -256,7 +296,7 @@ def module_policy(module: Any):
             steps.append((torch.tanh, ()))
         elif isinstance(layer, torch.nn.ReLU):
             steps.append((torch.relu, ()))
-    return _layers_policy(steps)
+    return steps
 
 
 def _layers_policy(steps: list[tuple[Any, tuple[Any, ...]]]) -> Callable[[np.ndarray], np.ndarray]:

@@ -4,7 +4,8 @@ MLflow when the model loads; it is not imported by the library.
 Input: a float32 batch of FuturesTradingEnv observations (n, obs_dim), built with the settings
 recorded in this model's metadata (``nt8_policy``: window, normalisation, features, instrument).
 Output: int64 actions (target position + max_contracts). The RLlib RLModule checkpoint travels as the artifact
-``rl_module``; loading it needs no running Ray. Self-contained on purpose (only mlflow, numpy,
+``rl_module`` (an ensemble's further members as ``rl_module_1`` ...: the action is the argmax of their mean
+logits); loading it needs no running Ray. Self-contained on purpose (only mlflow, numpy,
 torch and ray[rllib]): a serving environment has the pinned packages, not this project.
 Mirrors ``mlproject.policy.load_module`` / ``greedy_actions`` / ``plain_net`` and the layer steps of
 ``module_policy`` (copied, not imported: the file must run where only the pinned packages are
@@ -26,9 +27,16 @@ class RLlibPolicy(mlflow.pyfunc.PythonModel):
         # itself; nothing a user of this model can change (mlproject/quiet.py says more).
         log_once("RLModule(config=[RLModuleConfig object])")
 
-        self.module = RLModule.from_checkpoint(context.artifacts["rl_module"])
-        self.net = self._plain_net()
-        self.steps = self._steps(self.net) if self.net is not None else None
+        # An ensemble (train.ensemble > 1) has one artifact per member: rl_module, rl_module_1, ...
+        names = sorted((k for k in context.artifacts if k == "rl_module" or k.startswith("rl_module_")),
+                       key=lambda k: int(k.rpartition("_")[2]) if k != "rl_module" else 0)
+        self.members = []
+        for name in names:
+            self.module = RLModule.from_checkpoint(context.artifacts[name])
+            self.net = self._plain_net()
+            self.steps = self._steps(self.net) if self.net is not None else None
+            self.members.append((self.module, self.steps))
+        self.module, self.steps = self.members[0]
 
     @staticmethod
     def _steps(net):
@@ -81,12 +89,22 @@ class RLlibPolicy(mlflow.pyfunc.PythonModel):
         obs = torch.from_numpy(np.ascontiguousarray(np.asarray(model_input), dtype=np.float32))
         obs = obs.reshape(len(obs), -1)
         with torch.inference_mode():
-            if self.steps is not None:
-                logits = obs
-                for fn, args in self.steps:
-                    logits = fn(logits, *args)
-            else:
-                logits = self.module.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS]
+            each = []
+            for module, steps in self.members:
+                if steps is not None:
+                    logits = obs
+                    for fn, args in steps:
+                        logits = fn(logits, *args)
+                else:
+                    logits = module.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS]
+                each.append(logits)
+            # An ensemble's mean logits: summed in member order, then divided by K (the formula
+            # of mlproject.ensemble.mean_logits, which the backtests and the bridge use).
+            logits = each[0]
+            if len(each) > 1:
+                for more in each[1:]:
+                    logits = logits + more
+                logits = logits / len(each)
         return torch.argmax(logits, dim=-1).numpy().astype(np.int64)
 
 

@@ -13,6 +13,7 @@ MLflow pyfunc model (no Ray needed to load it) and registered as a new version o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -32,6 +33,7 @@ from envs.futures_env import FuturesTradingEnv
 from mlproject.cluster import ray_session
 from mlproject.config import Config
 from mlproject.data import load_source, split_bars
+from mlproject.ensemble import ensemble_policy
 from mlproject.evaluation import backtest
 from mlproject.metrics import periods_per_year
 from mlproject.policy import (
@@ -41,6 +43,7 @@ from mlproject.policy import (
     continue_differences,
     greedy_actions,
     load_module,
+    member_artifact,
     module_policy,
     module_weights,
     network_settings,
@@ -182,8 +185,12 @@ def validate(algo: Any, bars: pd.DataFrame, cfg: Config) -> dict[str, float]:
     selected checkpoint's are ``val_best/<metric>`` and the run's ``sharpe``, ``total_return``, ...).
     For ``train.val_metric``, the selection score, a window where it is undefined (no trades)
     counts as the worst; the other metrics' medians skip such windows."""
-    report = backtest(module_policy(algo.get_module()), bars, cfg.env.model_dump(), cfg.train.val_windows,
-                      seed=cfg.seed, name="validation")
+    return validate_policy(module_policy(algo.get_module()), bars, cfg)
+
+
+def validate_policy(policy: Any, bars: pd.DataFrame, cfg: Config) -> dict[str, float]:
+    """:func:`validate` of a backtest policy (observation batch -> actions)."""
+    report = backtest(policy, bars, cfg.env.model_dump(), cfg.train.val_windows, seed=cfg.seed, name="validation")
     frame = report.per_window()
     metrics = {k: float(frame[k].replace([np.inf, -np.inf], np.nan).median()) for k in frame.columns}
     per_window = frame[cfg.train.val_metric].to_numpy(dtype=float)
@@ -239,17 +246,21 @@ def pip_requirements() -> list[str]:
     return reqs
 
 
-def log_policy_model(module_dir: Path, example_obs: np.ndarray, settings: Any = None) -> Any:
-    """Log the policy as a models-from-code pyfunc carrying the RLModule checkpoint and the
-    settings it was trained with (``PolicySettings``: in the MLmodel metadata, and as the logged
-    model's params, which the MLflow UI shows on the model's page)."""
+def log_policy_model(module_dirs: Path | list[Path], example_obs: np.ndarray, settings: Any = None) -> Any:
+    """Log the policy as a models-from-code pyfunc carrying the RLModule checkpoint (an
+    ensemble's: one per member, :mod:`mlproject.ensemble`) and the settings it was trained with
+    (``PolicySettings``: in the MLmodel metadata, and as the logged model's params, which the
+    MLflow UI shows on the model's page)."""
     import mlflow
     from mlflow.models import infer_signature
 
+    dirs = [module_dirs] if isinstance(module_dirs, Path) else list(module_dirs)
     example = np.ascontiguousarray(example_obs, dtype=np.float32)
-    actions = greedy_actions(load_module(module_dir), example)
+    actions = (greedy_actions(load_module(dirs[0]), example) if len(dirs) == 1
+               else ensemble_policy([load_module(d) for d in dirs])(example))
     return mlflow.pyfunc.log_model(
-        name="policy", python_model=str(POLICY_MODEL_FILE), artifacts={"rl_module": str(module_dir)},
+        name="policy", python_model=str(POLICY_MODEL_FILE),
+        artifacts={member_artifact(k): str(d) for k, d in enumerate(dirs)},
         signature=infer_signature(example, actions), input_example=example, pip_requirements=pip_requirements(),
         metadata={SETTINGS_KEY: settings.to_dict()} if settings else None,
         params=settings.params() if settings else None)
@@ -361,47 +372,46 @@ def train_policy(cfg: Config, bars: pd.DataFrame | None = None, *, init_from: st
             return _train(cfg, run, splits, source, settings, iterations, parent, Path(tmp))
 
 
-def parent_policy(init_from: str, cfg: Config, parent_tags: dict[str, str] | None = None) -> tuple[Path, dict[str, str]]:
-    """The ``--init-from`` model's RLModule folder and the tags that name it (``parent_tags`` on
-    top: what a folder the cycle prepared stands for), after :func:`check_init_from`."""
-    module_dir, tags, recorded = resolve_init_from(init_from)
-    check_init_from(init_from, module_dir, recorded, cfg)
-    return module_dir, {**tags, **(parent_tags or {})}
+def parent_policy(init_from: str, cfg: Config,
+                  parent_tags: dict[str, str] | None = None) -> tuple[list[Path], dict[str, str]]:
+    """The ``--init-from`` model's RLModule folders (one per member of an ensemble) and the tags
+    that name it (``parent_tags`` on top: what a folder the cycle prepared stands for), after
+    :func:`check_init_from`."""
+    module_dirs, tags, recorded = resolve_init_from(init_from, members=True)
+    check_init_from(init_from, module_dirs[0], recorded, cfg)
+    return module_dirs, {**tags, **(parent_tags or {})}
 
 
 def _train(cfg: Config, run: Any, splits: Any, source: str, settings: Any, iterations: int,
-           parent: tuple[Path, dict[str, str]] | None, tmp: Path) -> TrainResult:
-    """Build the algorithm, train, log and register the best policy (inside the train run)."""
+           parent: tuple[list[Path], dict[str, str]] | None, tmp: Path) -> TrainResult:
+    """Train the policy (or the ensemble's members), log and register the best (inside the train run)."""
     import mlflow
     import ray
     import torch
 
     log_dataset(splits.train, "train-split", source, "training")
     log_dataset(splits.validation, "validation-split", source, "validation")
-    with quiet_env_reregistration():
-        algo = algorithm_config(cfg, training_env_config(cfg, splits.train), cfg.seed).build_algo()
+    size = cfg.train.ensemble
     device = "cuda" if gpus_per_learner(cfg) else "cpu"
     tags = {"ray_version": ray.__version__, "torch_version": torch.__version__, "device": device,
             "ray.cluster": ray.get_runtime_context().gcs_address, "ray.env_runners": str(cfg.train.num_env_runners),
             "algorithm": cfg.train.algorithm, "config_digest": config_digest(cfg),
-            "data.train_window": f"{splits.train.index[0]} .. {splits.train.index[-1]}"}
-    if parent is not None:
-        warm_start(algo, parent[0], algo.get_module().observation_space.shape)
-        tags.update(parent[1])
+            "data.train_window": f"{splits.train.index[0]} .. {splits.train.index[-1]}",
+            **({"ensemble": str(size)} if size > 1 else {}), **(parent[1] if parent is not None else {})}
     mlflow.set_tags(tags)
-    log.info("training %s on %d bars (%s), validating on %d, device=%s%s", cfg.train.algorithm,
+    log.info("training %s%s on %d bars (%s), validating on %d, device=%s%s", cfg.train.algorithm,
+             f" (ensemble of {size}, seeds {cfg.seed}..{cfg.seed + size - 1})" if size > 1 else "",
              len(splits.train), tags["data.train_window"], len(splits.validation), device,
              f", warm start from {tags['parent_uri']}" if parent is not None else "")
-    try:
-        best = train_loop(algo, cfg, iterations, splits.validation, tmp)
-    finally:
-        algo.stop()
+    members = [_train_member(cfg, splits, iterations, parent, k, tmp) for k in range(size)]
+    best = members[0] if size == 1 else _ensemble_best(cfg, members, splits.validation)
     # One-value summaries of the selected checkpoint under a prefix that sorts after train/ and
     # val/: the MLflow UI orders chart sections by name, and the learning curves come first.
-    mlflow.log_metrics({f"val_best/{k}": v for k, v in best["metrics"].items() if math.isfinite(v)})
-    mlflow.log_metric("val_best/iteration", best["iteration"])
-    mlflow.log_artifacts(str(best["dir"]), "checkpoint")
-    info = log_policy_model(best["dir"] / MODULE_SUBDIR, _observations(splits.validation, cfg, 8), settings)
+    _log_best(best)
+    for k, member in enumerate(members):
+        mlflow.log_artifacts(str(member["dir"]), "checkpoint" if size == 1 else f"checkpoint/member-{k}")
+    info = log_policy_model([m["dir"] / MODULE_SUBDIR for m in members], _observations(splits.validation, cfg, 8),
+                            settings)
     # The selected checkpoint's medians over the validation windows (its val/... values), under the
     # names the evaluate and promote runs use, so that "Compare" lines the three runs up.
     log_headline(best["metrics"], info.model_id)
@@ -417,3 +427,53 @@ def _train(cfg: Config, run: Any, splits: Any, source: str, settings: Any, itera
     return TrainResult(run.info.run_id, info.model_uri, registered, best["score"], best["iteration"],
                        best["iterations_run"], f"runs:/{run.info.run_id}/checkpoint", best["history"],
                        best["validations"])
+
+
+def _log_best(best: dict[str, Any]) -> None:
+    import mlflow
+
+    mlflow.log_metrics({f"val_best/{k}": v for k, v in best["metrics"].items() if math.isfinite(v)})
+    mlflow.log_metric("val_best/iteration", best["iteration"])
+
+
+def _train_member(cfg: Config, splits: Any, iterations: int, parent: tuple[list[Path], dict[str, str]] | None,
+                  k: int, tmp: Path) -> dict[str, Any]:
+    """Train one policy (seed ``seed + k``; member ``k`` of an ensemble warm-starts from the
+    parent's member ``k``, or its only one) and select its best checkpoint; an ensemble's member
+    is a nested run with its own curves."""
+    import mlflow
+
+    size, seed = cfg.train.ensemble, cfg.seed + k
+    with contextlib.ExitStack() as stack:
+        if size > 1:
+            stack.enter_context(mlflow.start_run(run_name=f"member-{k}", nested=True,
+                                                 tags={"ensemble.member": str(k), "ensemble.seed": str(seed)}))
+            log.info("ensemble member %d of %d (seed %d)", k + 1, size, seed)
+        with quiet_env_reregistration():
+            algo = algorithm_config(cfg, training_env_config(cfg, splits.train), seed).build_algo()
+        if parent is not None:
+            warm_start(algo, parent[0][k % len(parent[0])], algo.get_module().observation_space.shape)
+        root = tmp / f"member-{k}" if size > 1 else tmp
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            best = train_loop(algo, cfg, iterations, splits.validation, root)
+        finally:
+            algo.stop()
+        if size > 1:
+            _log_best(best)
+    return best
+
+
+def _ensemble_best(cfg: Config, members: list[dict[str, Any]], val_bars: pd.DataFrame) -> dict[str, Any]:
+    """The ensemble of the members' selected checkpoints, validated as one policy. Its trials for
+    the Deflated Sharpe are the most validations one member's selection looked at (the members
+    were selected side by side, not picked from one another)."""
+    import mlflow
+
+    metrics = validate_policy(ensemble_policy([load_module(m["dir"] / MODULE_SUBDIR) for m in members]), val_bars, cfg)
+    name = cfg.train.val_metric
+    mlflow.log_metrics({f"ensemble/member{k}_val_{name}": m["score"] for k, m in enumerate(members)
+                        if math.isfinite(m["score"])})
+    return {"score": _score(metrics, name), "metrics": metrics, "iteration": members[0]["iteration"],
+            "validations": max(m["validations"] for m in members),
+            "iterations_run": sum(m["iterations_run"] for m in members), "history": members[0]["history"]}

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from mlproject.deploy import MANIFEST, RELOAD_FILE
-from mlproject.policy import PolicySettings, fast_greedy, find_module_dir, load_module, read_settings
+from mlproject.ensemble import ensemble_fast_greedy
+from mlproject.policy import PolicySettings, fast_greedy, find_module_dirs, load_module, read_settings
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,14 @@ class DeployedPolicy:
     module: Any
     path: Path
     act: Any = None
-    """Greedy actions (int64) for a float32 batch of observations (``mlproject.policy.fast_greedy``)."""
+    """Greedy actions (int64) for a float32 batch of observations (``mlproject.policy.fast_greedy``;
+    an ensemble's mean logits, ``mlproject.ensemble.ensemble_fast_greedy``)."""
+    members: list[Any] | None = None
+    """An ensemble's RLModules (``module`` is the first); None for one policy."""
 
     def __post_init__(self) -> None:
         if self.act is None:
-            self.act = fast_greedy(self.module)
+            self.act = ensemble_fast_greedy(self.members) if self.members else fast_greedy(self.module)
 
     @property
     def label(self) -> str:
@@ -62,9 +66,9 @@ class DeployedPolicy:
         if settings is None:
             raise NotDeployed(f"{label} ({release}) records no observation settings (logged before they were); "
                               "retrain it before it can trade")
-        module = load_module(find_module_dir(release / "model"))
+        modules = [load_module(folder) for folder in find_module_dirs(release / "model")]
         return cls(str(manifest["name"]), str(manifest["version"]), str(manifest.get("checksum", "")), settings,
-                   module, release)
+                   modules[0], release, members=modules if len(modules) > 1 else None)
 
 
 def reload_sequence(deploy_dir: str | Path) -> Any:

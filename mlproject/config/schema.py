@@ -269,6 +269,10 @@ class TrainConfig(_Strict):
     """Stop after this many iterations without a better validation metric."""
     register_model: str = "nt8-agent"
     """Registered model that gets a new version per training run ('' = do not register)."""
+    ensemble: int = Field(default=1, ge=1, le=16)
+    """Policies trained per run (seeds seed .. seed+K-1, one after another in one Ray session, each
+    selected on validation as usual); K > 1 registers one model acting on their mean logits (the
+    bridge, evaluation and the gate see one model; each member's curves are a nested run)."""
 
     @model_validator(mode="after")
     def _patience_covers_an_evaluation(self) -> TrainConfig:
