@@ -1,5 +1,5 @@
-"""An ensemble policy (``train.ensemble`` K > 1): K policies trained with seeds ``seed`` ..
-``seed + K - 1`` in one Ray session, acting on the average of their logits.
+"""An ensemble policy (``train.ensemble`` K > 1): K policies trained with seeds ``seed``,
+``seed + 1000``, ... in one Ray session, acting on the average of their logits.
 
 It is logged and registered as one pyfunc model (``policy_model.py``): member 0 is the
 ``rl_module`` artifact, the one every single-policy reader uses (warm starts, the offline pass,

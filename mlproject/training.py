@@ -400,7 +400,7 @@ def _train(cfg: Config, run: Any, splits: Any, source: str, settings: Any, itera
             **({"ensemble": str(size)} if size > 1 else {}), **(parent[1] if parent is not None else {})}
     mlflow.set_tags(tags)
     log.info("training %s%s on %d bars (%s), validating on %d, device=%s%s", cfg.train.algorithm,
-             f" (ensemble of {size}, seeds {cfg.seed}..{cfg.seed + size - 1})" if size > 1 else "",
+             f" (ensemble of {size}, seeds {', '.join(str(member_seed(cfg.seed, k)) for k in range(size))})" if size > 1 else "",
              len(splits.train), tags["data.train_window"], len(splits.validation), device,
              f", warm start from {tags['parent_uri']}" if parent is not None else "")
     members = [_train_member(cfg, splits, iterations, parent, k, tmp) for k in range(size)]
@@ -438,12 +438,12 @@ def _log_best(best: dict[str, Any]) -> None:
 
 def _train_member(cfg: Config, splits: Any, iterations: int, parent: tuple[list[Path], dict[str, str]] | None,
                   k: int, tmp: Path) -> dict[str, Any]:
-    """Train one policy (seed ``seed + k``; member ``k`` of an ensemble warm-starts from the
+    """Train one policy (seed :func:`member_seed`; member ``k`` of an ensemble warm-starts from the
     parent's member ``k``, or its only one) and select its best checkpoint; an ensemble's member
     is a nested run with its own curves."""
     import mlflow
 
-    size, seed = cfg.train.ensemble, cfg.seed + k
+    size, seed = cfg.train.ensemble, member_seed(cfg.seed, k)
     with contextlib.ExitStack() as stack:
         if size > 1:
             stack.enter_context(mlflow.start_run(run_name=f"member-{k}", nested=True,
@@ -462,6 +462,11 @@ def _train_member(cfg: Config, splits: Any, iterations: int, parent: tuple[list[
         if size > 1:
             _log_best(best)
     return best
+
+
+def member_seed(seed: int, k: int) -> int:
+    """Member ``k``'s seed: ``seed + 1000 k`` (runs with seeds 0, 1, 2 share no member)."""
+    return seed + 1000 * k
 
 
 def _ensemble_best(cfg: Config, members: list[dict[str, Any]], val_bars: pd.DataFrame) -> dict[str, Any]:

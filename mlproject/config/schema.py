@@ -270,7 +270,7 @@ class TrainConfig(_Strict):
     register_model: str = "nt8-agent"
     """Registered model that gets a new version per training run ('' = do not register)."""
     ensemble: int = Field(default=1, ge=1, le=16)
-    """Policies trained per run (seeds seed .. seed+K-1, one after another in one Ray session, each
+    """Policies trained per run (seeds seed, seed+1000, ..., one after another in one Ray session, each
     selected on validation as usual); K > 1 registers one model acting on their mean logits (the
     bridge, evaluation and the gate see one model; each member's curves are a nested run)."""
 
@@ -293,6 +293,53 @@ class TrainConfig(_Strict):
 GateMetric = Literal["sharpe", "sortino", "calmar", "psr", "total_return", "annual_return", "profit_factor",
                      "win_rate", "expectancy", "payoff_ratio", "max_drawdown", "annual_volatility"]
 """Metrics the promotion gate can compare (``mlproject.metrics.trading_metrics`` keys)."""
+
+
+DEFAULT_TUNE_SPACE: dict[str, list[Any]] = {
+    "train.lr": [1.0e-4, 3.0e-4, 1.0e-3],
+    "train.gamma": [0.9, 0.99],
+    "train.entropy_coeff": [0.0, 0.01],
+    "env.window": [16, 32],
+    "env.feature_set": ["base", "multi_timeframe"],
+    "env.reward": ["money", "differential_sharpe"],
+    "continuous_learning.retrain_history_bars": [None, 2000],
+}
+
+
+class TuneConfig(_Strict):
+    """The tracked search (``pipelines.tune``, ``mlflow run . -e tune``): Ray Tune with ASHA over
+    ``space``; each trial trains PPO as ``pipelines.train`` does and is scored on the validation
+    split's folds (never the test split); each is a nested MLflow run."""
+
+    num_samples: int = Field(default=8, ge=1)
+    """Trials; each draws every setting of ``space`` at random."""
+    grace_period: int = Field(default=10, ge=1)
+    """ASHA: training iterations every trial gets before it may be stopped."""
+    reduction_factor: int = Field(default=3, ge=2)
+    """ASHA: at each rung only the best 1/reduction_factor of the trials go on."""
+    max_concurrent: int | None = Field(default=None, ge=1)
+    """Trials trained at once (null: as many as the Ray session's CPUs allow, cpus_per_trial each)."""
+    cpus_per_trial: float = Field(default=1.0, gt=0)
+    """CPUs one trial holds (it samples and learns in its own process)."""
+    space: dict[str, list[Any]] = Field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_TUNE_SPACE.items()})
+    """Setting (a dotted key of this config) -> the values a trial draws from. A file or ``--set
+    tune.space.train.lr=[0.0001,0.001]`` changes or adds keys; one value pins a setting for every
+    trial. ``continuous_learning.retrain_history_bars`` is the training history: a trial trains on
+    the newest that many bars of the train split (null: all)."""
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _dotted(cls, value: Any) -> Any:
+        # --set tune.space.train.lr=[...] arrives nested ({"train": {"lr": [...]}}): one dotted key.
+        return flatten(value) if isinstance(value, dict) else value
+
+    @field_validator("space")
+    @classmethod
+    def _choices(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        empty = [key for key, choices in value.items() if not choices]
+        if empty:
+            raise ValueError(f"tune.space.{empty[0]} has no values to draw from")
+        return value
 
 
 class PromotionConfig(_Strict):
@@ -490,6 +537,7 @@ class Config(_Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     bridge: BridgeConfig = Field(default_factory=BridgeConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (what ``config.yaml`` holds)."""
