@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from envs.market import DSR_MIN_VARIANCE, OPEN_PNL_CLIP, Market
+from mlproject.features import bars_in_trade, state_names
 from mlproject.trades import TRADE_COLUMNS, trades_from_fills
 
 class FuturesTradingEnv(gym.Env):
@@ -38,6 +39,10 @@ class FuturesTradingEnv(gym.Env):
     | ``5k+3``, ``5k+4``     | ``tod_sin/cos``| time of day of the bar stamp on the unit circle          | +-1    |
     | ``5*window``           | ``position``   | current position / max_contracts                         | +-1    |
     | ``5*window+1``         | ``open_pnl``   | open trade's move from its average entry, % of entry     | +-10   |
+
+    ``feature_set: multi_timeframe`` puts the newest bar's ``ret5_z``, ``ret15_z``, ``vol_regime``
+    between the rows and the account; ``trader`` puts ``bars_in_trade`` after those (the closes
+    the open trade has lasted, the fill bar's being 1, capped at 100, over 100; 0 while flat).
 
     ## Rewards
     ``reward_scale * (equity change - risk_penalty * drawdown increase)`` (``reward: money``). The
@@ -98,6 +103,7 @@ class FuturesTradingEnv(gym.Env):
         self._risk = cfg.risk_penalty
         self._dsr = cfg.reward == "differential_sharpe"
         self._eta = cfg.dsr_eta
+        self._hold = bool(state_names(cfg.feature_set))
         self._last_bar = m.n_bars - 1
         self._index = m.bars.index
         self._t = self._stop = m.t_min
@@ -143,11 +149,13 @@ class FuturesTradingEnv(gym.Env):
             if p == 0:  # open from flat
                 self._avg = fill
                 self._realised = self._realised - commission
+                self._entry = t
             elif q == 0 or (p > 0) != (q > 0):  # close, or flip: close all and open the rest
                 side_p = 1 if p > 0 else -1
                 self._realised = self._realised + (fill - self._avg) * side_p * (p * side_p) * pv - commission
                 self._avg = fill if q else 0.0
                 self._n_closed += 1
+                self._entry = t
             else:
                 self._resize(p, q, fill, size, commission)
             delta = -(size * self._slip_cost + commission) + delta
@@ -175,6 +183,8 @@ class FuturesTradingEnv(gym.Env):
             obs[-1] = OPEN_PNL_CLIP if pnl > OPEN_PNL_CLIP else (-OPEN_PNL_CLIP if pnl < -OPEN_PNL_CLIP else pnl)
         else:
             obs[-1] = 0.0
+        if self._hold:  # feature set trader: bars_in_trade before the account
+            obs[-3] = bars_in_trade(t - self._entry + 1) if q else 0.0
         info = {"equity": eq, "position": q, "trades": self._n_closed, "realised_pnl": self._realised, "bar": t}
         return obs, self._scale * reward, terminated, truncated, info
 
@@ -221,6 +231,7 @@ class FuturesTradingEnv(gym.Env):
         cfg = self.market.cfg
         self._pos = 0
         self._avg = 0.0
+        self._entry = 0  # the bar the open trade was filled on (opened or flipped)
         self._equity = self._peak = cfg.initial_equity
         self._mom_a = self._mom_b = 0.0
         self._realised = 0.0
@@ -248,6 +259,8 @@ class FuturesTradingEnv(gym.Env):
         obs = self._windows[self._t].copy()  # the two spare slots are overwritten below
         obs[-2] = self._pos / self._max
         obs[-1] = self._open_pnl(self._close[self._t]) if self._pos else 0.0
+        if self._hold:
+            obs[-3] = bars_in_trade(self._t - self._entry + 1) if self._pos else 0.0
         return obs
 
     def _info(self) -> dict[str, Any]:

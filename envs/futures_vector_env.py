@@ -11,6 +11,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from envs.market import DSR_MIN_VARIANCE, OPEN_PNL_CLIP, Market
+from mlproject.features import HOLD_CAP, state_names
 
 
 class FuturesTradingVectorEnv(VectorEnv):
@@ -42,6 +43,7 @@ class FuturesTradingVectorEnv(VectorEnv):
         for name, value in m.step_constants().items():
             setattr(self, name, value)
         self._rngs: list[np.random.Generator] = [seeding.np_random(None)[0] for _ in range(num_envs)]
+        self._hold = bool(state_names(m.cfg.feature_set))
         self._allocate_accounts(num_envs, m.t_min)
 
     def _allocate_accounts(self, n: int, t_min: int) -> None:
@@ -50,6 +52,7 @@ class FuturesTradingVectorEnv(VectorEnv):
         self._end = np.full(n, t_min, np.int64)
         self._pos = np.zeros(n, np.int64)
         self._avg = np.zeros(n)
+        self._entry = np.zeros(n, np.int64)
         self._equity = np.zeros(n)
         self._peak = np.zeros(n)
         self._mom_a = np.zeros(n)
@@ -79,6 +82,7 @@ class FuturesTradingVectorEnv(VectorEnv):
         initial = self.market.cfg.initial_equity
         self._pos[idx] = 0
         self._avg[idx] = 0.0
+        self._entry[idx] = 0
         self._equity[idx] = initial
         self._peak[idx] = initial
         self._mom_a[idx] = 0.0
@@ -104,6 +108,8 @@ class FuturesTradingVectorEnv(VectorEnv):
             q = np.where(resetting, p, q)  # envs that reset this step do not trade
         nxt = np.minimum(t + 1, m.n_bars - 1)  # ended envs may sit on the last bar; they reset below
         delta = self._equity_change(p, q, t, nxt)
+        if self._hold:  # a trade opened or flipped is filled on bar nxt (the single env's _entry)
+            self._entry = np.where((q != 0) & (np.sign(q) != np.sign(p)), nxt, self._entry)
         eq_old = self._equity
         eq = eq_old + delta
         reward = self._reward(delta, eq_old, eq)
@@ -227,6 +233,8 @@ class FuturesTradingVectorEnv(VectorEnv):
         pnl = (m.close[self._t] - safe_avg) / safe_avg * 100.0 * np.sign(p)  # 0 where flat
         # np.clip's values, without its Python-level wrapper (a third of this method's time).
         np.minimum(np.maximum(pnl, -OPEN_PNL_CLIP, out=pnl), OPEN_PNL_CLIP, out=obs[:, -1])
+        if self._hold:  # bars_in_trade: mlproject.features.bars_in_trade, per sub-env
+            obs[:, -3] = np.where(p != 0, np.minimum(self._t - self._entry + 1, HOLD_CAP) / HOLD_CAP, 0.0)
         return obs
 
     def _info(self) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from mlproject.features import (
     context_features,
     context_names,
     obs_size,
+    state_names,
 )
 from mlproject.instruments import InstrumentSpec, resolve_instrument
 
@@ -61,11 +62,12 @@ def _as_bars(bars: Any) -> pd.DataFrame:
     raise ConfigError(f"env_config: key 'bars' must be a DataFrame or a file path, got {type(bars).__name__}")
 
 
-def _with_context(rows: np.ndarray, context: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _with_context(rows: np.ndarray, context: np.ndarray, state: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(buffer, read-only view) of observations: each bar's window of feature ``rows``, its
-    ``context`` row, then the account slots (zeros), written out (n_bars x obs size float32)."""
+    ``context`` row, then ``state`` agent-state slots and the account slots (zeros, the envs fill
+    them), written out (n_bars x obs size float32)."""
     n_rows = rows.shape[1] - len(ACCOUNT_FIELDS)
-    out = np.zeros((rows.shape[0], n_rows + context.shape[1] + len(ACCOUNT_FIELDS)), np.float32)
+    out = np.zeros((rows.shape[0], n_rows + context.shape[1] + state + len(ACCOUNT_FIELDS)), np.float32)
     out[:, :n_rows] = rows[:, :n_rows]
     out[:, n_rows:n_rows + context.shape[1]] = context
     view = out.view()
@@ -115,7 +117,8 @@ class Market:
             flat, shape=(len(feats), width), strides=(n_feat * flat.itemsize, flat.itemsize), writeable=False)
         if context_names(cfg.feature_set):  # the context columns sit after the rows: rows written out
             flat, windows = _with_context(windows, context_features(bars, vol_window=cfg.vol_window,
-                                                                    norm_window=cfg.norm_window))
+                                                                    norm_window=cfg.norm_window),
+                                          len(state_names(cfg.feature_set)))
         records = np.ndarray(shape=(windows.shape[0],), dtype=np.dtype((np.void, windows.shape[1] * flat.itemsize)),
                              buffer=flat, strides=(windows.strides[0],))
         records.flags.writeable = False
@@ -149,6 +152,8 @@ class Market:
         low = np.full(self.obs_size, -FEATURE_CLIP, np.float32)
         high = np.full(self.obs_size, FEATURE_CLIP, np.float32)
         low[-2:], high[-2:] = (-1.0, -OPEN_PNL_CLIP), (1.0, OPEN_PNL_CLIP)
+        if state_names(self.cfg.feature_set):  # bars_in_trade, just before the account
+            low[-3], high[-3] = 0.0, 1.0
         return gym.spaces.Box(low, high, dtype=np.float32)
 
     def action_space(self) -> gym.spaces.Discrete:
@@ -174,4 +179,5 @@ class Market:
     def feature_names(self) -> list[str]:
         """Names of the observation entries, oldest bar first."""
         names = [f"{f}[t-{lag}]" for lag in range(self.cfg.window - 1, -1, -1) for f in FEATURE_NAMES]
-        return names + list(context_names(self.cfg.feature_set)) + list(ACCOUNT_FIELDS)
+        return (names + list(context_names(self.cfg.feature_set)) + list(state_names(self.cfg.feature_set))
+                + list(ACCOUNT_FIELDS))

@@ -23,15 +23,35 @@ CONTEXT_NAMES: tuple[str, ...] = ("ret5_z", "ret15_z", "vol_regime")
 """The newest bar's context features of the ``multi_timeframe`` set (:func:`context_features`),
 placed once after the window's rows, before the account fields."""
 
+STATE_NAMES: tuple[str, ...] = ("bars_in_trade",)
+"""The agent's own state the ``trader`` set adds, before the account fields: how long the open
+trade has lasted (:func:`bars_in_trade`; 0 while flat)."""
+
 FEATURE_SETS: dict[str, tuple[int, tuple[str, ...]]] = {
     "base": (FEATURE_SET_VERSION, FEATURE_NAMES),
-    "multi_timeframe": (2, FEATURE_NAMES + CONTEXT_NAMES)}
+    "multi_timeframe": (2, FEATURE_NAMES + CONTEXT_NAMES),
+    "trader": (3, FEATURE_NAMES + CONTEXT_NAMES + STATE_NAMES)}
 """``env.feature_set`` -> (the version a model records, the feature names it records)."""
+
+HOLD_CAP = 100
+"""Bars in the trade are counted up to this many (the observation is bars / HOLD_CAP, at most 1)."""
 
 
 def context_names(feature_set: str = "base") -> tuple[str, ...]:
     """The context features ``feature_set`` adds after the window's rows (none for ``base``)."""
-    return CONTEXT_NAMES if feature_set == "multi_timeframe" else ()
+    return CONTEXT_NAMES if feature_set in ("multi_timeframe", "trader") else ()
+
+
+def state_names(feature_set: str = "base") -> tuple[str, ...]:
+    """The agent-state entries ``feature_set`` adds after the context (only ``trader`` has one)."""
+    return STATE_NAMES if feature_set == "trader" else ()
+
+
+def bars_in_trade(bars: int) -> float:
+    """The ``bars_in_trade`` observation of a trade open for ``bars`` closes (the bar it was
+    filled on is 1; 0 while flat): ``min(bars, HOLD_CAP) / HOLD_CAP``, one float64 division, as
+    the vector env does it."""
+    return (bars if bars < HOLD_CAP else HOLD_CAP) / HOLD_CAP
 
 
 def feature_set_of(features: tuple[str, ...] | list[str], version: int) -> str | None:
@@ -50,8 +70,10 @@ max_contracts and the open trade's PnL in percent of its entry (``envs.futures_e
 def obs_size(window: int, feature_set: str = "base") -> int:
     """Length of an observation over ``window`` bars: ``window`` rows of :data:`FEATURE_NAMES`,
     oldest first, the set's :func:`context_names` (the newest bar's), then the
-    :data:`ACCOUNT_FIELDS`. The one definition of the layout."""
-    return window * len(FEATURE_NAMES) + len(context_names(feature_set)) + len(ACCOUNT_FIELDS)
+    :data:`ACCOUNT_FIELDS` (the ``trader`` set: its :func:`state_names` before them). The one
+    definition of the layout."""
+    return window * len(FEATURE_NAMES) + len(context_names(feature_set)) + len(state_names(feature_set)) \
+        + len(ACCOUNT_FIELDS)
 
 
 def window_of(size: int) -> int:

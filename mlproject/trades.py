@@ -137,6 +137,13 @@ class PositionBook:
         self.avg = 0.0
         self.realised = 0.0
         self.closed = 0
+        self.bars_held = 0
+        """Closes the open trade has lasted (:meth:`bar_closed`; 0 from its fill until the next close)."""
+
+    def bar_closed(self) -> None:
+        """A bar closed: one more for the open trade (the env's ``t - entry + 1``)."""
+        if self.position:
+            self.bars_held += 1
 
     def fill(self, quantity: int, price: float, commission: float | None = None) -> float:
         """Apply an execution of ``quantity`` contracts (+ bought, - sold) at ``price``; returns
@@ -150,11 +157,13 @@ class PositionBook:
         if p == 0:  # open from flat
             self.avg = price
             self.realised = self.realised - commission
+            self.bars_held = 0
         elif q == 0 or (p > 0) != (q > 0):  # close, or flip: close all and open the rest
             side_p = 1 if p > 0 else -1
             self.realised = self.realised + (price - self.avg) * side_p * (p * side_p) * self.point_value - commission
             self.avg = price if q else 0.0
             self.closed += 1
+            self.bars_held = 0
         elif abs(q) > abs(p):  # add
             self.avg = (self.avg * abs(p) + price * size) / abs(q)
             self.realised = self.realised - commission
@@ -176,5 +185,7 @@ class PositionBook:
 
     def adopt(self, position: int, avg_price: float) -> None:
         """Take the broker's position as the truth (a reconnect, a manual trade)."""
+        if not (position and self.position and (position > 0) == (self.position > 0)):
+            self.bars_held = 0  # not the book's trade (flat now, a new one, or the other side)
         self.position = int(position)
         self.avg = float(avg_price) if position else 0.0

@@ -187,6 +187,42 @@ def test_multi_timeframe_observations_are_built_bar_by_bar_as_the_env_builds_the
                 assert np.array_equal(builder.observation(book, row.close), obs), t
 
 
+def test_trader_observations_follow_the_book_bar_by_bar_as_the_env_builds_them():
+    """Feature set trader (v3): with the env's fills applied to the book before each bar (as
+    NinjaTrader reports them) and one bar_closed per bar (as the session does), the bridge's
+    observation equals the env's bit for bit, bars_in_trade included (adds, reductions, flips)."""
+    from mlproject.bridge.observations import ObservationBuilder
+    from mlproject.bridge.protocol import Bar
+
+    bars = synthetic_bars(600, seed=8)
+    trader = {**ENV, "feature_set": "trader"}
+    settings = PolicySettings.from_env(EnvConfig.model_validate(trader), bars)
+    assert settings.feature_set == "trader" and settings.feature_set_version == 3
+    assert settings.features[-1] == "bars_in_trade" and settings.obs_size == 8 * 5 + 3 + 1 + 2
+    env = FuturesTradingEnv({**trader, "bars": bars, "random_start": False})
+    obs, _ = env.reset()
+    builder, book = ObservationBuilder(settings), PositionBook(SPEC.point_value, SPEC.commission_per_side)
+    for t in range(env.market.t_min + 1):
+        stamp, row = bars.index[t].to_pydatetime(), bars.iloc[t]
+        builder.push(Bar(stamp, stamp, row.open, row.high, row.low, row.close, row.volume, False))
+        book.bar_closed()
+    assert np.array_equal(builder.observation(book, bars.iloc[env.market.t_min].close), obs)
+    rng = np.random.default_rng(3)
+    held, fills = 0, 0
+    for t in range(env.market.t_min + 1, len(bars) - 1):
+        obs, *_ = env.step(int(rng.choice(5, p=[0.05, 0.05, 0.1, 0.7, 0.1])))
+        if env.fills and env.fills[-1][0] == t:  # filled at this bar's open
+            _, q, price = env.fills[-1]
+            book.fill(q - book.position, price)
+            fills += 1
+        stamp, row = bars.index[t].to_pydatetime(), bars.iloc[t]
+        builder.push(Bar(stamp, stamp, row.open, row.high, row.low, row.close, row.volume, False))
+        book.bar_closed()
+        assert np.array_equal(builder.observation(book, row.close), obs), t
+        held = max(held, book.bars_held)
+    assert fills > 50 and held > 10
+
+
 def test_position_book_matches_the_env_account():
     bars = synthetic_bars(400, seed=2)
     env = env_for(bars)

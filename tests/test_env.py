@@ -110,6 +110,7 @@ def _rollout_pair(config, n_envs, n_steps, seed):
     {"reward": "differential_sharpe", "dsr_eta": 0.05, "reward_scale": 2.0},
     {"reward": "differential_sharpe", "initial_equity": 3_000.0, "equity_floor_fraction": 0.0},  # accounts end below 0
     {"feature_set": "multi_timeframe", "window": 3},
+    {"feature_set": "trader", "window": 3, "instrument": {"preset": "ES", "max_contracts": 2}},  # adds, flips
     {"initial_equity": 3_000.0, "equity_floor_fraction": 0.9, "instrument": {"preset": "ES", "max_contracts": 2}},
 ])
 def test_vector_env_equals_sync_vector_of_single_envs(small_bars, extra):
@@ -148,7 +149,7 @@ def test_the_differential_sharpe_reward_follows_moody_and_saffell(small_bars):
         EnvConfig(reward="differential_sharpe", risk_penalty=0.5)
 
 
-@pytest.mark.parametrize("feature_set", ["base", "multi_timeframe"])
+@pytest.mark.parametrize("feature_set", ["base", "multi_timeframe", "trader"])
 def test_no_look_ahead(small_bars, feature_set):
     """Change every bar after t: the observations up to t do not change."""
     t_cut = 400
@@ -276,6 +277,25 @@ def test_observation_layout_has_one_definition(small_bars):
     assert obs_m.shape == (obs_size(8, "multi_timeframe"),) == multi.observation_space.shape
     assert np.array_equal(feature_rows(obs_m), rows) and np.array_equal(latest_features(obs_m), rows[-1])
     assert multi.market.feature_names()[-5:] == ["ret5_z", "ret15_z", "vol_regime", *ACCOUNT_FIELDS]
+    assert obs_size(8, "trader") == 8 * 5 + 3 + 1 + 2 and window_of(obs_size(8, "trader")) == 8
+    trader = FuturesTradingEnv({"bars": small_bars, "window": 8, "feature_set": "trader"})
+    obs_t, _ = trader.reset(seed=0, options={"start": 300})
+    assert obs_t.shape == trader.observation_space.shape and np.array_equal(obs_t[:-3], obs_m[:-2])
+    assert trader.market.feature_names()[-3:] == ["bars_in_trade", *ACCOUNT_FIELDS]
+
+
+def test_bars_in_trade_counts_the_closes_of_the_open_trade(small_bars):
+    """feature set trader: the fill bar's close is 1 bar in the trade; adding or reducing keeps
+    counting, a flip starts again, flat is 0; the observation is bars / 100, at most 1."""
+    env = FuturesTradingEnv({"bars": small_bars, "window": 8, "feature_set": "trader",
+                             "instrument": {"preset": "ES", "max_contracts": 2}})
+    env.reset(options={"start": 100})
+    # actions: 2 = flat, 3 = +1, 4 = +2, 0 = -2
+    seen = [env.step(a)[0][-3] for a in (2, 3, 3, 4, 3, 0, 0, 2, 3)]
+    assert seen == pytest.approx([0.0, 0.01, 0.02, 0.03, 0.04, 0.01, 0.02, 0.0, 0.01], abs=0)
+    for _ in range(150):
+        obs = env.step(3)[0]
+    assert obs[-3] == 1.0 and env.observation_space.contains(obs)
 
 
 def test_registered_with_gymnasium_and_rllib(small_bars):

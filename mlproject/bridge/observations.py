@@ -15,7 +15,7 @@ import numpy as np
 
 from envs.market import OPEN_PNL_CLIP, Market
 from mlproject.bridge.protocol import Bar
-from mlproject.features import ACCOUNT_FIELDS, FEATURE_NAMES, FeatureStream, context_names, obs_size
+from mlproject.features import FEATURE_NAMES, FeatureStream, bars_in_trade, context_names, obs_size, state_names
 from mlproject.policy import PolicySettings
 from mlproject.trades import PositionBook
 
@@ -41,6 +41,7 @@ class ObservationBuilder:
         self.max_contracts = settings.max_contracts
         self.needed = bars_needed(settings)
         self.feature_set = settings.feature_set or "base"
+        self.state = bool(state_names(self.feature_set))
         self._stream = FeatureStream(vol_window=settings.vol_window, norm_window=settings.norm_window,
                                      context=bool(context_names(self.feature_set)))
         self._n = len(FEATURE_NAMES)
@@ -70,7 +71,10 @@ class ObservationBuilder:
         obs = np.empty(obs_size(self.window, self.feature_set), np.float32)
         rows = len(self._features)
         obs[:rows] = self._features
-        obs[rows:-len(ACCOUNT_FIELDS)] = self._stream.context_row  # the newest bar's context (none for base)
+        context = self._stream.context_row  # the newest bar's context (none for base)
+        obs[rows:rows + len(context)] = context
+        if self.state:  # feature set trader: bars_in_trade
+            obs[-3] = bars_in_trade(book.bars_held) if book.position else 0.0
         obs[-2] = max(-1.0, min(1.0, book.position / self.max_contracts))  # a broker position beyond the model's
         obs[-1] = book.open_pnl_pct(close, OPEN_PNL_CLIP)
         return obs

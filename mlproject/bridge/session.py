@@ -83,6 +83,7 @@ class Session:
             self.builder.replay(list(self.history)[-replay_length(policy.settings):])
         else:
             self.builder.push(bar)
+        self.book.bar_closed()  # the open trade lasted one more bar (bars_in_trade)
         previous_equity = self.equity
         self.equity = self.initial_equity + self.book.realised + self.book.open_pnl(bar.close)
         if bar.time.date() != self.day:

@@ -57,9 +57,10 @@ class EnvConfig(_Strict):
     """Trailing bars for the volume z-score."""
     norm_window: int = Field(default=100, ge=2)
     """Trailing bars of returns used to normalise return and range features."""
-    feature_set: Literal["base", "multi_timeframe"] = "base"
+    feature_set: Literal["base", "multi_timeframe", "trader"] = "base"
     """``multi_timeframe`` adds the newest bar's 5- and 15-bar returns and a volatility regime
-    (``mlproject.features.CONTEXT_NAMES``); models record their set and run with it."""
+    (``mlproject.features.CONTEXT_NAMES``); ``trader`` adds to those the bars the open trade has
+    lasted (``bars_in_trade``); models record their set and run with it."""
     episode_bars: int | None = Field(default=None, ge=1)
     """Bars per episode; None means from the start bar to the end of the data."""
     random_start: bool = True
@@ -300,7 +301,7 @@ DEFAULT_TUNE_SPACE: dict[str, list[Any]] = {
     "train.gamma": [0.9, 0.99],
     "train.entropy_coeff": [0.0, 0.01],
     "env.window": [16, 32],
-    "env.feature_set": ["base", "multi_timeframe"],
+    "env.feature_set": ["base", "multi_timeframe", "trader"],
     "env.reward": ["money", "differential_sharpe"],
     "continuous_learning.retrain_history_bars": [None, 2000],
 }
