@@ -198,7 +198,7 @@ def validate_policy(policy: Any, bars: pd.DataFrame, cfg: Config) -> dict[str, f
     return metrics
 
 
-def _score(metrics: dict[str, float], name: str) -> float:
+def selection_score(metrics: dict[str, float], name: str) -> float:
     value = metrics.get(name, float("nan"))
     return value if math.isfinite(value) else -math.inf  # undefined (e.g. no trades) never wins
 
@@ -270,7 +270,7 @@ def config_digest(cfg: Config) -> str:
     return hashlib.sha256(cfg.to_yaml().encode()).hexdigest()[:16]
 
 
-def _observations(bars: pd.DataFrame, cfg: Config, n: int) -> np.ndarray:
+def example_observations(bars: pd.DataFrame, cfg: Config, n: int) -> np.ndarray:
     """Up to ``n`` real observations (for the model's signature and input example); fewer when
     the bars end first."""
     env = FuturesTradingEnv({**cfg.env.model_dump(), "bars": bars, "random_start": False, "episode_bars": None,
@@ -310,8 +310,8 @@ def train_loop(algo: Any, cfg: Config, iterations: int, val_bars: pd.DataFrame, 
             val = validate(algo, val_bars, cfg)
             best["validations"] += 1  # each a candidate the selection looked at: the gate deflates by them
             metrics.update({f"val/{k}": v for k, v in val.items() if math.isfinite(v)})
-            if _score(val, t.val_metric) > best["score"] or best["iteration"] == 0:
-                best.update(score=_score(val, t.val_metric), metrics=val, iteration=it)
+            if selection_score(val, t.val_metric) > best["score"] or best["iteration"] == 0:
+                best.update(score=selection_score(val, t.val_metric), metrics=val, iteration=it)
                 shutil.rmtree(best["dir"], ignore_errors=True)
                 algo.save_to_path(str(best["dir"]))
         # Steps are env steps sampled so far: curves of runs with other batch sizes line up.
@@ -410,7 +410,7 @@ def _train(cfg: Config, run: Any, splits: Any, source: str, settings: Any, itera
     _log_best(best)
     for k, member in enumerate(members):
         mlflow.log_artifacts(str(member["dir"]), "checkpoint" if size == 1 else f"checkpoint/member-{k}")
-    info = log_policy_model([m["dir"] / MODULE_SUBDIR for m in members], _observations(splits.validation, cfg, 8),
+    info = log_policy_model([m["dir"] / MODULE_SUBDIR for m in members], example_observations(splits.validation, cfg, 8),
                             settings)
     # The selected checkpoint's medians over the validation windows (its val/... values), under the
     # names the evaluate and promote runs use, so that "Compare" lines the three runs up.
@@ -479,6 +479,6 @@ def _ensemble_best(cfg: Config, members: list[dict[str, Any]], val_bars: pd.Data
     name = cfg.train.val_metric
     mlflow.log_metrics({f"ensemble/member{k}_val_{name}": m["score"] for k, m in enumerate(members)
                         if math.isfinite(m["score"])})
-    return {"score": _score(metrics, name), "metrics": metrics, "iteration": members[0]["iteration"],
+    return {"score": selection_score(metrics, name), "metrics": metrics, "iteration": members[0]["iteration"],
             "validations": max(m["validations"] for m in members),
             "iterations_run": sum(m["iterations_run"] for m in members), "history": members[0]["history"]}

@@ -28,11 +28,23 @@ import pandas as pd
 
 from mlproject.cluster import ray_session
 from mlproject.config import Config, ConfigError, config_from_dict
-from mlproject.data import load_source
+from mlproject.data import load_source, split_bars
 from mlproject.gate import PromoteResult, promote_candidate
 from mlproject.policy import PolicySettings, set_items
+from mlproject.preflight import check_splits
+from mlproject.quiet import quiet_env_reregistration
 from mlproject.registry import record_trials, register_version
+from mlproject.signals import Stopped
 from mlproject.tracking import git_commit, log_dataset, pipeline_run, setup_tracking
+from mlproject.training import (
+    algorithm_config,
+    example_observations,
+    iteration_metrics,
+    log_policy_model,
+    selection_score,
+    training_env_config,
+    validate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +107,6 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], train_bars: pd.DataF
     import torch
     from ray import tune
 
-    from mlproject.quiet import quiet_env_reregistration
-    from mlproject.training import _score, algorithm_config, iteration_metrics, training_env_config, validate
-
     cfg = with_overrides(config_from_dict(base), config)
     torch.set_num_threads(cfg.train.torch_threads or 1)
     t = cfg.train
@@ -113,7 +122,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], train_bars: pd.DataF
                     continue
                 val = validate(algo, val_bars, cfg)
                 validations += 1
-                score = _score(val, t.val_metric)
+                score = selection_score(val, t.val_metric)
                 checkpoint = None
                 if score > best or best_it == 0:
                     best, best_it = score, it
@@ -143,9 +152,6 @@ def search_space(cfg: Config) -> dict[str, Any]:
 
 def tune_policy(cfg: Config, *, samples: int | None = None, dry_run: bool = False) -> TuneResult:
     """Search, register the winner and put it through the gate (``dry_run``: decide, change nothing)."""
-    from mlproject.data import split_bars
-    from mlproject.preflight import check_splits
-
     if samples is not None:
         cfg = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"num_samples": samples})})
     check_space(cfg)
@@ -176,7 +182,7 @@ def _fit(cfg: Config, splits: Any, run: Any, work: Path) -> Any:
                        "tune.reduction_factor": tc.reduction_factor, "tune.scheduler": "ASHA",
                        "tune.score": f"median val {cfg.train.val_metric} over {cfg.train.val_windows} folds"})
     log.info("tune: %d trials over %s (ASHA, grace %d iterations, 1/%d go on at each rung), up to %d iterations each",
-             tc.num_samples, ", ".join(f"{k} {v}" for k, v in tc.space.items()), tc.grace_period,
+             tc.num_samples, ", ".join(f"{k} {v}" for k, v in tc.space.items()), min(tc.grace_period, cfg.train.iterations),
              tc.reduction_factor, cfg.train.iterations)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=cfg.to_dict(), train_bars=splits.train, val_bars=splits.validation),
@@ -187,11 +193,31 @@ def _fit(cfg: Config, splits: Any, run: Any, work: Path) -> Any:
         trainable, param_space=search_space(cfg),
         tune_config=tune.TuneConfig(
             metric="best_score", mode="max", num_samples=tc.num_samples, max_concurrent_trials=tc.max_concurrent,
-            scheduler=ASHAScheduler(time_attr="iteration", max_t=cfg.train.iterations, grace_period=tc.grace_period,
+            scheduler=ASHAScheduler(time_attr="iteration", max_t=cfg.train.iterations,
+                                    grace_period=min(tc.grace_period, cfg.train.iterations),
                                     reduction_factor=tc.reduction_factor)),
         run_config=tune.RunConfig(name="tune", storage_path=str(work / "ray_results"), callbacks=[callback],
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1))
-    return tuner.fit()
+    try:
+        return tuner.fit()
+    except BaseException as exc:
+        _end_open_trials(run.info.run_id)
+        # A stop signal's exception raised inside Ray's wait comes out wrapped in a SystemError.
+        cause = exc.__cause__ if isinstance(exc, SystemError) else None
+        if isinstance(cause, (Stopped, KeyboardInterrupt)):
+            raise cause from None
+        raise
+
+
+def _end_open_trials(parent_id: str) -> None:
+    """Trial runs still open when the search stops (a signal, an error) end KILLED."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_id)
+    for child in client.search_runs([parent.info.experiment_id],
+                                    f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'"):
+        client.set_terminated(child.info.run_id, "KILLED")
 
 
 def trial_table(grid: Any) -> pd.DataFrame:
@@ -207,8 +233,6 @@ def trial_table(grid: Any) -> pd.DataFrame:
 
 def _register_winner(cfg: Config, run: Any, grid: Any, splits: Any, dry_run: bool) -> TuneResult:
     import mlflow
-
-    from mlproject.training import _observations, log_policy_model
 
     table = trial_table(grid)
     mlflow.log_table(table, "tune/trials.json")
@@ -227,7 +251,7 @@ def _register_winner(cfg: Config, run: Any, grid: Any, splits: Any, dry_run: boo
     mlflow.set_tags({"tune.best": " ".join(f"{k}={v}" for k, v in overrides.items())[:5000]})
     settings = PolicySettings.from_env(winner.env, splits.train)
     with best.checkpoint.as_directory() as folder:
-        info = log_policy_model(Path(folder), _observations(splits.validation, winner, 8), settings)
+        info = log_policy_model(Path(folder), example_observations(splits.validation, winner, 8), settings)
     registered = None
     if cfg.train.register_model:
         tags = {"run_id": run.info.run_id, "git_commit": git_commit() or "unknown", "tune.trials": str(len(table)),

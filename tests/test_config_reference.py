@@ -25,7 +25,8 @@ def test_committed_page_is_the_generated_one():
 def test_every_schema_key_is_documented_with_its_default():
     page = reference_markdown()
     keys = {key.name: key for key in leaf_keys(section(Config()))}
-    assert set(keys) == set(Config().flat())
+    # A mapping-valued setting (tune.space) is one documented key; its params are one per entry.
+    assert set(keys) == {"tune.space" if k.startswith("tune.space.") else k for k in Config().flat()}
     for name, key in keys.items():
         assert f"| `{name}` |" in page, name
         assert key.description, f"{name} has no docstring in mlproject/config/schema.py"

@@ -64,11 +64,11 @@ def test_split_checks_name_the_split_and_warn_below_norm_window(tmp_path, caplog
 
 def test_model_input_example_survives_a_short_validation_split(small_bars):
     """39 validation bars used to crash with IndexError building the model's input example."""
-    from mlproject.training import _observations
+    from mlproject.training import example_observations
 
     cfg = load_config(ROOT / "conf" / "smoke.yaml")
     short = small_bars.iloc[:22]  # 20 bars of history, 2 to trade
-    rows = _observations(short, cfg, 8)
+    rows = example_observations(short, cfg, 8)
     assert rows.shape == (2, 16 * 5 + 2)
 
 

@@ -140,7 +140,7 @@ def test_run_logs_metrics_params_data_checkpoint_and_version(trained_store):
 
 def test_pyfunc_loads_in_a_fresh_process_without_ray(trained_store, tmp_path):
     uri, result, cfg, _ = trained_store
-    obs = training._observations(momentum_bars(400, seed=5), cfg, 6)
+    obs = training.example_observations(momentum_bars(400, seed=5), cfg, 6)
     np.save(tmp_path / "obs.npy", obs)
     script = textwrap.dedent(f"""
         import json, sys, numpy as np, mlflow

@@ -315,7 +315,7 @@ class TuneConfig(_Strict):
     num_samples: int = Field(default=8, ge=1)
     """Trials; each draws every setting of ``space`` at random."""
     grace_period: int = Field(default=10, ge=1)
-    """ASHA: training iterations every trial gets before it may be stopped."""
+    """ASHA: training iterations every trial gets before it may be stopped (at most train.iterations)."""
     reduction_factor: int = Field(default=3, ge=2)
     """ASHA: at each rung only the best 1/reduction_factor of the trials go on."""
     max_concurrent: int | None = Field(default=None, ge=1)
