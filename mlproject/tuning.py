@@ -38,6 +38,7 @@ from mlproject.signals import Stopped
 from mlproject.tracking import git_commit, log_dataset, pipeline_run, setup_tracking
 from mlproject.training import (
     algorithm_config,
+    check_finite,
     example_observations,
     iteration_metrics,
     log_policy_model,
@@ -118,6 +119,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], train_bars: pd.DataF
         with tempfile.TemporaryDirectory(prefix="nt8-trial-") as tmp:
             for it in range(1, t.iterations + 1):
                 metrics = iteration_metrics(algo.train())
+                check_finite(algo, it)  # a diverged trial fails (its error in the table), as training does
                 if it % t.eval_every and it != t.iterations:
                     continue
                 val = validate(algo, val_bars, cfg)
