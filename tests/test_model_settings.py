@@ -163,7 +163,7 @@ def test_a_model_without_settings_is_checked_by_its_input_size(store, tmp_path):
     ckpt = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/checkpoint", dst_path=str(tmp_path))
     bars = default_bars(cfg16)
     with mlflow.start_run():
-        example = training._observations(bars, cfg16, 4)
+        example = training.example_observations(bars, cfg16, 4)
         legacy = training.log_policy_model(find_module_dir(tmp_path / "checkpoint"), example, None).model_uri
     policy = load_policy_model(legacy)
     assert policy.settings is None and policy.input_size == 82
