@@ -17,14 +17,15 @@ from typing import Any
 import numpy as np
 
 from mlproject.policy import (
-    _float64_layers,
-    _forward_float64,
-    _near_ties,
     fast_greedy,
+    float64_layers,
+    forward_float64,
     layer_steps,
     module_policy,
+    near_ties,
     plain_net,
 )
+
 
 def mean_logits(logits: list[Any]) -> Any:
     """The members' logits (float32 tensors) summed in member order, then divided by K."""
@@ -81,17 +82,17 @@ def ensemble_fast_greedy(modules: list[Any]) -> Callable[[np.ndarray], np.ndarra
     nets = [plain_net(m) for m in modules]
     if any(net is None for net in nets):
         return exact
-    layers = [_float64_layers(net) for net in nets]
+    layers = [float64_layers(net) for net in nets]
 
     def act(obs: np.ndarray) -> np.ndarray:
         obs = np.ascontiguousarray(obs, dtype=np.float32)
         if obs.ndim == 1:
             obs = obs[None]
         h64 = obs.astype(np.float64)
-        h = sum(_forward_float64(h64, steps) for steps in layers) / len(layers)
+        h = sum(forward_float64(h64, steps) for steps in layers) / len(layers)
         actions = np.argmax(h, axis=-1)
         if h.shape[-1] > 1:
-            close = _near_ties(h, actions)
+            close = near_ties(h, actions)
             if close.any():
                 actions[close] = exact(obs[close])
         return actions.astype(np.int64)

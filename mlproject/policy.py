@@ -363,16 +363,16 @@ def fast_greedy(module: Any) -> Callable[[np.ndarray], np.ndarray]:
 
 def _float64_policy(net: Any) -> Callable[[np.ndarray], np.ndarray]:
     """Greedy actions through ``net`` in float64 numpy; near ties through ``net`` itself."""
-    steps = _float64_layers(net)
+    steps = float64_layers(net)
 
     def act(obs: np.ndarray) -> np.ndarray:
         obs = np.ascontiguousarray(obs, dtype=np.float32)
         if obs.ndim == 1:
             obs = obs[None]
-        h = _forward_float64(obs.astype(np.float64), steps)
+        h = forward_float64(obs.astype(np.float64), steps)
         actions = np.argmax(h, axis=-1)
         if h.shape[-1] > 1:
-            close = _near_ties(h, actions)
+            close = near_ties(h, actions)
             if close.any():  # float32 rounding could decide these: ask torch itself
                 actions[close] = _torch_greedy(net, obs[close])
         return actions.astype(np.int64)
@@ -380,7 +380,7 @@ def _float64_policy(net: Any) -> Callable[[np.ndarray], np.ndarray]:
     return act
 
 
-def _float64_layers(net: Any) -> list[tuple[str, Any, Any]]:
+def float64_layers(net: Any) -> list[tuple[str, Any, Any]]:
     """(kind, weight, bias) per layer of a plain Linear/Tanh/ReLU stack, the weights as float64
     numpy (transposed for ``h @ weight``)."""
     import torch
@@ -395,8 +395,8 @@ def _float64_layers(net: Any) -> list[tuple[str, Any, Any]]:
     return steps
 
 
-def _forward_float64(h: np.ndarray, steps: list[tuple[str, Any, Any]]) -> np.ndarray:
-    """The logits of a float64 batch through :func:`_float64_layers`."""
+def forward_float64(h: np.ndarray, steps: list[tuple[str, Any, Any]]) -> np.ndarray:
+    """The logits of a float64 batch through :func:`float64_layers`."""
     for kind, weight, bias in steps:
         if kind == "linear":
             h = h @ weight + bias
@@ -407,7 +407,7 @@ def _forward_float64(h: np.ndarray, steps: list[tuple[str, Any, Any]]) -> np.nda
     return h
 
 
-def _near_ties(h: np.ndarray, actions: np.ndarray) -> np.ndarray:
+def near_ties(h: np.ndarray, actions: np.ndarray) -> np.ndarray:
     """Rows whose best logit (at ``actions``) is within float32 rounding of the runner-up.
     Overwrites the best logits of ``h``."""
     rows = np.arange(len(h))
