@@ -116,7 +116,8 @@ def notify_reload(deploy_dir: Path, manifest: dict[str, Any]) -> None:
         previous = {}  # the first deploy (the file is only ever replaced whole, never torn)
     atomic_write_text(deploy_dir / RELOAD_FILE,
                   json.dumps({**manifest, "sequence": int(previous.get("sequence", 0)) + 1,
-                              "deploy_path": str((deploy_dir / "current").resolve())}, indent=2))
+                              "deploy_path": str((deploy_dir / "current").resolve())
+                              if manifest.get("version") is not None else None}, indent=2))
 
 
 def _prune(deploy_dir: Path, keep: int) -> None:
@@ -199,8 +200,7 @@ def reconcile(name: str, deploy_dir: str | Path, keep_releases: int = 3,
         complete_pending(name, lock_file)
         version = production_version(name)
         if version is None:
-            log.info("%s: nothing in Production; deployment left as it is", name)
-            return ReconcileResult(None, False, False, None)
+            return ReconcileResult(None, _stand_down(deploy_dir, name), False, None)
         repaired = ensure_alias(name)
         changed = False
         if _intact(deploy_dir / "current", name, version) is None:
@@ -215,6 +215,31 @@ def reconcile(name: str, deploy_dir: str | Path, keep_releases: int = 3,
     if changed:
         log.info("%s: deployed version %s (%s)", name, version, (deploy_dir / "current").resolve().name)
     return ReconcileResult(version, changed, repaired, (deploy_dir / "current").resolve())
+
+
+def _stand_down(deploy_dir: Path, name: str) -> bool:
+    """Nothing is in Production (archived by hand, or never promoted): no model may trade. The
+    deployed release becomes ``previous``, ``current`` goes, and the reload notice names no version
+    (a running bridge then trades flat: :func:`mlproject.bridge.deployed.stood_down`). True if
+    anything changed; a crash at any step is finished by the next pass."""
+    current, changed = deploy_dir / "current", False
+    if current.is_symlink() or current.exists():
+        if current.exists() and _intact(current) is not None:
+            _switch_link(deploy_dir / "previous", current.resolve())
+        fault_point("reconcile:stand-down-previous")
+        current.unlink()
+        fault_point("reconcile:stand-down-current")
+        changed = True
+    notice = _reload_notice(deploy_dir)
+    if notice is not None and notice[0] is not None:  # something was deployed: tell the bridge it is not any more
+        notify_reload(deploy_dir, {"name": name, "version": None, "checksum": None})
+        changed = True
+    if changed:
+        log.warning("%s: nothing in Production: deployment stood down (a bridge trades flat); the last release "
+                    "is %s", name, deploy_dir / "previous")
+    else:
+        log.info("%s: nothing in Production; nothing deployed", name)
+    return changed
 
 
 def _deploy(name: str, version: str, deploy_dir: Path) -> Path:

@@ -3,10 +3,11 @@
 
 Both models are backtested on the test split of ``data.source`` (the evaluation step, same
 windows). The gate (``promotion.*``): valid actions (no NaN, in range), at least
-``min_trades`` trades, worst-window drawdown within ``max_drawdown``, and, when something is in
-Production, a better ``metric`` by more than ``min_improvement`` and a Probabilistic Sharpe
-Ratio against Production's Sharpe of at least ``min_psr``. With nothing in Production the first
-valid candidate is promoted. Every decision is an MLflow run (tags ``decision``, ``reasons``;
+``min_trades`` trades, worst-window drawdown within ``max_drawdown``, and, against flat (when
+``beat_flat``) and against Production (when something is in it), a better ``metric`` by more than
+``min_improvement``, a Probabilistic Sharpe Ratio of at least ``min_psr``, a Deflated Sharpe Ratio
+over the candidates tried of at least ``min_dsr`` and a win in at least ``min_window_share`` of the
+evaluation windows. Every decision is an MLflow run (tags ``decision``, ``reasons``;
 both models' metrics). A promotion is a "Production" stage transition plus the alias, followed
 by ``mlproject.deploy.reconcile`` (what ``registry_hooks.reconcile`` runs on a timer).
 """
@@ -116,6 +117,8 @@ def gate(challenger: Any, production: Any | None, p: Any, trials: int = 1) -> Ga
         metrics["gate/psr_vs_flat"] = psr_flat
         if not (psr_flat >= p.min_psr):
             reasons.append(f"PSR vs flat (Sharpe 0) {psr_flat:.3f} < min_psr {p.min_psr:g}")
+        if p.beat_flat_by == "all":
+            _beats_often_enough(challenger, None, p, trials, reasons, metrics)
     if production is not None:
         pm = production.summary()
         metrics.update({f"production/{k}": v for k, v in pm.items() if not k.endswith("_std")})
@@ -129,21 +132,25 @@ def gate(challenger: Any, production: Any | None, p: Any, trials: int = 1) -> Ga
     return GateResult(not reasons, reasons, metrics)
 
 
-def _beats_often_enough(challenger: Any, production: Any, p: Any, trials: int, reasons: list[str],
+def _beats_often_enough(challenger: Any, production: Any | None, p: Any, trials: int, reasons: list[str],
                         metrics: dict[str, float]) -> None:
-    """The checks against Production that know how many tries it took and how often it won: the
-    Deflated Sharpe Ratio over ``trials`` candidates, and the share of windows won."""
-    dsr = deflated_sharpe_ratio(challenger.returns(), per_bar_sharpe(production), trials)
-    won = sum(c.metrics["total_return"] > q.metrics["total_return"]
-              for c, q in zip(challenger.windows, production.windows))
+    """The checks that know how many tries it took and how often it won, against Production or
+    (``production`` None) against flat: the Deflated Sharpe Ratio over ``trials`` candidates, and
+    the share of evaluation windows won (flat returns 0 in each)."""
+    against, suffix = ("Production", "") if production is not None else ("flat", "_vs_flat")
+    benchmark = per_bar_sharpe(production) if production is not None else 0.0
+    dsr = deflated_sharpe_ratio(challenger.returns(), benchmark, trials)
+    theirs = [q.metrics["total_return"] for q in production.windows] if production is not None else \
+        [0.0] * len(challenger.windows)
+    won = sum(c.metrics["total_return"] > q for c, q in zip(challenger.windows, theirs))
     n = len(challenger.windows)
-    metrics.update({"gate/dsr": dsr, "gate/trials": float(trials), "gate/windows_won": float(won),
+    metrics.update({f"gate/dsr{suffix}": dsr, "gate/trials": float(trials), f"gate/windows_won{suffix}": float(won),
                     "gate/windows": float(n)})
     if p.min_dsr > 0 and not (dsr >= p.min_dsr):
-        reasons.append(f"Deflated Sharpe vs Production {dsr:.3f} < min_dsr {p.min_dsr:g} ({trials} candidates tried "
+        reasons.append(f"Deflated Sharpe vs {against} {dsr:.3f} < min_dsr {p.min_dsr:g} ({trials} candidates tried "
                        "for this model)")
     if n and won / n < p.min_window_share:
-        reasons.append(f"beat Production in {won} of {n} evaluation windows, < min_window_share "
+        reasons.append(f"beat {against} in {won} of {n} evaluation windows, < min_window_share "
                        f"{p.min_window_share:g}")
 
 

@@ -41,6 +41,9 @@ from mlproject.tracking import experiment_id
 log = logging.getLogger(__name__)
 
 PRODUCTION = "Production"
+ARCHIVED = "Archived"
+STAND_DOWN = "stand_down"
+"""The history action that empties Production (no model trades: flat)."""
 ALIAS = "production"
 EVENT_PREFIX = "production_event."
 HISTORY_EXPERIMENT = "nt8-registry"
@@ -228,7 +231,10 @@ def rollback_target(name: str) -> str | None:
     stack: list[str] = []
     for event in history(name):
         version = event["version"]
-        if event["action"] == "rollback" and version in stack:
+        if event["action"] == STAND_DOWN:  # like a rollback to flat: the version it stood down is off the stack
+            if stack and stack[-1] == event["previous"]:
+                stack.pop()
+        elif event["action"] == "rollback" and version in stack:
             del stack[len(stack) - stack[::-1].index(version):]
         else:
             stack.append(version)
@@ -274,7 +280,7 @@ def _write_event(name: str, event: dict[str, Any]) -> None:
         text = json.dumps(event)
     client.set_tag(_history_run(name), f"{EVENT_PREFIX}{event['seq']:06d}", text)
     if event["status"] == "done":
-        client.set_registered_model_tag(name, LATEST_TAG, f"#{event['seq']} {event['action']} to v{event['version']} "
+        client.set_registered_model_tag(name, LATEST_TAG, f"#{event['seq']} {event['action']} to {shown(event)} "
                                         f"(was {event['previous'] or 'none'}) at {event['at']}: {event['reason'][:200]}")
 
 
@@ -308,15 +314,19 @@ def complete_pending(name: str, lock_file: str | Path | None = None) -> list[dic
 def _settle_pending(name: str, event: dict[str, Any], current: str | None) -> None:
     """Finish one pending event: ``done`` when its version is the Production stage (the crash
     came after the transition), else ``abandoned``."""
-    if event["version"] == current:
+    if event["action"] == STAND_DOWN:
+        event["status"] = "done" if current is None else "abandoned"
+        if current is None:
+            _drop_alias(name)
+    elif event["version"] == current:
         _client().set_registered_model_alias(name, ALIAS, current)
         _tag_promoted_version(name, event)
         event["status"] = "done"
     else:
         event["status"] = "abandoned"
     _write_event(name, event)
-    log.warning("%s: completed a %s interrupted by a crash: event #%d -> v%s %s", name, event["action"],
-                event["seq"], event["version"], event["status"])
+    log.warning("%s: completed a %s interrupted by a crash: event #%d -> %s %s", name, event["action"],
+                event["seq"], shown(event), event["status"])
 
 
 def promote(name: str, version: str | int, reason: str, metrics: dict[str, float] | None = None,
@@ -378,12 +388,52 @@ def rollback(name: str, to_version: str | int | None = None, reason: str = "", f
                        lock_file=lock_file)
 
 
+def stand_down(name: str, reason: str = "", metrics: dict[str, float] | None = None,
+               lock_file: str | Path | None = None, expected_current: str | int | None = None) -> dict[str, Any]:
+    """Empty Production: no model trades (after ``mlproject.deploy.reconcile`` a running bridge
+    trades flat). For a Production version that must stop with nothing to roll back to. Under the
+    registry lock: history event ``stand_down`` (version "", pending), the version archived, the
+    alias removed, event done; a crash at any step is finished by :func:`complete_pending`. A
+    later rollback goes back to the version before the one stood down, when there is one."""
+    client = _client()
+    with registry_lock(lock_file):
+        complete_pending(name, lock_file)
+        current = production_version(name)
+        if expected_current is not None and str(expected_current) != current:
+            raise ValueError(_not_current_message(name, str(expected_current), current))
+        if current is None:
+            raise ValueError(f"{name}: nothing is in Production: nothing to stand down")
+        event = _new_event(name, STAND_DOWN, "", current, reason or f"stand down from version {current}", metrics)
+        _write_event(name, event)
+        fault_point("stand-down:event-pending")
+        with _stage_api():
+            client.transition_model_version_stage(name, current, ARCHIVED)
+        fault_point("stand-down:stage-moved")
+        _drop_alias(name)
+        event["status"] = "done"
+        _write_event(name, event)
+    log.warning("%s: version %s stood down: nothing is in Production (a bridge trades flat): %s", name, current,
+                event["reason"])
+    return event
+
+
+def _drop_alias(name: str) -> None:
+    """Remove alias ``production`` (nothing is in Production)."""
+    if alias_version(name) is not None:
+        _client().delete_registered_model_alias(name, ALIAS)
+
+
+def shown(event: dict[str, Any]) -> str:
+    """What a history event made Production: ``v7``, or ``flat`` for a stand-down."""
+    return f"v{event['version']}" if event["version"] else "flat"
+
+
 def _rollback_to(name: str, to_version: str | int | None, current: str | None) -> str:
     """``to_version``, else :func:`rollback_target`; refuses nothing to go back to and the current version."""
     target = str(to_version) if to_version is not None else rollback_target(name)
     if target is None:
         raise ValueError(f"{name}: nothing to roll back to (Production is {current or 'empty'} and has no "
-                         "earlier version in its history); name one with to_version")
+                         "earlier version in its history); name one with to_version, or stand it down to flat")
     if target == current:
         raise ValueError(f"{name}: version {target} is already Production")
     return target
@@ -494,7 +544,7 @@ def status(name: str) -> str:
     events = history(name)
     if events:
         lines.append("history (oldest first):")
-        lines += [f"  #{e['seq']} {e['at']} {e['action']} -> v{e['version']} (was {e['previous'] or 'none'}): "
+        lines += [f"  #{e['seq']} {e['at']} {e['action']} -> {shown(e)} (was {e['previous'] or 'none'}): "
                   f"{e['reason']}" for e in events]
     return "\n".join(lines)
 

@@ -15,7 +15,8 @@ breaches before ``min_trades`` closed trades and ``min_bars`` steps. A breach ac
 ``confirm_passes`` breaching passes in a row and once per episode (``clear_passes`` good passes
 re-arm it): ``alert`` tags the version ``monitor.alert`` (``pipelines.status`` then exits 1),
 ``rollback`` rolls back through the registry (its lock, the reason and the metrics in the
-history) and redeploys, ``pause`` switches the bridge's kill switch on (flat and hold). A rollback
+history) and redeploys (with no earlier version to go back to it stands Production down: nothing
+deployed, the bridge trades flat), ``pause`` switches the bridge's kill switch on (flat and hold). A rollback
 finds Production moved meanwhile (a person promoted another version): it is skipped, the run says
 so (``monitor.last_action``: ``rollback skipped: Production moved from vX to vY meanwhile``) and the
 version's alert becomes ``monitor.alert_stale``.
@@ -53,7 +54,7 @@ from mlproject.instruments import resolve_instrument
 from mlproject.locks import file_lock
 from mlproject.metrics import periods_per_year
 from mlproject.monitor import ALERT_TAG, STALE_ALERT_TAG, Hysteresis, feature_psi, live_stats
-from mlproject.registry import production_version, registry_lock, rollback, version_model_id
+from mlproject.registry import production_version, registry_lock, rollback, rollback_target, stand_down, version_model_id
 from mlproject.tracking import experiment_id, log_metric_batch, setup_tracking
 from mlproject.signals import StopRequest, run_turns
 
@@ -221,8 +222,12 @@ def _act(cfg: Config, name: str, version: str, result: MonitorResult) -> str:
                 client.delete_model_version_tag(name, version, ALERT_TAG)
                 log.warning("monitor: %s %s (its alert is now %s)", name, skipped, STALE_ALERT_TAG)
                 return skipped
-            rollback(name, reason=f"drift monitor: {why}", lock_file=p.lock_file, metrics=metrics,
-                     check=check_version_deployable)
+            if rollback_target(name) is None:  # nothing to go back to: no model trades rather than this one
+                stand_down(name, reason=f"drift monitor: {why} (nothing to roll back to: flat)", metrics=metrics,
+                           lock_file=p.lock_file)
+            else:
+                rollback(name, reason=f"drift monitor: {why}", lock_file=p.lock_file, metrics=metrics,
+                         check=check_version_deployable)
             reconcile(name, p.deploy_dir, p.keep_releases, lock_file=p.lock_file)
     elif action == "pause":
         kill = kill_file_of(cfg)

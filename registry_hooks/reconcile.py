@@ -34,7 +34,10 @@ log = logging.getLogger(__name__)
 def describe(name: str, deploy_dir: str | Path, result: ReconcileResult) -> str:
     """One line saying what is deployed after a pass (what the command prints)."""
     if result.version is None:
-        return f"{name}: nothing in Production; {deploy_dir} left as it is"
+        if result.changed:
+            return (f"{name}: nothing in Production: stood down ({Path(deploy_dir) / 'current'} removed, the last "
+                    "release kept as previous); a bridge trades flat")
+        return f"{name}: nothing in Production; nothing deployed in {deploy_dir} (a bridge trades flat)"
     done = "deployed now" if result.changed else "already deployed"
     repaired = "; alias production repaired" if result.alias_repaired else ""
     release = result.release.name if result.release is not None else "?"

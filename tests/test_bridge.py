@@ -582,11 +582,59 @@ def test_refusals_are_clear(deployed, tmp_path):
     cfg = config(tmp_path, f"promotion.deploy_dir={tmp_path / 'empty'}")
     with pytest.raises(ValueError, match="at least 16"):
         Bridge(cfg, token="short")
-    with BridgeThread(Bridge(cfg, token=TOKEN)) as thread:  # nothing deployed: hello is refused
-        assert Client(thread.bridge.address).hello()["code"] == "no_model"
+    with BridgeThread(Bridge(cfg, token=TOKEN)) as thread:  # nothing deployed, another instrument: refused
+        refused = Client(thread.bridge.address).hello(instrument="ES")
+        assert refused["code"] == "no_model" and "configuration trades MES, not ES" in refused["message"]
         with pytest.raises(PaperError, match="no_model"):
-            asyncio.run(paper_trade(*thread.bridge.address, TOKEN, deployed[2].iloc[:20], SPEC))
+            asyncio.run(paper_trade(*thread.bridge.address, TOKEN, deployed[2].iloc[:20],
+                                    resolve_instrument(EnvConfig.model_validate({"instrument": "ES"}).instrument)))
+        with pytest.raises(PaperError, match="nothing is deployed yet: the session would trade flat"):
+            asyncio.run(paper_trade(*thread.bridge.address, TOKEN, deployed[2].iloc[:20], SPEC))  # welcomed, flat
     assert period_text(deployed[2]) == "1min"
+
+
+def test_with_no_model_deployed_sessions_trade_flat_until_one_is_and_after_a_stand_down(deployed, tmp_path,
+                                                                                      monkeypatch):
+    """No model is a state, not an error: with nothing deployed a session of the configured
+    instrument opens and every decision is flat (guard no_model; a held position is closed); a
+    deploy takes over at the next bar (the observation rebuilt from the session's history), and a
+    stand-down (Production emptied, reconcile) makes it flat again. Only the model's decisions
+    become experiences."""
+    from mlproject.registry import stand_down
+
+    uri, folder, bars = deployed
+    deploy = tmp_path / "deploy"
+    cfg = config(tmp_path, f"promotion.deploy_dir={deploy}", f"bridge.kill_file={tmp_path / 'KILL'}",
+                 "env.window=8", "env.vol_window=10")  # the deployed models' (bars_needed before a model is there)
+    gen = visit_store(monkeypatch, uri, folder, None)
+    next(gen)
+    try:
+        with BridgeThread(Bridge(cfg, token=TOKEN)) as thread:
+            c = Client(thread.bridge.address)
+            welcome = c.hello()
+            assert (welcome["model_version"], welcome["bars_needed"], welcome["max_position"]) == (None, 11, 2)
+            assert c.request({"type": "position", "position": 1, "avg_price": float(bars["open"].iloc[0])})["position"] == 1
+            flat = [c.request(bar_msg(bars, i)) for i in range(40)]
+            assert {(d["guard"], d["target_position"], d["model_version"]) for d in flat} == {("no_model", 0, None)}
+            reconcile("nt8-agent", deploy)  # v1 is Production: deployed now
+            deadline = time.time() + 30
+            while thread.bridge.policy is None and time.time() < deadline:
+                time.sleep(0.05)
+            traded = [c.request(bar_msg(bars, i)) for i in range(40, 60)]
+            assert all(d["model_version"] == "1" and d["guard"] in (None, "max_position") for d in traded)
+            stand_down("nt8-agent", "the test stands it down")
+            reconcile("nt8-agent", deploy)
+            while thread.bridge.policy is not None and time.time() < deadline + 30:
+                time.sleep(0.05)
+            after = [c.request(bar_msg(bars, i)) for i in range(60, 70)]
+            assert {(d["guard"], d["target_position"], d["model_version"]) for d in after} == {("no_model", 0, None)}
+            c.request({"type": "bye"})
+            thread.call(thread.bridge.flush)
+        rows = rows_of(tmp_path / "buffer", at_least=20)
+        assert len(rows) == 20 and set(rows["model_version"]) == {"1"}  # bars 40..59; the last completed at 60
+    finally:
+        promote("nt8-agent", "1", "back to v1 for the other tests")
+        gen.close()
 
 
 # -- the commands --------------------------------------------------------------------------------

@@ -255,7 +255,8 @@ def test_reconcile_command_says_what_is_deployed(store):
     cmd = ["python", "-m", "registry_hooks.reconcile", "--config", str(ROOT / "conf" / "smoke.yaml"),
            "--set", f"promotion.deploy_dir={deploy}"]
     empty = run_module(cmd, cwd=store)
-    assert empty.returncode == 0 and empty.stdout.strip() == f"{NAME}: nothing in Production; {deploy} left as it is"
+    assert empty.returncode == 0 and empty.stdout.strip() == (f"{NAME}: nothing in Production; nothing deployed "
+                                                              f"in {deploy} (a bridge trades flat)")
     v1 = register_constant(store, 1)
     registry.promote(NAME, v1, "first")
     first, again = run_module(cmd, cwd=store), run_module(cmd, cwd=store)
@@ -263,6 +264,12 @@ def test_reconcile_command_says_what_is_deployed(store):
     assert first.returncode == 0 and again.returncode == 0
     assert first.stdout.strip() == f"{NAME} v{v1} (Production) deployed now: {deploy / 'current'} -> {release}"
     assert again.stdout.strip() == f"{NAME} v{v1} (Production) already deployed: {deploy / 'current'} -> {release}"
+    registry.stand_down(NAME, "no edge")
+    down = run_module(cmd, cwd=store)
+    assert down.returncode == 0 and down.stdout.strip() == (
+        f"{NAME}: nothing in Production: stood down ({deploy / 'current'} removed, the last release kept as "
+        "previous); a bridge trades flat")
+    assert not (deploy / "current").exists() and (deploy / "previous").resolve().name == release
 
 
 def test_rollback_pipeline_redeploys_and_logs_latency(store):

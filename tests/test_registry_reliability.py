@@ -148,6 +148,51 @@ def test_a_kill_at_every_step_is_repaired_by_one_reconcile(store, point):
         assert json.loads((deploy / "previous" / "manifest.json").read_text())["version"] == v1
 
 
+STAND_DOWN_POINTS = ("stand-down:event-pending", "stand-down:stage-moved", "reconcile:stand-down-previous",
+                     "reconcile:stand-down-current")
+
+
+@pytest.mark.parametrize("point", STAND_DOWN_POINTS)
+def test_a_stand_down_killed_at_every_step_ends_flat_or_not_at_all_after_one_reconcile(store, point):
+    """The only Production version must stop and there is nothing to roll back to: `pipelines.rollback
+    --flat` empties Production and the deployment stands down (a bridge trades flat). kill -9 at
+    each step; one reconcile after it, and the registry and the deploy dir agree: flat, or (killed
+    before the stage moved) still the version, as if nothing had happened."""
+    deploy, v1, v2 = first_deployed(store)
+    out = run_module([sys.executable, "-m", "pipelines.rollback", "--flat", "--reason", "drifted",
+                      "--config", str(ROOT / "conf" / "smoke.yaml"), "--set", f"promotion.deploy_dir={deploy}"],
+                     cwd=store, env={FAULT_ENV: point})
+    assert out.returncode == KILLED_EXIT_CODE, out.stderr[-2000:]
+    reconcile(NAME, deploy)
+    events = registry.history(NAME, include_unfinished=True)
+    assert events[-1]["action"] == "stand_down" and events[-1]["previous"] == v1
+    if point == "stand-down:event-pending":  # nothing moved: still v1, the event abandoned
+        assert events[-1]["status"] == "abandoned"
+        assert_consistent(deploy)
+        return
+    assert events[-1]["status"] == "done" and stage_and_alias() == (None, None)
+    assert not (deploy / "current").exists() and json.loads((deploy / RELOAD_FILE).read_text())["version"] is None
+    assert json.loads((deploy / "previous" / "manifest.json").read_text())["version"] == v1
+    assert registry.rollback_target(NAME) is None  # the version stood down is not the way back
+    again = reconcile(NAME, deploy)
+    assert (again.version, again.changed) == (None, False)  # a stand-down is done once
+    registry.promote(NAME, v2, "a new model")  # the history goes on from flat
+    reconcile(NAME, deploy)
+    assert_consistent(deploy)
+    assert registry.rollback_target(NAME) is None  # back from v2 would be flat: --flat says so explicitly
+
+
+def test_a_rollback_with_nothing_to_go_back_to_says_how_to_stand_down(store):
+    deploy, v1, _ = first_deployed(store)
+    with pytest.raises(ValueError, match="or stand it down to flat"):
+        registry.rollback(NAME, reason="drifted")
+    from pipelines import rollback
+
+    with pytest.raises(ValueError, match="--flat and --version"):
+        rollback.main(config(store), "1", flat=True)
+    assert stage_and_alias() == (v1, v1)
+
+
 def test_a_killed_rollback_is_completed_and_can_be_rolled_back_again(store):
     deploy = store / "deploy"
     v1, v2 = register_constant(store, 1), register_constant(store, 2)

@@ -71,6 +71,18 @@ class DeployedPolicy:
                    modules[0], release, members=modules if len(modules) > 1 else None)
 
 
+def stood_down(deploy_dir: str | Path) -> bool:
+    """Whether reconcile stood the deployment down (nothing in Production): no ``current`` and a
+    reload notice that names no version."""
+    deploy_dir = Path(deploy_dir)
+    if (deploy_dir / "current").exists():
+        return False
+    try:
+        return json.loads((deploy_dir / RELOAD_FILE).read_text()).get("version") is None
+    except (OSError, ValueError):
+        return False
+
+
 def reload_sequence(deploy_dir: str | Path) -> Any:
     """The sequence number of the last deploy notice (None when there is none)."""
     try:

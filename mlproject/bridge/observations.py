@@ -22,7 +22,12 @@ from mlproject.trades import PositionBook
 
 def bars_needed(settings: PolicySettings) -> int:
     """Bars before the first decision: the env's first bar with a full window of history, plus one."""
-    return Market.first_bar({"window": settings.window, "vol_window": settings.vol_window}) + 1
+    return bars_needed_for(settings.window, settings.vol_window)
+
+
+def bars_needed_for(window: int, vol_window: int) -> int:
+    """:func:`bars_needed` of observation settings ``window`` and ``vol_window``."""
+    return Market.first_bar({"window": window, "vol_window": vol_window}) + 1
 
 
 def replay_length(settings: PolicySettings) -> int:

@@ -19,19 +19,17 @@ import logging
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import pandas as pd
-
 from mlproject.bridge.batching import InferenceBatcher
-from mlproject.bridge.deployed import DeployedPolicy, NotDeployed, reload_sequence
+from mlproject.bridge.deployed import DeployedPolicy, NotDeployed, reload_sequence, stood_down
 from mlproject.bridge.killswitch import KillSwitch, kill_file_of
 from mlproject.bridge.listening import MIN_TOKEN_LENGTH, check_address, tls_context
-from mlproject.bridge.observations import bars_needed
+from mlproject.bridge.observations import bars_needed, bars_needed_for
 from mlproject.bridge.protocol import (
     PROTOCOL_VERSION,
     ProtocolError,
@@ -43,10 +41,11 @@ from mlproject.bridge.protocol import (
     shown,
     text,
 )
-from mlproject.bridge.session import Session
+from mlproject.bridge.session import Session, same_period
 from mlproject.bridge.sink import ExperienceSink
 from mlproject.config import Config
 from mlproject.experience import ExperienceBuffer
+from mlproject.instruments import resolve_instrument
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +62,6 @@ def tune_process() -> None:
     sys.setswitchinterval(0.0005)
 
 
-def _same_period(a: str, b: str | None) -> bool:
-    if b is None:
-        return True
-    try:
-        return pd.Timedelta(a) == pd.Timedelta(b)
-    except ValueError:
-        return False
-
-
 def _hello_fields(msg: dict[str, Any]) -> tuple[str, str, str, str]:
     """(instrument, account, bar_period, source) of a hello message, checked."""
     instrument, account = text(msg, "instrument", limit=40), text(msg, "account", limit=80)
@@ -81,18 +71,26 @@ def _hello_fields(msg: dict[str, Any]) -> tuple[str, str, str, str]:
     return instrument, account, bar_period, source
 
 
-def _check_model(policy: DeployedPolicy | None, instrument: str, bar_period: str, deploy_dir: Path) -> DeployedPolicy:
-    """The deployed policy, if it trades ``instrument`` on ``bar_period`` bars (else a ProtocolError)."""
+def _check_model(policy: DeployedPolicy | None, instrument: str, bar_period: str, cfg: Config,
+                 deploy_dir: Path) -> dict[str, Any]:
+    """The instrument spec a session of ``instrument`` on ``bar_period`` bars trades with: the
+    deployed policy's, if it trades them (else a ProtocolError); with nothing deployed, the
+    configuration's (``env.instrument``) if it is that instrument: the session stays flat until a
+    model is deployed."""
     if policy is None:
-        raise ProtocolError("no_model", f"nothing is deployed in {deploy_dir} yet", "hello")
+        spec = asdict(resolve_instrument(cfg.env.instrument))
+        if instrument != str(spec["symbol"]):
+            raise ProtocolError("no_model", f"nothing is deployed in {deploy_dir} yet, and this bridge's "
+                                            f"configuration trades {spec['symbol']}, not {instrument}", "hello")
+        return spec
     settings = policy.settings
     symbol = str(settings.instrument.get("symbol"))
     if instrument != symbol:
         raise ProtocolError("mismatch", f"{policy.label} trades {symbol}; this client sends {instrument}", "hello")
-    if not _same_period(bar_period, settings.bar_period):
+    if not same_period(bar_period, settings.bar_period):
         raise ProtocolError("mismatch", f"{policy.label} was trained on {settings.bar_period} bars; this client "
                                         f"sends {bar_period}", "hello")
-    return policy
+    return settings.instrument
 
 
 @dataclass(eq=False)
@@ -182,7 +180,8 @@ class Bridge:
             self.policy = await self._loop.run_in_executor(None, DeployedPolicy.load, self.deploy_dir)
             log.info("bridge: trading with %s (%s)", self.policy.label, self.policy.path)
         except NotDeployed as exc:
-            log.warning("bridge: %s; clients are refused until a model is deployed", exc)
+            log.warning("bridge: %s; sessions of %s trade flat until a model is deployed", exc,
+                        resolve_instrument(self.cfg.env.instrument).symbol)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -237,18 +236,27 @@ class Bridge:
 
     async def _reload(self, seq: Any) -> None:
         """Load the newly deployed release and switch to it; a release that does not load is
-        remembered (``seq``) and trading goes on with the loaded model."""
+        remembered (``seq``) and trading goes on with the loaded model. A stand-down (reconcile
+        found nothing in Production: no ``current``, a notice without a version) switches to no
+        model: every session trades flat."""
         try:
             new = await self._loop.run_in_executor(None, DeployedPolicy.load, self.deploy_dir)
         except Exception as exc:  # noqa: BLE001 - keep trading with the loaded model
-            self._failed_seq = seq
-            log.error("bridge: the newly deployed model does not load (%s); still trading with %s", exc,
-                      self.policy.label if self.policy else "nothing")
-            return
+            if isinstance(exc, NotDeployed) and stood_down(self.deploy_dir):
+                new = None
+            else:
+                self._failed_seq = seq
+                log.error("bridge: the newly deployed model does not load (%s); still trading with %s", exc,
+                          self.policy.label if self.policy else "nothing")
+                return
         old, self.policy, self._seq = self.policy, new, seq
         gc.freeze()
         self.stats["reloads"] += 1
-        log.info("bridge: switched from %s to %s", old.label if old else "nothing", new.label)
+        if new is None:
+            log.warning("bridge: nothing is in Production any more (%s was deployed): every session trades flat",
+                        old.label if old else "nothing")
+        else:
+            log.info("bridge: switched from %s to %s", old.label if old else "nothing", new.label)
 
     def _push_kill(self, reason: str) -> None:
         """Tell every connection that the kill switch is on."""
@@ -400,8 +408,9 @@ class Bridge:
         msg = decode(line)
         self._authenticate(msg)
         instrument, account, bar_period, source = _hello_fields(msg)
-        policy = _check_model(self.policy, instrument, bar_period, self.deploy_dir)
-        session = self._open_session(conn, account, instrument, bar_period, source, policy)
+        policy = self.policy
+        spec = _check_model(policy, instrument, bar_period, self.cfg, self.deploy_dir)
+        session = self._open_session(conn, account, instrument, bar_period, source, spec)
         self._send(conn.writer, self._welcome(session, policy), msg.get("id"))
         await conn.writer.drain()
         self.stats["sessions"] += 1
@@ -420,7 +429,7 @@ class Bridge:
                                             f"{shown(msg.get('protocol'))}", "hello")
 
     def _open_session(self, conn: Connection, account: str, instrument: str, bar_period: str, source: str,
-                      policy: DeployedPolicy) -> Session:
+                      spec: dict[str, Any]) -> Session:
         """The session ``account/instrument`` (resumed, or new) on ``conn``, unless it is in use
         elsewhere or the bridge is full."""
         key = f"{account}/{instrument}"
@@ -430,18 +439,24 @@ class Bridge:
             raise ProtocolError("server_busy", f"the bridge serves at most {self.bcfg.max_sessions} sessions", "hello")
         session = self.sessions.get(key)
         if session is None:
-            session = self.sessions[key] = Session(account, instrument, bar_period, source, policy, self.bcfg,
+            session = self.sessions[key] = Session(account, instrument, bar_period, source, spec, self.bcfg,
                                                    self.cfg.env.initial_equity)
         self.active[key] = conn
         conn.session = session
         return session
 
-    def _welcome(self, session: Session, policy: DeployedPolicy) -> dict[str, Any]:
-        settings = policy.settings
-        max_position = min(self.bcfg.max_position if self.bcfg.max_position is not None else settings.max_contracts,
-                           settings.max_contracts)
-        return {"type": "welcome", "protocol": PROTOCOL_VERSION, "session": session.key, "model_name": policy.name,
-                "model_version": policy.version, "max_position": max_position, "bars_needed": bars_needed(settings),
+    def _welcome(self, session: Session, policy: DeployedPolicy | None) -> dict[str, Any]:
+        """The answer to an accepted hello; with nothing deployed, ``model_version`` is null, the
+        session trades flat and ``bars_needed`` is the configuration's (``env.window``)."""
+        max_contracts = int(session.spec["max_contracts"])
+        max_position = min(self.bcfg.max_position if self.bcfg.max_position is not None else max_contracts,
+                           max_contracts)
+        needed = bars_needed(policy.settings) if policy is not None else bars_needed_for(self.cfg.env.window,
+                                                                                          self.cfg.env.vol_window)
+        return {"type": "welcome", "protocol": PROTOCOL_VERSION, "session": session.key,
+                "model_name": policy.name if policy is not None else self.cfg.promotion.model_name,
+                "model_version": policy.version if policy is not None else None, "max_position": max_position,
+                "bars_needed": needed,
                 "heartbeat_s": self.bcfg.heartbeat_timeout_s / 3, "max_message_bytes": self.bcfg.max_message_bytes,
                 "position": session.book.position}
 
@@ -493,9 +508,7 @@ class Bridge:
             return _replayed(session, bar)
         if session.is_repeat(bar):
             return {**session.last_decision, "repeat": True}
-        policy = self.policy
-        if policy is None:
-            raise ProtocolError("no_model", "no model is deployed", "bar")
+        policy = self.policy  # None: nothing deployed (the decision is flat, guard no_model)
         obs, guard = session.prepare(bar, policy)
         action = await self._batcher.infer(policy, obs) if obs is not None else None
         # The kill file is looked at on every bar: `pipelines.bridge kill` takes effect at the next

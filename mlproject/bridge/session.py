@@ -16,6 +16,7 @@ from datetime import date
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from mlproject.bridge.deployed import DeployedPolicy
 from mlproject.bridge.observations import ObservationBuilder, replay_length
@@ -26,15 +27,27 @@ from mlproject.trades import PositionBook
 log = logging.getLogger(__name__)
 
 
+def same_period(a: str, b: str | None) -> bool:
+    """Whether two bar periods (``pandas.Timedelta`` texts) are the same; an unknown ``b`` fits."""
+    if b is None:
+        return True
+    try:
+        return pd.Timedelta(a) == pd.Timedelta(b)
+    except ValueError:
+        return False
+
+
 class Session:
     """State of one ``account/instrument`` across connections (a reconnect resumes it)."""
 
-    def __init__(self, account: str, instrument: str, bar_period: str, source: str, policy: DeployedPolicy,
+    def __init__(self, account: str, instrument: str, bar_period: str, source: str, spec: dict[str, Any],
                  cfg: BridgeConfig, initial_equity: float) -> None:
+        """``spec``: the instrument's ``InstrumentSpec`` fields (the deployed model's; the bridge
+        configuration's while no model is deployed)."""
         self.account, self.instrument, self.bar_period, self.source = account, instrument, bar_period, source
         self.key = f"{account}/{instrument}"
         self.cfg = cfg
-        spec = policy.settings.instrument
+        self.spec = spec
         self.book = PositionBook(float(spec["point_value"]), float(spec["commission_per_side"]))
         self.tick_size = float(spec["tick_size"])
         self.anchor_price: float | None = None
@@ -72,13 +85,18 @@ class Session:
         raise ProtocolError("bad_value", f"time {bar.time.isoformat()} is before the previous bar's "
                                          f"{last.time.isoformat()} (bars go in time order)", "bar")
 
-    def prepare(self, bar: Bar, policy: DeployedPolicy) -> tuple[np.ndarray | None, str | None]:
+    def prepare(self, bar: Bar, policy: DeployedPolicy | None) -> tuple[np.ndarray | None, str | None]:
         """Take a new bar: features, the equity at its close, the previous bar's experience
-        completed. Returns (observation for the policy, None) or (None, the guard: warmup, historical)."""
+        completed. Returns (observation for the policy, None) or (None, the guard: warmup,
+        historical, no_model: nothing is deployed, model_mismatch: the deployed model trades another
+        instrument or bar period than this session)."""
         self.history.append(bar)
         if self.anchor_price is None:
             self.anchor_price = bar.close
-        if self.builder is None or self.builder.settings != policy.settings:
+        fits = policy is not None and self.fits(policy)
+        if not fits:
+            self.builder = None  # a model deployed later warms up on the history
+        elif self.builder is None or self.builder.settings != policy.settings:
             self.builder = ObservationBuilder(policy.settings)  # a model with other windows: rebuild
             self.builder.replay(list(self.history)[-replay_length(policy.settings):])
         else:
@@ -88,22 +106,34 @@ class Session:
         self.equity = self.initial_equity + self.book.realised + self.book.open_pnl(bar.close)
         if bar.time.date() != self.day:
             self.day, self.day_start_equity = bar.time.date(), previous_equity
-        obs = self.builder.observation(self.book, bar.close) if self.builder.ready and not bar.historical else None
+        ready = self.builder is not None and self.builder.ready and not bar.historical
+        obs = self.builder.observation(self.book, bar.close) if ready else None
         if self.pending is not None:
             self._complete(bar, obs)
         if bar.historical:
             return None, "historical"
+        if not fits:
+            return None, "no_model" if policy is None else "model_mismatch"
         if obs is None:
             return None, "warmup"
         return obs, None
 
-    def decide(self, bar: Bar, obs: np.ndarray | None, policy: DeployedPolicy, action: int | None,
+    def fits(self, policy: DeployedPolicy) -> bool:
+        """Whether ``policy`` trades this session's instrument on its bar period."""
+        return str(policy.settings.instrument.get("symbol")) == self.instrument and same_period(
+            self.bar_period, policy.settings.bar_period)
+
+    def decide(self, bar: Bar, obs: np.ndarray | None, policy: DeployedPolicy | None, action: int | None,
                guard: str | None, *, killed: bool, stale: bool) -> dict[str, Any]:
-        """The decision for ``bar``: the policy's target unless the risk guard intervenes."""
-        max_c = policy.settings.max_contracts
+        """The decision for ``bar``: the policy's target unless the risk guard intervenes; flat
+        while no model is deployed (guard ``no_model``), held while the deployed one does not fit
+        the session (``model_mismatch``)."""
+        max_c = policy.settings.max_contracts if policy is not None else int(self.spec["max_contracts"])
         held = self.book.position
         wanted = int(action) - max_c if action is not None else None
-        target = held if wanted is None else wanted
+        target = 0 if guard == "no_model" else held if wanted is None else wanted
+        if guard in ("no_model", "model_mismatch") and killed:
+            guard, target = "kill_switch", 0
         limit = self.cfg.max_position if self.cfg.max_position is not None else max_c
         limit = min(limit, max_c)
         if guard is None:
@@ -118,21 +148,20 @@ class Session:
                 guard, target = "daily_loss", 0
             elif stale:
                 guard, target = "stale_bar", held
-            elif str(policy.settings.instrument.get("symbol")) != self.instrument:
-                guard, target = "model_mismatch", held
             elif abs(target) > limit:
                 guard, target = "max_position", max(-limit, min(limit, target))
         if guard is not None:
             self.guards[guard] += 1
-            if guard not in ("warmup", "historical"):
+            if guard not in ("warmup", "historical", "no_model"):  # no_model: the bridge logs when it stands down
                 log.info("%s %s: guard %s: target %d (policy wanted %s)", self.key, bar.time.isoformat(), guard,
                          target, wanted)
         decision_id = uuid.uuid4().hex
         taken = max(-max_c, min(max_c, target)) + max_c
+        name, version = (policy.name, policy.version) if policy is not None else (None, None)
         if obs is not None:
             self.pending = {
                 "experience_id": decision_id, "time": bar.utc, "symbol": self.instrument, "bar_period": self.bar_period,
-                "model_name": policy.name, "model_version": policy.version, "observation": obs, "action": taken,
+                "model_name": name, "model_version": version, "observation": obs, "action": taken,
                 "source": self.source, "guard": guard,
                 "policy_action": int(action) if guard is not None and action is not None else None,
                 "reference_price": bar.close, "equity_before": self.equity, "realised_before": self.book.realised,
@@ -141,7 +170,7 @@ class Session:
         self.last_bar = bar
         self.last_decision = {
             "type": "decision", "decision_id": decision_id, "time": bar.time.isoformat(), "target_position": target,
-            "action": taken, "model_name": policy.name, "model_version": policy.version,
+            "action": taken, "model_name": name, "model_version": version,
             "reference_price": bar.close, "guard": guard,
             "policy_target": wanted if guard is not None and wanted is not None else None}
         return self.last_decision

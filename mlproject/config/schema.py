@@ -369,7 +369,12 @@ class PromotionConfig(_Strict):
     """Closed trades the challenger must make over all evaluation windows."""
     beat_flat: bool = True
     """Quality floor: every candidate, the first one included, must also beat flat (no trading:
-    0 on ``metric``, a Sharpe of 0 for the PSR) by the same rules as it beats Production."""
+    0 on ``metric``, a Sharpe of 0, a return of 0 in each window) by the rules ``beat_flat_by``
+    names."""
+    beat_flat_by: Literal["all", "psr"] = "all"
+    """``all``: every rule it must beat Production by (``metric``, PSR, Deflated Sharpe over the
+    candidates tried, windows won); ``psr``: ``metric`` and the PSR only (the gate before
+    2026-12-04: every promotion regret measured on the real series was a first model let in by it)."""
     lock_file: str | None = None
     """Cross-process lock of registry writes and reconciles; null: beside a sqlite store (or in
     the temp folder for a server). Writers on several machines name a file in a shared folder."""
