@@ -285,10 +285,14 @@ def _write_event(name: str, event: dict[str, Any]) -> None:
 
 
 def _tag_promoted_version(name: str, event: dict[str, Any]) -> None:
+    """The event on the version it made Production. The metrics a promotion was decided on stay in
+    ``promotion_metrics`` (the drift monitor's reference for the version); a rollback's (the
+    monitor's live figures of the version it left) go to ``rollback_metrics`` and do not replace them."""
     client = _client()
+    metrics_key = "promotion_metrics" if event["action"] == "promote" else f"{event['action']}_metrics"
     for key, value in (("promoted_at", event["at"]), ("promotion_reason", event["reason"][:4000]),
                        ("previous_production", event["previous"]), ("promotion_action", event["action"]),
-                       ("promotion_metrics", json.dumps(event["metrics"])[:4000])):
+                       (metrics_key, json.dumps(event["metrics"])[:4000])):
         client.set_model_version_tag(name, event["version"], key, value)
 
 

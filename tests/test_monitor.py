@@ -3,6 +3,7 @@ statistic (PSI) and the hysteresis that keeps one bad day from flapping the depl
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -140,6 +141,18 @@ def test_degrading_paper_results_roll_back_after_the_minimum_sample_with_an_audi
     assert logged["monitor/eval_win_rate"] == 0.6 and set(second.psi) == {"ret_z", "range_z", "volume_z"}
     assert "monitor/psi/ret_z" in logged
     assert monitor.check(cfg()).version == v1  # the next pass watches the version now in Production
+
+    assert json.loads(mlflow.MlflowClient().get_model_version("nt8-agent", v1).tags["rollback_metrics"])["monitor/n_trades"] == 15
+    v1_paper = Paper(tmp_path / "buffer", v1)  # v1 loses too (against its own evaluation, which the
+    v1_paper.step = paper.step  # rollback kept), and nothing is left to roll back to: flat
+    v1_paper.trades([-150.0, -150.0, 40.0] * 6)
+    assert monitor.check(cfg()).action is None
+    third = monitor.check(cfg())
+    assert third.action == "rollback" and registry.production_version("nt8-agent") is None
+    down = registry.history("nt8-agent")[-1]
+    assert (down["action"], down["previous"]) == ("stand_down", v1) and "nothing to roll back to" in down["reason"]
+    assert not (tmp_path / "deploy" / "current").exists() and (tmp_path / "deploy" / "reload.json").exists()
+    assert monitor.check(cfg()).action is None  # nothing in Production: nothing to watch
 
 
 def test_a_short_dip_does_not_act_and_alert_changes_nothing_but_the_status(deployed, tmp_path):
