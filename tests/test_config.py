@@ -50,6 +50,16 @@ def test_overrides_are_typed_and_refine_presets():
     assert resolve_instrument(load_config(None, ["env.instrument=NQ"]).env.instrument).point_value == 20.0
 
 
+def test_floats_without_a_dot_are_numbers_in_files_and_overrides(tmp_path):
+    """1e-4 is a number (YAML 1.2), not the string PyYAML's YAML 1.1 makes of it, which the strict
+    schema refused: --set train.lr=1e-4 was an error. 6E stays an instrument."""
+    conf = tmp_path / "lr.yaml"
+    conf.write_text("train:\n  lr: 5e-5\nenv:\n  instrument: 6E\n")
+    cfg = load_config(conf, ["train.entropy_coeff=1E-3"])
+    assert (cfg.train.lr, cfg.train.entropy_coeff, cfg.env.instrument.preset) == (5e-5, 1e-3, "6E")
+    assert load_config(None, ["train.lr=1e-4"]).train.lr == 1e-4
+
+
 def test_unknown_key_names_key_file_and_line(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("seed: 1\nenv:\n  window: 8\n  windw: 3\n")

@@ -145,6 +145,36 @@ def test_the_gate_deflates_by_the_candidates_tried_and_wants_most_windows(small_
     assert not none.passed and f"beat Production in {won} of 4" in none.reasons[0]
 
 
+def test_the_first_candidate_is_held_to_every_check_against_flat_unless_the_floor_is_psr(small_bars):
+    """With nothing in Production the floor (beat_flat_by: all, the default) asks the candidate
+    the Deflated Sharpe over its tries and a majority of windows against flat, as a retrain is
+    asked against Production; beat_flat_by: psr is the older floor (the PSR vs flat only)."""
+    from mlproject.evaluation import baselines
+    from mlproject.gate import gate
+
+    long = baselines(small_bars, {"window": 8, "instrument": "ES"}, n_windows=4)["buy_hold"]
+    p = load_config(None, ["promotion.min_trades=0", "promotion.max_drawdown=1.0", "promotion.min_psr=0", "promotion.min_window_share=0"]).promotion
+    assert p.beat_flat and p.beat_flat_by == "all"
+    one = gate(long, None, p, trials=1)
+    assert one.metrics["gate/dsr_vs_flat"] == pytest.approx(one.metrics["gate/psr_vs_flat"], abs=1e-12)
+    many = gate(long, None, p, trials=10_000)
+    assert many.metrics["gate/dsr_vs_flat"] < one.metrics["gate/dsr_vs_flat"]
+    strict = p.model_copy(update={"min_dsr": (one.metrics["gate/dsr_vs_flat"] + many.metrics["gate/dsr_vs_flat"]) / 2})
+    dsr_reasons = [r for r in gate(long, None, strict, trials=1).reasons if r.startswith("Deflated Sharpe")]
+    assert dsr_reasons == []
+    refused = gate(long, None, strict, trials=10_000)
+    assert (f"Deflated Sharpe vs flat {refused.metrics['gate/dsr_vs_flat']:.3f} < min_dsr {strict.min_dsr:g} "
+            "(10000 candidates tried for this model)") in refused.reasons
+    won = int(one.metrics["gate/windows_won_vs_flat"])
+    assert won == sum(w.metrics["total_return"] > 0 for w in long.windows)
+    most = gate(long, None, p.model_copy(update={"min_window_share": (won + 0.5) / 4}), trials=1)
+    assert f"beat flat in {won} of 4 evaluation windows, < min_window_share {(won + 0.5) / 4:g}" in most.reasons
+    old = strict.model_copy(update={"beat_flat_by": "psr", "min_window_share": 1.0})
+    before = gate(long, None, old, trials=10_000)  # the older floor: neither check against flat
+    assert "gate/dsr_vs_flat" not in before.metrics
+    assert not [r for r in before.reasons if "Deflated" in r or "evaluation windows" in r]
+
+
 def test_instrument_fit_warnings(small_bars):
     from mlproject.instruments import PRESETS
     from mlproject.preflight import instrument_fit_warnings

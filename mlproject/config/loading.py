@@ -4,6 +4,7 @@ the key, the file and the line (or the ``--set`` that caused them)."""
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -83,9 +84,31 @@ def _read(path: Path) -> str:
         raise ConfigError(f"config file {path}: cannot be read: {exc.strerror}") from None
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's floats: ``1e-4`` and ``-1e9`` are numbers (PyYAML, YAML 1.1, reads a
+    float without a dot as a string, which the strict schema then refuses)."""
+
+
+_Loader.yaml_implicit_resolvers = {k: [r for r in v if r[0] != "tag:yaml.org,2002:float"]
+                                   for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def _load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader with one more float form
+
+
 def _parse_yaml(text: str, source: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return _load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -98,7 +121,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> str:
     if not sep or not key:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. env.instrument=NQ")
     try:
-        value = yaml.safe_load(value_text) if value_text.strip() else None
+        value = _load(value_text) if value_text.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {key}: value {value_text!r} is not valid YAML ({exc})") from None
     node = raw
@@ -169,7 +192,7 @@ def _where(key: str, source: str, text: str, override_keys: set[str]) -> str:
 def _line_of(text: str, parts: list[str]) -> int | None:
     """1-based line of a dotted key in YAML text (the deepest part found), or None."""
     try:
-        node = yaml.compose(text)
+        node = yaml.compose(text, Loader=_Loader)
     except yaml.YAMLError:
         return None
     line = None
