@@ -28,6 +28,7 @@ from envs.market import Market
 from mlproject.backtest import constant_policy
 from mlproject.config import Config
 from mlproject.cycle.retrain import train_evaluate_promote
+from mlproject.cycle.sim_models import SIM_RUN_TAG, drop_sim_models
 from mlproject.cycle.sim_report import (
     Promotion,
     figure,
@@ -46,7 +47,7 @@ from mlproject.instruments import resolve_instrument
 from mlproject.metrics import max_drawdown, periods_per_year, sharpe_ratio, total_return
 from mlproject.policy import load_policy_model
 from mlproject.preflight import CHECKED, warn_if_instrument_misfits
-from mlproject.registry import SIM_RUN_TAG, drop_sim_models, production_version, status
+from mlproject.registry import production_version, status
 from mlproject.tracking import log_curves
 
 log = logging.getLogger(__name__)
