@@ -19,8 +19,10 @@ from mlproject.signals import Stopped, install, raise_stopped, restore
 log = logging.getLogger("pipelines")
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+def base_parser(doc: str) -> argparse.ArgumentParser:
+    """The parser every command shares; its description is the first paragraph of ``doc`` (the
+    module's docstring), whole: a first sentence may wrap onto a second line."""
+    parser = argparse.ArgumentParser(description=" ".join(doc.strip().split("\n\n")[0].split()))
     parser.add_argument("--config", default="", help="YAML settings file (default: the embedded defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting, e.g. --set env.instrument=NQ (repeatable; one argument may "

@@ -106,7 +106,7 @@ def annotator(cfg: Config) -> LLMAnnotator | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return base_parser(__doc__.splitlines()[0])
+    return base_parser(__doc__)
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def resume(cfg: Config) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = base_parser(__doc__.splitlines()[0])
+    parser = base_parser(__doc__)
     parser.add_argument("command", nargs="?", default="serve", choices=("serve", "kill", "resume"))
     parser.add_argument("--port", type=optional_int, default=None, help="TCP port (default bridge.port; 0: any free)")
     parser.add_argument("--host", default=None, help="listen address (default bridge.host)")

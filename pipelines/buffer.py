@@ -75,7 +75,7 @@ def main(cfg: Config, command: str, file: str | None = None, max_rows: int | Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = base_parser(__doc__.splitlines()[0])
+    parser = base_parser(__doc__)
     parser.add_argument("command", choices=COMMANDS)
     parser.add_argument("file", nargs="?", default="", help="quarantine: the file to move aside")
     parser.add_argument("--max-rows", type=optional_int, default=None,

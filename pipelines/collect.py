@@ -220,7 +220,7 @@ def _paper_metrics(cfg: Config, paper: PaperResult) -> dict[str, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = base_parser(__doc__.splitlines()[0])
+    parser = base_parser(__doc__)
     parser.add_argument("--data", default="", help="bar file to replay (default: the test split of data.source)")
     parser.add_argument("--bars", type=optional_int, default=None, help="replay only the first N bars")
     parser.add_argument("--account", default="", help="session account name (default: paper-<run id>)")

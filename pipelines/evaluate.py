@@ -49,7 +49,7 @@ def main(cfg: Config, model_uris: list[str], data: str | None = None, start: str
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = base_parser(__doc__.splitlines()[0])
+    parser = base_parser(__doc__)
     parser.add_argument("--model-uri", action="append", default=[], required=True,
                         help="models:/nt8-agent/3, models:/nt8-agent/Production, models:/nt8-agent@production, "
                              "runs:/<id>/policy; repeat (or comma-separate) to compare models")

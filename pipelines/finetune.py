@@ -411,7 +411,7 @@ def merge(cfg: Config, version: str, out: str) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = base_parser(__doc__.splitlines()[0])
+    parser = base_parser(__doc__)
     parser.add_argument("--base-model", default="", help="hub id, local folder or tiny (default: finetune.base_model)")
     parser.add_argument("--data", default="", help="folder with train.jsonl and validation.jsonl (default: prepare "
                         "from the experience buffer)")

@@ -24,7 +24,7 @@ def main(cfg: Config, output: str | None = None, overwrite: bool = False) -> Ing
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = base_parser(__doc__.splitlines()[0])
+    parser = base_parser(__doc__)
     parser.add_argument("--source", default="", help="bar file (NT8 export, CSV, Parquet) or 'synthetic'; "
                         "default: data.source from the config")
     parser.add_argument("--output", default="", help="Parquet path to write (default: <data.output_dir>/<name>.parquet)")

@@ -300,7 +300,7 @@ def main(cfg: Config, loop: bool = False, every: str = "15m", max_rounds: int | 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = base_parser(__doc__.splitlines()[0])
+    parser = base_parser(__doc__)
     parser.add_argument("--loop", action="store_true", help="run a pass every --every until stopped")
     parser.add_argument("--every", default="15m", help="time between passes with --loop (e.g. 60s, 15m, 1h)")
     return parser

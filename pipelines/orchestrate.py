@@ -211,7 +211,7 @@ def _loop_mode(cfg: Config, mode: str, stop: StopRequest) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = base_parser(__doc__.splitlines()[0])
+    parser = base_parser(__doc__)
     parser.add_argument("--mode", default="all", choices=MODES, help="which part of the cycle to run")
     parser.add_argument("--force", action="store_true", help="retrain / fine-tune even when not due")
     parser.add_argument("--periods", type=int, default=4, help="simulate: decision points (retrain, gate, trade)")

@@ -26,7 +26,7 @@ def main(cfg: Config, candidate: str, dry_run: bool = False) -> PromoteResult:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = base_parser(__doc__.splitlines()[0])
+    parser = base_parser(__doc__)
     parser.add_argument("--candidate", required=True, help="a version number of promotion.model_name or a model URI")
     parser.add_argument("--dry-run", action="store_true", help="evaluate and decide, change nothing")
     parser.add_argument("--dry-run-flag", default="false", choices=("true", "false"),

@@ -74,7 +74,7 @@ def _log_rollback(event: dict[str, Any], latency: float) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = base_parser(__doc__.splitlines()[0])
+    parser = base_parser(__doc__)
     parser.add_argument("--version", default="", help="version to go back to (default: the previous Production); "
                         "it must have been Production before, unless --force")
     parser.add_argument("--reason", default="", help="why (recorded in the registry history)")

@@ -61,7 +61,7 @@ def main_seeds(cfg: Config, periods: int = 4, start_fraction: float = 0.5, seeds
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = base_parser(__doc__.splitlines()[0])
+    parser = base_parser(__doc__)
     parser.add_argument("--periods", type=int, default=4, help="decision points (retrain, gate, trade)")
     parser.add_argument("--start-fraction", type=float, default=0.5,
                         help="share of the bars before the first decision point")

@@ -28,7 +28,7 @@ def main(cfg: Config) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return base_parser(__doc__.splitlines()[0])
+    return base_parser(__doc__)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def main(cfg: Config, data: str | None = None, iterations: int | None = None, in
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = base_parser(__doc__.splitlines()[0])
+    parser = base_parser(__doc__)
     parser.add_argument("--data", default="", help="bar file or 'synthetic' (default: data.source)")
     parser.add_argument("--iterations", type=optional_int, default=None,
                         help="training iterations (default: train.iterations)")

@@ -41,7 +41,7 @@ def main(cfg: Config, samples: int | None = None, iterations: int | None = None,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = base_parser(__doc__.splitlines()[0])
+    parser = base_parser(__doc__)
     parser.add_argument("--samples", type=optional_int, default=None, help="trials (default: tune.num_samples)")
     parser.add_argument("--iterations", type=optional_int, default=None,
                         help="most training iterations per trial (default: train.iterations)")

@@ -69,7 +69,7 @@ def main(cfg: Any, every: float | None = None, max_passes: int | None = None) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = base_parser(__doc__.splitlines()[0])
+    parser = base_parser(__doc__)
     parser.add_argument("--every", default="", help="repeat forever at this interval, e.g. 30s")
     return parser
 

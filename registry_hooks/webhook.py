@@ -446,7 +446,7 @@ def register(url: str, secret: str, name: str = "nt8-production-deploy", probes:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = base_parser(__doc__.splitlines()[0])
+    parser = base_parser(__doc__)
     parser.add_argument("command", choices=("serve", "register"))
     parser.add_argument("--secret", required=True, help=f"shared secret, at least {MIN_SECRET_LEN} characters "
                         "(the same for serve and register)")
