@@ -11,7 +11,9 @@ evaluation (the ``eval/...`` metrics on its logged model, else the metrics recor
 promotion); the latest bar's features of each live observation are compared with the training
 split's (population-stability index per feature, with the configured feature settings; not the
 time-of-day features, which a few live hours never spread like the training split). Nothing
-breaches before ``min_trades`` closed trades and ``min_bars`` steps. A breach acts only after
+breaches before ``min_trades`` closed trades and ``min_bars`` steps, except model expiry: with
+``max_model_age`` set, a version whose training data ended longer ago breaches ``model_age``
+(alert, or pause; with ``rollback`` an expiry alone alerts). A breach acts only after
 ``confirm_passes`` breaching passes in a row and once per episode (``clear_passes`` good passes
 re-arm it): ``alert`` tags the version ``monitor.alert`` (``pipelines.status`` then exits 1),
 ``rollback`` rolls back through the registry (its lock, the reason and the metrics in the
@@ -96,6 +98,32 @@ def reference_metrics(name: str, version: str) -> dict[str, float]:
             if m.key.startswith("eval/") and m.key.count("/") == 1:
                 out[m.key.removeprefix("eval/")] = float(m.value)
     return out
+
+
+def model_age_breach(name: str, version: str, max_age: str | None, now: pd.Timestamp | None = None) -> str | None:
+    """Why ``version`` expired (its training data ended more than ``max_age`` before ``now``), or
+    None: not expired, no ``max_age``, or a version whose training run does not say when its data
+    ended (tag ``data.train_window``, ``start .. end``)."""
+    if max_age is None:
+        return None
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run_id = MlflowClient().get_model_version(name, version).run_id
+        window = MlflowClient().get_run(run_id).data.tags.get("data.train_window", "") if run_id else ""
+        end = pd.Timestamp(window.rpartition(" .. ")[2]) if " .. " in window else None
+    except (MlflowException, ValueError):
+        end = None
+    if end is None:
+        log.info("monitor: %s v%s: its training run does not say when its data ended: no expiry check", name, version)
+        return None
+    end = end.tz_localize("UTC") if end.tzinfo is None else end
+    age = (now or pd.Timestamp.now(tz="UTC")) - end
+    if age.total_seconds() <= parse_duration(max_age):
+        return None
+    return (f"model age: trained on data up to {end:%Y-%m-%d %H:%M} UTC, {age.days} days ago "
+            f"> monitoring.max_model_age {max_age}")
 
 
 def breaches_of(stats: dict[str, float], ref: dict[str, float], cfg: Config) -> dict[str, str]:
@@ -209,6 +237,8 @@ def _act(cfg: Config, name: str, version: str, result: MonitorResult) -> str:
 
     p, why = cfg.promotion, "; ".join(result.breaches.values())
     action, client = cfg.monitoring.action, MlflowClient()
+    if action == "rollback" and set(result.breaches) == {"model_age"}:
+        action = "alert"  # expiry alone: the version before it is older still
     client.set_model_version_tag(name, version, ALERT_TAG, f"{action}: {why}"[:5000])
     if action == "rollback":
         metrics = {f"monitor/{k}": v for k, v in result.stats.items() if v is not None and math.isfinite(v)}
@@ -259,13 +289,16 @@ def check(cfg: Config) -> MonitorResult:
             for feature, value in result.psi.items():
                 if math.isfinite(value) and value > m.max_psi:
                     result.breaches[f"psi/{feature}"] = f"{feature} drifted: PSI {value:.2f} > {m.max_psi}"
+    expired = model_age_breach(name, version, m.max_model_age)
+    if expired:
+        result.breaches["model_age"] = expired
     result.enough = result.stats.get("n_trades", 0) >= m.min_trades and result.stats.get("n_bars", 0) >= m.min_bars
     # One monitor at a time reads, updates and writes the hysteresis (a --loop beside maintenance).
     with file_lock(Path(cfg.continuous_learning.state_dir) / "monitor.lock", 600, "another monitor pass"):
         state = MonitorState(cfg.continuous_learning.state_dir)
         entry = state.data.setdefault(f"{name}/{version}", {"passes": 0})
         watch = Hysteresis.from_dict(entry, m.confirm_passes, m.clear_passes)
-        due = watch.update(result.enough and bool(result.breaches))
+        due = watch.update((result.enough and bool(result.breaches)) or bool(expired))  # age needs no sample
         entry.update(watch.to_dict())
         entry["passes"] += 1
         result.run_id = _monitor_run(cfg, name, version, entry)

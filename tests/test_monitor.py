@@ -105,11 +105,11 @@ def deployed(store, tmp_path):
     registry.promote(NAME, v1, "first", evaluation)
     registry.promote(NAME, v2, "second", evaluation)
 
-    def cfg(action: str = "rollback"):
+    def cfg(action: str = "rollback", *more: str):
         return config(store, f"continuous_learning.experience_storage={tmp_path / 'buffer'}",
                       f"continuous_learning.state_dir={tmp_path / 'state'}", f"monitoring.action={action}",
                       "monitoring.min_trades=10", "monitoring.min_bars=30", "monitoring.confirm_passes=2",
-                      "monitoring.clear_passes=2", "monitoring.max_psi=1000")
+                      "monitoring.clear_passes=2", "monitoring.max_psi=1000", *more)
     return cfg, Paper(tmp_path / "buffer", v2), v1, v2
 
 
@@ -188,6 +188,43 @@ def test_pause_switches_the_bridge_kill_switch_on_through_the_loop(deployed, tmp
     assert [p.action for p in passes] == [None, "pause"]
     assert kill.exists() and kill.read_text().startswith(f"drift monitor, v{v2}: Sharpe")
     assert registry.production_version("nt8-agent") == v2  # paused, not rolled back
+
+
+def test_an_expired_model_alerts_or_pauses_without_a_trade_and_an_unexpired_one_does_not(deployed, tmp_path):
+    """Model expiry: the training data's end (the training run's data.train_window) older than
+    monitoring.max_model_age breaches with no live sample at all; confirmed like any breach, it
+    alerts (with action rollback too: the version before is older still) or pauses the bridge."""
+    import mlflow
+    import pandas as pd
+
+    from mlproject import registry
+    from mlproject.bridge.server import kill_file_of
+    from pipelines import monitor
+
+    cfg, _, v1, v2 = deployed
+    client = mlflow.MlflowClient()
+    for version in (v1, v2):
+        client.set_tag(client.get_model_version("nt8-agent", version).run_id, "data.train_window",
+                       "2024-01-02 14:31:00+00:00 .. 2024-03-01 21:00:00+00:00")
+    now = pd.Timestamp("2024-03-31 21:00", tz="UTC")
+    assert monitor.model_age_breach("nt8-agent", v2, "31d", now) is None
+    assert monitor.model_age_breach("nt8-agent", v2, "29d", now) == (
+        "model age: trained on data up to 2024-03-01 21:00 UTC, 30 days ago > monitoring.max_model_age 29d")
+    assert monitor.model_age_breach("nt8-agent", v2, None, now) is None
+    assert monitor.check(cfg("rollback")).breaches == {}  # no max_model_age: no expiry
+    aged = cfg("rollback", "monitoring.max_model_age=90d")  # the tag says 2024: long expired
+    first = monitor.check(aged)
+    assert set(first.breaches) == {"model_age"} and not first.enough and first.action is None
+    second = monitor.check(aged)
+    assert second.action == "alert" and registry.production_version("nt8-agent") == v2
+    assert client.get_model_version("nt8-agent", v2).tags["monitor.alert"].startswith("alert: model age: trained")
+    kill = kill_file_of(aged)
+    assert not kill.exists()
+    paused = cfg("pause", "monitoring.max_model_age=90d", f"continuous_learning.state_dir={tmp_path / 'state2'}")
+    assert [monitor.check(paused).action for _ in range(2)] == [None, "pause"]
+    assert kill.read_text().startswith(f"drift monitor, v{v2}: model age")
+    with pytest.raises(ValueError, match="not a duration"):
+        cfg("alert", "monitoring.max_model_age=ninety days")
 
 
 def test_the_monitor_command_loops_until_sigterm(deployed, tmp_path):

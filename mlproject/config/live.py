@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from mlproject.config.base import _Strict
-from mlproject.config.values import check_time_zone
+from mlproject.config.values import check_time_zone, parse_duration
 
 
 class MonitoringConfig(_Strict):
@@ -42,6 +42,18 @@ class MonitoringConfig(_Strict):
     """Monitor passes in a row that must breach before the action (hysteresis)."""
     clear_passes: int = Field(default=3, ge=1)
     """Good passes in a row after an action before the monitor may act again."""
+    max_model_age: str | None = None
+    """Model expiry: a Production version whose training data ended longer ago than this
+    (``90d``, ``12w``; None: never) breaches ``model_age`` whatever its trades (it needs no live
+    sample); the action is ``alert`` or ``pause`` (with ``rollback``, an expiry alone alerts: the
+    version before is older still)."""
+
+    @field_validator("max_model_age")
+    @classmethod
+    def _age(cls, value: str | None) -> str | None:
+        if value is not None and parse_duration(value) < 1.0:
+            raise ValueError(f"{value!r}: at least 1 s")
+        return value
 
 
 class BridgeConfig(_Strict):
