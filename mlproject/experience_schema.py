@@ -44,7 +44,7 @@ COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "slippage": (pa.float64(), "slippage of that fill, money (null otherwise)"),
     "source": (pa.string(), "live, paper or backtest"),
     "guard": (pa.string(), "risk guard that changed the policy's choice (max_position, daily_loss, kill_switch, "
-                           "stale_bar, ...); null when the policy's action was taken"),
+                           "stale_bar, ood, ...); null when the policy's action was taken"),
     "policy_action": (pa.int16(), "the action the policy chose, when a guard changed it (null otherwise)"),
     "reflection": (pa.string(), "post-trade reflection text (null until annotated)"),
     "lesson": (pa.string(), "the lesson drawn (null until annotated)"),

@@ -36,6 +36,7 @@ from mlproject.data import load_source, split_bars
 from mlproject.ensemble import ensemble_policy
 from mlproject.evaluation import backtest
 from mlproject.metrics import periods_per_year
+from mlproject.ood import REFERENCE_KEY, feature_reference
 from mlproject.policy import (
     MODULE_SUBDIR,
     SETTINGS_KEY,
@@ -246,11 +247,13 @@ def pip_requirements() -> list[str]:
     return reqs
 
 
-def log_policy_model(module_dirs: Path | list[Path], example_obs: np.ndarray, settings: Any = None) -> Any:
+def log_policy_model(module_dirs: Path | list[Path], example_obs: np.ndarray, settings: Any = None,
+                     reference: dict[str, Any] | None = None) -> Any:
     """Log the policy as a models-from-code pyfunc carrying the RLModule checkpoint (an
-    ensemble's: one per member, :mod:`mlproject.ensemble`) and the settings it was trained with
+    ensemble's: one per member, :mod:`mlproject.ensemble`), the settings it was trained with
     (``PolicySettings``: in the MLmodel metadata, and as the logged model's params, which the
-    MLflow UI shows on the model's page)."""
+    MLflow UI shows on the model's page) and the training bars' feature reference
+    (:func:`mlproject.ood.feature_reference`: the bridge's out-of-distribution guard)."""
     import mlflow
     from mlflow.models import infer_signature
 
@@ -262,7 +265,8 @@ def log_policy_model(module_dirs: Path | list[Path], example_obs: np.ndarray, se
         name="policy", python_model=str(POLICY_MODEL_FILE),
         artifacts={member_artifact(k): str(d) for k, d in enumerate(dirs)},
         signature=infer_signature(example, actions), input_example=example, pip_requirements=pip_requirements(),
-        metadata={SETTINGS_KEY: settings.to_dict()} if settings else None,
+        metadata={**({SETTINGS_KEY: settings.to_dict()} if settings else {}),
+                  **({REFERENCE_KEY: reference} if reference else {})} or None,
         params=settings.params() if settings else None)
 
 
@@ -411,7 +415,7 @@ def _train(cfg: Config, run: Any, splits: Any, source: str, settings: Any, itera
     for k, member in enumerate(members):
         mlflow.log_artifacts(str(member["dir"]), "checkpoint" if size == 1 else f"checkpoint/member-{k}")
     info = log_policy_model([m["dir"] / MODULE_SUBDIR for m in members], example_observations(splits.validation, cfg, 8),
-                            settings)
+                            settings, feature_reference(splits.train, cfg.env.vol_window, cfg.env.norm_window))
     # The selected checkpoint's medians over the validation windows (its val/... values), under the
     # names the evaluate and promote runs use, so that "Compare" lines the three runs up.
     log_headline(best["metrics"], info.model_id)

@@ -37,6 +37,7 @@ from mlproject.instruments import resolve_instrument
 from mlproject.policy import PolicySettings, fresh_module
 from mlproject.registry import promote
 from mlproject.trades import PositionBook
+from mlproject.ood import feature_reference
 from mlproject.training import log_policy_model
 
 TOKEN = "test-token-0123456789abcdef"
@@ -65,7 +66,8 @@ def deployed(tmp_path_factory):
             folder = tmp / f"module{seed}"
             fresh_module(settings.obs_size, 2 * SPEC.max_contracts + 1, (16, 16), seed=seed).save_to_path(str(folder))
             with mlflow.start_run():
-                info = log_policy_model(folder, example, settings)
+                info = log_policy_model(folder, example, settings,  # the reference of the first 800 bars
+                                        feature_reference(bars.iloc[:800], settings.vol_window, settings.norm_window))
             mlflow.register_model(info.model_uri, "nt8-agent")
         promote("nt8-agent", "1", "bridge tests")
         reconcile("nt8-agent", tmp / "deploy")
@@ -635,6 +637,40 @@ def test_with_no_model_deployed_sessions_trade_flat_until_one_is_and_after_a_sta
     finally:
         promote("nt8-agent", "1", "back to v1 for the other tests")
         gen.close()
+
+
+def test_out_of_distribution_bars_get_flat_decisions_recorded_with_guard_ood(deployed, tmp_path):
+    """bridge.max_feature_z: a bar whose features are far from the model's training bars (the
+    reference it carries) gets a flat decision, guard ood, the policy's own choice recorded; the
+    same market as the training bars seldom does; off (the default) nothing is judged."""
+    _, folder, bars = deployed
+    shifted = bars.iloc[800:1000].copy()  # a wilder market: bars 6x as wide, 40x the volume
+    shifted["high"] = shifted["close"] + 6 * (shifted["high"] - shifted["close"])
+    shifted["low"] = shifted["close"] - 6 * (shifted["close"] - shifted["low"])
+    shifted["volume"] *= 40
+    market = pd.concat([bars.iloc[:800], shifted])
+    counts = {}
+    for limit in (None, 6.0):
+        buffer = tmp_path / f"buffer-{limit}"
+        cfg = config(folder, f"continuous_learning.experience_storage={buffer}", f"bridge.kill_file={tmp_path / 'KILL'}",
+                     *([f"bridge.max_feature_z={limit}"] if limit else []))
+        with BridgeThread(Bridge(cfg, token=TOKEN)) as thread:
+            c = Client(thread.bridge.address)
+            assert c.hello(account=f"ood-{limit}")["model_version"] == "1"
+            decisions = [c.request(bar_msg(market, i)) for i in range(len(market))]
+            c.request({"type": "bye"})
+            thread.call(thread.bridge.flush)
+        guards = [d["guard"] for d in decisions]
+        counts[limit] = (guards[100:800].count("ood"), guards[820:].count("ood"))
+        flagged = [d for d in decisions if d["guard"] == "ood"]
+        assert all(d["target_position"] == 0 and d["policy_target"] is not None for d in flagged)
+        if limit:
+            rows = rows_of(buffer, at_least=len(market) - 20)
+            assert (rows["guard"] == "ood").sum() >= len(flagged) - 1 and rows.loc[rows["guard"] == "ood",
+                                                                                   "policy_action"].notna().all()
+    assert counts[None] == (0, 0)
+    in_sample, wild = counts[6.0]
+    assert in_sample <= 0.02 * 700 and wild >= 0.5 * 180, counts
 
 
 # -- the commands --------------------------------------------------------------------------------

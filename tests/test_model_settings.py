@@ -47,6 +47,9 @@ def test_logged_policy_records_its_settings(store):
     # Visible in the UI: the MLmodel file's metadata and the logged model's params.
     info = mlflow.models.get_model_info("models:/nt8-agent/1")
     assert info.metadata["nt8_policy"]["window"] == 16
+    reference = info.metadata["nt8_feature_reference"]  # the training bars' features: the bridge's ood guard
+    assert reference["features"] == ["ret_z", "range_z", "volume_z"] and all(v > 0 for v in reference["scale"])
+    assert reference["n_bars"] > 100 and all(abs(m) < 3 for m in reference["median"])
     params = mlflow.get_logged_model(model_id_of("models:/nt8-agent/1")).params
     assert params["policy.window"] == "16" and params["policy.instrument.symbol"] == "MES"
     assert load_policy_model("models:/nt8-agent/2").settings.window == 32

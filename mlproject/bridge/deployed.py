@@ -16,6 +16,7 @@ from typing import Any
 
 from mlproject.deploy import MANIFEST, RELOAD_FILE
 from mlproject.ensemble import ensemble_fast_greedy
+from mlproject.ood import REFERENCE_KEY, Reference
 from mlproject.policy import PolicySettings, fast_greedy, find_module_dirs, load_module, read_settings
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ class DeployedPolicy:
     an ensemble's mean logits, ``mlproject.ensemble.ensemble_fast_greedy``)."""
     members: list[Any] | None = None
     """An ensemble's RLModules (``module`` is the first); None for one policy."""
+    reference: Reference | None = None
+    """The training bars' feature reference (the out-of-distribution guard); None for a model
+    logged without one."""
 
     def __post_init__(self) -> None:
         if self.act is None:
@@ -68,7 +72,15 @@ class DeployedPolicy:
                               "retrain it before it can trade")
         modules = [load_module(folder) for folder in find_module_dirs(release / "model")]
         return cls(str(manifest["name"]), str(manifest["version"]), str(manifest.get("checksum", "")), settings,
-                   modules[0], release, members=modules if len(modules) > 1 else None)
+                   modules[0], release, members=modules if len(modules) > 1 else None,
+                   reference=Reference.of(_metadata(release / "model").get(REFERENCE_KEY)))
+
+
+def _metadata(model_dir: Path) -> dict[str, Any]:
+    """The MLflow model's metadata (empty when it has none)."""
+    from mlflow.models import Model
+
+    return Model.load(str(model_dir)).metadata or {}
 
 
 def stood_down(deploy_dir: str | Path) -> bool:

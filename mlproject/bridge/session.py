@@ -118,6 +118,19 @@ class Session:
             return None, "warmup"
         return obs, None
 
+    def _out_of_distribution(self, obs: np.ndarray | None, policy: DeployedPolicy | None) -> bool:
+        """Whether the newest bar's features are beyond ``max_feature_z`` of the model's training
+        bars (off without the setting, an observation or a model carrying a reference)."""
+        limit = self.cfg.max_feature_z
+        if limit is None or obs is None or policy is None or policy.reference is None:
+            return False
+        z, feature = policy.reference.largest_z(obs)
+        if z <= limit:
+            return False
+        log.info("%s: out of distribution: %s at %.1f robust sd from %s's training bars (limit %g)", self.key,
+                 feature, z, policy.label, limit)
+        return True
+
     def fits(self, policy: DeployedPolicy) -> bool:
         """Whether ``policy`` trades this session's instrument on its bar period."""
         return str(policy.settings.instrument.get("symbol")) == self.instrument and same_period(
@@ -146,6 +159,8 @@ class Session:
                 guard, target = "kill_switch", 0
             elif self.stopped_day == self.day:
                 guard, target = "daily_loss", 0
+            elif self._out_of_distribution(obs, policy):
+                guard, target = "ood", 0
             elif stale:
                 guard, target = "stale_bar", held
             elif abs(target) > limit:

@@ -96,6 +96,11 @@ class BridgeConfig(_Strict):
     the next day (null: no limit)."""
     max_bar_age_s: float | None = Field(default=120.0, gt=0)
     """Risk guard: a live bar whose end time is older than this gets no decision (the position is held)."""
+    max_feature_z: float | None = Field(default=None, gt=0)
+    """Risk guard, out of distribution: a decision whose newest bar has a feature more than this
+    many robust standard deviations from the training bars' median (the reference the model
+    carries, :mod:`mlproject.ood`) is flat (guard ``ood``). null: off (models logged without a
+    reference are never judged)."""
     kill_file: str | None = None
     """Risk guard: while this file exists every decision is flat (null: KILL in promotion.deploy_dir).
     ``python -m pipelines.bridge kill`` creates it, ``... resume`` removes it."""
