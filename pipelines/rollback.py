@@ -51,8 +51,9 @@ def main(cfg: Config, version: str | None = None, reason: str = "", force: bool 
         deployed = reconcile(p.model_name, p.deploy_dir, p.keep_releases, lock_file=p.lock_file)
         latency = time.perf_counter() - started
         _log_rollback(event, latency)
-        log.info("rolled back %s from v%s to %s in %.2f s (deployed %s)", p.model_name, event["previous"],
-                 shown(event), latency, deployed.release or "nothing: a bridge trades flat")
+        log.info("rolled back %s from %s to %s in %.2f s (deployed %s)", p.model_name,
+                 f"v{event['previous']}" if event["previous"] else "flat", shown(event), latency,
+                 deployed.release or "nothing: a bridge trades flat")
         return {"event": event, "release": deployed.release, "latency_s": latency}
 
 

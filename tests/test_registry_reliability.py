@@ -183,13 +183,19 @@ def test_a_stand_down_killed_at_every_step_ends_flat_or_not_at_all_after_one_rec
 
 
 def test_a_rollback_with_nothing_to_go_back_to_says_how_to_stand_down(store):
-    deploy, v1, _ = first_deployed(store)
+    deploy, v1, v2 = first_deployed(store)
     with pytest.raises(ValueError, match="or stand it down to flat"):
         registry.rollback(NAME, reason="drifted")
     from pipelines import rollback
 
     with pytest.raises(ValueError, match="--flat and --version"):
         rollback.main(config(store), "1", flat=True)
+    assert stage_and_alias() == (v1, v1)
+    registry.promote(NAME, v2, "a new model")
+    down = rollback.main(config(store), flat=True)  # v2 stood down although v1 is there: asked for
+    assert (down["event"]["action"], down["event"]["version"], down["release"]) == ("stand_down", "", None)
+    back = rollback.main(config(store))  # from flat, a plain rollback goes to the version before v2
+    assert (back["event"]["version"], back["event"]["previous"], back["event"]["reason"]) == (v1, "", "back from flat")
     assert stage_and_alias() == (v1, v1)
 
 
