@@ -90,7 +90,8 @@ def stood_down(deploy_dir: str | Path) -> bool:
     if (deploy_dir / "current").exists():
         return False
     try:
-        return json.loads((deploy_dir / RELOAD_FILE).read_text()).get("version") is None
+        notice = json.loads((deploy_dir / RELOAD_FILE).read_text())
+        return isinstance(notice, dict) and notice.get("version") is None
     except (OSError, ValueError):
         return False
 
