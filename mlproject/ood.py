@@ -11,6 +11,7 @@ that bar is not one the policy has seen.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +20,7 @@ import pandas as pd
 
 from mlproject.features import FEATURE_NAMES, bar_features, latest_features
 
+log = logging.getLogger(__name__)
 REFERENCE_KEY = "nt8_feature_reference"
 OOD_FEATURES = tuple(name for name in FEATURE_NAMES if not name.startswith("tod_"))
 """The features measured: every bar feature but the time of day."""
@@ -37,6 +39,16 @@ def feature_reference(train_bars: pd.DataFrame, vol_window: int, norm_window: in
     low, median, high = np.quantile(cols, [0.159, 0.5, 0.841], axis=0)
     scale = np.maximum((high - low) / 2, _MIN_SCALE)
     return {"features": list(OOD_FEATURES), "median": median.tolist(), "scale": scale.tolist(), "n_bars": len(cols)}
+
+
+def reference_or_none(train_bars: pd.DataFrame, vol_window: int, norm_window: int) -> dict[str, Any] | None:
+    """:func:`feature_reference` for a model being logged; None, with a warning, when the training
+    bars are too few for one (the model then trades without the out-of-distribution guard)."""
+    try:
+        return feature_reference(train_bars, vol_window, norm_window)
+    except ValueError as exc:
+        log.warning("no feature reference logged with the model (the bridge's ood guard will not judge it): %s", exc)
+        return None
 
 
 class Reference:

@@ -36,7 +36,7 @@ from mlproject.data import load_source, split_bars
 from mlproject.ensemble import ensemble_policy
 from mlproject.evaluation import backtest
 from mlproject.metrics import periods_per_year
-from mlproject.ood import REFERENCE_KEY, feature_reference
+from mlproject.ood import REFERENCE_KEY, reference_or_none
 from mlproject.policy import (
     MODULE_SUBDIR,
     SETTINGS_KEY,
@@ -415,7 +415,7 @@ def _train(cfg: Config, run: Any, splits: Any, source: str, settings: Any, itera
     for k, member in enumerate(members):
         mlflow.log_artifacts(str(member["dir"]), "checkpoint" if size == 1 else f"checkpoint/member-{k}")
     info = log_policy_model([m["dir"] / MODULE_SUBDIR for m in members], example_observations(splits.validation, cfg, 8),
-                            settings, feature_reference(splits.train, cfg.env.vol_window, cfg.env.norm_window))
+                            settings, reference_or_none(splits.train, cfg.env.vol_window, cfg.env.norm_window))
     # The selected checkpoint's medians over the validation windows (its val/... values), under the
     # names the evaluate and promote runs use, so that "Compare" lines the three runs up.
     log_headline(best["metrics"], info.model_id)

@@ -30,7 +30,7 @@ from mlproject.cluster import ray_session
 from mlproject.config import Config, ConfigError, config_from_dict
 from mlproject.data import load_source, split_bars
 from mlproject.gate import PromoteResult, promote_candidate
-from mlproject.ood import feature_reference
+from mlproject.ood import reference_or_none
 from mlproject.policy import PolicySettings, set_items
 from mlproject.preflight import check_splits
 from mlproject.quiet import quiet_env_reregistration
@@ -255,7 +255,7 @@ def _register_winner(cfg: Config, run: Any, grid: Any, splits: Any, dry_run: boo
     settings = PolicySettings.from_env(winner.env, splits.train)
     with best.checkpoint.as_directory() as folder:
         info = log_policy_model(Path(folder), example_observations(splits.validation, winner, 8), settings,
-                                feature_reference(splits.train, winner.env.vol_window, winner.env.norm_window))
+                                reference_or_none(splits.train, winner.env.vol_window, winner.env.norm_window))
     registered = None
     if cfg.train.register_model:
         tags = {"run_id": run.info.run_id, "git_commit": git_commit() or "unknown", "tune.trials": str(len(table)),

@@ -147,6 +147,29 @@ def rows_of(buffer_dir: Path, timeout: float = 10.0, at_least: int = 1) -> pd.Da
 # -- features, book ------------------------------------------------------------------------------
 
 
+def test_the_feature_reference_scores_the_newest_bar_of_an_observation():
+    from mlproject.features import FEATURE_NAMES
+    from mlproject.ood import Reference, reference_or_none
+
+    bars = synthetic_bars(600, seed=3)
+    raw = feature_reference(bars, 20, 100)
+    assert raw["features"] == ["ret_z", "range_z", "volume_z"] and raw["n_bars"] == 600
+    ref = Reference(raw)
+    window = 4
+    obs = np.zeros(window * len(FEATURE_NAMES) + 2, dtype=np.float32)
+    newest = slice((window - 1) * len(FEATURE_NAMES), window * len(FEATURE_NAMES))
+    obs[newest] = [raw["median"][0], raw["median"][1], raw["median"][2], 0.0, 1.0]
+    assert ref.largest_z(obs)[0] == pytest.approx(0.0, abs=1e-6)
+    obs[newest.start + 2] = raw["median"][2] + 7 * raw["scale"][2]  # volume 7 robust sd out
+    z, feature = ref.largest_z(obs)
+    assert feature == "volume_z" and z == pytest.approx(7, rel=1e-5)
+    obs[newest.start] = np.nan  # a missing feature is skipped; the others still count
+    assert ref.largest_z(obs) == (pytest.approx(7, rel=1e-5), "volume_z")
+    obs[newest] = np.nan
+    assert ref.largest_z(obs) == (float("inf"), "ret_z")  # nothing to judge by: out of distribution
+    assert reference_or_none(bars.iloc[:1], 20, 100) is None  # too few bars: no reference, no crash
+
+
 def test_feature_stream_equals_bar_features_bit_for_bit():
     bars = synthetic_bars(700, seed=5)
     bars.iloc[100:160, bars.columns.get_loc("volume")] = 9.0  # a flat volume stretch: std exactly 0
