@@ -39,7 +39,14 @@ from mlproject.atomic import atomic_write_text
 from mlproject.digests import update_from_file
 from mlproject.faults import fault_point
 from mlproject.policy import SETTINGS_KEY
-from mlproject.registry import complete_pending, ensure_alias, production_version, registry_lock, rollback_target
+from mlproject.registry import (
+    complete_pending,
+    ensure_alias,
+    model_exists,
+    production_version,
+    registry_lock,
+    rollback_target,
+)
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +207,11 @@ def reconcile(name: str, deploy_dir: str | Path, keep_releases: int = 3,
         complete_pending(name, lock_file)
         version = production_version(name)
         if version is None:
+            current = deploy_dir / "current"
+            if current.exists() and not model_exists(name):  # the wrong store, not an empty Production
+                log.warning("%s: no such registered model in %s: %s left as it is (%s)", name, _store_uri(),
+                            deploy_dir, current.resolve().name)
+                return ReconcileResult(None, False, False, current.resolve())
             return ReconcileResult(None, _stand_down(deploy_dir, name), False, None)
         repaired = ensure_alias(name)
         changed = False
@@ -215,6 +227,12 @@ def reconcile(name: str, deploy_dir: str | Path, keep_releases: int = 3,
     if changed:
         log.info("%s: deployed version %s (%s)", name, version, (deploy_dir / "current").resolve().name)
     return ReconcileResult(version, changed, repaired, (deploy_dir / "current").resolve())
+
+
+def _store_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
 
 
 def _stand_down(deploy_dir: Path, name: str) -> bool:

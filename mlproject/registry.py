@@ -191,6 +191,17 @@ def production_version(name: str) -> str | None:
     return str(versions[0].version) if versions else None
 
 
+def model_exists(name: str) -> bool:
+    """Whether the registered model ``name`` is in this tracking store."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        _client().get_registered_model(name)
+    except MlflowException:
+        return False
+    return True
+
+
 def alias_version(name: str, alias: str = ALIAS) -> str | None:
     """The version the alias points at, or None."""
     from mlflow.exceptions import MlflowException

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 def describe(name: str, deploy_dir: str | Path, result: ReconcileResult) -> str:
     """One line saying what is deployed after a pass (what the command prints)."""
     if result.version is None:
+        if result.release is not None:
+            return (f"{name}: no such registered model in this tracking store; {deploy_dir} left as it is "
+                    f"(still {result.release.name}): is this the store that deployed it?")
         if result.changed:
             return (f"{name}: nothing in Production: stood down ({Path(deploy_dir) / 'current'} removed, the last "
                     "release kept as previous); a bridge trades flat")

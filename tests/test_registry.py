@@ -270,6 +270,14 @@ def test_reconcile_command_says_what_is_deployed(store):
         f"{NAME}: nothing in Production: stood down ({deploy / 'current'} removed, the last release kept as "
         "previous); a bridge trades flat")
     assert not (deploy / "current").exists() and (deploy / "previous").resolve().name == release
+    registry.promote(NAME, v1, "back")
+    assert run_module(cmd, cwd=store).returncode == 0 and (deploy / "current").exists()
+    other = store / "elsewhere"  # run from the wrong folder: a new, empty store is not an empty Production
+    other.mkdir()
+    wrong = run_module(cmd, cwd=other, env={"MLFLOW_TRACKING_URI": f"sqlite:///{other / 'mlflow.db'}"})
+    assert wrong.returncode == 0 and wrong.stdout.strip().startswith(
+        f"{NAME}: no such registered model in this tracking store; {deploy} left as it is (still ")
+    assert (deploy / "current").exists() and deployed_manifest(deploy)["version"] == v1
 
 
 def test_rollback_pipeline_redeploys_and_logs_latency(store):
