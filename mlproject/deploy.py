@@ -209,8 +209,10 @@ def reconcile(name: str, deploy_dir: str | Path, keep_releases: int = 3,
         if version is None:
             current = deploy_dir / "current"
             if current.exists() and not model_exists(name):  # the wrong store, not an empty Production
-                log.warning("%s: no such registered model in %s: %s left as it is (%s)", name, _store_uri(),
-                            deploy_dir, current.resolve().name)
+                import mlflow
+
+                log.warning("%s: no such registered model in %s: %s left as it is (%s)", name,
+                            mlflow.get_tracking_uri(), deploy_dir, current.resolve().name)
                 return ReconcileResult(None, False, False, current.resolve())
             return ReconcileResult(None, _stand_down(deploy_dir, name), False, None)
         repaired = ensure_alias(name)
@@ -227,12 +229,6 @@ def reconcile(name: str, deploy_dir: str | Path, keep_releases: int = 3,
     if changed:
         log.info("%s: deployed version %s (%s)", name, version, (deploy_dir / "current").resolve().name)
     return ReconcileResult(version, changed, repaired, (deploy_dir / "current").resolve())
-
-
-def _store_uri() -> str:
-    import mlflow
-
-    return mlflow.get_tracking_uri()
 
 
 def _stand_down(deploy_dir: Path, name: str) -> bool:

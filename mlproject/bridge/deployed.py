@@ -17,7 +17,7 @@ from typing import Any
 from mlproject.deploy import MANIFEST, RELOAD_FILE
 from mlproject.ensemble import ensemble_fast_greedy
 from mlproject.ood import REFERENCE_KEY, Reference
-from mlproject.policy import PolicySettings, fast_greedy, find_module_dirs, load_module, read_settings
+from mlproject.policy import SETTINGS_KEY, PolicySettings, fast_greedy, find_module_dirs, load_module
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ class DeployedPolicy:
         release = current.resolve()
         try:
             manifest = json.loads((release / MANIFEST).read_text())
-            settings = read_settings(release / "model")
+            metadata = _metadata(release / "model")  # read once: the settings and the ood reference
+            settings = PolicySettings.from_dict(metadata[SETTINGS_KEY]) if metadata.get(SETTINGS_KEY) else None
         except (OSError, ValueError) as exc:
             raise NotDeployed(f"{release}: not a complete release ({exc})") from None
         label = f"{manifest.get('name')} v{manifest.get('version')}"
@@ -73,7 +74,7 @@ class DeployedPolicy:
         modules = [load_module(folder) for folder in find_module_dirs(release / "model")]
         return cls(str(manifest["name"]), str(manifest["version"]), str(manifest.get("checksum", "")), settings,
                    modules[0], release, members=modules if len(modules) > 1 else None,
-                   reference=Reference.of(_metadata(release / "model").get(REFERENCE_KEY)))
+                   reference=Reference.of(metadata.get(REFERENCE_KEY)))
 
 
 def _metadata(model_dir: Path) -> dict[str, Any]:
