@@ -399,8 +399,8 @@ def rollback(name: str, to_version: str | int | None = None, reason: str = "", f
             reason = _forced_reason(name, target, reason, force)
         if check is not None:
             check(name, target)
-        return promote(name, target, reason or (f"rollback from version {current}" if current else "back from flat"), metrics, action="rollback",
-                       lock_file=lock_file)
+        default = f"rollback from version {current}" if current else "back from flat"
+        return promote(name, target, reason or default, metrics, action="rollback", lock_file=lock_file)
 
 
 def stand_down(name: str, reason: str = "", metrics: dict[str, float] | None = None,

@@ -56,7 +56,14 @@ from mlproject.instruments import resolve_instrument
 from mlproject.locks import file_lock
 from mlproject.metrics import periods_per_year
 from mlproject.monitor import ALERT_TAG, STALE_ALERT_TAG, Hysteresis, feature_psi, live_stats
-from mlproject.registry import production_version, registry_lock, rollback, rollback_target, stand_down, version_model_id
+from mlproject.registry import (
+    production_version,
+    registry_lock,
+    rollback,
+    rollback_target,
+    stand_down,
+    version_model_id,
+)
 from mlproject.tracking import experiment_id, log_metric_batch, setup_tracking
 from mlproject.signals import StopRequest, run_turns
 
