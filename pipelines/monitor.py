@@ -117,8 +117,9 @@ def model_age_breach(name: str, version: str, max_age: str | None, now: pd.Times
     from mlflow.exceptions import MlflowException
 
     try:
-        run_id = MlflowClient().get_model_version(name, version).run_id
-        window = MlflowClient().get_run(run_id).data.tags.get("data.train_window", "") if run_id else ""
+        client = MlflowClient()
+        run_id = client.get_model_version(name, version).run_id
+        window = client.get_run(run_id).data.tags.get("data.train_window", "") if run_id else ""
         end = pd.Timestamp(window.rpartition(" .. ")[2]) if " .. " in window else None
     except (MlflowException, ValueError):
         end = None
