@@ -1,6 +1,6 @@
 """Bridge decision round trip against a bare asyncio JSON echo server, in the same run.
 
-    python benchmarks/bridge_latency.py [--blocks 7] [--block 400] [--clients 16]
+    python benchmarks/bridge_latency.py [--blocks 7] [--block 400] [--clients 16] [--shadow]
 
 Both servers run in their own process (one core each on a 2-core machine); this process is the
 client. The bridge serves the default-config policy (window 32, 162 inputs, 64x64 PPO module,
@@ -13,6 +13,10 @@ over loopback has.
    block, median over blocks, and the bridge's overhead over the echo as a ratio.
 2. ``--clients`` concurrent clients: decisions/s per block, alternating; median and ratio.
 Goals (issue 12): p99 <= 1 ms with one client; >= 5,000 decisions/s with 16 clients.
+
+``--shadow`` adds a third server, alternating with the other two: a bridge over the same
+Production model with a second version in Staging, shadow-trading every bar beside it (its
+experiences written too). Goal (issue 30): its p99 at 16 clients at most 1.5x the bridge's.
 """
 
 from __future__ import annotations
@@ -55,12 +59,12 @@ async def echo_server() -> None:
     await server.serve_forever()
 
 
-async def bridge_server(work: Path) -> None:
+async def bridge_server(work: Path, deploy_dir: str = "deploy") -> None:
     from mlproject.bridge.server import Bridge, tune_process
     from mlproject.config import load_config
 
     tune_process()  # as pipelines.bridge does
-    cfg = load_config(None, [f"promotion.deploy_dir={work / 'deploy'}", "bridge.port=0",
+    cfg = load_config(None, [f"promotion.deploy_dir={work / deploy_dir}", "bridge.port=0",
                              f"continuous_learning.experience_storage={work / 'buffer'}",
                              f"bridge.kill_file={work / 'KILL'}", *os.environ.get("BENCH_SET", "").split()])
     bridge = Bridge(cfg, token=TOKEN)
@@ -70,7 +74,8 @@ async def bridge_server(work: Path) -> None:
 
 
 def deploy(work: Path) -> None:
-    """nt8-agent v1 (default settings, untrained weights) in Production, deployed to work/deploy."""
+    """nt8-agent v1 (default settings, untrained weights) in Production, deployed to work/deploy;
+    then v2 (other weights) in Staging, deployed with v1 to work/deploy-shadow."""
     import mlflow
 
     from envs import FuturesTradingEnv
@@ -79,6 +84,7 @@ def deploy(work: Path) -> None:
     from mlproject.deploy import reconcile
     from mlproject.policy import PolicySettings, fresh_module
     from mlproject.registry import promote, register_version
+    from mlproject.staging import stage
     from mlproject.training import log_policy_model
 
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
@@ -86,13 +92,17 @@ def deploy(work: Path) -> None:
     settings = PolicySettings.from_env(EnvConfig(), bars)
     env = FuturesTradingEnv({"bars": bars, "random_start": False})
     example = np.stack([env.reset()[0]] * 4)
-    fresh_module(settings.obs_size, 2 * settings.max_contracts + 1).save_to_path(str(work / "module"))
     os.chdir(work)
-    with mlflow.start_run():
-        info = log_policy_model(work / "module", example, settings)
-    version = register_version(info.model_uri, "nt8-agent", {}).version
-    promote("nt8-agent", version, "benchmark")
+    versions = []
+    for seed in (0, 1):
+        fresh_module(settings.obs_size, 2 * settings.max_contracts + 1, seed=seed).save_to_path(str(work / f"m{seed}"))
+        with mlflow.start_run():
+            info = log_policy_model(work / f"m{seed}", example, settings)
+        versions.append(register_version(info.model_uri, "nt8-agent", {}).version)
+    promote("nt8-agent", versions[0], "benchmark")
     reconcile("nt8-agent", work / "deploy")
+    stage("nt8-agent", versions[1], "benchmark")
+    reconcile("nt8-agent", work / "deploy-shadow")
 
 
 # -- the client ----------------------------------------------------------------------------------
@@ -144,15 +154,12 @@ async def latency_block(conn: Conn, feed: Feed, count: int) -> np.ndarray:
     return out
 
 
-async def throughput_block(conns: list[Conn], feeds: list[Feed], count: int) -> float:
-    async def one(conn: Conn, feed: Feed) -> None:
-        for _ in range(count):
-            reply = await conn.request(feed.take())
-            assert reply["type"] == "decision", reply
-
+async def throughput_block(conns: list[Conn], feeds: list[Feed], count: int) -> tuple[float, float]:
+    """(decisions/s, p99 round trip in microseconds) of the clients sending at once."""
     t = time.perf_counter()
-    await asyncio.gather(*(one(c, f) for c, f in zip(conns, feeds)))
-    return len(conns) * count / (time.perf_counter() - t)
+    lat = await asyncio.gather(*(latency_block(c, f, count) for c, f in zip(conns, feeds)))
+    rate = len(conns) * count / (time.perf_counter() - t)
+    return rate, float(np.percentile(np.concatenate(lat), 99) * 1e6)
 
 
 async def measure(ports: dict[str, int], blocks: int, block: int, clients: int) -> None:
@@ -171,6 +178,9 @@ async def measure(ports: dict[str, int], blocks: int, block: int, clients: int) 
     med = {name: [statistics.median(s[k] for s in rows) for k in range(3)] for name, rows in stats.items()}
     for name in ports:
         print(f"{name:8} {med[name][0]:8.0f} {med[name][1]:8.0f} {med[name][2]:8.0f}")
+    if "shadow" in stats:
+        shadow_ratio = statistics.median(s[1] / b[1] for s, b in zip(stats["shadow"], stats["bridge"]))
+        print(f"with a shadow p99 / without: median ratio {shadow_ratio:.2f}")
     ratios = [b[1] / e[1] for b, e in zip(stats["bridge"], stats["echo"])]
     print(f"bridge p99 / echo p99: median ratio {statistics.median(ratios):.2f} "
           f"(p50 ratio {statistics.median(b[0] / e[0] for b, e in zip(stats['bridge'], stats['echo'])):.2f}); "
@@ -183,12 +193,20 @@ async def measure(ports: dict[str, int], blocks: int, block: int, clients: int) 
     for conns, feeds in many.values():
         await asyncio.gather(*(latency_block(c, f, warm) for c, f in zip(conns, feeds)))
     rates: dict[str, list[float]] = {name: [] for name in ports}
+    p99s: dict[str, list[float]] = {name: [] for name in ports}
     for _ in range(blocks):
         for name, (conns, feeds) in many.items():
-            rates[name].append(await throughput_block(conns, feeds, per_client))
-    print(f"\n{clients} clients, {blocks} blocks of {clients}x{per_client} round trips (decisions/s, median):")
+            rate, p99 = await throughput_block(conns, feeds, per_client)
+            rates[name].append(rate)
+            p99s[name].append(p99)
+    print(f"\n{clients} clients, {blocks} blocks of {clients}x{per_client} round trips (median over blocks):")
+    print(f"{'server':8} {'decisions/s':>12} {'p99 us':>8}")
     for name in ports:
-        print(f"{name:8} {statistics.median(rates[name]):10.0f}")
+        print(f"{name:8} {statistics.median(rates[name]):12.0f} {statistics.median(p99s[name]):8.0f}")
+    if "shadow" in ports:
+        ratio = statistics.median(s / b for s, b in zip(p99s["shadow"], p99s["bridge"]))
+        print(f"with a shadow p99 / without, {clients} clients: median ratio {ratio:.2f}; goal <= 1.5: "
+              f"{'met' if ratio <= 1.5 else 'NOT met'}")
     ratio = statistics.median(b / e for b, e in zip(rates["bridge"], rates["echo"]))
     rate = statistics.median(rates["bridge"])
     print(f"bridge / echo throughput: median ratio {ratio:.2f}; goal >= 5000/s: {'met' if rate >= 5000 else 'NOT met'}")
@@ -199,14 +217,15 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=7)
     parser.add_argument("--block", type=int, default=400)
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--serve", choices=("echo", "bridge", "deploy"), help=argparse.SUPPRESS)
+    parser.add_argument("--shadow", action="store_true", help="also a bridge with a Staging model shadow-trading")
+    parser.add_argument("--serve", choices=("echo", "bridge", "shadow", "deploy"), help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve == "echo":
         asyncio.run(echo_server())
         return
-    if args.serve == "bridge":
-        asyncio.run(bridge_server(Path(args.work)))
+    if args.serve in ("bridge", "shadow"):
+        asyncio.run(bridge_server(Path(args.work), "deploy" if args.serve == "bridge" else "deploy-shadow"))
         return
     if args.serve == "deploy":
         deploy(Path(args.work))
@@ -219,7 +238,7 @@ def main() -> None:
                        stdout=subprocess.DEVNULL)
         procs, ports = [], {}
         try:
-            for name in ("echo", "bridge"):
+            for name in ("echo", "bridge", *(("shadow",) if args.shadow else ())):
                 proc = subprocess.Popen([sys.executable, __file__, "--serve", name, "--work", tmp], env=env,
                                         stdout=subprocess.PIPE, text=True)
                 procs.append(proc)

@@ -47,6 +47,7 @@ from mlproject.registry import (
     registry_lock,
     rollback_target,
 )
+from mlproject.staging import complete_staging, staging_version
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ class ReconcileResult:
     changed: bool
     alias_repaired: bool
     release: Path | None
+    shadow: str | None = None
+    """The Staging version deployed to ``<deploy_dir>/shadow`` for the bridge to shadow-trade (None: none)."""
 
 
 def tree_checksum(folder: Path) -> str:
@@ -204,31 +207,74 @@ def reconcile(name: str, deploy_dir: str | Path, keep_releases: int = 3,
     deploy_dir = Path(deploy_dir).resolve()  # relative (as in config) or absolute, one meaning
     deploy_dir.mkdir(parents=True, exist_ok=True)
     with registry_lock(lock_file):
-        complete_pending(name, lock_file)
-        version = production_version(name)
-        if version is None:
-            current = deploy_dir / "current"
-            if current.exists() and not model_exists(name):  # the wrong store, not an empty Production
-                import mlflow
+        result = _reconcile_production(name, deploy_dir, keep_releases, lock_file)
+        result.shadow = _reconcile_shadow(name, deploy_dir, lock_file)
+    return result
 
-                log.warning("%s: no such registered model in %s: %s left as it is (%s)", name,
-                            mlflow.get_tracking_uri(), deploy_dir, current.resolve().name)
-                return ReconcileResult(None, False, False, current.resolve())
-            return ReconcileResult(None, _stand_down(deploy_dir, name), False, None)
-        repaired = ensure_alias(name)
-        changed = False
-        if _intact(deploy_dir / "current", name, version) is None:
-            _deploy(name, version, deploy_dir)
-            changed = True
-        _repair_previous(deploy_dir, name)
-        current = json.loads((deploy_dir / "current" / MANIFEST).read_text())
-        if _reload_notice(deploy_dir) != (current["version"], current["checksum"]):
-            notify_reload(deploy_dir, current)  # also after a crash between the switch and the notice
-            changed = True
-        _prune(deploy_dir, keep_releases)
+
+def _reconcile_production(name: str, deploy_dir: Path, keep_releases: int,
+                          lock_file: str | Path | None) -> ReconcileResult:
+    """:func:`reconcile`'s Production half (under the lock)."""
+    complete_pending(name, lock_file)
+    version = production_version(name)
+    if version is None:
+        current = deploy_dir / "current"
+        if current.exists() and not model_exists(name):  # the wrong store, not an empty Production
+            import mlflow
+
+            log.warning("%s: no such registered model in %s: %s left as it is (%s)", name,
+                        mlflow.get_tracking_uri(), deploy_dir, current.resolve().name)
+            return ReconcileResult(None, False, False, current.resolve())
+        return ReconcileResult(None, _stand_down(deploy_dir, name), False, None)
+    repaired = ensure_alias(name)
+    changed = False
+    if _intact(deploy_dir / "current", name, version) is None:
+        _deploy(name, version, deploy_dir)
+        changed = True
+    _repair_previous(deploy_dir, name)
+    current = json.loads((deploy_dir / "current" / MANIFEST).read_text())
+    if _reload_notice(deploy_dir) != (current["version"], current["checksum"]):
+        notify_reload(deploy_dir, current)  # also after a crash between the switch and the notice
+        changed = True
+    _prune(deploy_dir, keep_releases)
     if changed:
         log.info("%s: deployed version %s (%s)", name, version, (deploy_dir / "current").resolve().name)
     return ReconcileResult(version, changed, repaired, (deploy_dir / "current").resolve())
+
+
+SHADOW_DIR = "shadow"
+"""The Staging version's deployment inside the deploy directory (same layout: releases/, current,
+reload.json), what the bridge shadow-trades (:mod:`mlproject.bridge.shadow`)."""
+
+
+def _reconcile_shadow(name: str, deploy_dir: Path, lock_file: str | Path | None) -> str | None:
+    """Make ``<deploy_dir>/shadow`` hold the Staging version (or nothing). A Staging version that
+    does not deploy is logged and left out: Production's deployment never depends on it."""
+    if not model_exists(name):
+        return None
+    complete_staging(name, lock_file)
+    shadow, version = deploy_dir / SHADOW_DIR, staging_version(name)
+    if version is None:
+        if (shadow / "current").is_symlink():
+            (shadow / "current").unlink()
+        if (_reload_notice(shadow) or (None,))[0] is not None:
+            notify_reload(shadow, {"name": name, "version": None, "checksum": None})
+            log.info("%s: nothing in Staging: the shadow deployment stood down", name)
+        return None
+    try:
+        if _intact(shadow / "current", name, version) is None:
+            release = _matching_release(shadow, name, version) or export_release(name, version, shadow)
+            check_deployable(release / "model", f"{name} v{version} (Staging)")
+            _switch_link(shadow / "current", release)
+            log.info("%s: Staging v%s deployed for shadow trading (%s)", name, version, release.name)
+        manifest = json.loads((shadow / "current" / MANIFEST).read_text())
+        if _reload_notice(shadow) != (manifest["version"], manifest["checksum"]):
+            notify_reload(shadow, manifest)
+        _prune(shadow, 2)
+    except DeployRefused as exc:
+        log.error("%s: the Staging version is not shadow-traded: %s", name, exc)
+        return None
+    return version
 
 
 def _stand_down(deploy_dir: Path, name: str) -> bool:

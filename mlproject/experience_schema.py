@@ -17,7 +17,7 @@ SCHEMA_VERSION = 2
 """Layout version of :data:`EXPERIENCE_SCHEMA`; bump it with every column change. Version 2 added
 ``guard`` and ``policy_action`` (files of version 1 read with those columns null)."""
 
-SOURCES = ("live", "paper", "backtest")
+SOURCES = ("live", "paper", "backtest", "shadow")
 """Where an experience came from."""
 
 VECTOR = pa.list_(pa.float32())
@@ -42,7 +42,7 @@ COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "realised_pnl": (pa.float64(), "PnL realised on this step (a close), money; 0 otherwise"),
     "fill_price": (pa.float64(), "fill price when the step traded (null otherwise)"),
     "slippage": (pa.float64(), "slippage of that fill, money (null otherwise)"),
-    "source": (pa.string(), "live, paper or backtest"),
+    "source": (pa.string(), "live, paper, backtest or shadow (a Staging model beside Production)"),
     "guard": (pa.string(), "risk guard that changed the policy's choice (max_position, daily_loss, kill_switch, "
                            "stale_bar, ood, ...); null when the policy's action was taken"),
     "policy_action": (pa.int16(), "the action the policy chose, when a guard changed it (null otherwise)"),

@@ -45,6 +45,7 @@ from mlproject.registry import (
     resolve_version,
     trials_of,
 )
+from mlproject.staging import stage
 from mlproject.tracking import log_dataset, log_headline, pipeline_run, setup_tracking
 
 log = logging.getLogger(__name__)
@@ -287,9 +288,9 @@ def _promote_under_lock(cfg: Config, challenger: LoadedPolicy, version: str, bef
             key = {k.removeprefix("challenger/"): v for k, v in verdict.metrics.items()
                    if k.startswith("challenger/") and k.split("/")[1] in (p.metric, "total_return",
                                                                           "max_drawdown", "n_trades")}
-            promote(p.model_name, version, note + _reason_text(verdict, before, p),
-                    {**key, **{k: v for k, v in verdict.metrics.items() if k.startswith("gate/")}},
-                    lock_file=p.lock_file)
+            move = stage if p.shadow_bars else promote  # Staging: it earns Production by shadow-trading
+            move(p.model_name, version, note + _reason_text(verdict, before, p),
+                 {**key, **{k: v for k, v in verdict.metrics.items() if k.startswith("gate/")}}, lock_file=p.lock_file)
             reconcile(p.model_name, p.deploy_dir, p.keep_releases, lock_file=p.lock_file)
     return before, verdict, note
 
@@ -302,7 +303,8 @@ def _record(cfg: Config, candidate: tuple[str, str], before: str | None, verdict
 
     p, (version, uri) = cfg.promotion, candidate
     run_id = mlflow.active_run().info.run_id
-    decision = ("would promote" if dry_run else "promoted") if verdict.passed else "refused"
+    passed = ("would stage" if dry_run else "staged") if p.shadow_bars else ("would promote" if dry_run else "promoted")
+    decision = passed if verdict.passed else "refused"
     reason_text = note + _reason_text(verdict, before, p)
     mlflow.set_tags({"decision": decision, "reasons": reason_text[:5000], "candidate": uri,
                      "candidate_version": version, "production_before": before or "none",

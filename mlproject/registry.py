@@ -509,7 +509,7 @@ def delete_version(name: str, version: str | int, lock_file: str | Path | None =
 
 def cleanup(name: str, keep: int = 5, delete: bool = False, lock_file: str | Path | None = None) -> list[str]:
     """Archive (or delete) versions beyond the newest ``keep``, refused ones first (whatever their
-    age), never Production nor the rollback target. Returns the versions touched."""
+    age), never Production, its rollback target nor Staging. Returns the versions touched."""
     with registry_lock(lock_file):
         complete_pending(name, lock_file)
         protected = {production_version(name), rollback_target(name)}
@@ -519,7 +519,7 @@ def cleanup(name: str, keep: int = 5, delete: bool = False, lock_file: str | Pat
         others = [mv for mv in versions if mv.tags.get("gate.decision") != "refused"]
         touched = []
         for mv in refused + others[keep:]:
-            if str(mv.version) in protected:
+            if str(mv.version) in protected or mv.current_stage == "Staging":  # shadow-trading: its verdict decides
                 continue
             if delete:
                 _client().delete_model_version(name, str(mv.version))

@@ -50,6 +50,7 @@ import logging
 import time
 from typing import Any
 
+from mlproject import shadow_verdict
 from mlproject.cli import base_parser, run_cli
 from mlproject.config import Config, parse_duration
 from mlproject.cycle.retrain import retrain, step, train_evaluate_promote
@@ -63,6 +64,7 @@ from mlproject.reasoner.engine import ReasonerUnavailable, ReasoningEngine
 from mlproject.reflection import PROMPT
 from mlproject.registry import production_version
 from mlproject.signals import StopRequest, run_turns
+from mlproject.staging import staging_version
 from pipelines import annotate, collect, monitor
 from pipelines import finetune as finetune_step
 from pipelines import simulate as simulate_step
@@ -83,7 +85,8 @@ def maintenance(cfg: Config, buffer: ExperienceBuffer, state: CycleState) -> Mai
                   if len(buffer) > cl.experience_buffer_size else None)
     annotated = step("annotate", annotate.main, cfg)
     reconciled, watched = _watch_production(cfg)
-    out = Maintenance(due(cfg, buffer, state), intake, compaction, annotated, reconciled, watched)
+    shadow = _judge_shadow(cfg, buffer)
+    out = Maintenance(due(cfg, buffer, state), intake, compaction, annotated, reconciled, watched, shadow)
     mlflow.log_metrics({f"cycle/{k}": v for k, v in out.due.counts().items()})
     mlflow.set_tags({"cycle.retrain_due": str(out.due.retrain_due).lower(),
                      "cycle.finetune_due": str(out.due.finetune_due).lower()})
@@ -103,6 +106,19 @@ def _watch_production(cfg: Config) -> tuple[Any, Any]:
     if watched.run_id:  # the version's long-running monitor run (top level: one curve over passes)
         mlflow.set_tag("cycle.monitor_run", watched.run_id)
     return reconciled, watched
+
+
+def _judge_shadow(cfg: Config, buffer: ExperienceBuffer) -> Any:
+    """The Staging version's live verdict (``mlproject.shadow_verdict``); the deployment follows it."""
+    p = cfg.promotion
+    verdict = step("shadow", shadow_verdict.decide, cfg, buffer)
+    if verdict is not None:
+        import mlflow
+
+        mlflow.set_tag("cycle.shadow", verdict.describe()[:5000])
+        if verdict.decision in ("promoted", "archived"):
+            step("reconcile", reconcile, p.model_name, p.deploy_dir, p.keep_releases, lock_file=p.lock_file)
+    return verdict
 
 
 def finetune(cfg: Config, buffer: ExperienceBuffer, state: CycleState, force: bool,
@@ -157,7 +173,8 @@ def _run_mode(cfg: Config, mode: str, force: bool, result: CycleResult) -> None:
         result.bootstrap = train_evaluate_promote(cfg)
         ingested = result.bootstrap.ingest
         state.mark_bars(ingested.bars.index[-1])
-    if mode == "all" and cl.paper_bars and production_version(cfg.promotion.model_name) is not None:
+    name = cfg.promotion.model_name
+    if mode == "all" and cl.paper_bars and (production_version(name) or staging_version(name)) is not None:
         result.collect = step("collect", collect.main, cfg, None, cl.paper_bars)
     if mode in ("maintenance", "all"):
         result.maintenance = maintenance(cfg, buffer, state)

@@ -100,7 +100,9 @@ async def paper_trade(host: str, port: int, token: str, bars: pd.DataFrame, spec
         welcome = await conn.request({"type": "hello", "protocol": PROTOCOL_VERSION, "token": token,
                                       "instrument": spec.symbol, "bar_period": period_text(bars),
                                       "account": account, "source": "paper"})
-        if welcome.get("model_version") is None:  # nothing deployed: every decision would be flat, nothing recorded
+        if welcome.get("model_version") is None and welcome.get("shadow_version") is None:
+            # nothing deployed: every decision would be flat, nothing recorded (with a Staging model the
+            # session is its shadow's live evidence against flat)
             detail = "nothing is deployed yet: the session would trade flat and record nothing"
             raise PaperError(f"bridge error no_model: {detail}", "no_model", detail)
         position = int(welcome.get("position", 0))

@@ -16,7 +16,6 @@ import asyncio
 import gc
 import hmac
 import logging
-import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -42,12 +41,15 @@ from mlproject.bridge.protocol import (
     text,
 )
 from mlproject.bridge.session import Session, same_period
+from mlproject.bridge.shadow import ShadowTrader
 from mlproject.bridge.sink import ExperienceSink
+from mlproject.bridge.thread import BridgeThread  # where its users import it from
 from mlproject.config import Config
 from mlproject.experience import ExperienceBuffer
 from mlproject.instruments import resolve_instrument
 
 log = logging.getLogger(__name__)
+__all__ = ["Bridge", "BridgeThread", "tune_process"]
 
 
 def tune_process() -> None:
@@ -133,8 +135,9 @@ class Bridge:
         self.deploy_dir = Path(deploy_dir or cfg.promotion.deploy_dir)
         kill_file = kill_file_of(cfg) if cfg.bridge.kill_file or deploy_dir is None else self.deploy_dir / "KILL"
         self.kill_switch = KillSwitch(kill_file, self._push_kill)
-        self.sink = ExperienceSink(buffer if buffer is not None else
-                                   ExperienceBuffer(cfg.continuous_learning.experience_storage), self.bcfg)
+        buffer = buffer if buffer is not None else ExperienceBuffer(cfg.continuous_learning.experience_storage)
+        self.sink = ExperienceSink(buffer, self.bcfg)
+        self.shadow = ShadowTrader(self.deploy_dir, ExperienceBuffer(buffer.root), self.bcfg, cfg.env.initial_equity)
         self.zone = ZoneInfo(self.bcfg.timezone) if self.bcfg.timezone else None
         self._nothing_served()
 
@@ -162,6 +165,7 @@ class Bridge:
         self._loop = asyncio.get_running_loop()
         self._seq = reload_sequence(self.deploy_dir)
         await self._load_first()
+        await self.shadow.start()
         # Everything loaded so far (torch, RLlib, the model) lives as long as the process: out of the
         # collector's sight, so a collection during trading does not walk it (a p99 of milliseconds).
         gc.freeze()
@@ -169,7 +173,7 @@ class Bridge:
         self._server = await asyncio.start_server(self._client, self.host, self.port,
                                                   limit=self.bcfg.max_message_bytes, ssl=self._ssl_context)
         self._tasks = [asyncio.create_task(self._watch()), asyncio.create_task(self.sink.run()),
-                       asyncio.create_task(self._sweep())]
+                       asyncio.create_task(self._sweep()), asyncio.create_task(self.shadow.watch())]
         host, port = self.address
         log.info("bridge: listening on %s:%d%s", host, port, " (TLS)" if self.bcfg.tls_cert else "")
         return host, port
@@ -208,6 +212,7 @@ class Bridge:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._end_handlers()
         await self.sink.close(list(self.sessions.values()))
+        await self.shadow.close()
         log.info("bridge: stopped; %d decisions, %d experiences written", self.stats["decisions"], self.written)
 
     async def _end_handlers(self) -> None:
@@ -456,6 +461,7 @@ class Bridge:
         return {"type": "welcome", "protocol": PROTOCOL_VERSION, "session": session.key,
                 "model_name": policy.name if policy is not None else self.cfg.promotion.model_name,
                 "model_version": policy.version if policy is not None else None, "max_position": max_position,
+                "shadow_version": self.shadow.version,
                 "bars_needed": needed,
                 "heartbeat_s": self.bcfg.heartbeat_timeout_s / 3, "max_message_bytes": self.bcfg.max_message_bytes,
                 "position": session.book.position}
@@ -513,8 +519,9 @@ class Bridge:
         action = await self._batcher.infer(policy, obs) if obs is not None else None
         # The kill file is looked at on every bar: `pipelines.bridge kill` takes effect at the next
         # decision, not at the watcher's next poll; the watcher pushes the kill to clients.
-        decision = session.decide(bar, obs, policy, action, guard, killed=self.kill_switch.is_on(),
-                                  stale=self._stale(session, bar))
+        killed, stale = self.kill_switch.is_on(), self._stale(session, bar)
+        decision = session.decide(bar, obs, policy, action, guard, killed=killed, stale=stale)
+        self.shadow.submit(session, bar, killed, stale)  # the Staging model's turn, off this loop
         self.stats["decisions"] += 1
         if decision["guard"]:
             self.stats[f"guard_{decision['guard']}"] += 1
@@ -560,40 +567,3 @@ async def _skip_line(reader: asyncio.StreamReader, consumed: int) -> None:
             consumed = exc.consumed
         except asyncio.IncompleteReadError:
             return
-
-
-class BridgeThread:
-    """A bridge on its own event loop in a background thread (the paper trader, tests, benchmarks)."""
-
-    def __init__(self, bridge: Bridge) -> None:
-        self.bridge = bridge
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="nt8-bridge", daemon=True)
-
-    def start(self) -> tuple[str, int]:
-        self._thread.start()
-        return asyncio.run_coroutine_threadsafe(self.bridge.start(), self.loop).result(timeout=120)
-
-    def call(self, fn: Any, *args: Any) -> Any:
-        """Run ``fn(*args)`` on the bridge's loop (a coroutine function is awaited) and return its result."""
-        async def run() -> Any:
-            result = fn(*args)
-            return await result if asyncio.iscoroutine(result) else result
-
-        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout=120)
-
-    def stop(self) -> None:
-        try:
-            asyncio.run_coroutine_threadsafe(self.bridge.stop(), self.loop).result(timeout=120)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout=30)
-            self.loop.close()
-
-    def __enter__(self) -> BridgeThread:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-

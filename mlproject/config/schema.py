@@ -375,6 +375,14 @@ class PromotionConfig(_Strict):
     """``all``: every rule it must beat Production by (``metric``, PSR, Deflated Sharpe over the
     candidates tried, windows won); ``psr``: ``metric`` and the PSR only (the gate before
     2026-12-04: every promotion regret measured on the real series was a first model let in by it)."""
+    shadow_bars: int = Field(default=0, ge=0)
+    """Live evidence before Production: a challenger that passes the gate goes to the **Staging**
+    stage (alias ``staging``) and shadow-trades beside Production in the bridge (its decisions
+    recorded as experiences with source ``shadow``, never sent) until maintenance compares the two
+    on at least this many same live bars (and ``shadow_min_trades``); better goes to Production,
+    otherwise Staging is archived. 0: a passing challenger goes straight to Production."""
+    shadow_min_trades: int = Field(default=5, ge=0)
+    """Closed shadow trades the live comparison needs besides ``shadow_bars``."""
     lock_file: str | None = None
     """Cross-process lock of registry writes and reconciles; null: beside a sqlite store (or in
     the temp folder for a server). Writers on several machines name a file in a shared folder."""

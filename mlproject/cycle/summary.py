@@ -28,6 +28,8 @@ class Maintenance:
     reconcile: Any = None
     monitor: Any = None
     """The drift monitor's pass (``pipelines.monitor.check``), when something is in Production."""
+    shadow: Any = None
+    """The Staging version's live verdict (``mlproject.shadow_verdict.ShadowVerdict``), when one shadows."""
 
 
 @dataclass
@@ -108,6 +110,8 @@ def _maintenance_lines(cfg: Config, m: Maintenance) -> list[str]:
                      f"{'; '.join(watched.breaches.values()) or 'no breach'}"
                      f"{'' if watched.enough else ' (sample too small to act)'}"
                      f"{f'; ACTION {watched.action}' if watched.action else ''} (run {watched.run_id})")
+    if m.shadow is not None:
+        lines.append(f"  shadow: {m.shadow.describe()}")
     return lines
 
 
@@ -154,7 +158,10 @@ def summary(cfg: Config, result: CycleResult) -> str:
         lines.append(f"  settled: {result.settled.describe()}")
     if result.bootstrap:
         lines.append(f"  first model: {trained_line(result.bootstrap)}")
-        if result.bootstrap.promote is None or result.bootstrap.promote.decision != "promoted":
+        decision = result.bootstrap.promote.decision if result.bootstrap.promote else None
+        if decision == "staged":
+            lines.append("  no model in Production: the agent stays flat while the first model shadow-trades in Staging")
+        elif decision != "promoted":
             lines.append("  no model in Production: the agent stays flat (no orders) until a model passes the gate")
     if result.collect:
         paper = result.collect.paper
