@@ -19,3 +19,15 @@ def fault_point(name: str) -> None:
     """Die here, without cleanup, if ``$NT8_FAULT_AT`` is ``name``."""
     if os.environ.get(FAULT_ENV) == name:
         os._exit(KILLED_EXIT_CODE)
+
+
+DELAY_ENV = "NT8_FAULT_DELAY_S"
+
+
+def fault_delay(name: str) -> None:
+    """Sleep ``$NT8_FAULT_DELAY_S`` seconds here if ``$NT8_FAULT_AT`` is ``name`` (a slow part,
+    for the tests that check nothing else waits for it)."""
+    if os.environ.get(FAULT_ENV) == name:
+        import time
+
+        time.sleep(float(os.environ.get(DELAY_ENV, "0.02")))

@@ -23,7 +23,7 @@ from conftest import run_module, visit_store
 from mlproject import registry, staging
 from mlproject.bridge.paper import paper_trade
 from mlproject.bridge.server import Bridge, BridgeThread
-from mlproject.deploy import RELOAD_FILE, SHADOW_DIR, reconcile
+from mlproject.deploy import RELOAD_FILE, SHADOW_DIR, notify_reload, reconcile
 from mlproject.experience import ExperienceBuffer
 from mlproject.faults import FAULT_ENV, KILLED_EXIT_CODE
 from mlproject.shadow_verdict import decide, evidence
@@ -43,52 +43,62 @@ def stages() -> dict[str, str]:
     return {str(mv.version): mv.current_stage for mv in MlflowClient().search_model_versions(f"name='{NAME}'")}
 
 
-def test_a_staged_challenger_shadows_production_without_touching_its_orders(shadowed, tmp_path):
-    """The Staging model decides on every bar beside Production: its experiences (source shadow)
-    equal the Staging pyfunc's decisions bit for bit and the env's accounting under the paper
-    trader's fills; Production's orders are the same with no shadow, with the shadow, with a
-    shadow that does not load and with a slow one."""
+def _until(condition, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_staged_challenger_shadows_production_without_touching_its_orders(shadowed, tmp_path, monkeypatch):
+    """The Staging model decides on every bar beside Production, in its own process: its
+    experiences (source shadow) equal the Staging pyfunc's decisions bit for bit and the env's
+    accounting under the paper trader's fills; Production's orders are the same with no shadow,
+    with the shadow, with a shadow that does not load and with a slow one (20 ms a forward pass)."""
     uri, folder, bars = shadowed
+    deploy, bars = folder / "deploy", bars.iloc[:400]
     staging.stage(NAME, "2", "shadow test")
-    assert reconcile(NAME, folder / "deploy").shadow == "2"
-    bars = bars.iloc[:400]
+    assert reconcile(NAME, deploy).shadow == "2"
     cfg = config(folder, f"continuous_learning.experience_storage={tmp_path / 'buffer'}",
                  f"bridge.kill_file={tmp_path / 'KILL'}")
-    runs = {}
+    runs, stats = {}, []
     try:
         with BridgeThread(Bridge(cfg, token=TOKEN)) as thread:
-            bridge = thread.bridge
-            host, port = bridge.address
-            assert bridge.shadow.version == "2"
-            runs["shadow"] = asyncio.run(paper_trade(host, port, TOKEN, bars, SPEC, account="with"))
-            real = bridge.shadow.policy
-            bridge.shadow.policy = None
-            runs["none"] = asyncio.run(paper_trade(host, port, TOKEN, bars, SPEC, account="without"))
-            slow_act = real.act
-
-            def slow(obs):
-                time.sleep(0.02)
-                return slow_act(obs)
-
-            bridge.shadow.policy = real
-            real.act = slow
-            runs["slow"] = asyncio.run(paper_trade(host, port, TOKEN, bars, SPEC, account="slow"))
-            real.act = slow_act
-            model_file = folder / "deploy" / SHADOW_DIR / "current" / "model" / "MLmodel"
-            good = model_file.read_text()
-            model_file.write_text("not: [a model")
-            thread.call(bridge.shadow._load)  # what a reload of a broken release does
-            assert bridge.shadow.policy is None and bridge.shadow.stats["shadow_load_errors"] == 1
-            model_file.write_text(good)
+            shadow, (host, port) = thread.bridge.shadow, thread.bridge.address
+            assert shadow.version == "2"
+            _until(lambda: shadow.loaded == "2")  # the shadow process started and loaded the Staging model
+            runs["with"] = asyncio.run(paper_trade(host, port, TOKEN, bars, SPEC, account="with"))
+            staging.archive_staged(NAME, "2", "off for a while")
+            reconcile(NAME, deploy)
+            _until(lambda: shadow.version is None and shadow.loaded is None)
+            runs["none"] = asyncio.run(paper_trade(host, port, TOKEN, bars, SPEC, account="none"))
+            staging.stage(NAME, "2", "back on")
+            reconcile(NAME, deploy)
+            _until(lambda: shadow.loaded == "2")
+            release = deploy / SHADOW_DIR / "current"
+            good = (release / "model" / "MLmodel").read_text()
+            (release / "model" / "MLmodel").write_text("not: [a model")
+            notify_reload(deploy / SHADOW_DIR, json.loads((release / "manifest.json").read_text()))
+            _until(lambda: shadow.stats["shadow_load_errors"] == 1)  # it reloads, fails and idles
             runs["broken"] = asyncio.run(paper_trade(host, port, TOKEN, bars, SPEC, account="broken"))
-        stats = dict(bridge.shadow.stats)  # after the bridge stopped: the shadow decided what it was handed
+            (release / "model" / "MLmodel").write_text(good)
+        stats.append(dict(shadow.stats))
+        monkeypatch.setenv(FAULT_ENV, "shadow:decide")  # the shadow process sleeps 20 ms per forward pass
+        with BridgeThread(Bridge(cfg, token=TOKEN)) as thread:
+            host, port = thread.bridge.address
+            _until(lambda: thread.bridge.shadow.loaded == "2")
+            runs["slow"] = asyncio.run(paper_trade(host, port, TOKEN, bars, SPEC, account="slow"))
+        stats.append(dict(thread.bridge.shadow.stats))
     finally:
-        staging.archive_staged(NAME, "2", "end of the shadow test")
-        reconcile(NAME, folder / "deploy")
+        if staging.staging_version(NAME):
+            staging.archive_staged(NAME, "2", "end of the shadow test")
+        reconcile(NAME, deploy)
     fills = {name: run.fills for name, run in runs.items()}
-    assert fills["shadow"] == fills["none"] == fills["slow"] == fills["broken"] and len(fills["none"]) > 5
+    assert fills["with"] == fills["none"] == fills["slow"] == fills["broken"] and len(fills["none"]) > 5
     assert all(run.model_versions == {"1": len(bars)} for run in runs.values())
-    assert stats["shadow_decisions"] == 2 * len(bars) and stats["shadow_errors"] == stats["shadow_dropped"] == 0
+    assert stats[0]["shadow_load_errors"] == 1 and stats[0]["shadow_decisions"] == len(bars)
+    assert stats[1]["shadow_decisions"] == len(bars)
+    assert all(s["shadow_errors"] == s["shadow_dropped"] == 0 for s in stats), stats
     rows = rows_of(tmp_path / "buffer")
     shadow = rows[rows["source"] == "shadow"].sort_values("time", kind="stable").reset_index(drop=True)
     start = env_for(bars).market.t_min

@@ -41,7 +41,7 @@ from mlproject.bridge.protocol import (
     text,
 )
 from mlproject.bridge.session import Session, same_period
-from mlproject.bridge.shadow import ShadowTrader
+from mlproject.bridge.shadow import ShadowLink
 from mlproject.bridge.sink import ExperienceSink
 from mlproject.bridge.thread import BridgeThread  # where its users import it from
 from mlproject.config import Config
@@ -137,7 +137,7 @@ class Bridge:
         self.kill_switch = KillSwitch(kill_file, self._push_kill)
         buffer = buffer if buffer is not None else ExperienceBuffer(cfg.continuous_learning.experience_storage)
         self.sink = ExperienceSink(buffer, self.bcfg)
-        self.shadow = ShadowTrader(self.deploy_dir, ExperienceBuffer(buffer.root), self.bcfg, cfg.env.initial_equity)
+        self.shadow = ShadowLink(self.deploy_dir, buffer.root, self.bcfg, cfg.env.initial_equity)
         self.zone = ZoneInfo(self.bcfg.timezone) if self.bcfg.timezone else None
         self._nothing_served()
 
@@ -521,7 +521,7 @@ class Bridge:
         # decision, not at the watcher's next poll; the watcher pushes the kill to clients.
         killed, stale = self.kill_switch.is_on(), self._stale(session, bar)
         decision = session.decide(bar, obs, policy, action, guard, killed=killed, stale=stale)
-        self.shadow.submit(session, bar, killed, stale)  # the Staging model's turn, off this loop
+        self.shadow.submit(session, bar, killed, stale)  # the Staging model's turn, in its own process
         self.stats["decisions"] += 1
         if decision["guard"]:
             self.stats[f"guard_{decision['guard']}"] += 1

@@ -1,27 +1,34 @@
 """The shadow: the Staging model trading beside Production on the same bars, on paper.
 
 ``registry_hooks.reconcile`` deploys the Staging version to ``<deploy_dir>/shadow``
-(:data:`mlproject.deploy.SHADOW_DIR`); the bridge loads it (and reloads it on every switch, as it
-does Production). After each Production decision the bar goes to the shadow's own thread: one
-shadow :class:`~mlproject.bridge.session.Session` per session, with its own book and observation
-settings, decides with the Staging model, applies the same risk guard (kill switch, daily loss,
-max position, stale bar, out of distribution), and fills its target by the paper trader's rules
-(the next bar's open, the instrument's slippage against it, commission per contract and side).
-Its experiences (source ``shadow``) go to the same buffer, by the same accounting as live ones.
+(:data:`mlproject.deploy.SHADOW_DIR`). While one is deployed, the bridge runs a shadow process
+(:class:`ShadowLink` starts it): after each Production decision the bar is sent to it over a
+local socket without waiting. There a :class:`ShadowTrader` keeps one shadow
+:class:`~mlproject.bridge.session.Session` per session, with the Staging model's own observation
+settings and instrument, decides with it (reloaded on every switch of the shadow deployment),
+applies the same risk guard (kill switch, daily loss, max position, stale bar, out of
+distribution), and fills its target by the paper trader's rules (the next bar's open, the
+instrument's slippage against it, commission per contract and side). Its experiences (source
+``shadow``) go to the same buffer, by the same accounting as live ones.
 
-A shadow never changes an order and never holds Production up: the bar is handed over without
-waiting (a full queue drops the shadow's bar and counts it), a model that fails to load leaves
-the bridge without a shadow, and an error while deciding is logged and counted.
+A shadow never changes an order and never holds Production up: it runs in its own process (its
+Python work never takes the bridge's interpreter lock), at a lower CPU priority; a full socket
+(a shadow lagging far behind) drops the shadow's bar and counts it; a model that fails to load
+leaves the shadow idle, logged; an error while deciding is logged and counted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-import queue
-import threading
+import multiprocessing
+import os
+import pickle
+import select
+import socket
 import time
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
@@ -31,152 +38,280 @@ from mlproject.bridge.deployed import DeployedPolicy, NotDeployed, reload_sequen
 from mlproject.bridge.protocol import Bar
 from mlproject.bridge.session import Session
 from mlproject.config import BridgeConfig
-from mlproject.deploy import SHADOW_DIR
+from mlproject.deploy import RELOAD_FILE, SHADOW_DIR
 from mlproject.experience import ExperienceBuffer
+from mlproject.faults import fault_delay
 
 log = logging.getLogger(__name__)
 
 SOURCE = "shadow"
-QUEUE_BARS = 20_000
-"""Bars waiting for the shadow at most; beyond, the shadow skips bars (``shadow_dropped``)."""
 BATCH = 256
 """Bars the shadow decides in one forward pass at most."""
+BACKLOG_BARS = 20_000
+"""Bars waiting to be sent to a lagging shadow at most; beyond, it skips bars (``shadow_dropped``)."""
+STOP = b"stop"
 
-Item = tuple[DeployedPolicy, str, str, str, dict[str, Any], Bar, bool, bool]
-"""(the shadow model when the bar came, session key, instrument, bar period, spec, bar, kill switch
-on, stale bar)."""
+Item = tuple[str, str, str, dict[str, Any], Bar, bool, bool]
+"""(session key, instrument, bar period, spec, bar, kill switch on, stale bar)."""
+
+
+def deployed_version(shadow_dir: Path) -> str | None:
+    """The version the shadow deployment's reload notice names (None: nothing in Staging)."""
+    try:
+        version = json.loads((shadow_dir / RELOAD_FILE).read_text()).get("version")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None if version is None else str(version)
+
+
+class ShadowLink:
+    """The bridge's side: ``start()``, ``submit()`` per decided bar, ``close()`` (on its event loop)."""
+
+    def __init__(self, deploy_dir: Path, buffer_root: str, cfg: BridgeConfig, initial_equity: float) -> None:
+        self.dir = deploy_dir / SHADOW_DIR
+        self.buffer_root, self.cfg, self.initial_equity = buffer_root, cfg, initial_equity
+        self.version: str | None = None
+        """The Staging version deployed for the shadow (what ``welcome`` names)."""
+        self.loaded: str | None = None
+        """The version the shadow process has loaded and trades (None: not yet, none, or it failed)."""
+        self.stats: Counter[str] = Counter(shadow_dropped=0)
+        """``shadow_dropped`` here; the shadow process's own counts when it ended."""
+        self._sock: socket.socket | None = None
+        self._process: Any = None
+        self._backlog: deque[bytes] = deque()
+        """Bars the socket had no room for yet (sent as it drains, by the event loop)."""
+
+    async def start(self) -> None:
+        self._look()
+
+    async def watch(self) -> None:
+        """Follow the shadow deployment (a task of the bridge): the process starts with the first
+        Staging model; it loads and switches models itself."""
+        while True:
+            await asyncio.sleep(self.cfg.reload_poll_s)
+            self._look()
+
+    def _look(self) -> None:
+        version = deployed_version(self.dir)
+        if version != self.version:
+            log.info("bridge: shadow %s", f"trading Staging v{version} beside Production" if version else "off")
+        self.version = version
+        if version is not None and self._process is None:
+            self._spawn()
+
+    def _spawn(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
+        context = multiprocessing.get_context("spawn")  # a clean interpreter: no copy of the bridge's threads
+        self._process = context.Process(target=serve, name="nt8-shadow", daemon=True, args=(
+            theirs, str(self.dir), self.buffer_root, self.cfg.model_dump(), self.initial_equity,
+            logging.getLogger().getEffectiveLevel()))
+        self._process.start()
+        theirs.close()
+        self._sock = ours
+        asyncio.get_running_loop().add_reader(ours, self._hear)
+
+    def _hear(self) -> None:
+        """The shadow process's reports (what it loaded, its counts), read by the event loop."""
+        while True:
+            try:
+                data = self._sock.recv(1 << 16)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:  # the shadow process is gone
+                asyncio.get_running_loop().remove_reader(self._sock)
+                return
+            self._take(pickle.loads(data))
+
+    def _take(self, report: dict[str, Any]) -> None:
+        self.loaded = report.pop("loaded", self.loaded)
+        for key, value in report.items():  # the process's counts so far (set, not added)
+            if key != "final":
+                self.stats[key] = value
+
+    def submit(self, session: Session, bar: Bar, killed: bool, stale: bool) -> None:
+        """Send the bar Production just decided on to the shadow (never waits)."""
+        if self.version is None or self._sock is None:
+            return
+        item: Item = (session.key, session.instrument, session.bar_period, session.spec, bar, killed, stale)
+        data = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+        if self._backlog:
+            self._queue(data)
+            return
+        try:
+            self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            self._queue(data)
+            asyncio.get_running_loop().add_writer(self._sock, self._drain)
+        except OSError:  # the shadow process is gone (logged there)
+            self.stats["shadow_dropped"] += 1
+
+    def _queue(self, data: bytes) -> None:
+        if len(self._backlog) >= BACKLOG_BARS:
+            self.stats["shadow_dropped"] += 1
+        else:
+            self._backlog.append(data)
+
+    def _drain(self) -> None:
+        """The socket has room: send what waits (called by the event loop)."""
+        try:
+            while self._backlog:
+                self._sock.send(self._backlog[0])
+                self._backlog.popleft()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.stats["shadow_dropped"] += len(self._backlog)
+            self._backlog.clear()
+        asyncio.get_running_loop().remove_writer(self._sock)
+
+    async def close(self) -> None:
+        """Let the shadow decide what it was sent and write every shadow experience, then end it."""
+        if self._process is None:
+            return
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._sock)
+        if self._backlog:
+            loop.remove_writer(self._sock)
+        await loop.run_in_executor(None, self._stop)
+
+    def _stop(self) -> None:
+        sock, process = self._sock, self._process
+        sock.setblocking(True)
+        sock.settimeout(120)
+        try:
+            while self._backlog:
+                sock.send(self._backlog.popleft())
+            sock.send(STOP)
+            while True:
+                report = pickle.loads(sock.recv(1 << 16))
+                final = report.get("final")
+                self._take(report)
+                if final:
+                    break
+        except (OSError, EOFError, pickle.UnpicklingError) as exc:
+            log.error("bridge: the shadow process did not report at its end (%s)", exc)
+        process.join(timeout=60)
+        if process.is_alive():
+            process.kill()
+        sock.close()
+        self._process = self._sock = None
+
+
+def serve(sock: socket.socket, shadow_dir: str, buffer_root: str, cfg: dict[str, Any], initial_equity: float,
+          level: int) -> None:
+    """The shadow process: decide every bar received, until the bridge says stop or goes away."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s [shadow]: %(message)s")
+    os.nice(5)  # Production's bridge first when the cores are busy
+    import sys
+
+    import torch
+
+    torch.set_num_threads(1)
+    sys.setswitchinterval(0.0005)
+    trader = ShadowTrader(Path(shadow_dir), ExperienceBuffer(buffer_root), BridgeConfig.model_validate(cfg),
+                          initial_equity)
+    trader.run(sock)
 
 
 class ShadowTrader:
-    """The shadow of one bridge: ``start()``, ``submit()`` per decided bar, ``close()``."""
+    """The shadow process's side: the shadow sessions, the Staging model and its experiences."""
 
-    def __init__(self, deploy_dir: Path, buffer: ExperienceBuffer, cfg: BridgeConfig, initial_equity: float) -> None:
-        self.dir = deploy_dir / SHADOW_DIR
+    def __init__(self, shadow_dir: Path, buffer: ExperienceBuffer, cfg: BridgeConfig, initial_equity: float) -> None:
+        self.dir = shadow_dir
         self.buffer, self.cfg, self.initial_equity = buffer, cfg, initial_equity
-        self.stats: Counter[str] = Counter({key: 0 for key in ("shadow_decisions", "shadow_dropped", "shadow_errors",
-                                                                "shadow_load_errors")})
-        """Its own counts (written by two threads, each key by one of them)."""
         self.policy: DeployedPolicy | None = None
         self.sessions: dict[str, Session] = {}
         self.rows: list[dict[str, Any]] = []
-        self.written = 0
-        self._queue: queue.Queue[Item | None] = queue.Queue(QUEUE_BARS)
-        self._thread = threading.Thread(target=self._work, name="nt8-shadow", daemon=True)
-        self._seq: Any = None
+        self.stats: Counter[str] = Counter(shadow_decisions=0, shadow_errors=0, shadow_load_errors=0,
+                                           shadow_written=0)
+        self.sock: socket.socket | None = None
+        """Towards the bridge (None outside a shadow process)."""
+        self._seq: Any = ...
         self._decided_by: DeployedPolicy | None = None
-        self._flushed_at = time.monotonic()
+        self._flushed_at = self._looked_at = time.monotonic()
 
-    @property
-    def version(self) -> str | None:
-        return self.policy.version if self.policy is not None else None
-
-    # -- the event loop's side ---------------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Load the shadow model (if one is deployed) and start the shadow's thread."""
-        self._seq = reload_sequence(self.dir)
-        await self._load()
-        self._thread.start()
-
-    async def watch(self) -> None:
-        """Reload the shadow model on every switch of ``<deploy>/shadow`` (a task of the bridge)."""
+    def run(self, sock: socket.socket) -> None:
+        """Receive bars and decide them in batches; reload on a switch; write every flush interval."""
+        sock.setblocking(False)
+        self.sock = sock
+        self.reload()
+        wait = min(self.cfg.flush_interval_s, self.cfg.reload_poll_s)
         while True:
-            await asyncio.sleep(self.cfg.reload_poll_s)
-            seq = reload_sequence(self.dir)
-            if seq != self._seq:
-                self._seq = seq
-                await self._load()
-
-    async def _load(self) -> None:
-        """The deployed shadow, or none (nothing in Staging, or a release that does not load)."""
-        try:
-            new = await asyncio.get_running_loop().run_in_executor(None, DeployedPolicy.load, self.dir)
-        except NotDeployed:
-            new = None
-        except Exception as exc:  # noqa: BLE001 - a broken shadow never touches Production
-            self.stats["shadow_load_errors"] += 1
-            log.error("bridge: the Staging model does not load (%s): no shadow trading", exc)
-            new = None
-        if (new and new.label) != (self.policy and self.policy.label):
-            log.info("bridge: shadow %s", f"trading {new.label} (Staging) beside Production" if new else "off")
-        self.policy = new
-
-    def submit(self, session: Session, bar: Bar, killed: bool, stale: bool) -> None:
-        """Hand the bar Production just decided on to the shadow (never waits)."""
-        policy = self.policy
-        if policy is None:
-            return
-        try:
-            self._queue.put_nowait((policy, session.key, session.instrument, session.bar_period, session.spec, bar,
-                                    killed, stale))
-        except queue.Full:
-            self.stats["shadow_dropped"] += 1
-
-    async def close(self) -> None:
-        """Decide what is queued, then write every shadow experience (the unfinished last ones dropped)."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 60)
-        for session in self.sessions.values():
-            session.drop_pending()
-            self.rows.extend(session.take_rows())
-        self._flush()
-
-    # -- the shadow's thread -------------------------------------------------------------------------
-
-    def _work(self) -> None:
-        while True:
-            try:
-                item = self._queue.get(timeout=self.cfg.flush_interval_s)
-            except queue.Empty:
-                item = ...
-            if item is None:
-                return
-            batch = [item] if item is not ... else []
-            while batch and len(batch) < BATCH:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    self._queue.put(None)  # stop after this batch
-                    break
-                batch.append(more)
+            batch, stop = _receive(sock, wait)
             if batch:
                 self._decide_safely(batch)
-            if len(self.rows) >= self.cfg.flush_every or time.monotonic() - self._flushed_at >= self.cfg.flush_interval_s:
-                self._flush()
+            now = time.monotonic()
+            if stop or len(self.rows) >= self.cfg.flush_every or now - self._flushed_at >= self.cfg.flush_interval_s:
+                self.flush(final=stop is not None)
+            if now - self._looked_at >= self.cfg.reload_poll_s:
+                self._looked_at = now
+                self.reload()
+            if stop is not None:
+                if stop:  # asked: report; else the bridge is gone
+                    sock.setblocking(True)
+                    sock.send(pickle.dumps({**self.stats, "final": True}))
+                return
+
+    def reload(self) -> None:
+        """Load the shadow deployment when its notice changed (none: the shadow idles)."""
+        seq = reload_sequence(self.dir)
+        if seq == self._seq:
+            return
+        self._seq = seq
+        try:
+            self.policy = DeployedPolicy.load(self.dir)
+            log.info("shadow: trading %s (Staging)", self.policy.label)
+        except NotDeployed:
+            self.policy = None
+        except Exception as exc:  # noqa: BLE001 - a broken Staging model idles the shadow, nothing else
+            self.stats["shadow_load_errors"] += 1
+            self.policy = None
+            log.error("shadow: the Staging model does not load (%s): no shadow trading until the next deploy", exc)
+        self._report({"loaded": self.policy.version if self.policy else None, **self.stats})
+
+    def _report(self, report: dict[str, Any]) -> None:
+        """Tell the bridge (best effort: a full socket skips a report)."""
+        if self.sock is not None:
+            try:
+                self.sock.send(pickle.dumps(report))
+            except OSError:
+                pass
 
     def _decide_safely(self, batch: list[Item]) -> None:
         try:
             self.decide(batch)
         except Exception:  # noqa: BLE001 - the shadow's failure is logged, never Production's
             self.stats["shadow_errors"] += 1
-            log.exception("bridge: the shadow failed on %d bar(s); they have no shadow decision", len(batch))
+            log.exception("shadow: failed on %d bar(s); they have no shadow decision", len(batch))
 
     def decide(self, batch: list[Item]) -> None:
-        """The shadow's decisions on ``batch``, in order, each bar by the model loaded when it came:
-        fills of the previous targets at these bars' opens, one forward pass per round (a model,
-        each session at most once: a lagging shadow has several bars of a session queued), the
-        risk guard; the finished experiences collected."""
-        round_: list[Item] = []
-        keys: set[str] = set()
-        for item in batch:
-            if round_ and (item[0] is not round_[0][0] or item[1] in keys):
-                self._decide_round(round_)
-                round_, keys = [], set()
-            round_.append(item)
-            keys.add(item[1])
-        if round_:
-            self._decide_round(round_)
-
-    def _decide_round(self, batch: list[Item]) -> None:
-        policy = batch[0][0]
+        """The shadow's decisions on ``batch``, in order: fills of the previous targets at these
+        bars' opens, one forward pass per round (each session at most once: a lagging shadow has
+        several bars of a session queued), the risk guard; the finished experiences collected."""
+        policy = self.policy
+        if policy is None:
+            return
         if policy is not self._decided_by:  # a new Staging model starts flat, on the bars seen so far
             self.sessions = {key: self._fresh(s, policy) for key, s in self.sessions.items()}
             self._decided_by = policy
+        round_: list[Item] = []
+        keys: set[str] = set()
+        for item in batch:
+            if item[0] in keys or len(round_) >= BATCH:
+                self._decide_round(policy, round_)
+                round_, keys = [], set()
+            round_.append(item)
+            keys.add(item[0])
+        if round_:
+            self._decide_round(policy, round_)
+
+    def _decide_round(self, policy: DeployedPolicy, batch: list[Item]) -> None:
+        fault_delay("shadow:decide")
         steps = []
-        for _, key, instrument, bar_period, spec, bar, killed, stale in batch:
+        for key, instrument, bar_period, spec, bar, killed, stale in batch:
             session = self.sessions.get(key)
             if session is None:
                 account = key[: -len(instrument) - 1]
@@ -201,18 +336,44 @@ class ShadowTrader:
         new.anchor_price = old.anchor_price
         return new
 
-    def _flush(self) -> None:
+    def flush(self, final: bool = False) -> None:
+        """Write the finished experiences (``final``: the sessions' last ones are dropped: no next bar)."""
         self._flushed_at = time.monotonic()
+        if final:
+            for session in self.sessions.values():
+                session.drop_pending()
+                self.rows.extend(session.take_rows())
         rows, self.rows = self.rows, []
         if not rows:
             return
         try:
             self.buffer.add(rows)
             self.buffer.flush()
-            self.written += len(rows)
+            self.stats["shadow_written"] += len(rows)
         except Exception:  # noqa: BLE001 - a full disk must not stop anything; retried next time
-            log.exception("bridge: writing %d shadow experiences failed; retrying later", len(rows))
+            log.exception("shadow: writing %d experiences failed; retrying later", len(rows))
             self.rows[:0] = rows
+
+
+def _receive(sock: socket.socket, wait: float) -> tuple[list[Item], bool | None]:
+    """The bars waiting (after up to ``wait`` seconds for the first), and whether to stop: True
+    when the bridge asked, False when it is gone, None to go on."""
+    batch: list[Item] = []
+    if not select.select([sock], [], [], wait)[0]:
+        return batch, None
+    try:
+        while len(batch) < 4 * BATCH:
+            data = sock.recv(1 << 16)
+            if not data:
+                return batch, False
+            if data == STOP:
+                return batch, True
+            batch.append(pickle.loads(data))
+    except (BlockingIOError, InterruptedError):
+        pass
+    except OSError:
+        return batch, False
+    return batch, None
 
 
 def _spec(policy: DeployedPolicy, instrument: str, spec: dict[str, Any]) -> dict[str, Any]:

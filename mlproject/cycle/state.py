@@ -97,9 +97,13 @@ class Due:
 
 
 def due(cfg: Config, buffer: ExperienceBuffer, state: CycleState) -> Due:
-    """What the buffer holds against the watermarks, and what is due."""
+    """What the buffer holds against the watermarks, and what is due. A shadow's experiences
+    (source ``shadow``: a Staging model on bars Production traded) are not new bars: they do not
+    count towards a retrain (with a shadow, retrains would come twice as often and keep replacing
+    the Staging version before its live verdict)."""
     cl = cfg.continuous_learning
-    rows = buffer.query(columns=["experience_id", "time", "quality"])
+    rows = buffer.query(columns=["experience_id", "time", "quality", "source"])
+    rows = rows[rows["source"] != "shadow"]
     ids = set(rows["experience_id"])
     annotated = set(rows.loc[rows["quality"].notna(), "experience_id"])
     fresh = ~rows["experience_id"].isin(state.seen(RETRAIN_IDS))
