@@ -17,9 +17,12 @@ $(STAMP): pyproject.toml
 
 # The whole learning cycle on embedded defaults (tiny profile, synthetic bars, sqlite MLflow store).
 # A bigger profile is one flag away: make demo DEMO_CONFIG=conf/default.yaml
+# A shadow period (the first model earns Production in Staging first):
+#   make demo DEMO_SET="--set promotion.shadow_bars=100 --set promotion.shadow_min_trades=1"
 DEMO_CONFIG ?= conf/smoke.yaml
+DEMO_SET ?=
 demo: $(STAMP)
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pipelines.orchestrate --mode all --config $(DEMO_CONFIG)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pipelines.orchestrate --mode all --config $(DEMO_CONFIG) $(DEMO_SET)
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
