@@ -109,7 +109,7 @@ def _metrics(paired: pd.DataFrame, trials: int) -> dict[str, float]:
 def judge(cfg: Config, verdict: ShadowVerdict) -> ShadowVerdict:
     """The decision once the evidence is enough (``waiting`` until then): promote or archive."""
     p, m = cfg.promotion, verdict.metrics
-    if verdict.bars < p.shadow_bars or verdict.trades < p.shadow_min_trades:
+    if not m or verdict.bars < p.shadow_bars or verdict.trades < p.shadow_min_trades:
         verdict.reasons = [f"needs {p.shadow_bars} same bars and {p.shadow_min_trades} trades"]
         return verdict
     reasons = []
@@ -135,20 +135,38 @@ def decide(cfg: Config, buffer: ExperienceBuffer) -> ShadowVerdict | None:
     if verdict is None:
         return None
     verdict = judge(cfg, verdict)
-    p = cfg.promotion
     with pipeline_run(cfg, "shadow"):
         mlflow.log_metrics({k: v for k, v in verdict.metrics.items() if np.isfinite(v)})
         mlflow.set_tags({"decision": verdict.decision, "reasons": "; ".join(verdict.reasons)[:5000],
                          "staging_version": verdict.version, "production": verdict.production or "none"})
-        reason = f"live shadow evidence: {'; '.join(verdict.reasons)}"
-        try:
-            if verdict.decision == "promoted":
-                promote_staged(p.model_name, verdict.version, reason, verdict.metrics, lock_file=p.lock_file)
-            elif verdict.decision == "archived":
-                archive_staged(p.model_name, verdict.version, reason, verdict.metrics, lock_file=p.lock_file)
-        except ValueError as exc:  # Staging moved meanwhile (a newer challenger): decided next time
-            log.warning("shadow verdict not applied: %s", exc)
-            verdict.decision = f"not applied: {exc}"
+        if not apply(cfg, verdict):
             mlflow.set_tag("decision", verdict.decision[:5000])
     log.info("shadow: %s", verdict.describe())
     return verdict
+
+
+def apply(cfg: Config, verdict: ShadowVerdict, evidence_name: str = "live shadow evidence") -> bool:
+    """Act on a decided verdict (promote or archive the Staging version; nothing while waiting).
+    False when Staging moved meanwhile (a newer challenger): the verdict says so, decided next time."""
+    p = cfg.promotion
+    reason = f"{evidence_name}: {'; '.join(verdict.reasons)}"
+    try:
+        if verdict.decision == "promoted":
+            promote_staged(p.model_name, verdict.version, reason, verdict.metrics, lock_file=p.lock_file)
+        elif verdict.decision == "archived":
+            archive_staged(p.model_name, verdict.version, reason, verdict.metrics, lock_file=p.lock_file)
+    except ValueError as exc:
+        log.warning("shadow verdict not applied: %s", exc)
+        verdict.decision = f"not applied: {exc}"
+        return False
+    return True
+
+
+def from_returns(cfg: Config, version: str, production: str | None, shadow: np.ndarray, theirs: np.ndarray,
+                 trades: int) -> ShadowVerdict:
+    """A verdict on per-bar returns of the same bars (the walk-forward simulation's shadow: the
+    Staging version backtested on the period Production traded), judged by :func:`judge`."""
+    paired = pd.DataFrame({"shadow": np.asarray(shadow, float), "production": np.asarray(theirs, float)})
+    verdict = ShadowVerdict(version, production, "waiting", len(paired), trades)
+    verdict.metrics = _metrics(paired, trials_of(cfg.promotion.model_name, version))
+    return judge(cfg, verdict)

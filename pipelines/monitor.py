@@ -66,6 +66,7 @@ from mlproject.registry import (
 )
 from mlproject.tracking import experiment_id, log_metric_batch, setup_tracking
 from mlproject.signals import StopRequest, run_turns
+from mlproject.staging import staging_version
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,9 @@ class MonitorResult:
     enough: bool = False
     action: str | None = None
     run_id: str | None = None
+    shadow: MonitorResult | None = None
+    """The Staging version's shadow, reported beside Production in its own run (no action: the
+    live comparison of ``mlproject.shadow_verdict`` decides it)."""
 
 
 def reference_metrics(name: str, version: str) -> dict[str, float]:
@@ -200,8 +204,9 @@ MONITOR_NOTE = (
 """The monitor run's description (shown on its page in the MLflow UI)."""
 
 
-def _monitor_run(cfg: Config, name: str, version: str, state: dict[str, Any]) -> str:
-    """The long-running monitor run of this version (created on its first pass)."""
+def _monitor_run(cfg: Config, name: str, version: str, state: dict[str, Any], role: str = "") -> str:
+    """The long-running monitor run of this version (created on its first pass); ``role``
+    ``shadow``: its shadow trading while in Staging."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
@@ -210,8 +215,10 @@ def _monitor_run(cfg: Config, name: str, version: str, state: dict[str, Any]) ->
     # Top level on purpose: the passes of every maintenance cycle and of `pipelines.monitor --loop`
     # make one curve (step = pass) over the version's time in Production; nested under one cycle it
     # would be a point per run. Each cycle run links it instead (tag cycle.monitor_run).
-    run = client.create_run(experiment_id(cfg.mlflow.experiment), run_name=f"monitor {name} v{version}",
+    run = client.create_run(experiment_id(cfg.mlflow.experiment),
+                            run_name=f"monitor {name} v{version}{f' ({role})' if role else ''}",
                             tags={"pipeline.step": "monitor", "model_name": name, "model_version": version,
+                                  "monitor.role": role or "production",
                                   "mlflow.note.content": MONITOR_NOTE.format(name=name, version=version)})
     state["run_id"] = run.info.run_id
     return run.info.run_id
@@ -275,20 +282,48 @@ def _act(cfg: Config, name: str, version: str, result: MonitorResult) -> str:
     return action
 
 
-def check(cfg: Config) -> MonitorResult:
-    """One monitor pass over the Production version (see the module doc)."""
-    name, m = cfg.promotion.model_name, cfg.monitoring
-    version = production_version(name)
-    if version is None:
-        log.info("monitor: nothing in Production")
-        return MonitorResult(None)
-    buffer = ExperienceBuffer(cfg.continuous_learning.experience_storage)
+def _live_rows(buffer: ExperienceBuffer, name: str, version: str, sources: list[str], window: int) -> pd.DataFrame:
     rows = buffer.query(Query(model_version=version), LIVE_COLUMNS)
-    rows = rows[(rows["model_name"] == name) & rows["source"].isin(["live", "paper"])].tail(m.window_bars)
-    result = MonitorResult(version, reference=reference_metrics(name, version))
+    return rows[(rows["model_name"] == name) & rows["source"].isin(sources)].tail(window)
+
+
+def _with_stats(result: MonitorResult, rows: pd.DataFrame) -> MonitorResult:
     if len(rows) >= 2:
         index = pd.DatetimeIndex(rows["time"])
         result.stats = live_stats(rows, periods_per_year(index) if len(index) > 2 else 252.0)
+    return result
+
+
+def _shadow_pass(cfg: Config, name: str, buffer: ExperienceBuffer) -> MonitorResult | None:
+    """The Staging version's shadow trading so far, logged to its own monitor run (no action)."""
+    version = staging_version(name)
+    if version is None:
+        return None
+    rows = _live_rows(buffer, name, version, ["shadow"], cfg.monitoring.window_bars)
+    result = _with_stats(MonitorResult(version, reference=reference_metrics(name, version)), rows)
+    with file_lock(Path(cfg.continuous_learning.state_dir) / "monitor.lock", 600, "another monitor pass"):
+        state = MonitorState(cfg.continuous_learning.state_dir)
+        entry = state.data.setdefault(f"{name}/{version}/shadow", {"passes": 0})
+        entry["passes"] += 1
+        result.run_id = _monitor_run(cfg, name, version, entry, "shadow")
+        state.save()
+        _log_pass(result.run_id, entry["passes"], result)
+    return result
+
+
+def check(cfg: Config) -> MonitorResult:
+    """One monitor pass over the Production version (see the module doc), and the Staging
+    version's shadow beside it."""
+    name, m = cfg.promotion.model_name, cfg.monitoring
+    buffer = ExperienceBuffer(cfg.continuous_learning.experience_storage)
+    shadow = _shadow_pass(cfg, name, buffer)
+    version = production_version(name)
+    if version is None:
+        log.info("monitor: nothing in Production")
+        return MonitorResult(None, shadow=shadow)
+    rows = _live_rows(buffer, name, version, ["live", "paper"], m.window_bars)
+    result = _with_stats(MonitorResult(version, reference=reference_metrics(name, version), shadow=shadow), rows)
+    if len(rows) >= 2:
         result.breaches = breaches_of(result.stats, result.reference, cfg)
         live = live_features(rows["observation"])
         if len(live) >= m.min_bars:

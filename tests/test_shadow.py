@@ -166,6 +166,13 @@ def test_the_live_comparison_promotes_a_better_shadow_and_archives_a_worse_one(s
     shown = status.main(cfg)
     assert f"shadow: Staging v{v2} shadowing Production v{v1}: 50 same bars, 12 trades" in shown
     assert "waiting: needs 60 same bars and 5 trades" in shown and f"stage v{v2}: passed the gate" in shown
+    from pipelines import monitor
+
+    watched = monitor.check(cfg)  # the shadow beside Production, in its own monitor run
+    assert (watched.version, watched.shadow.version, watched.shadow.stats["n_bars"]) == (v1, v2, 50)
+    run = MlflowClient().get_run(watched.shadow.run_id)
+    assert run.data.tags["monitor.role"] == "shadow" and run.info.run_name == f"monitor {NAME} v{v2} (shadow)"
+    assert run.data.metrics["monitor/n_bars"] == 50 and watched.run_id != watched.shadow.run_id
     buffer.add(live[50:])
     buffer.add(_experiences("ES", times, v2, "shadow", good if shadow_better else bad)[50:])
     buffer.add(_experiences("NQ", times, v1, "live", good))  # another market's bars are not paired

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import mlflow
 import pytest
@@ -17,10 +18,14 @@ from test_registry import store  # noqa: F401 (fixture)
 
 def test_a_simulation_warns_once_naming_the_file_and_leaves_no_sim_models_and_logs_equity_curves(
         tmp_path, mlflow_store, ray_session, caplog):
+    """... and, with promotion.shadow_bars, a challenger shadows the next period in Staging before it
+    may trade: the learning agent stays flat in the first period, and the shadow's verdict on it is
+    reported (and acted on) at the second decision point."""
     from pipelines import orchestrate
 
     sets = ["train.iterations=1", "data.synthetic.n_bars=1400", "continuous_learning.evaluation_episodes=2",
-            "train.val_windows=2", f"data.output_dir={tmp_path / 'bars'}"]
+            "train.val_windows=2", f"data.output_dir={tmp_path / 'bars'}", "promotion.min_trades=0",
+            "promotion.shadow_bars=20", "promotion.shadow_min_trades=0"]
     cfg = load_config(ROOT / "conf" / "smoke.yaml", sets)
     bars = load_source(cfg)
     bars[["open", "high", "low", "close"]] = (bars[["open", "high", "low", "close"]] * 1.00001).round(4)
@@ -47,6 +52,13 @@ def test_a_simulation_warns_once_naming_the_file_and_leaves_no_sim_models_and_lo
         assert len(history) > 100 and max(m.step for m in history) == len(result.simulate.equity[agent]) - 1
         assert history[0].value == pytest.approx(cfg.env.initial_equity)
     assert "(deleted at the end of the simulation" in result.summary
+    sim = result.simulate
+    assert sim.decisions[0] == "staged" and sim.flat_periods[0].startswith("period 1: v1 shadow-trades in Staging")
+    assert len(sim.shadow) == 1 and sim.shadow[0].startswith("point 2: Staging v1 shadowing flat (nothing in Production)")
+    verdict = re.search(r" trades(?: \([^)]*\))?: (promoted|archived|waiting)", sim.shadow[0])
+    assert verdict, sim.shadow  # 20 bars are enough: decided
+    assert len(sim.flat_periods) == (1 if verdict.group(1) == "promoted" else 2), (sim.shadow, sim.flat_periods)
+    assert "shadow evidence at point 2: Staging v1" in result.summary
 
 
 def test_a_maintenance_cycle_links_the_versions_long_running_monitor_run(deployed, tmp_path):

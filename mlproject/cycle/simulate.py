@@ -48,6 +48,8 @@ from mlproject.metrics import max_drawdown, periods_per_year, sharpe_ratio, tota
 from mlproject.policy import load_policy_model
 from mlproject.preflight import CHECKED, warn_if_instrument_misfits
 from mlproject.registry import production_version, status
+from mlproject.shadow_verdict import apply, from_returns
+from mlproject.staging import staging_version
 from mlproject.tracking import log_curves
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,9 @@ class SimulationResult:
     """Every change of the learning agent's model, with the next period's return of both."""
     period_returns: dict[str, list[float]] = field(default_factory=dict)
     """Per agent, the return of each period."""
+    shadow: list[str] = field(default_factory=list)
+    """With ``promotion.shadow_bars``: the Staging version's verdict at each decision point after
+    it shadowed a period (promoted, archived or waiting)."""
 
     @property
     def regret(self) -> float:
@@ -89,7 +94,9 @@ class SimulationResult:
 
     def report(self) -> str:
         """The table and the regret and paired-test lines, as printed and logged (``sim/report.md``)."""
-        return "\n".join([table(self.metrics, self.period_returns), "", *regret_lines(self.promotions, self.paired)])
+        shadow = [f"shadow evidence at {line}" for line in self.shadow]
+        return "\n".join([table(self.metrics, self.period_returns), "", *regret_lines(self.promotions, self.paired),
+                          *shadow])
 
 
 def check_split(periods: int, start_fraction: float) -> None:
@@ -157,21 +164,27 @@ def _walk_forward(cfg: Config, bars: pd.DataFrame, points: list[int], history_ba
     reports = {agent: EvalReport(agent) for agent in AGENTS}
     decisions: list[str] = []
     promotions: list[Promotion] = []
+    shadow_verdicts: list[str] = []
     crossover = ma_crossover_actions(bars["close"], resolve_instrument(cfg.env.instrument).max_contracts)
     with tempfile.TemporaryDirectory(prefix="nt8-sim-") as tmp:
         sim = sim_config(cfg, Path(tmp), name)
         frozen, previous, flat, traded_by = None, None, [], []
+        shadowing: Shadowing | None = None
         for k, point in enumerate(points[:-1]):
+            if shadowing is not None:  # the Staging version's evidence so far: promoted, archived or waiting
+                shadow_verdicts.append(f"point {k + 1}: {_judge_shadow(sim, shadowing)}")
             production, why = _decide(sim, bars, point, Path(tmp) / f"bars-until-{k}.parquet", decisions)
             frozen = frozen or production
             period = bars.iloc[point - history_bars:points[k + 1]]
             if production is None:
                 flat.append(f"period {k + 1}: {why}")
                 log.warning("simulate: period %d: %s: the learning agent stays flat", k + 1, why)
-            versions = {"learning": production, "never_retrained": frozen}
+            staged = staging_version(name) if sim.promotion.shadow_bars else None
+            versions = {"learning": production, "never_retrained": frozen, **({"shadow": staged} if staged else {})}
             if production != previous:  # a promotion: the replaced model (or flat) trades the period too
                 versions["replaced"] = previous
             played = _trade_period(sim, period, versions, history_bars, crossover[point:points[k + 1] - 1])
+            shadowing = _shadowed(shadowing, staged, played.pop("shadow", None), played["learning"])
             if production != previous:
                 promotions.append(Promotion(k + 1, str(production), previous, _period_return(played["learning"]),
                                             _period_return(played.pop("replaced"))))
@@ -182,7 +195,33 @@ def _walk_forward(cfg: Config, bars: pd.DataFrame, points: list[int], history_ba
                      _label(frozen))
             previous = production
             traded_by.append(production)
-    return _report(cfg, bars, points, (decisions, flat, promotions, traded_by), reports, name)
+    return _report(cfg, bars, points, (decisions, flat, promotions, traded_by, shadow_verdicts), reports, name)
+
+
+Shadowing = tuple[str, list[np.ndarray], list[np.ndarray], int]
+"""The Staging version, its per-bar returns in the periods it shadowed, Production's on the same
+bars, and its closed trades there."""
+
+
+def _shadowed(before: Shadowing | None, staged: str | None, mine: EvalReport | None,
+              theirs: EvalReport) -> Shadowing | None:
+    """The shadow evidence after a period: the Staging version's backtest beside Production's on
+    the same bars (added to what it shadowed before; a new Staging version starts anew)."""
+    if staged is None or mine is None:
+        return None
+    kept = before if before is not None and before[0] == staged else (staged, [], [], 0)
+    return (staged, [*kept[1], mine.returns()], [*kept[2], theirs.returns()],
+            kept[3] + len(mine.windows[-1].trades))
+
+
+def _judge_shadow(sim: Config, shadowing: Shadowing) -> str:
+    """The live rule (``mlproject.shadow_verdict``) on the shadowed periods, acted on."""
+    version, mine, theirs, trades = shadowing
+    verdict = from_returns(sim, version, production_version(sim.promotion.model_name), np.concatenate(mine),
+                           np.concatenate(theirs), trades)
+    apply(sim, verdict, "shadow evidence (walk-forward)")
+    log.info("simulate: shadow: %s", verdict.describe())
+    return verdict.describe()
 
 
 def _period_return(report: EvalReport) -> float:
@@ -202,6 +241,8 @@ def _decide(sim: Config, bars: pd.DataFrame, point: int, path: Path, decisions: 
     verdict = train_evaluate_promote(sim, IngestResult(path, seen, "", {})).promote
     decisions.append(verdict.decision if verdict else "not registered")
     production = production_version(sim.promotion.model_name)
+    if production is None and verdict is not None and verdict.decision == "staged":
+        return None, f"v{verdict.version} shadow-trades in Staging first"
     if production is None:
         return None, f"no model passed the gate ({'; '.join(verdict.reasons) if verdict else 'not registered'})"
     return str(production), ""
@@ -231,7 +272,8 @@ def _trade_period(sim: Config, period: pd.DataFrame, versions: dict[str, str | N
 
 
 def _report(cfg: Config, bars: pd.DataFrame, points: list[int],
-            gate: tuple[list[str], list[str], list[Promotion], list[str | None]], reports: dict[str, EvalReport], name: str) -> SimulationResult:
+            gate: tuple[list[str], list[str], list[Promotion], list[str | None], list[str]],
+            reports: dict[str, EvalReport], name: str) -> SimulationResult:
     """Out-of-sample equity and metrics per agent, the paired test, regret, the table and the plot,
     all logged to the active run."""
     import mlflow
@@ -256,16 +298,17 @@ def _report(cfg: Config, bars: pd.DataFrame, points: list[int],
     paired = paired_comparison(reports["learning"], reports["never_retrained"])
     mlflow.log_metrics({f"sim/{agent}/{k}": v for agent, m in out.items() for k, v in m.items() if math.isfinite(v)})
     mlflow.log_metrics({f"sim/paired/{k}": v for k, v in paired.items() if math.isfinite(v)})
-    decisions, flat_periods, promotions, traded_by = gate
+    decisions, flat_periods, promotions, traded_by, shadow = gate
     if promotions:
         mlflow.log_metrics({"sim/regret/share": regret_share(promotions), "sim/regret/promotions": len(promotions),
                             "sim/regret/regrets": sum(p.regret for p in promotions)})
     mlflow.set_tags({"sim.points": ",".join(str(bars.index[p]) for p in points[:-1]),
                      "sim.flat_periods": "; ".join(flat_periods)[:5000] or "none",
                      "sim.promotions": "; ".join(p.describe() for p in promotions)[:5000] or "none",
-                     "sim.decisions": ",".join(decisions), "sim.model_name": name})
+                     "sim.decisions": ",".join(decisions), "sim.model_name": name,
+                     "sim.shadow": "; ".join(shadow)[:5000] or "off"})
     result = SimulationResult(out, paired, decisions, points, equity, reports, name, flat_periods=flat_periods,
-                              promotions=promotions, period_returns=period_returns)
+                              promotions=promotions, period_returns=period_returns, shadow=shadow)
     mlflow.log_text(result.report() + "\n", "sim/report.md")
     labels = [f"{d}: {_label(v)}" for d, v in zip(decisions, traded_by)]
     mlflow.log_figure(figure(equity, oos_times(reports["learning"]), [bars.index[p] for p in points[:-1]], labels),
