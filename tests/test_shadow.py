@@ -88,17 +88,23 @@ def test_a_staged_challenger_shadows_production_without_touching_its_orders(shad
             host, port = thread.bridge.address
             _until(lambda: thread.bridge.shadow.loaded == "2")
             runs["slow"] = asyncio.run(paper_trade(host, port, TOKEN, bars, SPEC, account="slow"))
+            _until(lambda: thread.bridge.shadow.stats["shadow_decisions"] == len(bars))  # it caught up
+            thread.bridge.shadow._process.kill()  # kill -9 of the shadow process: Production trades on
+            thread.bridge.shadow._process.join(30)
+            runs["killed"] = asyncio.run(paper_trade(host, port, TOKEN, bars, SPEC, account="killed"))
         stats.append(dict(thread.bridge.shadow.stats))
     finally:
         if staging.staging_version(NAME):
             staging.archive_staged(NAME, "2", "end of the shadow test")
         reconcile(NAME, deploy)
     fills = {name: run.fills for name, run in runs.items()}
-    assert fills["with"] == fills["none"] == fills["slow"] == fills["broken"] and len(fills["none"]) > 5
+    assert fills["with"] == fills["none"] == fills["slow"] == fills["broken"] == fills["killed"]
+    assert len(fills["none"]) > 5
     assert all(run.model_versions == {"1": len(bars)} for run in runs.values())
     assert stats[0]["shadow_load_errors"] == 1 and stats[0]["shadow_decisions"] == len(bars)
     assert stats[1]["shadow_decisions"] == len(bars)
-    assert all(s["shadow_errors"] == s["shadow_dropped"] == 0 for s in stats), stats
+    assert stats[0]["shadow_errors"] == stats[0]["shadow_dropped"] == stats[1]["shadow_errors"] == 0, stats
+    assert stats[1]["shadow_dropped"] == len(bars)  # after the kill: every bar of the "killed" session
     rows = rows_of(tmp_path / "buffer")
     shadow = rows[rows["source"] == "shadow"].sort_values("time", kind="stable").reset_index(drop=True)
     start = env_for(bars).market.t_min

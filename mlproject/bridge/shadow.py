@@ -120,8 +120,10 @@ class ShadowLink:
                 return
             except OSError:
                 data = b""
-            if not data:  # the shadow process is gone
+            if not data:  # the shadow process is gone: its bars are counted as dropped from now on
                 asyncio.get_running_loop().remove_reader(self._sock)
+                log.error("bridge: the shadow process ended (exit code %s); no shadow trading until the bridge "
+                          "restarts", self._process.exitcode if self._process is not None else None)
                 return
             self._take(pickle.loads(data))
 
@@ -344,15 +346,15 @@ class ShadowTrader:
                 session.drop_pending()
                 self.rows.extend(session.take_rows())
         rows, self.rows = self.rows, []
-        if not rows:
-            return
-        try:
-            self.buffer.add(rows)
-            self.buffer.flush()
-            self.stats["shadow_written"] += len(rows)
-        except Exception:  # noqa: BLE001 - a full disk must not stop anything; retried next time
-            log.exception("shadow: writing %d experiences failed; retrying later", len(rows))
-            self.rows[:0] = rows
+        if rows:
+            try:
+                self.buffer.add(rows)
+                self.buffer.flush()
+                self.stats["shadow_written"] += len(rows)
+            except Exception:  # noqa: BLE001 - a full disk must not stop anything; retried next time
+                log.exception("shadow: writing %d experiences failed; retrying later", len(rows))
+                self.rows[:0] = rows
+        self._report(dict(self.stats))  # the bridge's view of the shadow, every flush interval
 
 
 def _receive(sock: socket.socket, wait: float) -> tuple[list[Item], bool | None]:
