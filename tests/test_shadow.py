@@ -259,3 +259,18 @@ def test_staging_moves_killed_at_each_step_lose_nothing_after_one_reconcile(stor
     assert result.shadow == staged and result.version == production
     manifest = deploy / SHADOW_DIR / "current" / "manifest.json"
     assert (json.loads(manifest.read_text())["version"] if manifest.exists() else None) == staged
+
+
+def test_shadow_experiences_do_not_count_towards_a_retrain(tmp_path):
+    """Not new bars: counted, they doubled the retrain rate, and each retrain replaced the Staging
+    version before its live verdict."""
+    from mlproject.cycle.state import CycleState, due
+
+    cfg = registry_config(tmp_path, "continuous_learning.retrain_frequency=30", "continuous_learning.min_experiences=1",
+                          f"continuous_learning.experience_storage={tmp_path / 'buffer'}")
+    buffer = ExperienceBuffer(tmp_path / "buffer")
+    times = pd.date_range("2026-11-02 14:30", periods=20, freq="1min", tz="UTC")
+    buffer.add(_experiences("ES", times, "1", "paper", np.ones(20)) + _experiences("ES", times, "2", "shadow", np.ones(20)))
+    buffer.flush()
+    d = due(cfg, buffer, CycleState(tmp_path / "state"))
+    assert (d.experiences, d.new_since_retrain, d.shadow, d.retrain_due) == (20, 20, 20, False)

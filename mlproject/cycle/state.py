@@ -88,6 +88,8 @@ class Due:
     """The time of the first new experience or new bar (what a retrain learns from), or None."""
     ids: set[str] = field(default_factory=set, repr=False)
     annotated_ids: set[str] = field(default_factory=set, repr=False)
+    shadow: int = 0
+    """Shadow experiences in the buffer (counted apart: they are not new bars)."""
 
     def counts(self) -> dict[str, float]:
         """The numbers, for ``cycle/<name>`` metrics."""
@@ -103,7 +105,8 @@ def due(cfg: Config, buffer: ExperienceBuffer, state: CycleState) -> Due:
     the Staging version before its live verdict)."""
     cl = cfg.continuous_learning
     rows = buffer.query(columns=["experience_id", "time", "quality", "source"])
-    rows = rows[rows["source"] != "shadow"]
+    shadow = rows["source"] == "shadow"
+    rows = rows[~shadow]
     ids = set(rows["experience_id"])
     annotated = set(rows.loc[rows["quality"].notna(), "experience_id"])
     fresh = ~rows["experience_id"].isin(state.seen(RETRAIN_IDS))
@@ -117,7 +120,7 @@ def due(cfg: Config, buffer: ExperienceBuffer, state: CycleState) -> Due:
     return Due(len(ids), new, len(annotated), new_annotated, new_bars,
                (new >= cl.retrain_frequency and len(ids) >= cl.min_experiences) or bars_due,
                new_annotated >= cl.min_annotated_for_finetune, min(firsts, key=_utc) if firsts else None,
-               ids, annotated)
+               ids, annotated, int(shadow.sum()))
 
 
 def describe_due(cfg: Config, d: Due) -> str:

@@ -102,7 +102,8 @@ def _maintenance_lines(cfg: Config, m: Maintenance) -> list[str]:
                      f"{taken.history_bars} bars ({cfg.data.intake.history}), {len(taken.waiting)} still "
                      f"being copied{rejected}")
     lines.append(f"  buffer: {m.due.experiences} experiences ({m.due.new_since_retrain} new), "
-                 f"{m.due.annotated} annotated")
+                 f"{m.due.annotated} annotated"
+                 f"{f'; {m.due.shadow} shadow experiences (a Staging model, not counted)' if m.due.shadow else ''}")
     watched = m.monitor
     if watched is not None and watched.version is not None:
         lines.append(f"  monitor: v{watched.version}, {watched.stats.get('n_bars', 0):.0f} live/paper steps, "
