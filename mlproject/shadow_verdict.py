@@ -11,8 +11,8 @@ when, on those bars, it
 - made more money than Production (``live/total_return``),
 - beats Production bar by bar: the Probabilistic Sharpe Ratio of the paired per-bar differences
   against 0 is at least ``min_psr`` (``live/paired_psr``),
-- keeps the Deflated Sharpe over the candidates tried of at least ``min_dsr`` against
-  Production's per-bar Sharpe (``live/dsr``; off with ``min_dsr`` 0),
+- keeps the Deflated Sharpe over the candidates tried of at least ``shadow_min_dsr`` (default
+  ``min_dsr``) against Production's per-bar Sharpe (``live/dsr``; off with 0),
 - and stays within ``max_drawdown`` (``live/shadow_max_drawdown``);
 
 otherwise it is archived with the live evidence as its reasons. Both are registry decisions
@@ -117,8 +117,9 @@ def judge(cfg: Config, verdict: ShadowVerdict) -> ShadowVerdict:
         reasons.append(f"return {m['live/shadow_return']:.4g} not above Production's {m['live/production_return']:.4g}")
     if not m["live/paired_psr"] >= p.min_psr:
         reasons.append(f"paired PSR {m['live/paired_psr']:.3f} < {p.min_psr:g}")
-    if p.min_dsr > 0 and not m["live/dsr"] >= p.min_dsr:
-        reasons.append(f"Deflated Sharpe {m['live/dsr']:.3f} < {p.min_dsr:g} ({int(m['live/trials'])} tries)")
+    min_dsr = p.min_dsr if p.shadow_min_dsr is None else p.shadow_min_dsr
+    if min_dsr > 0 and not m["live/dsr"] >= min_dsr:
+        reasons.append(f"Deflated Sharpe {m['live/dsr']:.3f} < {min_dsr:g} ({int(m['live/trials'])} tries)")
     if m["live/shadow_max_drawdown"] > p.max_drawdown:
         reasons.append(f"max drawdown {m['live/shadow_max_drawdown']:.3f} > {p.max_drawdown:g}")
     verdict.decision = "archived" if reasons else "promoted"

@@ -383,6 +383,9 @@ class PromotionConfig(_Strict):
     otherwise Staging is archived. 0: a passing challenger goes straight to Production."""
     shadow_min_trades: int = Field(default=5, ge=0)
     """Closed shadow trades the live comparison needs besides ``shadow_bars``."""
+    shadow_min_dsr: float | None = Field(default=None, ge=0, le=1)
+    """The Deflated Sharpe the live comparison asks of the shadow over the candidates tried
+    (against Production's per-bar Sharpe on the same bars); null: ``min_dsr``; 0: off."""
     lock_file: str | None = None
     """Cross-process lock of registry writes and reconciles; null: beside a sqlite store (or in
     the temp folder for a server). Writers on several machines name a file in a shared folder."""
