@@ -123,8 +123,9 @@ def judge(cfg: Config, verdict: ShadowVerdict) -> ShadowVerdict:
     if m["live/shadow_max_drawdown"] > p.max_drawdown:
         reasons.append(f"max drawdown {m['live/shadow_max_drawdown']:.3f} > {p.max_drawdown:g}")
     verdict.decision = "archived" if reasons else "promoted"
+    rules = f"return, paired PSR{', Deflated Sharpe' if min_dsr > 0 else ''}, drawdown"
     verdict.reasons = reasons or [f"better than {'Production v' + verdict.production if verdict.production else 'flat'}"
-                                  f" on {verdict.bars} same live bars (return, paired PSR, Deflated Sharpe, drawdown)"]
+                                  f" on {verdict.bars} same live bars ({rules})"]
     return verdict
 
 
