@@ -44,7 +44,10 @@ def describe(name: str, deploy_dir: str | Path, result: ReconcileResult) -> str:
     done = "deployed now" if result.changed else "already deployed"
     repaired = "; alias production repaired" if result.alias_repaired else ""
     release = result.release.name if result.release is not None else "?"
-    return f"{name} v{result.version} (Production) {done}: {Path(deploy_dir) / 'current'} -> {release}{repaired}"
+    shadow = (f"; Staging v{result.shadow} shadow-deployed in {Path(deploy_dir) / 'shadow'}" if result.shadow
+              else "")
+    return (f"{name} v{result.version} (Production) {done}: {Path(deploy_dir) / 'current'} -> {release}{repaired}"
+            f"{shadow}")
 
 
 def main(cfg: Any, every: float | None = None, max_passes: int | None = None) -> ReconcileResult:

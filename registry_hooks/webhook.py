@@ -57,6 +57,8 @@ previous response) is closed: idle and slow-header sockets do not stay open."""
 MAX_CONNECTIONS = 1000
 """Open connections beyond this are answered 503 (uvicorn's ``limit_concurrency``)."""
 EVENTS = ("model_version_alias.created", "model_version_alias.deleted")
+DEPLOYED_ALIASES = ("production", "staging")
+"""Aliases whose moves change the deploy directory (Production, and Staging's shadow deployment)."""
 MAX_SKEW_S = 300
 """Requests whose X-MLflow-Timestamp is further than this from now are rejected (replays)."""
 KEY_FIX = ("start every `mlflow server` worker with the same MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY, a Fernet key "
@@ -135,12 +137,13 @@ class Receiver:
         kind = f"{event.get('entity')}.{event.get('action')}"
         if kind in EVENTS and {k: data.get(k) for k in TEST_PAYLOAD} == TEST_PAYLOAD:
             return 200, f"test delivery received ({kind}): nothing to deploy"
-        if kind not in EVENTS or data.get("alias") != "production" or data.get("name") != self.model_name:
+        if kind not in EVENTS or data.get("alias") not in DEPLOYED_ALIASES or data.get("name") != self.model_name:
             return 200, f"ignored {kind} for {data.get('name')}@{data.get('alias')}"
         with self._lock:
             result = reconcile(self.model_name, self.deploy_dir, self.keep, lock_file=self.lock_file)
             self.deployments += int(result.changed)
-        return 200, f"reconciled: version {result.version} deployed{' (changed)' if result.changed else ''}"
+        shadow = f"; Staging v{result.shadow} shadow-deployed" if result.shadow else ""
+        return 200, f"reconciled: version {result.version} deployed{' (changed)' if result.changed else ''}{shadow}"
 
 
 def make_app(receiver: Receiver) -> Any:

@@ -213,6 +213,10 @@ def test_the_gate_stages_a_passing_challenger_when_shadow_bars_are_set(store):
     shadow_dir = store / "deploy" / SHADOW_DIR
     assert json.loads((shadow_dir / "current" / "manifest.json").read_text())["version"] == v2
     assert json.loads((shadow_dir / RELOAD_FILE).read_text())["version"] == v2
+    from registry_hooks.reconcile import describe
+
+    assert describe(NAME, store / "deploy", reconcile(NAME, store / "deploy")).endswith(
+        f"; Staging v{v2} shadow-deployed in {store / 'deploy' / SHADOW_DIR}")
     staging.archive_staged(NAME, v2, "withdrawn")
     assert reconcile(NAME, store / "deploy").shadow is None
     assert not (shadow_dir / "current").exists() and json.loads((shadow_dir / RELOAD_FILE).read_text())["version"] is None

@@ -88,10 +88,14 @@ def test_malformed_requests_get_4xx_never_500(hook):
 
 
 def test_a_genuine_event_reconciles(hook):
+    for alias in ("production", "staging"):  # Staging's moves change the shadow deployment
+        body = json.dumps({"entity": "model_version_alias", "action": "created",
+                           "data": {"name": "nt8-agent", "alias": alias, "version": "1"}})
+        status, answer = post(hook, body.encode(), signed(body))
+        assert status == 200 and answer["message"] == "reconciled: version None deployed"
     body = json.dumps({"entity": "model_version_alias", "action": "created",
-                       "data": {"name": "nt8-agent", "alias": "production", "version": "1"}})
-    status, answer = post(hook, body.encode(), signed(body))
-    assert status == 200 and answer["message"] == "reconciled: version None deployed"
+                       "data": {"name": "nt8-agent", "alias": "champion", "version": "1"}})
+    assert post(hook, body.encode(), signed(body))[1]["message"].startswith("ignored")
 
 
 def test_mlflows_test_delivery_is_accepted_without_reconciling(hook):
