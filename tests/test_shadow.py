@@ -27,16 +27,37 @@ from mlproject.deploy import RELOAD_FILE, SHADOW_DIR, notify_reload, reconcile
 from mlproject.experience import ExperienceBuffer
 from mlproject.faults import FAULT_ENV, KILLED_EXIT_CODE
 from mlproject.shadow_verdict import decide, evidence
-from test_bridge import SPEC, TOKEN, config, deployed, env_for, rows_of  # noqa: F401 (fixture)
+from mlproject.config import EnvConfig
+from mlproject.policy import PolicySettings, fast_greedy, fresh_module
+from mlproject.training import log_policy_model
+from test_bridge import ENV, SPEC, TOKEN, config, deployed, env_for, rows_of  # noqa: F401 (fixture)
 from test_registry import NAME, register_constant, store  # noqa: F401 (fixture)
 from test_registry import config as registry_config
 
 
 @pytest.fixture
 def shadowed(deployed, monkeypatch):
-    """The bridge tests' store with v1 in Production and v2 in Staging, both deployed."""
+    """The bridge tests' store (v1 in Production, deployed; v2 never trades) plus v3, an untrained
+    policy that does trade (the first seed whose actions vary on these bars), for Staging."""
     uri, folder, bars = deployed
-    yield from visit_store(monkeypatch, uri, folder, deployed)
+    for _ in visit_store(monkeypatch, uri, folder, deployed):
+        if len(MlflowClient().search_model_versions(f"name='{NAME}'")) < 3:
+            _register_trading_version(folder, bars)
+        yield deployed
+
+
+def _register_trading_version(folder, bars) -> str:
+    settings = PolicySettings.from_env(EnvConfig.model_validate(ENV), bars)
+    env = env_for(bars.iloc[:400])
+    observations = [env.reset()[0]] + [env.step(a % 5)[0] for a in range(300)]
+    for seed in range(3, 40):
+        module = fresh_module(settings.obs_size, 2 * SPEC.max_contracts + 1, (16, 16), seed=seed)
+        if len(set(fast_greedy(module)(np.stack(observations).astype(np.float32)).tolist())) >= 3:
+            break
+    module.save_to_path(str(folder / "module-trading"))
+    with mlflow.start_run():
+        info = log_policy_model(folder / "module-trading", np.stack(observations[:4]), settings)
+    return str(mlflow.register_model(info.model_uri, NAME).version)
 
 
 def stages() -> dict[str, str]:
@@ -57,24 +78,24 @@ def test_a_staged_challenger_shadows_production_without_touching_its_orders(shad
     with the shadow, with a shadow that does not load and with a slow one (20 ms a forward pass)."""
     uri, folder, bars = shadowed
     deploy, bars = folder / "deploy", bars.iloc[:400]
-    staging.stage(NAME, "2", "shadow test")
-    assert reconcile(NAME, deploy).shadow == "2"
+    staging.stage(NAME, "3", "shadow test")
+    assert reconcile(NAME, deploy).shadow == "3"
     cfg = config(folder, f"continuous_learning.experience_storage={tmp_path / 'buffer'}",
                  f"bridge.kill_file={tmp_path / 'KILL'}")
     runs, stats = {}, []
     try:
         with BridgeThread(Bridge(cfg, token=TOKEN)) as thread:
             shadow, (host, port) = thread.bridge.shadow, thread.bridge.address
-            assert shadow.version == "2"
-            _until(lambda: shadow.loaded == "2")  # the shadow process started and loaded the Staging model
+            assert shadow.version == "3"
+            _until(lambda: shadow.loaded == "3")  # the shadow process started and loaded the Staging model
             runs["with"] = asyncio.run(paper_trade(host, port, TOKEN, bars, SPEC, account="with"))
-            staging.archive_staged(NAME, "2", "off for a while")
+            staging.archive_staged(NAME, "3", "off for a while")
             reconcile(NAME, deploy)
             _until(lambda: shadow.version is None and shadow.loaded is None)
             runs["none"] = asyncio.run(paper_trade(host, port, TOKEN, bars, SPEC, account="none"))
-            staging.stage(NAME, "2", "back on")
+            staging.stage(NAME, "3", "back on")
             reconcile(NAME, deploy)
-            _until(lambda: shadow.loaded == "2")
+            _until(lambda: shadow.loaded == "3")
             release = deploy / SHADOW_DIR / "current"
             good = (release / "model" / "MLmodel").read_text()
             (release / "model" / "MLmodel").write_text("not: [a model")
@@ -86,16 +107,25 @@ def test_a_staged_challenger_shadows_production_without_touching_its_orders(shad
         monkeypatch.setenv(FAULT_ENV, "shadow:decide")  # the shadow process sleeps 20 ms per forward pass
         with BridgeThread(Bridge(cfg, token=TOKEN)) as thread:
             host, port = thread.bridge.address
-            _until(lambda: thread.bridge.shadow.loaded == "2")
+            _until(lambda: thread.bridge.shadow.loaded == "3")
             runs["slow"] = asyncio.run(paper_trade(host, port, TOKEN, bars, SPEC, account="slow"))
             _until(lambda: thread.bridge.shadow.stats["shadow_decisions"] == len(bars))  # it caught up
             thread.bridge.shadow._process.kill()  # kill -9 of the shadow process: Production trades on
             thread.bridge.shadow._process.join(30)
             runs["killed"] = asyncio.run(paper_trade(host, port, TOKEN, bars, SPEC, account="killed"))
         stats.append(dict(thread.bridge.shadow.stats))
+        # What maintenance does next: the live comparison on what the bridge recorded.
+        live_cfg = config(folder, f"continuous_learning.experience_storage={tmp_path / 'buffer'}",
+                          "promotion.shadow_bars=300", "promotion.shadow_min_trades=5")
+        judged = decide(live_cfg, ExperienceBuffer(tmp_path / "buffer"))
+        assert judged.bars == len(bars) - env_for(bars).market.t_min - 1 and judged.decision in ("promoted", "archived")
+        assert staging.staging_version(NAME) is None  # decided: in Production or archived
+        assert registry.production_version(NAME) == ("3" if judged.decision == "promoted" else "1")
+        if judged.decision == "promoted":
+            registry.rollback(NAME, reason="back to v1 for the other tests")
     finally:
         if staging.staging_version(NAME):
-            staging.archive_staged(NAME, "2", "end of the shadow test")
+            staging.archive_staged(NAME, "3", "end of the shadow test")
         reconcile(NAME, deploy)
     fills = {name: run.fills for name, run in runs.items()}
     assert fills["with"] == fills["none"] == fills["slow"] == fills["broken"] == fills["killed"]
@@ -109,8 +139,9 @@ def test_a_staged_challenger_shadows_production_without_touching_its_orders(shad
     shadow = rows[rows["source"] == "shadow"].sort_values("time", kind="stable").reset_index(drop=True)
     start = env_for(bars).market.t_min
     assert len(shadow) == 2 * (len(bars) - start - 1)  # the "with" and the "slow" sessions
-    assert set(shadow["model_version"]) == {"2"} and shadow["guard"].isna().all()
-    model = mlflow.pyfunc.load_model(f"models:/{NAME}/2")
+    assert set(shadow["model_version"]) == {"3"} and shadow["guard"].isna().all()
+    assert shadow["position"].abs().sum() > 0 and (shadow["realised_pnl"] != 0).sum() > 5  # the shadow trades
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/3")
     assert np.array_equal(model.predict(np.stack(shadow["observation"].to_numpy())), shadow["action"].to_numpy())
     one = shadow.iloc[::2].reset_index(drop=True)  # the two sessions decided the same bars the same way
     assert np.array_equal(one["action"].to_numpy(), shadow.iloc[1::2]["action"].to_numpy())
@@ -120,7 +151,7 @@ def test_a_staged_challenger_shadows_production_without_touching_its_orders(shad
         assert np.array_equal(row.observation, obs)
         obs, reward, *_ = env.step(int(row.action))
         assert row.reward == pytest.approx(reward, abs=1e-6)
-    assert stages()["2"] == "Archived"
+    assert stages()["3"] == "Archived"
 
 
 def test_two_challengers_in_a_row_leave_one_staging_and_the_history_says_so(store):
