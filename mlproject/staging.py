@@ -63,12 +63,6 @@ def staging_history(name: str, *, include_unfinished: bool = False) -> list[dict
     return events if include_unfinished else [e for e in events if e["status"] == "done"]
 
 
-def staged_at(name: str, version: str) -> str | None:
-    """When ``version`` was last staged (ISO time of its ``stage`` event), or None."""
-    times = [e["at"] for e in staging_history(name) if e["action"] == "stage" and e["version"] == str(version)]
-    return times[-1] if times else None
-
-
 def _write(name: str, event: dict[str, Any]) -> None:
     text = json.dumps(event)
     if len(text) > 7900:  # a run tag holds 8,000 characters
