@@ -208,7 +208,10 @@ def reconcile(name: str, deploy_dir: str | Path, keep_releases: int = 3,
     deploy_dir.mkdir(parents=True, exist_ok=True)
     with registry_lock(lock_file):
         result = _reconcile_production(name, deploy_dir, keep_releases, lock_file)
-        result.shadow = _reconcile_shadow(name, deploy_dir, lock_file)
+        try:
+            result.shadow = _reconcile_shadow(name, deploy_dir, lock_file)
+        except Exception:  # noqa: BLE001 - Production is deployed; the shadow is retried by the next pass
+            log.exception("%s: the shadow deployment (Staging) failed; Production's is done", name)
     return result
 
 
