@@ -212,9 +212,10 @@ def alias_version(name: str, alias: str = ALIAS) -> str | None:
         return None
 
 
-def history(name: str, *, include_unfinished: bool = False) -> list[dict[str, Any]]:
+def history(name: str, *, include_unfinished: bool = False, prefix: str = EVENT_PREFIX) -> list[dict[str, Any]]:
     """Every promotion and rollback, oldest first: seq, action, version, previous, at, reason,
-    metrics, status. Only ``done`` events unless ``include_unfinished`` (pending, abandoned)."""
+    metrics, status. Only ``done`` events unless ``include_unfinished`` (pending, abandoned).
+    ``prefix``: another series of events on the history run (``mlproject.staging``'s)."""
     client = _client()
     tags = client.get_registered_model(name).tags
     by_seq = {}
@@ -223,7 +224,7 @@ def history(name: str, *, include_unfinished: bool = False) -> list[dict[str, An
         sources.append(client.get_run(tags[HISTORY_TAG]).data.tags)
     for source in sources:
         for key, value in source.items():
-            if key.startswith(EVENT_PREFIX):
+            if key.startswith(prefix):
                 event = json.loads(value)
                 by_seq[event["seq"]] = event
     events = [by_seq[seq] for seq in sorted(by_seq)]
@@ -282,15 +283,15 @@ def _history_run(name: str) -> str:
     return run.info.run_id
 
 
-def _write_event(name: str, event: dict[str, Any]) -> None:
-    """Write (or rewrite, by seq) one event on the history run; a finished one also becomes the
-    model's one-line ``production_latest``. A reason too long for a run tag is shortened."""
+def _write_event(name: str, event: dict[str, Any], prefix: str = EVENT_PREFIX) -> None:
+    """Write (or rewrite, by seq) one event on the history run; a finished Production one also
+    becomes the model's one-line ``production_latest``. A reason too long for a run tag is shortened."""
     client, text = _client(), json.dumps(event)
     if len(text) > 7900:  # MLflow's run tag limit is 8,000 characters
         event = {**event, "reason": event["reason"][: max(0, len(event["reason"]) - (len(text) - 7800))] + "..."}
         text = json.dumps(event)
-    client.set_tag(_history_run(name), f"{EVENT_PREFIX}{event['seq']:06d}", text)
-    if event["status"] == "done":
+    client.set_tag(_history_run(name), f"{prefix}{event['seq']:06d}", text)
+    if event["status"] == "done" and prefix == EVENT_PREFIX:
         client.set_registered_model_tag(name, LATEST_TAG, f"#{event['seq']} {event['action']} to {shown(event)} "
                                         f"(was {event['previous'] or 'none'}) at {event['at']}: {event['reason'][:200]}")
 

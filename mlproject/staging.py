@@ -18,7 +18,6 @@ decision or leaves two Staging versions.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -51,24 +50,11 @@ def staging_version(name: str) -> str | None:
 
 def staging_history(name: str, *, include_unfinished: bool = False) -> list[dict[str, Any]]:
     """Every staging event, oldest first (only ``done`` ones unless ``include_unfinished``)."""
-    from mlflow.exceptions import MlflowException
-
-    client = registry._client()
-    try:
-        run_id = client.get_registered_model(name).tags.get(registry.HISTORY_TAG)
-    except MlflowException:
-        return []
-    tags = client.get_run(run_id).data.tags if run_id else {}
-    events = sorted((json.loads(v) for k, v in tags.items() if k.startswith(STAGING_PREFIX)), key=lambda e: e["seq"])
-    return events if include_unfinished else [e for e in events if e["status"] == "done"]
+    return registry.history(name, include_unfinished=include_unfinished, prefix=STAGING_PREFIX)
 
 
 def _write(name: str, event: dict[str, Any]) -> None:
-    text = json.dumps(event)
-    if len(text) > 7900:  # a run tag holds 8,000 characters
-        event = {**event, "reason": event["reason"][:7000] + "..."}
-        text = json.dumps(event)
-    registry._client().set_tag(registry._history_run(name), f"{STAGING_PREFIX}{event['seq']:06d}", text)
+    registry._write_event(name, event, STAGING_PREFIX)
 
 
 def _new_event(name: str, action: str, version: str, reason: str, metrics: dict[str, float] | None) -> dict[str, Any]:
