@@ -120,10 +120,7 @@ def export_release(name: str, version: str, deploy_dir: Path) -> Path:
 def notify_reload(deploy_dir: Path, manifest: dict[str, Any]) -> None:
     """Tell a running bridge to reload: ``reload.json`` is rewritten atomically with the new
     manifest and an increasing sequence number (the bridge compares the number it last saw)."""
-    try:
-        previous = json.loads((deploy_dir / RELOAD_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        previous = {}  # the first deploy (the file is only ever replaced whole, never torn)
+    previous = reload_notice(deploy_dir) or {}  # none: the first deploy (the file is only ever replaced whole)
     atomic_write_text(deploy_dir / RELOAD_FILE,
                   json.dumps({**manifest, "sequence": int(previous.get("sequence", 0)) + 1,
                               "deploy_path": str((deploy_dir / "current").resolve())
@@ -266,9 +263,7 @@ def _reconcile_shadow(name: str, deploy_dir: Path, lock_file: str | Path | None)
         return None
     try:
         if _intact(shadow / "current", name, version) is None:
-            release = _matching_release(shadow, name, version) or export_release(name, version, shadow)
-            check_deployable(release / "model", f"{name} v{version} (Staging)")
-            _switch_link(shadow / "current", release)
+            release = _deploy(name, version, shadow)  # a refused export is removed again
             log.info("%s: Staging v%s deployed for shadow trading (%s)", name, version, release.name)
         manifest = json.loads((shadow / "current" / MANIFEST).read_text())
         if _reload_notice(shadow) != (manifest["version"], manifest["checksum"]):
@@ -341,12 +336,19 @@ def _repair_previous(deploy_dir: Path, name: str) -> None:
         log.warning("%s: previous release was not intact and no release of the rollback target is kept: removed", name)
 
 
-def _reload_notice(deploy_dir: Path) -> tuple[Any, Any] | None:
+def reload_notice(deploy_dir: str | Path) -> dict[str, Any] | None:
+    """The last deploy notice (``reload.json``: version, checksum, sequence, ...); None when there
+    is none or it is unreadable."""
     try:
-        notice = json.loads((deploy_dir / RELOAD_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
+        notice = json.loads((Path(deploy_dir) / RELOAD_FILE).read_text())
+    except (OSError, ValueError):
         return None
-    return notice.get("version"), notice.get("checksum")
+    return notice if isinstance(notice, dict) else None
+
+
+def _reload_notice(deploy_dir: Path) -> tuple[Any, Any] | None:
+    notice = reload_notice(deploy_dir)
+    return None if notice is None else (notice.get("version"), notice.get("checksum"))
 
 
 def _matching_release(deploy_dir: Path, name: str, version: str) -> Path | None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlproject.deploy import MANIFEST, RELOAD_FILE
+from mlproject.deploy import MANIFEST, reload_notice
 from mlproject.ensemble import ensemble_fast_greedy
 from mlproject.ood import REFERENCE_KEY, Reference
 from mlproject.policy import SETTINGS_KEY, PolicySettings, fast_greedy, find_module_dirs, load_module
@@ -87,19 +87,19 @@ def _metadata(model_dir: Path) -> dict[str, Any]:
 def stood_down(deploy_dir: str | Path) -> bool:
     """Whether reconcile stood the deployment down (nothing in Production): no ``current`` and a
     reload notice that names no version."""
-    deploy_dir = Path(deploy_dir)
-    if (deploy_dir / "current").exists():
+    if (Path(deploy_dir) / "current").exists():
         return False
-    try:
-        notice = json.loads((deploy_dir / RELOAD_FILE).read_text())
-        return isinstance(notice, dict) and notice.get("version") is None
-    except (OSError, ValueError):
-        return False
+    notice = reload_notice(deploy_dir)
+    return notice is not None and notice.get("version") is None
 
 
 def reload_sequence(deploy_dir: str | Path) -> Any:
     """The sequence number of the last deploy notice (None when there is none)."""
-    try:
-        return json.loads((Path(deploy_dir) / RELOAD_FILE).read_text()).get("sequence")
-    except (OSError, ValueError):
-        return None
+    notice = reload_notice(deploy_dir)
+    return notice.get("sequence") if notice is not None else None
+
+
+def deployed_version(deploy_dir: str | Path) -> str | None:
+    """The version the last deploy notice names (None: none, or nothing deployed)."""
+    version = (reload_notice(deploy_dir) or {}).get("version")
+    return None if version is None else str(version)

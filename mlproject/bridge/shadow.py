@@ -20,7 +20,6 @@ leaves the shadow idle, logged; an error while deciding is logged and counted.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import multiprocessing
 import os
@@ -34,11 +33,11 @@ from typing import Any
 
 import numpy as np
 
-from mlproject.bridge.deployed import DeployedPolicy, NotDeployed, reload_sequence
+from mlproject.bridge.deployed import DeployedPolicy, NotDeployed, deployed_version, reload_sequence
 from mlproject.bridge.protocol import Bar
 from mlproject.bridge.session import Session
 from mlproject.config import BridgeConfig
-from mlproject.deploy import RELOAD_FILE, SHADOW_DIR
+from mlproject.deploy import SHADOW_DIR
 from mlproject.experience import ExperienceBuffer
 from mlproject.faults import fault_delay
 
@@ -53,15 +52,6 @@ STOP = b"stop"
 
 Item = tuple[str, str, str, dict[str, Any], Bar, bool, bool]
 """(session key, instrument, bar period, spec, bar, kill switch on, stale bar)."""
-
-
-def deployed_version(shadow_dir: Path) -> str | None:
-    """The version the shadow deployment's reload notice names (None: nothing in Staging)."""
-    try:
-        version = json.loads((shadow_dir / RELOAD_FILE).read_text()).get("version")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return None if version is None else str(version)
 
 
 class ShadowLink:
